@@ -1,0 +1,87 @@
+"""Placements: where a parameter namespace lives, and the one function that turns a
+placement into a sharding.
+
+Realm 1 is `Replicated` (data parallel), realm 2 is `RowSharded` on the mesh. The
+later placements (`Blocked` for realm 3, `Staged` for realm 4, `HostTable` for tables in
+the host parameter server) add a class here and a case in `partition_spec`; nothing
+else dispatches on the placement type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxps.mesh import AXES, axis_size
+
+AxisNames = str | tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Replicated:
+    """Every device holds the whole namespace; gradients are all-reduced over `data`."""
+
+    realm: int = 1
+
+
+@dataclass(frozen=True)
+class RowSharded:
+    """Rows split in contiguous blocks over a mesh axis (or several); each step only
+    the touched rows move and only they are updated."""
+
+    axis: AxisNames = "data"
+    realm: int = 2
+
+    def axes(self) -> tuple[str, ...]:
+        return (self.axis,) if isinstance(self.axis, str) else tuple(self.axis)
+
+
+Placement = Replicated | RowSharded
+
+
+def validate(placement: Placement, mesh: Mesh) -> None:
+    if isinstance(placement, RowSharded):
+        for a in placement.axes():
+            if a not in AXES:
+                raise ValueError(f"RowSharded axis {a!r} is not a mesh axis {AXES}")
+
+
+def partition_spec(placement: Placement, ndim: int) -> P:
+    """The PartitionSpec of an array of rank `ndim` held under `placement`."""
+    if isinstance(placement, Replicated):
+        return P()
+    if isinstance(placement, RowSharded):
+        axes = placement.axes()
+        return P(axes if len(axes) > 1 else axes[0], *([None] * (ndim - 1)))
+    raise TypeError(f"unknown placement {placement!r}")
+
+
+def sharding_for(placement: Placement, mesh: Mesh, ndim: int) -> NamedSharding:
+    validate(placement, mesh)
+    return NamedSharding(mesh, partition_spec(placement, ndim))
+
+
+def row_shards(placement: Placement, mesh: Mesh) -> int:
+    """How many pieces the rows of a table are cut into."""
+    return axis_size(mesh, placement.axes()) if isinstance(placement, RowSharded) else 1
+
+
+def row_axes(placement: Placement) -> AxisNames | None:
+    """Mesh axes the rows are split over (None when not split)."""
+    if isinstance(placement, RowSharded):
+        axes = placement.axes()
+        return axes if len(axes) > 1 else axes[0]
+    return None
+
+
+def parse(text: str) -> Placement:
+    """Placement from config text: 'replicated', 'row_sharded', 'row_sharded:model',
+    'row_sharded:data+model'."""
+    kind, _, arg = text.partition(":")
+    kind = kind.strip().lower()
+    if kind == "replicated":
+        return Replicated()
+    if kind in ("row_sharded", "rowsharded"):
+        axes = tuple(a for a in arg.split("+") if a) or ("data",)
+        return RowSharded(axes[0] if len(axes) == 1 else axes)
+    raise ValueError(f"unknown placement {text!r}; use 'replicated' or 'row_sharded[:axis[+axis]]'")

@@ -1,0 +1,177 @@
+"""Builds the jitted train/eval steps of a model from its namespaces' placements.
+
+Data path of one train step (see DESIGN.md):
+  host: ids -> rows (hash) -> LookupPlan per table (dedup, bucket by owner shard)
+  device: gather planned unique rows per shard -> occurrence gather in the global view
+          -> forward/backward w.r.t. (dense params, unique rows) -> optax on dense,
+          row-wise optimizer on exactly the unique rows of each table.
+A gradient of a whole table never exists: differentiation is w.r.t. the [S, C, dim]
+unique rows only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxps.data.batch import Batch
+from jaxps.model import Model
+from jaxps.placement import Replicated, row_axes, row_shards, sharding_for
+from jaxps.tables.routing import LookupPlan, Router
+from jaxps.tables.sharded import apply_rows, gather_unique
+from jaxps.tables.table import Table
+
+State = dict[str, Any]
+
+
+def logloss_terms(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example binary cross-entropy from logits; softplus keeps it stable and, unlike
+    the max/abs form, differentiable at logit 0 (where every fresh model starts)."""
+    return jax.nn.softplus(logits) - logits * labels
+
+
+@dataclass
+class TableLayout:
+    table: Table
+    shards: int
+    rows_per_shard: int
+    axis: Any
+
+
+class StepBuilder:
+    """Owns the compiled steps and the host-side preparation of batches for them."""
+
+    def __init__(self, model: Model, mesh: Mesh, dense_tx: optax.GradientTransformation):
+        self.model, self.mesh, self.dense_tx = model, mesh, dense_tx
+        self.layouts: dict[str, TableLayout] = {}
+        for t in model.tables():
+            if t.name in self.layouts:
+                raise ValueError(f"two tables are named {t.name!r}")
+            s = row_shards(t.placement, mesh)
+            self.layouts[t.name] = TableLayout(t, s, t.padded_rows(s) // s, row_axes(t.placement))
+        self.routers = {n: Router(l.rows_per_shard, l.shards, l.table.capacity)
+                        for n, l in self.layouts.items()}
+        self.graphdef, _ = nnx.split(model.init_dense(nnx.Rngs(0)))
+        self.batch_sharding = NamedSharding(mesh, P("data"))
+        self.replicated = NamedSharding(mesh, P())
+        self.train_step = jax.jit(self._train_step, donate_argnums=0)
+        self.eval_step = jax.jit(self._eval_step)
+
+    # ---------------------------------------------------------------- state
+    def init_state(self, seed: int = 0) -> State:
+        key = jax.random.key(seed)
+        dense_key, table_key = jax.random.split(key)
+        _, dense = nnx.split(self.model.init_dense(nnx.Rngs(dense_key)))
+        dense = jax.device_put(nnx.to_pure_dict(dense), self.replicated)
+        tables = {}
+        for i, (name, lay) in enumerate(sorted(self.layouts.items())):
+            tables[name] = self._init_table(lay, jax.random.fold_in(table_key, i))
+        return {
+            "step": jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
+            "dense": dense,
+            "dense_opt": jax.jit(self.dense_tx.init)(dense),
+            "tables": tables,
+        }
+
+    def table_sharding(self, name: str) -> NamedSharding:
+        return sharding_for(self.layouts[name].table.placement, self.mesh, 2)
+
+    def _init_table(self, lay: TableLayout, key: jax.Array) -> State:
+        t = lay.table
+        shape = (lay.rows_per_shard * lay.shards, t.dim)
+        sharding = self.table_sharding(t.name)
+
+        @jax.jit
+        def init():
+            params = (t.init_scale * jax.random.normal(key, shape, jnp.float32)
+                      if t.init_scale else jnp.zeros(shape, jnp.float32))
+            slots = {s: jnp.full(shape, t.optimizer.slot_init(s), jnp.float32)
+                     for s in t.optimizer.slots}
+            return {"params": params, "slots": slots}
+
+        return jax.jit(init, out_shardings={"params": sharding,
+                                            "slots": {s: sharding for s in t.optimizer.slots}})()
+
+    # ---------------------------------------------------------------- host side
+    def plan_batch(self, batch: Batch) -> dict[str, LookupPlan]:
+        """Hash ids to rows and plan every table's lookup (host, no JAX)."""
+        plans = {}
+        for name, lay in self.layouts.items():
+            ids = getattr(batch, lay.table.feature)
+            plans[name] = self.routers[name].plan(lay.table.rows_for(ids), batch.mask)
+        return plans
+
+    def to_device(self, batch: Batch, plans: dict[str, LookupPlan]) -> State:
+        """Place one process-local batch and its plans on the mesh."""
+        put = lambda x, sh: jax.make_array_from_process_local_data(sh, x)
+        dev = {
+            "labels": put(batch.labels, self.batch_sharding),
+            "weights": put(batch.weights, self.batch_sharding),
+            "vals": put(batch.vals, self.batch_sharding),
+            "mask": put(batch.mask, self.batch_sharding),
+        }
+        if batch.dense is not None:
+            dev["dense"] = put(batch.dense, self.batch_sharding)
+        dev["plans"] = {
+            name: {"owner_rows": jax.device_put(p.owner_rows, self.table_sharding(name)),
+                   "inverse": put(p.inverse, self.batch_sharding)}
+            for name, p in plans.items()
+        }
+        return dev
+
+    # ---------------------------------------------------------------- device side
+    def _forward(self, dense, unique, batch):
+        emb = {}
+        mask = batch["mask"].astype(jnp.float32)[..., None]
+        for name, u in unique.items():
+            flat = u.reshape(-1, u.shape[-1])
+            emb[name] = jnp.take(flat, batch["plans"][name]["inverse"], axis=0) * mask
+        module = nnx.merge(self.graphdef, dense)
+        return self.model.logits(module, emb, batch)
+
+    def _gather(self, state, batch):
+        return {name: gather_unique(state["tables"][name]["params"], batch["plans"][name]["owner_rows"],
+                                    self.mesh, lay.axis)
+                for name, lay in self.layouts.items()}
+
+    def _train_step(self, state: State, batch: State) -> tuple[State, dict]:
+        unique = self._gather(state, batch)
+
+        def loss_fn(dense, unique):
+            logits = self._forward(dense, unique, batch)
+            w = batch["weights"]
+            return jnp.sum(w * logloss_terms(logits, batch["labels"])) / jnp.maximum(jnp.sum(w), 1.0)
+
+        loss, (g_dense, g_unique) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state["dense"], unique)
+        step = state["step"] + 1
+        updates, dense_opt = self.dense_tx.update(g_dense, state["dense_opt"], state["dense"])
+        dense = optax.apply_updates(state["dense"], updates)
+        tables = {}
+        for name, lay in self.layouts.items():
+            ts = state["tables"][name]
+            params, slots = apply_rows(lay.table.optimizer, ts["params"], ts["slots"],
+                                       batch["plans"][name]["owner_rows"], g_unique[name],
+                                       step, self.mesh, lay.axis)
+            tables[name] = {"params": params, "slots": slots}
+        new_state = {"step": step, "dense": dense, "dense_opt": dense_opt, "tables": tables}
+        return new_state, {"loss": loss, "examples": jnp.sum(batch["weights"])}
+
+    def _eval_step(self, state: State, batch: State) -> jax.Array:
+        logits = self._forward(state["dense"], self._gather(state, batch), batch)
+        return jax.nn.sigmoid(logits)
+
+
+def dense_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+    """optax transform for dense namespaces by name."""
+    makers: dict[str, Callable[[float], optax.GradientTransformation]] = {
+        "sgd": optax.sgd, "adagrad": optax.adagrad, "adam": optax.adam, "adamw": optax.adamw,
+    }
+    if name not in makers:
+        raise ValueError(f"unknown dense optimizer {name!r}; choose one of {sorted(makers)}")
+    return makers[name](learning_rate)

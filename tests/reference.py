@@ -1,0 +1,74 @@
+"""Plain numpy implementations used as independent references in tests (float64)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+class NumpyRowOptimizer:
+    """Row-wise optimizers written from the Keras/TensorFlow documentation formulas."""
+
+    def __init__(self, name: str, rows: int, dim: int, **hp):
+        self.name, self.hp = name, hp
+        self.w = np.zeros((rows, dim))
+        acc0 = hp.get("initial_accumulator_value", 0.1)
+        self.acc = np.full((rows, dim), acc0)
+        self.lin = np.zeros((rows, dim))
+        self.m = np.zeros((rows, dim))
+        self.v = np.zeros((rows, dim))
+
+    def apply(self, rows: np.ndarray, g: np.ndarray, t: int) -> None:
+        hp, w = self.hp, self.w
+        lr = hp["learning_rate"]
+        if self.name == "sgd":
+            w[rows] -= lr * g
+        elif self.name == "adagrad":
+            self.acc[rows] += g * g
+            w[rows] -= lr * g / (np.sqrt(self.acc[rows]) + hp.get("epsilon", 1e-7))
+        elif self.name == "adam":
+            b1, b2, eps = hp.get("beta_1", 0.9), hp.get("beta_2", 0.999), hp.get("epsilon", 1e-7)
+            self.m[rows] = b1 * self.m[rows] + (1 - b1) * g
+            self.v[rows] = b2 * self.v[rows] + (1 - b2) * g * g
+            lr_t = lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+            w[rows] -= lr_t * self.m[rows] / (np.sqrt(self.v[rows]) + eps)
+        elif self.name == "ftrl":
+            p = -hp.get("learning_rate_power", -0.5)
+            l1, l2 = hp.get("l1", 0.0), hp.get("l2", 0.0)
+            beta, shrink = hp.get("beta", 0.0), hp.get("l2_shrinkage", 0.0)
+            acc = self.acc[rows]
+            new_acc = acc + g * g
+            g_shrunk = g + 2 * shrink * w[rows]
+            self.lin[rows] += g_shrunk - (new_acc ** p - acc ** p) / lr * w[rows]
+            quad = new_acc ** p / lr + 2 * (l2 + beta / (2 * lr))
+            lin = self.lin[rows]
+            w[rows] = np.where(np.abs(lin) > l1, (np.sign(lin) * l1 - lin) / quad, 0.0)
+            self.acc[rows] = new_acc
+        else:
+            raise ValueError(self.name)
+
+
+def sparse_lr_reference(batches, rows_of, rows: int, opt: str, hp: dict, bias_lr: float):
+    """Train sparse LR (mean logloss over real examples, SGD on the bias) in numpy."""
+    o = NumpyRowOptimizer(opt, rows, 1, **hp)
+    bias = 0.0
+    losses = []
+    for t, b in enumerate(batches, start=1):
+        r = rows_of(b.ids)
+        vals = b.vals.astype(np.float64) * b.mask
+        logit = (o.w[r, 0] * vals).sum(1) + bias
+        p = sigmoid(logit)
+        wts = b.weights.astype(np.float64)
+        denom = max(wts.sum(), 1.0)
+        y = b.labels.astype(np.float64)
+        losses.append(float(np.sum(wts * -(y * np.log(p) + (1 - y) * np.log(1 - p))) / denom))
+        dlogit = wts * (p - y) / denom
+        g_occ = dlogit[:, None] * vals
+        touched = np.unique(r[b.mask])
+        g = np.zeros(rows)
+        np.add.at(g, r[b.mask], g_occ[b.mask])
+        o.apply(touched, g[touched][:, None], t)
+        bias -= bias_lr * dlogit.sum()
+    return o, bias, losses
