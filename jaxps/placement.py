@@ -9,6 +9,7 @@ else dispatches on the placement type.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -21,7 +22,7 @@ AxisNames = str | tuple[str, ...]
 class Replicated:
     """Every device holds the whole namespace; gradients are all-reduced over `data`."""
 
-    realm: int = 1
+    realm: ClassVar[int] = 1
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class RowSharded:
     the touched rows move and only they are updated."""
 
     axis: AxisNames = "data"
-    realm: int = 2
+    realm: ClassVar[int] = 2
 
     def axes(self) -> tuple[str, ...]:
         return (self.axis,) if isinstance(self.axis, str) else tuple(self.axis)

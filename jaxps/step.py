@@ -15,14 +15,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxps.data.batch import Batch
 from jaxps.model import Model
-from jaxps.placement import Replicated, row_axes, row_shards, sharding_for
+from jaxps.placement import row_axes, row_shards, sharding_for
 from jaxps.tables.routing import LookupPlan, Router
 from jaxps.tables.sharded import apply_rows, gather_unique
 from jaxps.tables.table import Table
@@ -47,8 +46,15 @@ class TableLayout:
 class StepBuilder:
     """Owns the compiled steps and the host-side preparation of batches for them."""
 
-    def __init__(self, model: Model, mesh: Mesh, dense_tx: optax.GradientTransformation):
+    def __init__(self, model: Model, mesh: Mesh, dense_tx: optax.GradientTransformation,
+                 loss_reduction: str = "sum"):
+        """loss_reduction: gradients of the summed ("sum", the online-learning convention
+        that VW and FTRL papers use: each example counts fully, whatever the batch size)
+        or the mean ("mean") logloss of the batch. The reported loss is always the mean."""
+        if loss_reduction not in ("sum", "mean"):
+            raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
         self.model, self.mesh, self.dense_tx = model, mesh, dense_tx
+        self.loss_reduction = loss_reduction
         self.layouts: dict[str, TableLayout] = {}
         for t in model.tables():
             if t.name in self.layouts:
@@ -146,9 +152,12 @@ class StepBuilder:
         def loss_fn(dense, unique):
             logits = self._forward(dense, unique, batch)
             w = batch["weights"]
-            return jnp.sum(w * logloss_terms(logits, batch["labels"])) / jnp.maximum(jnp.sum(w), 1.0)
+            total = jnp.sum(w * logloss_terms(logits, batch["labels"]))
+            mean = total / jnp.maximum(jnp.sum(w), 1.0)
+            return (total if self.loss_reduction == "sum" else mean), mean
 
-        loss, (g_dense, g_unique) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state["dense"], unique)
+        (_, loss), (g_dense, g_unique) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+            state["dense"], unique)
         step = state["step"] + 1
         updates, dense_opt = self.dense_tx.update(g_dense, state["dense_opt"], state["dense"])
         dense = optax.apply_updates(state["dense"], updates)

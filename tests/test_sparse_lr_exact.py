@@ -43,7 +43,7 @@ def run_jaxps(batches, opt, hp, devices, placement=None, capacity=None):
     mesh = make_mesh(MeshConfig(data=len(devices)), devices)
     model = SparseLR(SparseLRConfig(rows=ROWS, optimizer=rowwise.make(opt, **hp),
                                     placement=placement or RowSharded("data"), capacity=capacity))
-    sb = StepBuilder(model, mesh, dense_optimizer("sgd", 0.2))
+    sb = StepBuilder(model, mesh, dense_optimizer("sgd", 0.2), loss_reduction="mean")
     state = sb.init_state(0)
     losses = []
     for b in batches:

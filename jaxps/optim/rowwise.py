@@ -10,6 +10,7 @@ Hyper-parameter names and formulas follow Keras/TensorFlow (`tf.keras.optimizers
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -130,7 +131,7 @@ def make(name: str, **hparams: float) -> RowOptimizer:
         cls = OPTIMIZERS[name.lower()]
     except KeyError:
         raise ValueError(f"unknown row optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}") from None
-    known = set(cls.__dataclass_fields__)
+    known = {f.name for f in dataclasses.fields(cls)}
     bad = set(hparams) - known
     if bad:
         raise ValueError(f"optimizer {name!r} has no hyper-parameter(s) {sorted(bad)}; "

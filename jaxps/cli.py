@@ -1,0 +1,167 @@
+"""`jaxps` command line: train, evaluate, plan, gen-data.
+
+Every command takes an optional config file (TOML or JSON) and `key=value` overrides
+with dotted keys, e.g. `jaxps train model.optimizer.name=adagrad data.batch_size=8192`.
+JAX is imported only after the CPU device count is set, so a plain CPU machine gets 8
+simulated devices (real accelerators, when present, are used instead).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EPILOG = """\
+config keys (defaults in jaxps.job.JobConfig; `jaxps train --print-config` shows them all):
+  mesh.data/stage/model        axis sizes, -1 = the remaining devices
+  data.train, data.eval        comma-separated libsvm/Criteo files (empty: generated data)
+  data.format                  libsvm | criteo;   data.skip_bad_lines=true counts bad lines
+  data.batch_size, data.max_nnz
+  model.name                   sparse_lr | mlp;   model.rows, model.placement
+  model.optimizer.name         ftrl | adagrad | adam | sgd  (+ learning_rate, l1, l2, ...)
+  train.epochs, train.out_dir, train.checkpoint, train.log_every
+examples:
+  jaxps train                                   # generated Criteo-like data, 8 CPU devices
+  jaxps train data.train=day0.svm data.eval=day1.svm model.optimizer.l1=1.0
+  jaxps train job.toml data.format=criteo data.train=train.txt data.eval=test.txt
+  jaxps evaluate job.toml                       # restore train.out_dir's checkpoint
+"""
+
+
+def _set_cpu_devices() -> None:
+    n = os.environ.get("JAXPS_CPU_DEVICES", "8")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    path, overrides = None, []
+    for it in items:
+        if "=" in it:
+            overrides.append(it)
+        elif path is None:
+            path = it
+        else:
+            raise SystemExit(f"jaxps: unexpected argument {it!r} (one config file, then key=value)")
+    return path, overrides
+
+
+def _load(items: list[str]):
+    from jaxps.config import ConfigError, build
+    from jaxps.job import JobConfig
+    path, overrides = _split_args(items)
+    try:
+        return build(JobConfig, path, overrides)
+    except (ConfigError, ValueError, OSError) as e:
+        raise SystemExit(f"jaxps: config error: {e}")
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+    cfg = _load(args.config)
+    if args.print_config:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return 0
+    from jaxps.job import build_data, build_model
+    from jaxps.trainer import Trainer
+    train_ds, eval_ds, info = build_data(cfg.data)
+    model = build_model(cfg.model, dense_features=13 if cfg.data.format == "criteo" else 0)
+    trainer = Trainer(model, cfg.mesh, cfg.train)
+    print(trainer.plan(), flush=True)
+    result = trainer.fit(train_ds, eval_ds, total_examples=info.get("n_train"))
+    result["data"] = {"train": train_ds.stats.__dict__,
+                      "eval": eval_ds.stats.__dict__ if eval_ds else None}
+    if info:
+        result["synthetic"] = {k: info[k] for k in info if k.startswith("bayes") or k.startswith("n_")}
+    result["config"] = dataclasses.asdict(cfg)
+    path = trainer.write_metrics(result)
+    t = result["train"]
+    print(f"trained {t['examples']} examples in {t['seconds']:.1f}s "
+          f"({t['examples_per_sec']:,.0f} examples/s), {t['steps']} steps")
+    for name, ds in (("train", train_ds), ("eval", eval_ds)):
+        if ds is not None and ds.stats.skipped:
+            print(f"{name} data: {ds.stats.summary()}")
+    if "eval" in result:
+        e = result["eval"]
+        line = f"eval logloss {e['logloss']:.5f}  AUC {e['auc']:.5f}  ({e['examples']:.0f} examples)"
+        if info.get("bayes_logloss_test"):
+            line += f"  [Bayes-optimal logloss {info['bayes_logloss_test']:.5f}]"
+        print(line)
+    print(f"metrics: {path}")
+    if cfg.train.tensorboard:
+        print(f"tensorboard: {os.path.join(cfg.train.out_dir, 'tensorboard')}")
+    if "checkpoint" in result:
+        print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    cfg = _load(args.config)
+    from jaxps.job import build_data, build_model
+    from jaxps.trainer import Trainer
+    train_ds, eval_ds, _ = build_data(cfg.data)
+    if eval_ds is None:
+        raise SystemExit("jaxps evaluate: no eval data (set data.eval=FILES)")
+    trainer = Trainer(build_model(cfg.model, 13 if cfg.data.format == "criteo" else 0), cfg.mesh, cfg.train)
+    step = trainer.restore()
+    result = trainer.evaluate(eval_ds)
+    print(json.dumps({"step": step, **result}, indent=2))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    cfg = _load(args.config)
+    from jaxps.job import build_model
+    from jaxps.mesh import make_mesh
+    from jaxps.plan import format_plan, plan_model
+    from jaxps.step import dense_optimizer
+    model = build_model(cfg.model, 13 if cfg.data.format == "criteo" else 0)
+    mesh = make_mesh(cfg.mesh)
+    plans = plan_model(model, mesh, dense_optimizer(cfg.train.dense_optimizer, cfg.train.dense_learning_rate))
+    if args.json:
+        print(json.dumps([p.to_dict() for p in plans], indent=2))
+    else:
+        print(format_plan(plans, mesh))
+    return 0
+
+
+def cmd_gen_data(args) -> int:
+    from jaxps.data.synthetic import SyntheticConfig, generate_dataset
+    info = generate_dataset(args.out, args.train, args.test, SyntheticConfig(
+        num_fields=args.fields, vocab_size=args.vocab, seed=args.seed))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxps", description="JAX sharded trainer",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, helptext in (("train", cmd_train, "train a model (default: sparse LR on generated data)"),
+                               ("evaluate", cmd_evaluate, "evaluate the latest checkpoint on data.eval"),
+                               ("plan", cmd_plan, "print namespaces, bytes, placements and realms")):
+        p = sub.add_parser(name, help=helptext, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("config", nargs="*", help="[config.toml|json] [key=value ...]")
+        p.set_defaults(fn=fn)
+        if name == "train":
+            p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        if name == "plan":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+    g = sub.add_parser("gen-data", help="write generated Criteo-like libsvm data with a planted model")
+    g.add_argument("--out", default="runs/data")
+    g.add_argument("--train", type=int, default=1_000_000)
+    g.add_argument("--test", type=int, default=100_000)
+    g.add_argument("--fields", type=int, default=39)
+    g.add_argument("--vocab", type=int, default=10_000)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_gen_data)
+    args = parser.parse_args(argv)
+    _set_cpu_devices()
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""A job = mesh + data + model + training configs; builds the pieces the CLI runs.
+
+Each config is a small dataclass owned by its layer; `JobConfig` only groups them so one
+TOML file (or `key=value` overrides) can describe a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from jaxps.data.dataset import FileDataset
+from jaxps.data.readers import ReaderConfig
+from jaxps.data.synthetic import SyntheticConfig, generate_dataset
+from jaxps.mesh import MeshConfig
+from jaxps.optim import rowwise
+from jaxps.placement import parse as parse_placement
+from jaxps.trainer import TrainConfig
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Generated Criteo-like data with a planted model (used when no files are given)."""
+
+    n_train: int = 200_000
+    n_test: int = 50_000
+    num_fields: int = 39
+    vocab_size: int = 10_000
+    zipf_exponent: float = 1.1
+    seed: int = 0
+    dir: str = "runs/data"
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # libsvm/Criteo files; empty = synthetic
+    eval: list[str] = field(default_factory=list)
+    format: str = "libsvm"                          # "libsvm" or "criteo"
+    max_nnz: int = 39                               # feature slots per example
+    skip_bad_lines: bool = False                    # count and report bad lines instead of stopping
+    batch_size: int = 4096
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    """Row-wise optimizer of the model's tables; each optimizer reads the knobs it has."""
+
+    name: str = "ftrl"
+    learning_rate: float = 0.05
+    learning_rate_power: float = -0.5
+    initial_accumulator_value: float = 0.1
+    beta: float = 0.0
+    l1: float = 0.0
+    l2: float = 0.0
+    l2_shrinkage: float = 0.0
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+
+    def build(self) -> rowwise.RowOptimizer:
+        cls = rowwise.OPTIMIZERS.get(self.name.lower())
+        if cls is None:
+            raise ValueError(f"model.optimizer.name={self.name!r}: choose one of {sorted(rowwise.OPTIMIZERS)}")
+        knobs = {f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if hasattr(self, f.name)}
+        return cls(**knobs)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sparse_lr"                 # "sparse_lr" (realm 2) or "mlp" (realm 1)
+    rows: int = 1 << 22                     # hash buckets of the (main) table
+    placement: str = "row_sharded:data"     # "replicated" or "row_sharded[:axis[+axis]]"
+    capacity: int | None = None             # unique rows per shard per step; None = from data
+    embed_dim: int = 8                      # mlp only
+    hidden: list[int] = field(default_factory=lambda: [64, 32])  # mlp only
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
+class JobConfig:
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def build_model(cfg: ModelConfig, dense_features: int = 0):
+    from jaxps.models import MLPClassifier, MLPConfig, SparseLR, SparseLRConfig
+    placement = parse_placement(cfg.placement)
+    opt = cfg.optimizer.build()
+    if cfg.name == "sparse_lr":
+        return SparseLR(SparseLRConfig(rows=cfg.rows, placement=placement, optimizer=opt,
+                                       capacity=cfg.capacity))
+    if cfg.name == "mlp":
+        return MLPClassifier(MLPConfig(rows=cfg.rows, embed_dim=cfg.embed_dim, hidden=tuple(cfg.hidden),
+                                       dense_features=dense_features, placement=placement,
+                                       optimizer=opt))
+    raise ValueError(f"model.name={cfg.name!r}: choose 'sparse_lr' or 'mlp'")
+
+
+def build_data(cfg: DataConfig) -> tuple[FileDataset, FileDataset | None, dict]:
+    """Train/eval datasets; generates the synthetic set first when no files are given."""
+    info: dict = {}
+    train, evals = list(cfg.train), list(cfg.eval)
+    if not train:
+        s = cfg.synthetic
+        info = generate_dataset(s.dir, s.n_train, s.n_test, SyntheticConfig(
+            num_fields=s.num_fields, vocab_size=s.vocab_size, zipf_exponent=s.zipf_exponent, seed=s.seed))
+        train = [os.path.join(s.dir, info["files"]["train"])]
+        evals = evals or [os.path.join(s.dir, info["files"]["test"])]
+    reader = ReaderConfig(format=cfg.format, max_nnz=cfg.max_nnz, skip_bad_lines=cfg.skip_bad_lines)
+    train_ds = FileDataset(train, reader, cfg.batch_size)
+    eval_ds = FileDataset(evals, reader, cfg.batch_size) if evals else None
+    return train_ds, eval_ds, info

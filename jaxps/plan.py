@@ -1,0 +1,95 @@
+"""`jaxps plan`: what each namespace costs and where it lives, before anything is allocated.
+
+Per namespace: shape, bytes including optimizer state, placement, bytes per device and
+the realm its placement puts it in. Shapes come from `jax.eval_shape`, so planning a
+10^10-row table allocates nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxps.model import Model
+from jaxps.placement import Replicated, row_shards
+
+
+@dataclass
+class NamespacePlan:
+    name: str
+    kind: str                # "table" or "dense"
+    shape: tuple[int, ...]
+    placement: str
+    realm: int
+    param_bytes: int
+    state_bytes: int         # optimizer slots / optax state
+    bytes_per_device: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.state_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"total_bytes": self.total_bytes}
+
+
+def _nbytes(tree) -> int:
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def plan_model(model: Model, mesh: Mesh, dense_tx: optax.GradientTransformation) -> list[NamespacePlan]:
+    plans = []
+    for t in model.tables():
+        shards = row_shards(t.placement, mesh)
+        rows = t.padded_rows(shards)
+        pb = rows * t.dim * 4
+        sb = pb * len(t.optimizer.slots)
+        plans.append(NamespacePlan(t.name, "table", (rows, t.dim), repr(t.placement),
+                                   t.placement.realm, pb, sb, (pb + sb) // shards))
+    _, dense = nnx.split(nnx.eval_shape(lambda: model.init_dense(nnx.Rngs(0))))
+    dense = nnx.to_pure_dict(dense)
+    for name, sub in sorted(dense.items()):
+        pb = _nbytes(sub)
+        sb = _nbytes(jax.eval_shape(dense_tx.init, sub))
+        shape = tuple(jax.tree.leaves(sub)[0].shape) if len(jax.tree.leaves(sub)) == 1 else (
+            sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sub)),)
+        plans.append(NamespacePlan(name, "dense", shape, repr(Replicated()), 1, pb, sb, pb + sb))
+    return plans
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def device_memory_bytes(mesh: Mesh) -> int | None:
+    """Memory of one device of the mesh, when the backend reports it (GPU/TPU)."""
+    try:
+        stats = mesh.devices.flat[0].memory_stats()
+    except Exception:  # noqa: BLE001 - CPU backends may not implement it
+        return None
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def format_plan(plans: list[NamespacePlan], mesh: Mesh) -> str:
+    head = ("namespace", "kind", "shape", "placement", "realm", "bytes (+opt)", "per device")
+    rows = [(p.name, p.kind, "x".join(map(str, p.shape)), p.placement, str(p.realm),
+             _human(p.total_bytes), _human(p.bytes_per_device)) for p in plans]
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} device(s)",
+             fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r) for r in rows]
+    per_dev = sum(p.bytes_per_device for p in plans)
+    mem = device_memory_bytes(mesh)
+    budget = f" of {_human(mem)}" if mem else ""
+    lines.append(f"total {_human(sum(p.total_bytes for p in plans))}; "
+                 f"per device {_human(per_dev)}{budget}")
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""The training loop: `Trainer(model, mesh, config).fit(train, eval_data)`.
+
+One host thread prepares batches ahead (hash ids, plan each table's lookup, place the
+arrays on the mesh) while the device runs the previous step; the loop itself only
+dispatches donated jitted steps and reads the loss back every `log_every` steps, so the
+host never waits on the device in between.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxps.checkpoint import Checkpointer
+from jaxps.data.batch import Batch
+from jaxps.data.readers import prefetch
+from jaxps.mesh import MeshConfig, make_mesh
+from jaxps.metrics import StreamingBinaryMetrics
+from jaxps.model import Model
+from jaxps.plan import format_plan, plan_model
+from jaxps.step import StepBuilder, dense_optimizer
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    seed: int = 0
+    dense_optimizer: str = "adagrad"
+    dense_learning_rate: float = 0.05
+    loss_reduction: str = "sum"    # gradients of the summed logloss (online-learning scale)
+    log_every: int = 50            # steps between loss read-backs (each one syncs the host)
+    out_dir: str = "runs/jaxps"
+    checkpoint: bool = True        # Orbax checkpoint at the end (and every checkpoint_every)
+    checkpoint_every: int = 0      # steps; 0 = only at the end
+    keep_checkpoints: int = 3
+    tensorboard: bool = True
+    progress: bool = True
+    prefetch: int = 3              # batches prepared ahead on a host thread
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded array, in order."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    seen, parts = set(), []
+    for s in shards:
+        start = s.index[0].start or 0
+        if start not in seen:
+            seen.add(start)
+            parts.append(np.asarray(s.data))
+    return np.concatenate(parts)
+
+
+class Trainer:
+    def __init__(self, model: Model, mesh: Mesh | MeshConfig | None = None,
+                 config: TrainConfig | None = None):
+        self.model = model
+        self.config = config or TrainConfig()
+        self.mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh)
+        self.steps = StepBuilder(model, self.mesh, dense_optimizer(
+            self.config.dense_optimizer, self.config.dense_learning_rate), self.config.loss_reduction)
+        self.state = self.steps.init_state(self.config.seed)
+        self.history: list[dict] = []
+        self._checkpointer: Checkpointer | None = None
+
+    # ------------------------------------------------------------------ info
+    def plan(self) -> str:
+        return format_plan(plan_model(self.model, self.mesh, self.steps.dense_tx), self.mesh)
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    # ------------------------------------------------------------------ loops
+    def _prepared(self, data: Iterable[Batch]) -> Iterator[tuple[Batch, Any]]:
+        def prepare():
+            for b in data:
+                yield b, self.steps.to_device(b, self.steps.plan_batch(b))
+        return prefetch(prepare(), self.config.prefetch) if self.config.prefetch else prepare()
+
+    def fit(self, train: Iterable[Batch], eval_data: Iterable[Batch] | None = None,
+            total_examples: int | None = None) -> dict:
+        """Train for `config.epochs` passes over `train` (re-iterated per epoch), then
+        evaluate, write metrics JSON, TensorBoard scalars and a checkpoint."""
+        cfg = self.config
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        writer = _tensorboard(cfg) if cfg.tensorboard else None
+        bar = _progress(cfg, total_examples * cfg.epochs if total_examples else None)
+        pending: list[tuple[int, jax.Array]] = []
+        examples, t0 = 0, time.perf_counter()
+        first_step_seconds = None
+        running: list[float] = []
+        host_step = self.step  # counted on the host: reading state["step"] would sync
+        try:
+            for _ in range(cfg.epochs):
+                for batch, dev in self._prepared(train):
+                    self.state, m = self.steps.train_step(self.state, dev)
+                    host_step += 1
+                    pending.append((host_step, m["loss"]))
+                    n = batch.num_real
+                    examples += n
+                    if bar is not None:
+                        bar.update(n)
+                    if first_step_seconds is None:
+                        jax.block_until_ready(m["loss"])
+                        first_step_seconds = time.perf_counter() - t0
+                    if len(pending) >= cfg.log_every:
+                        running = self._flush(pending, writer, examples, t0, bar)
+                    if cfg.checkpoint_every and host_step % cfg.checkpoint_every == 0:
+                        self.save()
+            jax.block_until_ready(self.state)
+            if pending:
+                running = self._flush(pending, writer, examples, t0, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - t0
+        result: dict[str, Any] = {
+            "train": {
+                "steps": self.step, "examples": examples, "seconds": seconds,
+                "examples_per_sec": examples / seconds if seconds else 0.0,
+                "first_step_seconds": first_step_seconds,
+                "final_loss": float(np.mean(running)) if running else None,
+            },
+            "tables": {n: {"capacity": r.capacity, "overflows": r.overflows}
+                       for n, r in self.steps.routers.items()},
+        }
+        if eval_data is not None:
+            result["eval"] = self.evaluate(eval_data)
+            if writer is not None:
+                for k in ("logloss", "auc"):
+                    writer.add_scalar(f"eval/{k}", result["eval"][k], self.step)
+        if cfg.checkpoint:
+            self.save()
+            self._checkpointer.wait()
+            result["checkpoint"] = os.path.join(self._checkpointer.directory, str(self.step))
+        if writer is not None:
+            writer.close()
+        self.write_metrics(result)
+        return result
+
+    def _flush(self, pending, writer, examples, t0, bar) -> list[float]:
+        losses = [float(l) for _, l in pending]
+        rate = examples / max(time.perf_counter() - t0, 1e-9)
+        if writer is not None:
+            for s, l in zip((s for s, _ in pending), losses):
+                writer.add_scalar("train/loss", l, s)
+            writer.add_scalar("train/examples_per_sec", rate, pending[-1][0])
+        if bar is not None:
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        self.history.extend({"step": s, "loss": l} for (s, _), l in zip(pending, losses))
+        pending.clear()
+        return losses
+
+    def _predict_batches(self, data: Iterable[Batch]) -> Iterator[tuple[Batch, np.ndarray]]:
+        for batch, dev in self._prepared(data):
+            yield batch, _local_rows(self.steps.eval_step(self.state, dev))
+
+    def evaluate(self, data: Iterable[Batch]) -> dict:
+        """Streaming logloss and AUC over `data` (padding rows ignored)."""
+        metrics = StreamingBinaryMetrics()
+        for batch, probs in self._predict_batches(data):
+            metrics.update(probs, batch.labels, batch.weights)
+        return metrics.result()
+
+    def predict(self, data: Iterable[Batch]) -> np.ndarray:
+        """Predicted probabilities of the real (non-padding) rows, in order."""
+        out = [probs[batch.weights > 0] for batch, probs in self._predict_batches(data)]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    # ------------------------------------------------------------------ persistence
+    @property
+    def checkpointer(self) -> Checkpointer:
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer(os.path.join(self.config.out_dir, "checkpoints"),
+                                              max_to_keep=self.config.keep_checkpoints)
+        return self._checkpointer
+
+    def save(self) -> None:
+        """Start an asynchronous checkpoint of the whole train state at the current step."""
+        meta = {"step": self.step, "routers": {n: r.capacity for n, r in self.steps.routers.items()}}
+        self.checkpointer.save(self.step, self.state, meta)
+
+    def restore(self, step: int | None = None) -> int:
+        """Restore the latest (or given) checkpoint onto this trainer's mesh."""
+        self.state, meta = self.checkpointer.restore(self.state, step)
+        for name, cap in (meta.get("routers") or {}).items():
+            if name in self.steps.routers and cap:
+                self.steps.routers[name].capacity = int(cap)
+        return self.step
+
+    def write_metrics(self, result: dict) -> str:
+        path = os.path.join(self.config.out_dir, "metrics.json")
+        if jax.process_index() == 0:
+            with open(path, "w") as f:
+                json.dump(result, f, indent=2, default=float)
+        return path
+
+
+def _tensorboard(cfg: TrainConfig):
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+
+
+def _progress(cfg: TrainConfig, total: int | None):
+    if not cfg.progress or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="ex", unit_scale=True, dynamic_ncols=True, desc="train")
