@@ -1,0 +1,106 @@
+"""End to end: convergence to the planted model, the CLI's default run, restore."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxps.data.synthetic import PlantedModel, SyntheticConfig
+from jaxps.mesh import MeshConfig, make_mesh
+from jaxps.models.mlp import MLPClassifier, MLPConfig
+from jaxps.models.sparse_lr import SparseLR, SparseLRConfig
+from jaxps.optim.rowwise import FTRL
+from jaxps.trainer import TrainConfig, Trainer
+
+
+def _split(b, size):
+    return [b.slice(i, i + size) for i in range(0, b.size - b.size % size, size)]
+
+
+def test_sparse_lr_reaches_bayes_optimal_logloss(tmp_path):
+    planted = PlantedModel(SyntheticConfig(num_fields=10, vocab_size=100, seed=0))
+    train, _ = planted.sample(400_000, 1)
+    test, p_true = planted.sample(50_000, 2)
+    bayes = PlantedModel.bayes_logloss(p_true, test.labels)
+    trainer = Trainer(SparseLR(SparseLRConfig(rows=1 << 16, optimizer=FTRL(0.3))), MeshConfig(),
+                      TrainConfig(epochs=2, progress=False, checkpoint=False, tensorboard=False,
+                                  out_dir=str(tmp_path)))
+    result = trainer.fit(_split(train, 2048), _split(test, 2048))
+    assert result["eval"]["logloss"] <= bayes * 1.01, (result["eval"], bayes)
+    assert result["eval"]["auc"] > 0.8
+
+
+def test_predict_matches_numpy_forward_and_restore_on_fewer_devices(tmp_path):
+    planted = PlantedModel(SyntheticConfig(num_fields=5, vocab_size=50, seed=3))
+    data, _ = planted.sample(4096, 1)
+    batches = _split(data, 512)
+    cfg = TrainConfig(progress=False, tensorboard=False, out_dir=str(tmp_path))
+    model = SparseLR(SparseLRConfig(rows=1000))
+    t8 = Trainer(model, MeshConfig(), cfg)
+    t8.fit(batches)
+    # predict = sigmoid(bias + sum w[row] * val), computed in numpy from the state
+    w = np.asarray(t8.state["tables"]["weights"]["params"])[:, 0]
+    rows = model.tables()[0].rows_for(data.ids)
+    logits = (w[rows] * data.vals * data.mask).sum(1) + float(t8.state["dense"]["bias"])
+    np.testing.assert_allclose(t8.predict(batches), 1 / (1 + np.exp(-logits)), rtol=1e-5, atol=1e-6)
+    # restore the checkpoint written by fit onto a 4-device mesh
+    t4 = Trainer(model, make_mesh(MeshConfig(data=4), jax.devices()[:4]), cfg)
+    assert t4.restore() == t8.step
+    np.testing.assert_array_equal(np.asarray(t4.state["tables"]["weights"]["params"]), w[:, None])
+    np.testing.assert_allclose(t4.predict(batches), t8.predict(batches), rtol=1e-6)
+
+
+def test_mlp_data_parallel_learns(tmp_path):
+    planted = PlantedModel(SyntheticConfig(num_fields=8, vocab_size=50, seed=1))
+    train, _ = planted.sample(60_000, 1)
+    test, p_true = planted.sample(10_000, 2)
+    trainer = Trainer(MLPClassifier(MLPConfig(rows=4096, embed_dim=8, hidden=(32,))), MeshConfig(),
+                      TrainConfig(epochs=2, progress=False, checkpoint=False, tensorboard=False,
+                                  dense_optimizer="adam", dense_learning_rate=0.003,
+                                  out_dir=str(tmp_path)))
+    result = trainer.fit(_split(train, 1024), _split(test, 1024))
+    base = PlantedModel.bayes_logloss(np.full_like(p_true, train.labels.mean()), test.labels)
+    assert result["eval"]["logloss"] < base - 0.05, (result["eval"], base)
+
+
+def _jaxps(args, cwd):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the CLI sets up 8 CPU devices itself
+    return subprocess.run([sys.executable, "-m", "jaxps.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_default_run_writes_metrics_tensorboard_checkpoint(tmp_path):
+    out = _jaxps(["train", "data.synthetic.n_train=20000", "data.synthetic.n_test=5000",
+                  "model.rows=65536", "train.progress=false"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "eval logloss" in out.stdout and "AUC" in out.stdout
+    assert "mesh {'data': 8" in out.stdout
+    metrics = json.loads((tmp_path / "runs/jaxps/metrics.json").read_text())
+    assert metrics["train"]["examples"] == 20000
+    assert 0 < metrics["eval"]["logloss"] < 0.69 and metrics["eval"]["auc"] > 0.6
+    tb = list((tmp_path / "runs/jaxps/tensorboard").glob("events.out.tfevents.*"))
+    assert tb and tb[0].stat().st_size > 0
+    ckpt = tmp_path / "runs/jaxps/checkpoints" / str(metrics["train"]["steps"])
+    assert ckpt.is_dir() and any(ckpt.rglob("*"))
+    ev = _jaxps(["evaluate", "data.synthetic.n_train=20000", "data.synthetic.n_test=5000",
+                 "model.rows=65536"], tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert json.loads(ev.stdout[ev.stdout.index("{"):])["logloss"] == pytest.approx(
+        metrics["eval"]["logloss"], rel=1e-6)
+
+
+def test_cli_plan_and_config_errors(tmp_path):
+    out = _jaxps(["plan", "model.rows=1000000", "model.optimizer.name=adam"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "weights" in out.stdout and "RowSharded" in out.stdout
+    bad = _jaxps(["plan", "model.optimzer.name=adam"], tmp_path)
+    assert bad.returncode != 0 and "model.optimzer" in bad.stderr
+    cfg = tmp_path / "job.toml"
+    cfg.write_text("[mesh]\ndata = 'x'\n")
+    bad = _jaxps(["plan", str(cfg)], tmp_path)
+    assert bad.returncode != 0 and "mesh.data" in bad.stderr
