@@ -1,0 +1,137 @@
+"""benchmarks/run_all.py and _common.py on dummy scripts (no peers, no VW)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import _common  # noqa: E402
+import run_all  # noqa: E402
+
+GOOD = """
+import sys
+sys.path.insert(0, {bench!r})
+from _common import emit, parser
+args = parser("dummy").parse_args()
+print("some log line")
+emit("dummy", {{"quick": args.quick, "rows_per_sec": 1234.5, "ratio_vs_vw": 1.5,
+               "nested": {{"ratio_vs_sklearn": 2.25, "note": "x"}}}}, args.out)
+"""
+BAD = """
+import sys
+print("starting", flush=True)
+print("something broke: CANARY", file=sys.stderr)
+sys.exit(3)
+"""
+
+
+@pytest.fixture()
+def scripts(tmp_path: Path) -> Path:
+    d = tmp_path / "benchmarks"
+    d.mkdir()
+    (d / "good.py").write_text(textwrap.dedent(GOOD.format(bench=str(BENCH))))
+    (d / "bad.py").write_text(BAD)
+    (d / "_helper.py").write_text("raise SystemExit('helpers must not run')\n")
+    (d / "peers.py").write_text("raise SystemExit('peers must not run')\n")
+    return d
+
+
+def test_report_chart_and_failure(scripts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    rc = run_all.main(["--out", str(out), "--timeout", "60"], scripts_dir=scripts)
+    assert rc != 0
+    report = (out / "report.md").read_text()
+    assert "## good" in report and "**ratio_vs_vw**" in report and "**1.5**" in report
+    assert "nested.ratio_vs_sklearn" in report and "rows_per_sec" in report
+    assert "| quick | True |" in report  # --quick passed by default
+    assert "### bad: exit status 3" in report and "CANARY" in report
+    assert "_helper" not in report and "peers" not in report
+    png = out / "good_ratios.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(good_ratios.png)" in report
+    assert json.loads((out / "dummy.json").read_text())["ratio_vs_vw"] == 1.5
+
+
+def test_only_and_full(scripts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    assert run_all.main(["--out", str(out), "--only", "good", "--full"], scripts_dir=scripts) == 0
+    report = (out / "report.md").read_text()
+    assert "| quick | False |" in report and "bad" not in report
+    assert run_all.main(["--out", str(out), "--only", "nope"], scripts_dir=scripts) == 1
+
+
+def test_timeout_and_non_json(tmp_path: Path) -> None:
+    d = tmp_path / "b"
+    d.mkdir()
+    (d / "slow.py").write_text("import time\ntime.sleep(30)\n")
+    (d / "nojson.py").write_text("print('not json')\n")
+    out = tmp_path / "r"
+    assert run_all.main(["--out", str(out), "--timeout", "2"], scripts_dir=d) == 1
+    report = (out / "report.md").read_text()
+    assert "timeout after 2s" in report and "not JSON" in report
+
+
+def test_emit_last_line_and_timer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    print("noise")
+    path = _common.emit("x", {"a": np.float32(1.5), "b": np.arange(2), "c": float("nan")},
+                        tmp_path)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last)["a"] == 1.5 and json.loads(last)["b"] == [0, 1]
+    assert json.loads(path.read_text())["a"] == 1.5
+    with _common.timer() as t:
+        pass
+    assert 0 <= t.seconds < 1
+    info = _common.machine_info()
+    assert info["cpu_count"] and info["numpy"]
+    args = _common.parser("d").parse_args([])
+    assert args.out == "bench_results" and not args.quick
+
+
+def test_peers_parser_and_vw_conversion(tmp_path: Path) -> None:
+    """The libsvm batch parser and the VW converter (VW itself is not run)."""
+    import numpy as np
+
+    import peers
+
+    src = tmp_path / "a.svm"
+    src.write_text("1 3:1 5:0.5e1 # c 7:1\n\n-1 qid:3 2:-1.25\n+1 4:2\n0")
+    for bs in (1, 2, 10):
+        batches = [(x.toarray(), y) for x, y in peers.iter_libsvm_batches(src, bs, bits=3)]
+        x = np.concatenate([b[0] for b in batches])
+        y = np.concatenate([b[1] for b in batches])
+        assert y.tolist() == [1, 0, 1, 0]
+        assert x[0, 3] == 1 and x[0, 5] == 5 and x[0].sum() == 6  # comment dropped
+        assert x[1, 2] == -1.25 and x[1].sum() == -1.25  # qid skipped
+        assert x[2, 4] == 2 and x[3].sum() == 0
+    big = tmp_path / "big.svm"
+    (tmp_path / "big.svm").write_text("1 9:1 17:2\n" * 5 + "0 3:1\n")
+    (x, y), = list(peers.iter_libsvm_batches(big, 100, bits=3))  # 9 % 8, 17 % 8 == 1
+    assert x.shape == (6, 8) and x[0, 1] == 3 and y.tolist() == [1] * 5 + [0]
+    dst = tmp_path / "a.vw"
+    assert peers.libsvm_to_vw(src, dst) == 5
+    assert dst.read_text().splitlines()[0] == "1 |f 3:1 5:0.5e1 # c 7:1"
+    assert [ln.split()[0] for ln in dst.read_text().splitlines() if ln.strip()] == \
+        ["1", "-1", "1", "-1"]
+    simple = tmp_path / "s.svm"
+    simple.write_text("0 1:1\n1 2:1\n")  # the bytes.replace fast path
+    peers.libsvm_to_vw(simple, dst)
+    assert dst.read_text() == "-1 |f 1:1\n1 |f 2:1\n"
+
+
+def test_run_sklearn_small(tmp_path: Path) -> None:
+    import peers
+
+    train, test = tmp_path / "tr.svm", tmp_path / "te.svm"
+    peers.make_synthetic_libsvm(train, 3000, fields=5, vocab=20, seed=0)
+    peers.make_synthetic_libsvm(test, 1000, fields=5, vocab=20, seed=1)
+    r = peers.run_sklearn(train, test, bits=12, batch_size=1000, eta0=0.05)
+    assert r["train_examples"] == 3000 and r["test_examples"] == 1000
+    assert r["examples_per_sec"] > 0 and 0.5 < r["auc"] <= 1 and r["logloss"] < 0.7
