@@ -3,12 +3,18 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-from jaxps.data.batch import Batch
-from jaxps.data.readers import ReaderConfig, ReadStats, batches
+from jaxps.data.batch import Batch, pad_to
+from jaxps.data.readers import ReaderConfig, ReadStats, batches, lines_upper_bound
 
 
 class FileDataset:
-    """Fixed-size batches of this process's share of libsvm/Criteo files."""
+    """Fixed-size batches of this process's share of libsvm/Criteo files.
+
+    With several processes, every process must run the same number of steps (each step is
+    one SPMD program over all of them), but byte-range shards hold different line counts.
+    Each process computes every process's line bound from newline counts, no messages
+    needed, and pads its pass with weight-0 batches up to the common number of batches.
+    """
 
     def __init__(self, paths: str | Sequence[str], reader: ReaderConfig, batch_size: int,
                  process_index: int | None = None, process_count: int | None = None):
@@ -21,6 +27,27 @@ class FileDataset:
         self.process_count = jax.process_count() if process_count is None else process_count
         self.stats = ReadStats()
 
+        self.steps_per_pass: int | None = None
+        if self.process_count > 1:
+            bound = max(lines_upper_bound(self.paths, p, self.process_count)
+                        for p in range(self.process_count))
+            self.steps_per_pass = -(-bound // batch_size)
+
     def __iter__(self) -> Iterator[Batch]:
-        return batches(self.paths, self.reader, self.batch_size, process_index=self.process_index,
-                       process_count=self.process_count, stats=self.stats)
+        it = batches(self.paths, self.reader, self.batch_size, process_index=self.process_index,
+                     process_count=self.process_count, stats=self.stats)
+        return it if self.steps_per_pass is None else self._padded(it)
+
+    def _padded(self, it: Iterator[Batch]) -> Iterator[Batch]:
+        n, last = 0, None
+        for b in it:
+            n += 1
+            last = b
+            yield b
+        while n < self.steps_per_pass:
+            if last is None:
+                raise ValueError(f"process {self.process_index} has no data in {self.paths} "
+                                 "to shape its padding batches from")
+            empty = pad_to(last.slice(0, 0), self.batch_size)
+            n += 1
+            yield empty
