@@ -1,9 +1,11 @@
 """Peer baselines on libsvm files: Vowpal Wabbit and scikit-learn's SGDClassifier.
 
-Each runner reports end-to-end training examples/s *including parsing its own input* plus test
+Each runner reports end-to-end training examples/s *including parsing its input* plus test
 log loss / AUC from ``jaxps.metrics``, so jaxps (which reads libsvm) is compared against peers
-doing the same job. Importable by benchmark scripts (``from peers import run_vw``); run directly
-(``python benchmarks/peers.py``) it validates both peers on a generated planted-logistic file.
+doing the same job. VW parses its own text format; scikit-learn has no fast streaming libsvm
+parser, so its input is read by jaxps's own (``jaxps.data.read_examples``). Importable by
+benchmark scripts (``from peers import run_vw``); run directly (``python benchmarks/peers.py``)
+it validates both peers on files from ``jaxps.data.generate_dataset``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ for _p in (str(_HERE), str(_HERE.parent)):  # `_common` and `jaxps` whichever wa
         sys.path.insert(0, _p)
 
 from _common import emit, machine_info, parser, timer  # noqa: E402
+from jaxps.data import Batch, ReaderConfig, SyntheticConfig, generate_dataset, read_examples  # noqa: E402
+from jaxps.data.batch import concat  # noqa: E402
 from jaxps.metrics import StreamingBinaryMetrics  # noqa: E402
 
 _BLOCK = 32 << 20  # bytes per read; large enough that per-block Python overhead vanishes
@@ -165,240 +169,65 @@ def run_vw(train_vw: str | os.PathLike[str], test_vw: str | os.PathLike[str], *,
             "logloss": r["logloss"], "auc": r["auc"]}
 
 
-# ------------------------------------------------------------------------------ libsvm parser
-try:
-    from numba import njit
-except ImportError:  # numba is a jaxps dependency, but keep the baselines runnable without it
-    njit = None
-
-
-def _scan_py(buf: np.ndarray, start: int, max_lines: int, final: bool) -> tuple[int, int, int]:
-    """(end offset or -1, lines, feature bound) of the next max_lines whole lines."""
-    nl = np.flatnonzero(buf[start:] == 10)[:max_lines]
-    end = start + int(nl[-1]) + 1 if nl.size else start
-    lines = int(nl.size)
-    if lines < max_lines:
-        if not final:
-            return -1, 0, 0
-        if end < buf.size:
-            end, lines = buf.size, lines + 1
-    return end, lines, int(np.count_nonzero(buf[start:end] == 58))
-
-
-def _fill_py(buf: np.ndarray, start: int, end: int, modulus: int, labels: np.ndarray,
-             indptr: np.ndarray, indices: np.ndarray, values: np.ndarray) -> tuple[int, int]:
-    """Fallback without numba: sklearn's C parser (about 5x slower than the numba one)."""
-    import io
-
-    from sklearn.datasets import load_svmlight_file
-
-    data = buf[start:end].tobytes()
-    if not data.strip():
-        return 0, 0
-    x, y = load_svmlight_file(io.BytesIO(data), zero_based=True)
-    rows, nnz = y.size, x.nnz
-    labels[:rows], indptr[: rows + 1] = y, x.indptr
-    indices[:nnz], values[:nnz] = x.indices % modulus, x.data
-    return rows, nnz
-
-
-if njit is not None:
-    _jit = njit(cache=True, nogil=True)
-
-    @_jit
-    def _num(buf, i, n):  # pragma: no cover - jitted
-        """Parse a decimal float at ``buf[i]``; returns (value, next index)."""
-        sign = 1.0
-        if i < n and (buf[i] == 45 or buf[i] == 43):
-            sign = -1.0 if buf[i] == 45 else 1.0
-            i += 1
-        v = 0.0
-        while i < n and 48 <= buf[i] <= 57:
-            v = v * 10.0 + (buf[i] - 48)
-            i += 1
-        if i < n and buf[i] == 46:
-            i += 1
-            scale = 0.1
-            while i < n and 48 <= buf[i] <= 57:
-                v += (buf[i] - 48) * scale
-                scale *= 0.1
-                i += 1
-        if i < n and (buf[i] == 101 or buf[i] == 69):
-            i += 1
-            esign = 1
-            if i < n and (buf[i] == 45 or buf[i] == 43):
-                esign = -1 if buf[i] == 45 else 1
-                i += 1
-            e = 0
-            while i < n and 48 <= buf[i] <= 57:
-                e = e * 10 + (buf[i] - 48)
-                i += 1
-            v *= 10.0 ** (esign * e)
-        return sign * v, i
-
-    @_jit
-    def _scan(buf, start, max_lines, final):  # pragma: no cover - jitted
-        n = buf.size
-        end, lines, colons, i = start, 0, 0, start
-        while i < n and lines < max_lines:
-            c = buf[i]
-            if c == 58:
-                colons += 1
-            elif c == 10:
-                lines += 1
-                end = i + 1
-            i += 1
-        if lines < max_lines:
-            if not final:
-                return -1, 0, 0
-            if end < n:
-                for j in range(end, n):
-                    colons += buf[j] == 58
-                end, lines = n, lines + 1
-        return end, lines, colons
-
-    @_jit
-    def _fill(buf, start, end, modulus, labels, indptr, indices, values):  # pragma: no cover
-        """Label, then idx:val tokens; '#' starts a comment; blank lines and qid: skipped."""
-        row, nnz, i = 0, 0, start
-        indptr[0] = 0
-        while i < end:
-            while i < end and (buf[i] == 32 or buf[i] == 9 or buf[i] == 13):
-                i += 1
-            if i >= end:
-                break
-            if buf[i] == 10:
-                i += 1
-                continue
-            labels[row], i = _num(buf, i, end)
-            while i < end and buf[i] != 10:
-                c = buf[i]
-                if c == 32 or c == 9 or c == 13:
-                    i += 1
-                elif c == 35:
-                    while i < end and buf[i] != 10:
-                        i += 1
-                else:
-                    idx = 0
-                    while i < end and 48 <= buf[i] <= 57:
-                        idx = idx * 10 + (buf[i] - 48)
-                        i += 1
-                    if i < end and buf[i] == 58:
-                        v, i = _num(buf, i + 1, end)
-                        indices[nnz] = idx % modulus
-                        values[nnz] = v
-                        nnz += 1
-                    else:  # not idx:val (e.g. qid:...): skip the token
-                        while i < end and buf[i] != 32 and buf[i] != 9 and buf[i] != 10:
-                            i += 1
-            i += 1
-            row += 1
-            indptr[row] = nnz
-        return row, nnz
-
-    _scan_impl, _fill_impl = _scan, _fill
-else:
-    _scan_impl, _fill_impl = _scan_py, _fill_py
-
-
-class LibsvmBatchParser:
-    """Parses the next ``max_lines`` lines of a byte buffer into reusable CSR arrays.
-
-    Reuse matters: on the VMs used here a fresh 50 MB array costs ~80 ms of page faults,
-    as much as parsing it; with ``reuse`` the returned arrays are views, valid until the
-    next call.
-    """
-
-    def __init__(self, modulus: int, reuse: bool = True) -> None:
-        self.modulus, self.reuse = modulus, reuse
-        self._cap_rows, self._cap_nnz = -1, -1
-
-    def _ensure(self, rows: int, nnz: int) -> None:
-        if not self.reuse or rows > self._cap_rows or nnz > self._cap_nnz:
-            self._cap_rows, self._cap_nnz = max(rows, self._cap_rows), max(nnz, self._cap_nnz)
-            self.labels = np.empty(self._cap_rows, np.float64)
-            if self._cap_nnz >= 2**31:
-                raise ValueError("batch too large for int32 CSR indices; lower batch_size")
-            self.indptr = np.empty(self._cap_rows + 1, np.int32)  # int32: what sklearn uses
-            self.indices = np.empty(self._cap_nnz, np.int32)
-            self.values = np.empty(self._cap_nnz, np.float64)
-
-    def __call__(self, buf: np.ndarray, start: int, max_lines: int, final: bool
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int] | None:
-        """(labels, indptr, indices % modulus, values, end offset), or None when fewer than
-        ``max_lines`` whole lines remain and not ``final`` (read more first)."""
-        end, lines, colons = _scan_impl(buf, start, max_lines, final)
-        if end < 0:
-            return None
-        self._ensure(lines, colons)
-        rows, nnz = _fill_impl(buf, start, end, self.modulus, self.labels, self.indptr,
-                               self.indices, self.values)
-        return (self.labels[:rows], self.indptr[: rows + 1], self.indices[:nnz],
-                self.values[:nnz], end)
-
-
-def warm_up_parser() -> float:
-    """Compile (or load from cache) the numba parser; returns seconds, not counted as parsing."""
-    with timer() as t:
-        buf = np.frombuffer(b"1 3:1 5:0.5e1\n0 2:-1\n", np.uint8).copy()  # writable, as in use
-        LibsvmBatchParser(8)(buf, 0, 10, True)
-    return t.seconds
-
-
-def iter_libsvm_batches(path: str | os.PathLike[str], batch_size: int, bits: int,
-                        reuse: bool = False) -> Iterator[tuple[Any, np.ndarray]]:
-    """Stream ``(csr_matrix n x 2**bits, labels in {0,1})`` batches of ``batch_size`` lines.
-
-    With ``reuse`` each batch's arrays are overwritten by the next one (consume, don't keep).
-    """
+# ------------------------------------------------------------------------------ scikit-learn
+def iter_csr_batches(path: str | os.PathLike[str], batch_size: int, bits: int, max_nnz: int
+                     ) -> Iterator[tuple[Any, np.ndarray]]:
+    """Stream ``(csr_matrix n x 2**bits, labels in {0,1})`` batches of ``batch_size`` rows
+    (the last one shorter), parsed by jaxps's own reader, ids hashed as ``id % 2**bits``."""
     import scipy.sparse as sp
 
     modulus = 1 << bits
-    parse = LibsvmBatchParser(modulus, reuse)
-    # One read buffer, refilled in place with readinto (no per-block allocation); it doubles
-    # whenever a whole batch does not fit.
-    buf = np.empty(max(_BLOCK, 512 * batch_size), np.uint8)
-    start, stop, eof = 0, 0, False
-    with open(path, "rb") as f:
-        while True:
-            if not eof:
-                rem = stop - start
-                if rem == buf.size:
-                    buf = np.concatenate([buf, np.empty_like(buf)])
-                buf[:rem] = buf[start:stop]
-                got = f.readinto(memoryview(buf)[rem:])
-                start, stop, eof = 0, rem + got, got == 0
-            while (out := parse(buf[:stop], start, batch_size, eof)) is not None:
-                y, indptr, idx, val, start = out
-                if y.size:
-                    x = sp.csr_matrix((val, idx, indptr), shape=(y.size, modulus), copy=False)
-                    yield x, (y > 0).astype(np.float64)
-                elif eof and start >= stop:
-                    return
+    lowbits = np.uint64(modulus - 1)  # id & lowbits == id % 2**bits
+    cfg = ReaderConfig(format="libsvm", max_nnz=max_nnz)
+
+    def to_csr(b: Batch) -> tuple[Any, np.ndarray]:
+        # Boolean indexing walks rows in order, so the kept slots line up with indptr.
+        indptr = np.zeros(b.size + 1, np.int64)
+        np.cumsum(b.mask.sum(1), out=indptr[1:])
+        indices = (b.ids[b.mask] & lowbits).astype(np.int32 if modulus <= 2**31 else np.int64)
+        x = sp.csr_matrix((b.vals[b.mask].astype(np.float64), indices, indptr),
+                          shape=(b.size, modulus), copy=False)
+        return x, b.labels.astype(np.float64)
+
+    pending: list[Batch] = []
+    have = 0
+    for chunk in read_examples(path, cfg):
+        pending.append(chunk)
+        have += chunk.size
+        if have < batch_size:
+            continue
+        big = concat(pending)
+        full = have - have % batch_size
+        for s in range(0, full, batch_size):
+            yield to_csr(big.slice(s, s + batch_size))
+        pending, have = ([big.slice(full, have)] if full < have else []), have - full
+    if have:
+        yield to_csr(concat(pending))
 
 
-# ------------------------------------------------------------------------------ scikit-learn
 def run_sklearn(train_svm: str | os.PathLike[str], test_svm: str | os.PathLike[str], *,
                 bits: int = 24, batch_size: int = 100_000, eta0: float = 0.02,
-                alpha: float = 1e-7, epochs: int = 1) -> dict[str, Any]:
+                alpha: float = 1e-7, epochs: int = 1, max_nnz: int = 39) -> dict[str, Any]:
     """Stream-train ``SGDClassifier(log_loss)`` with partial_fit on hashed CSR batches.
 
+    Input is parsed by ``jaxps.data.read_examples`` (``max_nnz`` slots per row; a longer row
+    is a ``DataError``) and turned into CSR without a per-row Python loop; that parsing and
+    conversion is inside ``train_seconds`` and also reported alone as ``parse_seconds``.
+
     Tuned (python benchmarks/peers.py --sweep, and by hand on 1M x 39-feature planted-logistic
-    rows, 2 CPUs): batch_size 50k/100k/200k all ran 550-650k rows/s end to end (parsing ~2/3
-    of it), 10k ~2x slower (each partial_fit call touches the whole 2**bits coefficient
-    vector), so 100k. eta0 (constant schedule, alpha 1e-7): test log loss 0.5877 @0.005,
-    0.5750 @0.01, 0.5674 @0.02, 0.5930 @0.05 (VW: 0.5631), same speed, so 0.02; 0.2 does not
-    converge and the default 'optimal' schedule diverges. Parsing (numba, or sklearn's parser
-    as fallback) is inside ``train_seconds``; the one-time JIT is ``jit_seconds``.
+    rows, 2 CPUs; with this file's former generator and numba parser): batch_size 50k/100k/200k all ran 550-650k
+    rows/s end to end (parsing ~2/3 of it), 10k ~2x slower (each partial_fit call touches the
+    whole 2**bits coefficient vector), so 100k. eta0 (constant schedule, alpha 1e-7): test log
+    loss 0.5877 @0.005, 0.5750 @0.01, 0.5674 @0.02, 0.5930 @0.05 (VW: 0.5631), same speed, so
+    0.02; 0.2 does not converge and the default 'optimal' schedule diverges.
     """
     from sklearn.linear_model import SGDClassifier
 
-    jit = warm_up_parser()
     clf = SGDClassifier(loss="log_loss", learning_rate="constant", eta0=eta0, alpha=alpha)
     n, parse_s = 0, 0.0
     with timer() as t_train:
         for _ in range(epochs):
-            it = iter_libsvm_batches(train_svm, batch_size, bits, reuse=True)
+            it = iter_csr_batches(train_svm, batch_size, bits, max_nnz)
             while True:
                 with timer() as t_parse:
                     batch = next(it, None)
@@ -410,44 +239,25 @@ def run_sklearn(train_svm: str | os.PathLike[str], test_svm: str | os.PathLike[s
                 n += y.size
     m = StreamingBinaryMetrics()
     with timer() as t_pred:
-        for x, y in iter_libsvm_batches(test_svm, batch_size, bits, reuse=True):
+        for x, y in iter_csr_batches(test_svm, batch_size, bits, max_nnz):
             m.update(clf.predict_proba(x)[:, 1], y)
     r = m.result()
     return {"peer": "sklearn_sgd", "bits": bits, "batch_size": batch_size, "eta0": eta0,
-            "alpha": alpha, "epochs": epochs, "parser": "numba" if njit else "load_svmlight_file",
+            "alpha": alpha, "epochs": epochs, "parser": "jaxps.data.read_examples",
             "train_examples": n, "train_seconds": t_train.seconds, "parse_seconds": parse_s,
-            "jit_seconds": jit, "examples_per_sec": n / t_train.seconds,
+            "examples_per_sec": n / t_train.seconds,
             "predict_seconds": t_pred.seconds, "test_examples": r["examples"],
             "logloss": r["logloss"], "auc": r["auc"]}
 
 
 # ------------------------------------------------------------------------------ validation
-def make_synthetic_libsvm(path: str | os.PathLike[str], lines: int, *, fields: int = 39,
-                          vocab: int = 10_000, seed: int = 0, weight_seed: int = 123) -> float:
-    """Criteo-like file: one ``field*vocab+value+1:1`` per field, skewed values, labels drawn
-    from a planted logistic model (same ``weight_seed`` = same model). Returns positive rate."""
-    w = np.random.default_rng(weight_seed).normal(0.0, 0.25, (fields, vocab))
-    rng = np.random.default_rng(seed)
-    pos = 0
-    with open(path, "w") as f:
-        for s in range(0, lines, 50_000):
-            m = min(50_000, lines - s)
-            v = np.minimum((vocab * rng.random((m, fields)) ** 3).astype(np.int64), vocab - 1)
-            logit = w[np.arange(fields), v].sum(1) - 1.0
-            y = (rng.random(m) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
-            pos += int(y.sum())
-            idx = (np.arange(fields) * vocab + v + 1).tolist()
-            f.write("\n".join(f"{lab} " + " ".join(f"{i}:1" for i in row)
-                              for lab, row in zip(y.tolist(), idx)) + "\n")
-    return pos / max(lines, 1)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Generate a planted-logistic libsvm file and run both peers on it."""
+    """Generate planted-logistic libsvm files (jaxps.data.generate_dataset), run both peers."""
     ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--lines", type=int, default=200_000)
     ap.add_argument("--test-lines", type=int, default=50_000)
     ap.add_argument("--workdir", default=None, help="keep generated files here")
+    ap.add_argument("--seed", type=int, default=0, help="SyntheticConfig.seed")
     ap.add_argument("--sweep", action="store_true", help="sklearn batch_size x eta0 grid")
     args = ap.parse_args(argv)
     if args.quick:
@@ -455,11 +265,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="peers_") as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        train, test = work / "train.svm", work / "test.svm"
-        make_synthetic_libsvm(train, args.lines, seed=0)
-        make_synthetic_libsvm(test, args.test_lines, seed=1)
+        info = generate_dataset(work, args.lines, args.test_lines,
+                                SyntheticConfig(num_fields=39, vocab_size=10_000, seed=args.seed))
+        train, test = work / info["files"]["train"], work / info["files"]["test"]
         prep = prepare_vw(train, test, work)
         result: dict[str, Any] = {"lines": args.lines, "test_lines": args.test_lines,
+                                  "bayes_logloss_test": info["bayes_logloss_test"],
                                   "vw_prepare_seconds": prep["prepare_seconds"],
                                   "vw_prepare_lines_per_sec": prep["prepare_lines_per_sec"]}
         for key, val in run_vw(prep["train_vw"], prep["test_vw"]).items():

@@ -96,24 +96,25 @@ def test_emit_last_line_and_timer(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_peers_parser_and_vw_conversion(tmp_path: Path) -> None:
-    """The libsvm batch parser and the VW converter (VW itself is not run)."""
+    """sklearn's CSR batches (from jaxps's reader) and the VW converter (VW is not run)."""
     import numpy as np
 
     import peers
 
     src = tmp_path / "a.svm"
-    src.write_text("1 3:1 5:0.5e1 # c 7:1\n\n-1 qid:3 2:-1.25\n+1 4:2\n0")
-    for bs in (1, 2, 10):
-        batches = [(x.toarray(), y) for x, y in peers.iter_libsvm_batches(src, bs, bits=3)]
+    src.write_text("1 3:1 5:0.5e1 # c 7:1\n\n-1 2:-1.25\n1 4:2\n0")
+    for bs in (1, 2, 3, 10):
+        batches = [(x.toarray(), y) for x, y in peers.iter_csr_batches(src, bs, 3, 4)]
+        assert [b[1].size for b in batches] == [bs] * (4 // bs) + [4 % bs] * (4 % bs > 0)
         x = np.concatenate([b[0] for b in batches])
         y = np.concatenate([b[1] for b in batches])
         assert y.tolist() == [1, 0, 1, 0]
         assert x[0, 3] == 1 and x[0, 5] == 5 and x[0].sum() == 6  # comment dropped
-        assert x[1, 2] == -1.25 and x[1].sum() == -1.25  # qid skipped
+        assert x[1, 2] == -1.25 and x[1].sum() == -1.25
         assert x[2, 4] == 2 and x[3].sum() == 0
     big = tmp_path / "big.svm"
     (tmp_path / "big.svm").write_text("1 9:1 17:2\n" * 5 + "0 3:1\n")
-    (x, y), = list(peers.iter_libsvm_batches(big, 100, bits=3))  # 9 % 8, 17 % 8 == 1
+    (x, y), = list(peers.iter_csr_batches(big, 100, 3, 2))  # 9 % 8, 17 % 8 == 1
     assert x.shape == (6, 8) and x[0, 1] == 3 and y.tolist() == [1] * 5 + [0]
     dst = tmp_path / "a.vw"
     assert peers.libsvm_to_vw(src, dst) == 5
@@ -129,9 +130,10 @@ def test_peers_parser_and_vw_conversion(tmp_path: Path) -> None:
 def test_run_sklearn_small(tmp_path: Path) -> None:
     import peers
 
-    train, test = tmp_path / "tr.svm", tmp_path / "te.svm"
-    peers.make_synthetic_libsvm(train, 3000, fields=5, vocab=20, seed=0)
-    peers.make_synthetic_libsvm(test, 1000, fields=5, vocab=20, seed=1)
-    r = peers.run_sklearn(train, test, bits=12, batch_size=1000, eta0=0.05)
+    from jaxps.data import SyntheticConfig, generate_dataset
+
+    generate_dataset(tmp_path, 3000, 1000, SyntheticConfig(num_fields=5, vocab_size=20))
+    train, test = tmp_path / "train.svm", tmp_path / "test.svm"
+    r = peers.run_sklearn(train, test, bits=12, batch_size=1000, eta0=0.05, max_nnz=5)
     assert r["train_examples"] == 3000 and r["test_examples"] == 1000
     assert r["examples_per_sec"] > 0 and 0.5 < r["auc"] <= 1 and r["logloss"] < 0.7
