@@ -61,7 +61,8 @@ class StepBuilder:
                 raise ValueError(f"two tables are named {t.name!r}")
             s = row_shards(t.placement, mesh)
             self.layouts[t.name] = TableLayout(t, s, t.padded_rows(s) // s, row_axes(t.placement))
-        self.routers = {n: Router(l.rows_per_shard, l.shards, l.table.capacity)
+        self.routers = {n: Router(l.rows_per_shard, l.shards, l.table.capacity,
+                                  num_rows=l.table.rows, salt=l.table.salt)
                         for n, l in self.layouts.items()}
         self.graphdef, _ = nnx.split(model.init_dense(nnx.Rngs(0)))
         self.batch_sharding = NamedSharding(mesh, P("data"))
@@ -109,8 +110,7 @@ class StepBuilder:
         """Hash ids to rows and plan every table's lookup (host, no JAX)."""
         plans = {}
         for name, lay in self.layouts.items():
-            ids = getattr(batch, lay.table.feature)
-            plans[name] = self.routers[name].plan(lay.table.rows_for(ids), batch.mask)
+            plans[name] = self.routers[name].plan(getattr(batch, lay.table.feature), batch.mask)
         return plans
 
     def to_device(self, batch: Batch, plans: dict[str, LookupPlan]) -> State:

@@ -104,3 +104,17 @@ def test_no_table_sized_temporary(ndev):
 
     naive = jax.jit(jax.grad(naive_loss)).lower(table).compile().memory_analysis()
     assert naive.temp_size_in_bytes + naive.output_size_in_bytes >= shard_bytes
+
+
+def test_router_hashes_like_table_and_grows_its_map():
+    from jaxps.tables.table import Table
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 1 << 62, size=(64, 100)).astype(np.uint64)  # ~6400 unique: map grows
+    mask = rng.random(ids.shape) < 0.9
+    for rows in (1 << 20, 1_000_003):  # power of two (mask) and not (modulo)
+        t = Table("t", rows=rows)
+        shards = 4
+        rps = t.padded_rows(shards) // shards
+        r = Router(rps, shards, num_rows=rows, salt=t.salt)
+        plan = r.plan(ids, mask)
+        check_plan(plan, t.rows_for(ids), mask, rps, shards)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from jaxps.data.batch import Batch, pad_to
-from jaxps.data.readers import ReaderConfig, ReadStats, batches, lines_upper_bound
+from jaxps.data.readers import ReaderConfig, ReadStats, batches, lines_upper_bound, prefetch
 
 
 class FileDataset:
@@ -17,12 +17,15 @@ class FileDataset:
     """
 
     def __init__(self, paths: str | Sequence[str], reader: ReaderConfig, batch_size: int,
-                 process_index: int | None = None, process_count: int | None = None):
+                 process_index: int | None = None, process_count: int | None = None,
+                 prefetch: int = 4):
+        """prefetch: batches parsed ahead on a reader thread (the numba parser releases the
+        GIL), so parsing overlaps the trainer's id planning and the device step; 0 = inline."""
         import jax  # only for the process topology; readers themselves never need JAX
         self.paths = [paths] if isinstance(paths, str) else list(paths)
         if not self.paths:
             raise ValueError("FileDataset needs at least one file")
-        self.reader, self.batch_size = reader, batch_size
+        self.reader, self.batch_size, self.prefetch = reader, batch_size, prefetch
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         self.stats = ReadStats()
@@ -36,7 +39,8 @@ class FileDataset:
     def __iter__(self) -> Iterator[Batch]:
         it = batches(self.paths, self.reader, self.batch_size, process_index=self.process_index,
                      process_count=self.process_count, stats=self.stats)
-        return it if self.steps_per_pass is None else self._padded(it)
+        it = it if self.steps_per_pass is None else self._padded(it)
+        return prefetch(it, self.prefetch) if self.prefetch else it
 
     def _padded(self, it: Iterator[Batch]) -> Iterator[Batch]:
         n, last = 0, None

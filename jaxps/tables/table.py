@@ -41,7 +41,12 @@ class Table:
     def padded_rows(self, shards: int) -> int:
         return -(-self.rows // shards) * shards
 
+    @property
+    def salt(self) -> np.uint64:
+        return seed_mask(self.seed)
+
     def rows_for(self, ids: np.ndarray) -> np.ndarray:
-        """Row index (int64) of each raw feature id; rows < self.rows."""
-        h = mix64(np.asarray(ids, dtype=np.uint64) ^ seed_mask(self.seed))
+        """Row index (int64) of each raw feature id; rows < self.rows. (The input pipeline
+        computes the same inside its routing kernel; this is the numpy form.)"""
+        h = mix64(np.asarray(ids, dtype=np.uint64) ^ self.salt)
         return (h % np.uint64(self.rows)).astype(np.int64)
