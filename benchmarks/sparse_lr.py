@@ -73,8 +73,12 @@ def profile_pipeline(opt, train, reader, batch, bits, ndev, out_dir, max_batches
     state, m = steps.train_step(state, dev[0])  # compile
     jax.block_until_ready(m)
     t0 = time.perf_counter()
+    inflight = []
     for d in dev[1:]:
         state, m = steps.train_step(state, d)
+        inflight.append(m["loss"])
+        if len(inflight) > 2:  # as the trainer does: few steps queued on XLA:CPU
+            jax.block_until_ready(inflight.pop(0))
     jax.block_until_ready(state)
     step_s = time.perf_counter() - t0
     n = batch * len(host)
@@ -86,10 +90,11 @@ def profile_pipeline(opt, train, reader, batch, bits, ndev, out_dir, max_batches
 def main(argv=None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--devices", default="auto", help="auto (fastest step of 1 and 8), or a count")
-    p.add_argument("--batch", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--bits", type=int, default=24)
-    p.add_argument("--ftrl-lr", type=float, default=0.1)
-    p.add_argument("--adagrad-lr", type=float, default=0.05)
+    p.add_argument("--ftrl-lr", type=float, default=0.2)
+    p.add_argument("--ftrl-beta", type=float, default=1.0)
+    p.add_argument("--adagrad-lr", type=float, default=0.1)
     p.add_argument("--no-peers", action="store_true", help="jaxps only")
     args = p.parse_args(argv)
     n_train, n_test = (200_000, 50_000) if args.quick else (1_000_000, 100_000)
@@ -100,7 +105,7 @@ def main(argv=None) -> int:
     train, test = (os.path.join(data_dir, info["files"][k]) for k in ("train", "test"))
     reader = ReaderConfig(format="libsvm", max_nnz=39)
     work = os.path.join(args.out, "work")
-    ftrl, adagrad = FTRL(args.ftrl_lr), Adagrad(args.adagrad_lr)
+    ftrl, adagrad = FTRL(args.ftrl_lr, beta=args.ftrl_beta), Adagrad(args.adagrad_lr)
 
     profiles = {}
     candidates = [1, 8] if args.devices == "auto" else [int(args.devices)]

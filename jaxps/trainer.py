@@ -42,6 +42,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     prefetch: int = 3              # batches prepared ahead on a host thread
+    max_inflight_steps: int = 2    # dispatched-but-unfinished device steps
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -104,6 +105,11 @@ class Trainer:
                     self.state, m = self.steps.train_step(self.state, dev)
                     host_step += 1
                     pending.append((host_step, m["loss"]))
+                    if len(pending) > cfg.max_inflight_steps:
+                        # bound the steps queued on the device: XLA:CPU's in-process
+                        # collectives can deadlock with many collective programs queued
+                        # (seen with 8 simulated devices on 2 cores), and it bounds memory
+                        jax.block_until_ready(pending[-1 - cfg.max_inflight_steps][1])
                     n = batch.num_real
                     examples += n
                     if bar is not None:

@@ -292,21 +292,26 @@ def batches(paths: str | Sequence[str], cfg: ReaderConfig, batch_size: int, *,
     """
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    pending: list[Batch] = []
+    pending: list[Batch] = []  # the start of the next batch, carried across chunks
     have = 0
     for _ in range(epochs):
         for chunk in read_examples(paths, cfg, process_index=process_index,
                                    process_count=process_count, stats=stats):
-            pending.append(chunk)
-            have += chunk.size
-            if have < batch_size:
-                continue
-            big = concat(pending)
-            full = have - have % batch_size
-            for s in range(0, full, batch_size):
-                yield big.slice(s, s + batch_size)
-            pending = [big.slice(full, have)] if full < have else []
-            have -= full
+            pos = 0
+            if have:  # complete the carried batch: the only rows that are copied
+                take = min(batch_size - have, chunk.size)
+                pending.append(chunk.slice(0, take))
+                have += take
+                pos = take
+                if have < batch_size:
+                    continue
+                yield concat(pending)
+                pending, have = [], 0
+            while chunk.size - pos >= batch_size:  # whole batches are views of the chunk
+                yield chunk.slice(pos, pos + batch_size)
+                pos += batch_size
+            if pos < chunk.size:
+                pending, have = [chunk.slice(pos, chunk.size)], chunk.size - pos
     if have and not drop_remainder:
         yield pad_to(concat(pending), batch_size)
 
