@@ -10,6 +10,7 @@ unique rows only.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from jaxps.data.batch import Batch
 from jaxps.model import Model
 from jaxps.placement import row_axes, row_shards, sharding_for
 from jaxps.tables.routing import LookupPlan, Router
+from jaxps.tables.routing import warm_up as routing_warm_up
 from jaxps.tables.sharded import apply_rows, gather_unique
 from jaxps.tables.table import Table
 
@@ -64,10 +66,12 @@ class StepBuilder:
         self.routers = {n: Router(l.rows_per_shard, l.shards, l.table.capacity,
                                   num_rows=l.table.rows, salt=l.table.salt)
                         for n, l in self.layouts.items()}
+        # load the routing kernel while JAX initialises the state (it takes ~0.1-0.3 s)
+        threading.Thread(target=routing_warm_up, daemon=True, name="jaxps-route-warmup").start()
         self.graphdef, _ = nnx.split(model.init_dense(nnx.Rngs(0)))
         self.batch_sharding = NamedSharding(mesh, P("data"))
         self.replicated = NamedSharding(mesh, P())
-        self.train_step = jax.jit(self._train_step, donate_argnums=0)
+        self.train_step: Callable = self._jit_train_step(None)
         self.eval_step = jax.jit(self._eval_step)
 
     # ---------------------------------------------------------------- state
@@ -79,12 +83,21 @@ class StepBuilder:
         tables = {}
         for i, (name, lay) in enumerate(sorted(self.layouts.items())):
             tables[name] = self._init_table(lay, jax.random.fold_in(table_key, i))
-        return {
+        state = {
             "step": jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
             "dense": dense,
-            "dense_opt": jax.jit(self.dense_tx.init)(dense),
+            "dense_opt": jax.jit(self.dense_tx.init, out_shardings=self.replicated)(dense),
             "tables": tables,
         }
+        self.train_step = self._jit_train_step(jax.tree.map(lambda a: a.sharding, state))
+        return state
+
+    def _jit_train_step(self, state_shardings) -> Callable:
+        """The donated train step. Its output state keeps the input state's shardings:
+        left to itself XLA returns P() for a table on a size-1 axis, and the next call
+        would compile a second program for the changed input shardings."""
+        out = None if state_shardings is None else (state_shardings, self.replicated)
+        return jax.jit(self._train_step, donate_argnums=0, out_shardings=out)
 
     def table_sharding(self, name: str) -> NamedSharding:
         return sharding_for(self.layouts[name].table.placement, self.mesh, 2)

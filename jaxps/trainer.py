@@ -24,6 +24,7 @@ from jaxps.mesh import MeshConfig, make_mesh
 from jaxps.metrics import StreamingBinaryMetrics
 from jaxps.model import Model
 from jaxps.plan import format_plan, plan_model
+from jaxps.runtime import enable_compilation_cache
 from jaxps.step import StepBuilder, dense_optimizer
 
 
@@ -43,6 +44,7 @@ class TrainConfig:
     progress: bool = True
     prefetch: int = 3              # batches prepared ahead on a host thread
     max_inflight_steps: int = 2    # dispatched-but-unfinished device steps
+    compilation_cache: str = "~/.cache/jaxps/xla"  # persistent XLA cache; "" = off
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -64,6 +66,7 @@ class Trainer:
                  config: TrainConfig | None = None):
         self.model = model
         self.config = config or TrainConfig()
+        enable_compilation_cache(self.config.compilation_cache)
         self.mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh)
         self.steps = StepBuilder(model, self.mesh, dense_optimizer(
             self.config.dense_optimizer, self.config.dense_learning_rate), self.config.loss_reduction)

@@ -87,3 +87,11 @@ def test_replicated_and_model_axis_placements_agree():
     w_rep, _, l_rep, _ = run_jaxps(batches, "ftrl", hp, jax.devices(), placement=Replicated())
     np.testing.assert_allclose(w_rs, w_rep, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(l_rs, l_rep, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ndev", [1, 8])
+def test_train_step_compiles_once(ndev):
+    """The initial state already has the shardings the step returns: no second compile."""
+    *_, sb = run_jaxps(make_batches(3, seed=4), "ftrl", OPTIMIZERS["ftrl"], jax.devices()[:ndev],
+                       capacity=512)  # fixed capacity: no legitimate recompile either
+    assert sb.train_step._cache_size() == 1

@@ -1,9 +1,11 @@
 """Re-iterable datasets: each `iter()` is one pass, so `fit` can run several epochs."""
 from __future__ import annotations
 
+import threading
 from typing import Iterator, Sequence
 
 from jaxps.data.batch import Batch, pad_to
+from jaxps.data.parse import warm_up
 from jaxps.data.readers import ReaderConfig, ReadStats, batches, lines_upper_bound, prefetch
 
 
@@ -30,6 +32,8 @@ class FileDataset:
         self.process_count = jax.process_count() if process_count is None else process_count
         self.stats = ReadStats()
 
+        threading.Thread(target=warm_up, args=(reader.format,), daemon=True,
+                         name="jaxps-parse-warmup").start()
         self.steps_per_pass: int | None = None
         if self.process_count > 1:
             bound = max(lines_upper_bound(self.paths, p, self.process_count)

@@ -168,3 +168,8 @@ class Router:
             self._hkeys.fill(-1)
             raise ValueError(f"row ids must lie in [0, {self.num_rows}), got {keys[bad]}")
         return owner_rows, inverse, counts
+
+
+def warm_up() -> None:
+    """Load the routing kernel from numba's cache on a tiny input (see data.parse.warm_up)."""
+    Router(4, 1, num_rows=4).plan(np.ones((1, 1), np.uint64), np.ones((1, 1), bool))
