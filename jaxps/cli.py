@@ -64,6 +64,8 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
+    import jax
+
     from jaxps.job import build_data, build_model
     from jaxps.trainer import Trainer
     train_ds, eval_ds, info = build_data(cfg.data)
@@ -77,6 +79,8 @@ def cmd_train(args) -> int:
         result["synthetic"] = {k: info[k] for k in info if k.startswith("bayes") or k.startswith("n_")}
     result["config"] = dataclasses.asdict(cfg)
     path = trainer.write_metrics(result)
+    if jax.process_index() != 0:  # one report per job
+        return 0
     t = result["train"]
     print(f"trained {t['examples']} examples in {t['seconds']:.1f}s "
           f"({t['examples_per_sec']:,.0f} examples/s), {t['steps']} steps")
@@ -135,6 +139,11 @@ def cmd_gen_data(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from jaxps.launch.local import LocalJob, run
+    return run(args.cmd, LocalJob(workers=args.workers, cpu_devices=args.cpu_devices, timeout=args.timeout))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxps", description="JAX sharded trainer",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
@@ -158,8 +167,24 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--vocab", type=int, default=10_000)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_gen_data)
+    la = sub.add_parser("launch", help="start the worker processes of a job",
+                        description="jaxps launch local --workers 2 -- jaxps train data.train=a.svm,b.svm")
+    la.add_argument("where", choices=["local"], help="local: all processes on this machine, on loopback")
+    la.add_argument("--workers", type=int, default=2, help="worker processes (one jax.distributed process each)")
+    la.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices per worker")
+    la.add_argument("--timeout", type=float, default=None, help="stop every worker after this many seconds")
+    la.set_defaults(fn=cmd_launch)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv:  # everything after '--' is the workers' command, untouched
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
-    _set_cpu_devices()
+    args.cmd = command
+    if args.command != "launch":
+        _set_cpu_devices()
+        from jaxps.runtime import initialize_distributed
+        initialize_distributed()
     return args.fn(args)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+
+import jax
 from dataclasses import dataclass, field
 
 from jaxps.data.dataset import FileDataset
@@ -38,7 +40,7 @@ class DataConfig:
     format: str = "libsvm"                          # "libsvm" or "criteo"
     max_nnz: int = 39                               # feature slots per example
     skip_bad_lines: bool = False                    # count and report bad lines instead of stopping
-    batch_size: int = 4096
+    batch_size: int = 4096                          # global: split over the processes
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
 
@@ -105,11 +107,21 @@ def build_data(cfg: DataConfig) -> tuple[FileDataset, FileDataset | None, dict]:
     train, evals = list(cfg.train), list(cfg.eval)
     if not train:
         s = cfg.synthetic
-        info = generate_dataset(s.dir, s.n_train, s.n_test, SyntheticConfig(
-            num_fields=s.num_fields, vocab_size=s.vocab_size, zipf_exponent=s.zipf_exponent, seed=s.seed))
+        synth = SyntheticConfig(num_fields=s.num_fields, vocab_size=s.vocab_size,
+                                zipf_exponent=s.zipf_exponent, seed=s.seed)
+        if jax.process_count() > 1:  # process 0 writes the files, the others then reuse them
+            from jax.experimental.multihost_utils import sync_global_devices
+            if jax.process_index() == 0:
+                generate_dataset(s.dir, s.n_train, s.n_test, synth)
+            sync_global_devices("jaxps-synthetic-data")
+        info = generate_dataset(s.dir, s.n_train, s.n_test, synth)
         train = [os.path.join(s.dir, info["files"]["train"])]
         evals = evals or [os.path.join(s.dir, info["files"]["test"])]
     reader = ReaderConfig(format=cfg.format, max_nnz=cfg.max_nnz, skip_bad_lines=cfg.skip_bad_lines)
-    train_ds = FileDataset(train, reader, cfg.batch_size)
-    eval_ds = FileDataset(evals, reader, cfg.batch_size) if evals else None
+    if cfg.batch_size % jax.process_count():
+        raise ValueError(f"data.batch_size={cfg.batch_size} (the global batch) must divide by the "
+                         f"{jax.process_count()} processes")
+    local = cfg.batch_size // jax.process_count()  # each process reads its share of the global batch
+    train_ds = FileDataset(train, reader, local)
+    eval_ds = FileDataset(evals, reader, local) if evals else None
     return train_ds, eval_ds, info

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -23,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxps.data.batch import Batch
 from jaxps.model import Model
 from jaxps.placement import row_axes, row_shards, sharding_for
+from jaxps.runtime import allgather_host
 from jaxps.tables.routing import LookupPlan, Router
 from jaxps.tables.routing import warm_up as routing_warm_up
 from jaxps.tables.sharded import apply_rows, gather_unique
@@ -120,11 +122,44 @@ class StepBuilder:
 
     # ---------------------------------------------------------------- host side
     def plan_batch(self, batch: Batch) -> dict[str, LookupPlan]:
-        """Hash ids to rows and plan every table's lookup (host, no JAX)."""
+        """Hash ids to rows and plan every table's lookup (host work, no device step).
+
+        With several processes the plan must cover the global batch (every owner shard
+        serves all of them): each process gathers every process's ids and mask, plans the
+        whole batch identically, and keeps the inverse rows of its own examples. The
+        gather is a collective, so callers issue it from one thread, in step order."""
+        multi = jax.process_count() > 1
+        mask = self._global_rows(batch.mask) if multi else batch.mask
         plans = {}
         for name, lay in self.layouts.items():
-            plans[name] = self.routers[name].plan(getattr(batch, lay.table.feature), batch.mask)
+            keys = getattr(batch, lay.table.feature)
+            plan = self.routers[name].plan(self._global_rows(keys) if multi else keys, mask)
+            if multi:
+                lo = self._process_rows(batch.size)[1] * batch.size
+                plan.inverse = plan.inverse[lo:lo + batch.size]
+            plans[name] = plan
         return plans
+
+    def _process_rows(self, local_rows: int) -> tuple[list[int], int]:
+        """Processes in the order of their rows of the global batch, and this process's
+        place in it (from the batch sharding: no assumption on device order)."""
+        n = jax.process_count()
+        index = self.batch_sharding.devices_indices_map((local_rows * n,))
+        starts: dict[int, set[int]] = {}
+        for dev, idx in index.items():
+            starts.setdefault(dev.process_index, set()).add(idx[0].start or 0)
+        first = {p: min(s) for p, s in starts.items()}
+        for p, s in starts.items():  # each process must own one contiguous block of rows
+            if max(s) - first[p] >= local_rows:
+                raise ValueError("the data axis does not give each process a contiguous block of the batch")
+        order = sorted(first, key=first.get)
+        return order, order.index(jax.process_index())
+
+    def _global_rows(self, x: np.ndarray) -> np.ndarray:
+        """Every process's rows of `x`, concatenated in global batch order."""
+        order, _ = self._process_rows(x.shape[0])
+        stacked = allgather_host(x)
+        return stacked[order].reshape((-1,) + x.shape[1:])
 
     def to_device(self, batch: Batch, plans: dict[str, LookupPlan]) -> State:
         """Place one process-local batch and its plans on the mesh."""
@@ -138,7 +173,7 @@ class StepBuilder:
         if batch.dense is not None:
             dev["dense"] = put(batch.dense, self.batch_sharding)
         dev["plans"] = {
-            name: {"owner_rows": jax.device_put(p.owner_rows, self.table_sharding(name)),
+            name: {"owner_rows": _replicated_input(p.owner_rows, self.table_sharding(name)),
                    "inverse": put(p.inverse, self.batch_sharding)}
             for name, p in plans.items()
         }
@@ -187,6 +222,11 @@ class StepBuilder:
     def _eval_step(self, state: State, batch: State) -> jax.Array:
         logits = self._forward(state["dense"], self._gather(state, batch), batch)
         return jax.nn.sigmoid(logits)
+
+
+def _replicated_input(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array every process holds in full on the host (a plan), placed per sharding."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def dense_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:

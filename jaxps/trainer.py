@@ -24,7 +24,7 @@ from jaxps.mesh import MeshConfig, make_mesh
 from jaxps.metrics import StreamingBinaryMetrics
 from jaxps.model import Model
 from jaxps.plan import format_plan, plan_model
-from jaxps.runtime import enable_compilation_cache
+from jaxps.runtime import allgather_host, enable_compilation_cache
 from jaxps.step import StepBuilder, dense_optimizer
 
 
@@ -87,7 +87,11 @@ class Trainer:
         def prepare():
             for b in data:
                 yield b, self.steps.to_device(b, self.steps.plan_batch(b))
-        return prefetch(prepare(), self.config.prefetch) if self.config.prefetch else prepare()
+        if jax.process_count() > 1 or not self.config.prefetch:
+            # multi-process plans gather ids across processes (a collective): issue them
+            # from this thread, in step order; parsing still runs ahead in the dataset
+            return prepare()
+        return prefetch(prepare(), self.config.prefetch)
 
     def fit(self, train: Iterable[Batch], eval_data: Iterable[Batch] | None = None,
             total_examples: int | None = None) -> dict:
@@ -95,7 +99,7 @@ class Trainer:
         evaluate, write metrics JSON, TensorBoard scalars and a checkpoint."""
         cfg = self.config
         os.makedirs(cfg.out_dir, exist_ok=True)
-        writer = _tensorboard(cfg) if cfg.tensorboard else None
+        writer = _tensorboard(cfg) if cfg.tensorboard and jax.process_index() == 0 else None
         bar = _progress(cfg, total_examples * cfg.epochs if total_examples else None)
         pending: list[tuple[int, jax.Array]] = []
         examples, t0 = 0, time.perf_counter()
@@ -177,10 +181,13 @@ class Trainer:
         metrics = StreamingBinaryMetrics()
         for batch, probs in self._predict_batches(data):
             metrics.update(probs, batch.labels, batch.weights)
+        if jax.process_count() > 1:  # every process scored its own rows: add them up
+            state = {k: allgather_host(v).sum(axis=0) for k, v in metrics.state().items()}
+            metrics = StreamingBinaryMetrics.from_state(state)
         return metrics.result()
 
     def predict(self, data: Iterable[Batch]) -> np.ndarray:
-        """Predicted probabilities of the real (non-padding) rows, in order."""
+        """Predicted probabilities of this process's real (non-padding) rows, in order."""
         out = [probs[batch.weights > 0] for batch, probs in self._predict_batches(data)]
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 

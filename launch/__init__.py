@@ -1,0 +1,1 @@
+"""Launchers, installed as `jaxps.launch`: start the processes of a job."""
