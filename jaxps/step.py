@@ -163,20 +163,22 @@ class StepBuilder:
 
     def to_device(self, batch: Batch, plans: dict[str, LookupPlan]) -> State:
         """Place one process-local batch and its plans on the mesh."""
-        put = lambda x, sh: jax.make_array_from_process_local_data(sh, x)
-        dev = {
-            "labels": put(batch.labels, self.batch_sharding),
-            "weights": put(batch.weights, self.batch_sharding),
-            "vals": put(batch.vals, self.batch_sharding),
-            "mask": put(batch.mask, self.batch_sharding),
-        }
+        host: dict[str, Any] = {"labels": batch.labels, "weights": batch.weights,
+                                "vals": batch.vals, "mask": batch.mask}
         if batch.dense is not None:
-            dev["dense"] = put(batch.dense, self.batch_sharding)
-        dev["plans"] = {
-            name: {"owner_rows": _replicated_input(p.owner_rows, self.table_sharding(name)),
-                   "inverse": put(p.inverse, self.batch_sharding)}
-            for name, p in plans.items()
-        }
+            host["dense"] = batch.dense
+        host["plans"] = {name: {"owner_rows": p.owner_rows, "inverse": p.inverse}
+                         for name, p in plans.items()}
+        shardings = {k: self.batch_sharding for k in host if k != "plans"}
+        shardings["plans"] = {name: {"owner_rows": self.table_sharding(name),
+                                     "inverse": self.batch_sharding} for name in plans}
+        if jax.process_count() == 1:  # one call for the whole batch: ~4x less overhead
+            return jax.device_put(host, shardings)
+        # this process holds its rows of the global batch, and the whole (identical) plans
+        put = lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x)  # noqa: E731
+        dev = {k: put(v) for k, v in host.items() if k != "plans"}
+        dev["plans"] = {name: {"owner_rows": _replicated_input(p.owner_rows, self.table_sharding(name)),
+                               "inverse": put(p.inverse)} for name, p in plans.items()}
         return dev
 
     # ---------------------------------------------------------------- device side

@@ -30,6 +30,10 @@ def _plan_kernel(keys_in, mask, hashed, salt, num_rows, rows_per_shard, capacity
     addressing map (hkeys/hslots, all -1 on entry and on exit), bucket by owner."""
     n = keys_in.shape[0]
     hmask = np.uint64(hkeys.shape[0] - 1)
+    log2 = 0
+    while (1 << log2) < hkeys.shape[0]:
+        log2 += 1
+    hshift = np.uint64(64 - log2)
     max_used = hkeys.shape[0] // 2  # keep load <= 0.5; past it, give up and retry bigger
     pow2 = (num_rows & (num_rows - 1)) == 0
     rmask = np.uint64(num_rows - 1)
@@ -48,7 +52,8 @@ def _plan_kernel(keys_in, mask, hashed, salt, num_rows, rows_per_shard, capacity
             if r < 0 or r >= num_rows:
                 bad = i
                 break
-        h = np.int64(mix64_scalar(np.uint64(r)) & hmask)
+        # Fibonacci hashing: one multiply; the top bits of r * 2^64/phi spread rows well
+        h = np.int64((np.uint64(r) * np.uint64(0x9E3779B97F4A7C15)) >> hshift)
         while True:
             k = hkeys[h]
             if k == r:
@@ -140,7 +145,7 @@ class Router:
         few times fewer unique rows than ids, and a map that stays in cache is what makes
         this pass fast (a 2x-occurrences map was ~3x slower here)."""
         size = 1024
-        while size < 4 * unique:
+        while size < 2.5 * unique:
             size *= 2
         if self._hkeys.shape[0] < size:
             self._hkeys = np.full(size, -1, np.int64)
