@@ -71,8 +71,9 @@ class OptimizerConfig:
 @dataclass
 class ModelConfig:
     name: str = "sparse_lr"                 # "sparse_lr" (realm 2) or "mlp" (realm 1)
-    rows: int = 1 << 22                     # hash buckets of the (main) table
-    placement: str = "row_sharded:data"     # "replicated" or "row_sharded[:axis[+axis]]"
+    rows: int | None = None                 # hash buckets of the table (None: the model's default)
+    placement: str | None = None            # "replicated", "row_sharded[:axis[+axis]]" (None: the
+                                            # model's default: row-sharded for sparse_lr, replicated for mlp)
     capacity: int | None = None             # unique rows per shard per step; None = from data
     embed_dim: int = 8                      # mlp only
     hidden: list[int] = field(default_factory=lambda: [64, 32])  # mlp only
@@ -89,15 +90,16 @@ class JobConfig:
 
 def build_model(cfg: ModelConfig, dense_features: int = 0):
     from jaxps.models import MLPClassifier, MLPConfig, SparseLR, SparseLRConfig
-    placement = parse_placement(cfg.placement)
-    opt = cfg.optimizer.build()
+    common = {"optimizer": cfg.optimizer.build()}
+    if cfg.rows is not None:
+        common["rows"] = cfg.rows
+    if cfg.placement is not None:
+        common["placement"] = parse_placement(cfg.placement)
     if cfg.name == "sparse_lr":
-        return SparseLR(SparseLRConfig(rows=cfg.rows, placement=placement, optimizer=opt,
-                                       capacity=cfg.capacity))
+        return SparseLR(SparseLRConfig(capacity=cfg.capacity, **common))
     if cfg.name == "mlp":
-        return MLPClassifier(MLPConfig(rows=cfg.rows, embed_dim=cfg.embed_dim, hidden=tuple(cfg.hidden),
-                                       dense_features=dense_features, placement=placement,
-                                       optimizer=opt))
+        return MLPClassifier(MLPConfig(embed_dim=cfg.embed_dim, hidden=tuple(cfg.hidden),
+                                       dense_features=dense_features, **common))
     raise ValueError(f"model.name={cfg.name!r}: choose 'sparse_lr' or 'mlp'")
 
 

@@ -55,8 +55,8 @@ def plan_model(model: Model, mesh: Mesh, dense_tx: optax.GradientTransformation)
     for name, sub in sorted(dense.items()):
         pb = _nbytes(sub)
         sb = _nbytes(jax.eval_shape(dense_tx.init, sub))
-        shape = tuple(jax.tree.leaves(sub)[0].shape) if len(jax.tree.leaves(sub)) == 1 else (
-            sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sub)),)
+        leaves = jax.tree.leaves(sub)  # one array: its shape; a module: its parameter count
+        shape = tuple(leaves[0].shape) if len(leaves) == 1 else (sum(int(np.prod(x.shape)) for x in leaves),)
         plans.append(NamespacePlan(name, "dense", shape, repr(Replicated()), 1, pb, sb, pb + sb))
     return plans
 
@@ -80,7 +80,7 @@ def device_memory_bytes(mesh: Mesh) -> int | None:
 
 def format_plan(plans: list[NamespacePlan], mesh: Mesh) -> str:
     head = ("namespace", "kind", "shape", "placement", "realm", "bytes (+opt)", "per device")
-    rows = [(p.name, p.kind, "x".join(map(str, p.shape)), p.placement, str(p.realm),
+    rows = [(p.name, p.kind, "x".join(map(str, p.shape)) or "scalar", p.placement, str(p.realm),
              _human(p.total_bytes), _human(p.bytes_per_device)) for p in plans]
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

@@ -1,6 +1,6 @@
 """A small MLP classifier (realm 1): everything fits one device and is replicated.
 
-Hashed feature ids share a small replicated embedding table (mean-pooled per example,
+Hashed feature ids share a small replicated embedding table (sum-pooled per example,
 weighted by value), concatenated with the dense features when the data has them, then an
 MLP. Data parallel: the batch is split over `data`, gradients are summed by XLA.
 """
@@ -60,9 +60,8 @@ class MLPClassifier:
 
     def logits(self, dense: nnx.Module, emb: Mapping[str, jax.Array],
                batch: Mapping[str, jax.Array]) -> jax.Array:
-        vals = batch["vals"][..., None]
-        count = jnp.maximum(jnp.sum(batch["mask"], axis=-1, keepdims=True), 1).astype(jnp.float32)
-        pooled = jnp.sum(emb["embed"] * vals, axis=1) / count
+        # sum pooling: a mean would shrink each field's signal by the number of fields
+        pooled = jnp.sum(emb["embed"] * batch["vals"][..., None], axis=1)
         x = pooled
         if self.config.dense_features:
             x = jnp.concatenate([pooled, batch["dense"]], axis=-1)

@@ -104,3 +104,40 @@ def test_cli_plan_and_config_errors(tmp_path):
     cfg.write_text("[mesh]\ndata = 'x'\n")
     bad = _jaxps(["plan", str(cfg)], tmp_path)
     assert bad.returncode != 0 and "mesh.data" in bad.stderr
+
+
+def _criteo_lines(n: int, seed: int) -> list[str]:
+    """Criteo TSV lines whose label depends on the first categorical and first integer."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n):
+        c0 = rng.integers(0, 20)
+        i0 = rng.integers(0, 50)
+        p = 1 / (1 + np.exp(-(1.5 * (c0 % 2) - 0.8 + 0.02 * i0)))
+        ints = [str(i0)] + [str(rng.integers(-1, 100)) if rng.random() > 0.2 else "" for _ in range(12)]
+        cats = [f"{c0:08x}"] + [f"{rng.integers(0, 1 << 32):08x}" if rng.random() > 0.1 else ""
+                                for _ in range(25)]
+        lines.append("\t".join([str(int(rng.random() < p))] + ints + cats))
+    return lines
+
+
+@pytest.mark.slow
+def test_cli_criteo_mlp_with_bad_lines(tmp_path):
+    lines = _criteo_lines(3000, 0)
+    lines.insert(1234, "1\t2\tnot-a-row")  # wrong column count, line 1235
+    (tmp_path / "day0.tsv").write_text("\n".join(lines) + "\n")
+    args = ["train", "data.format=criteo", "data.train=day0.tsv", "data.eval=day0.tsv",
+            "model.name=mlp", "model.rows=4096", "data.batch_size=256", "train.progress=false",
+            "train.checkpoint=false", "train.epochs=2", "train.dense_optimizer=adam",
+            "train.dense_learning_rate=0.003"]
+    bad = _jaxps(args, tmp_path)
+    assert bad.returncode != 0
+    assert "day0.tsv:1235: wrong column count" in bad.stderr
+    out = _jaxps(args + ["data.skip_bad_lines=true"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "skipped" in out.stdout
+    metrics = json.loads((tmp_path / "runs/jaxps/metrics.json").read_text())
+    assert metrics["data"]["train"]["skipped"] == 2  # once per epoch
+    assert metrics["data"]["train"]["skipped_by_reason"] == {"wrong column count": 2}
+    assert metrics["train"]["examples"] == 2 * 3000
+    assert metrics["eval"]["auc"] > 0.65  # learned the planted dependence
