@@ -46,26 +46,28 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Row-wise optimizer of the model's tables; each optimizer reads the knobs it has."""
+    """Row-wise optimizer of the model's tables. Knobs left unset (None) keep the chosen
+    optimizer's own default (jaxps.optim); a knob the optimizer does not have is an error."""
 
-    name: str = "ftrl"
-    learning_rate: float = 0.05
-    learning_rate_power: float = -0.5
-    initial_accumulator_value: float = 0.1
-    beta: float = 0.0
-    l1: float = 0.0
-    l2: float = 0.0
-    l2_shrinkage: float = 0.0
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    epsilon: float = 1e-7
+    name: str = "ftrl"                      # ftrl | adagrad | adam | sgd
+    learning_rate: float | None = None
+    learning_rate_power: float | None = None  # ftrl
+    initial_accumulator_value: float | None = None  # ftrl, adagrad
+    beta: float | None = None               # ftrl
+    l1: float | None = None                 # ftrl
+    l2: float | None = None                 # ftrl
+    l2_shrinkage: float | None = None       # ftrl
+    beta_1: float | None = None             # adam
+    beta_2: float | None = None             # adam
+    epsilon: float | None = None            # adagrad, adam
 
     def build(self) -> rowwise.RowOptimizer:
-        cls = rowwise.OPTIMIZERS.get(self.name.lower())
-        if cls is None:
-            raise ValueError(f"model.optimizer.name={self.name!r}: choose one of {sorted(rowwise.OPTIMIZERS)}")
-        knobs = {f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if hasattr(self, f.name)}
-        return cls(**knobs)
+        knobs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "name" and getattr(self, f.name) is not None}
+        try:
+            return rowwise.make(self.name, **knobs)
+        except ValueError as e:
+            raise ValueError(f"model.optimizer: {e}") from None
 
 
 @dataclass
