@@ -26,11 +26,8 @@ class SyntheticDataConfig:
 
     n_train: int = 200_000
     n_test: int = 50_000
-    num_fields: int = 39
-    vocab_size: int = 10_000
-    zipf_exponent: float = 1.1
-    seed: int = 0
     dir: str = "runs/data"
+    model: SyntheticConfig = field(default_factory=SyntheticConfig)  # fields, vocabulary, skew
 
 
 @dataclass
@@ -111,8 +108,7 @@ def build_data(cfg: DataConfig) -> tuple[FileDataset, FileDataset | None, dict]:
     train, evals = list(cfg.train), list(cfg.eval)
     if not train:
         s = cfg.synthetic
-        synth = SyntheticConfig(num_fields=s.num_fields, vocab_size=s.vocab_size,
-                                zipf_exponent=s.zipf_exponent, seed=s.seed)
+        synth = s.model
         if jax.process_count() > 1:  # process 0 writes the files, the others then reuse them
             from jax.experimental.multihost_utils import sync_global_devices
             if jax.process_index() == 0:

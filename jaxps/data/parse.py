@@ -84,6 +84,29 @@ def _token_end(buf, i, n):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _digits(buf, i, n, mant, ndig, exp10, fraction):
+    """Accumulate a run of decimal digits into (mant, ndig significant digits, exp10).
+    Past 19 significant digits, integer digits only scale (exp10 += 1) and fraction
+    digits are dropped; fraction digits that are kept shift exp10 down."""
+    any_digit = False
+    while i < n:
+        d = buf[i] - 48
+        if d < 0 or d > 9:
+            break
+        any_digit = True
+        if ndig < 19:
+            mant = mant * _TEN + np.uint64(d)
+            if mant != 0:
+                ndig += 1
+            if fraction:
+                exp10 -= 1
+        elif not fraction:
+            exp10 += 1
+        i += 1
+    return i, mant, ndig, exp10, any_digit
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _parse_float(buf, i, n):
     """Parse a decimal float token starting at i -> (float64 value, code, token end).
 
@@ -107,35 +130,10 @@ def _parse_float(buf, i, n):
                 _match_word(buf, i, e, _INFINITY):
             return 0.0, NONFINITE, e
         return 0.0, BAD_VALUE, e
-    mant = np.uint64(0)
-    ndig = 0
-    exp10 = 0
-    any_digit = False
-    while i < n:
-        d = buf[i] - 48
-        if d < 0 or d > 9:
-            break
-        any_digit = True
-        if ndig < 19:
-            mant = mant * _TEN + np.uint64(d)
-            if mant != 0:
-                ndig += 1
-        else:
-            exp10 += 1
-        i += 1
+    i, mant, ndig, exp10, any_digit = _digits(buf, i, n, np.uint64(0), 0, 0, False)
     if i < n and buf[i] == 46:  # '.'
-        i += 1
-        while i < n:
-            d = buf[i] - 48
-            if d < 0 or d > 9:
-                break
-            any_digit = True
-            if ndig < 19:
-                mant = mant * _TEN + np.uint64(d)
-                if mant != 0:
-                    ndig += 1
-                exp10 -= 1
-            i += 1
+        i, mant, ndig, exp10, any_frac = _digits(buf, i + 1, n, mant, ndig, exp10, True)
+        any_digit = any_digit or any_frac
     if not any_digit:
         return 0.0, BAD_VALUE, _token_end(buf, i, n)
     if i < n and (buf[i] | 0x20) == 101:  # 'e'
