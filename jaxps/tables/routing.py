@@ -21,6 +21,7 @@ import numba
 import numpy as np
 
 from jaxps.hashing import mix64_scalar
+from jaxps.memory import aligned_empty, aligned_full
 
 
 @numba.njit(cache=True, nogil=True)
@@ -156,8 +157,8 @@ class Router:
         return _align(int(max_count * self.slack) + 1, self.align)
 
     def _run(self, keys, mask, capacity):
-        owner_rows = np.full((self.shards, max(capacity, 0)), self.rows_per_shard, np.int32)
-        inverse = np.empty(keys.shape[0], np.int32)
+        owner_rows = aligned_full((self.shards, max(capacity, 0)), self.rows_per_shard, np.int32)
+        inverse = aligned_empty(keys.shape[0], np.int32)
         counts = np.zeros(self.shards, np.int64)
         while True:
             bad = _plan_kernel(keys, mask, self.hashed, self.salt, self.num_rows, self.rows_per_shard,
