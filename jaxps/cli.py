@@ -1,4 +1,4 @@
-"""`jaxps` command line: train, evaluate, plan, gen-data.
+"""`jaxps` command line: train, evaluate, predict, plan, gen-data, launch.
 
 Every command takes an optional config file (TOML or JSON) and `key=value` overrides
 with dotted keys, e.g. `jaxps train model.optimizer.name=adagrad data.batch_size=8192`.
@@ -26,6 +26,7 @@ examples:
   jaxps train data.train=day0.svm data.eval=day1.svm model.optimizer.l1=1.0
   jaxps train job.toml data.format=criteo data.train=train.txt data.eval=test.txt
   jaxps evaluate job.toml                       # restore train.out_dir's checkpoint
+  jaxps predict data.eval=new.svm --out p.txt   # probabilities, one per input line
 """
 
 
@@ -115,6 +116,23 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    cfg = _load(args.config)
+    import numpy as np
+
+    from jaxps.job import build_data, build_model
+    from jaxps.trainer import Trainer
+    _, eval_ds, _ = build_data(cfg.data)
+    if eval_ds is None:
+        raise SystemExit("jaxps predict: no input (set data.eval=FILES)")
+    trainer = Trainer(build_model(cfg.model, 13 if cfg.data.format == "criteo" else 0), cfg.mesh, cfg.train)
+    step = trainer.restore()
+    probs = trainer.predict(eval_ds)
+    np.savetxt(args.out, probs, fmt="%.6f")
+    print(f"wrote {probs.size} predictions of the step-{step} model to {args.out}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     cfg = _load(args.config)
     from jaxps.job import build_model
@@ -150,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, helptext in (("train", cmd_train, "train a model (default: sparse LR on generated data)"),
                                ("evaluate", cmd_evaluate, "evaluate the latest checkpoint on data.eval"),
+                               ("predict", cmd_predict, "write the latest checkpoint's predictions on data.eval"),
                                ("plan", cmd_plan, "print namespaces, bytes, placements and realms")):
         p = sub.add_parser(name, help=helptext, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         if name == "plan":
             p.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "predict":
+            p.add_argument("--out", default="predictions.txt", help="one probability per line, input order")
     g = sub.add_parser("gen-data", help="write generated Criteo-like libsvm data with a planted model")
     g.add_argument("--out", default="runs/data")
     g.add_argument("--train", type=int, default=1_000_000)

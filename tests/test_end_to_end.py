@@ -92,6 +92,14 @@ def test_cli_default_run_writes_metrics_tensorboard_checkpoint(tmp_path):
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert json.loads(ev.stdout[ev.stdout.index("{"):])["logloss"] == pytest.approx(
         metrics["eval"]["logloss"], rel=1e-6)
+    pr = _jaxps(["predict", "data.synthetic.n_train=20000", "data.synthetic.n_test=5000",
+                 "model.rows=65536", "--out", "p.txt"], tmp_path)
+    assert pr.returncode == 0, pr.stderr[-3000:]
+    probs = np.loadtxt(tmp_path / "p.txt")
+    labels = np.array([float(l.split()[0]) for l in (tmp_path / "runs/data/test.svm").read_text().splitlines()])
+    assert probs.shape == (5000,) and ((probs > 0) & (probs < 1)).all()
+    logloss = -np.mean(labels * np.log(probs) + (1 - labels) * np.log(1 - probs))
+    assert logloss == pytest.approx(metrics["eval"]["logloss"], rel=1e-3)  # 6-digit text
 
 
 def test_cli_plan_and_config_errors(tmp_path):
