@@ -163,6 +163,10 @@ class StepBuilder:
 
     def to_device(self, batch: Batch, plans: dict[str, LookupPlan]) -> State:
         """Place one process-local batch and its plans on the mesh."""
+        local_shards = self.mesh.shape["data"] // jax.process_count()
+        if batch.size % max(local_shards, 1):
+            raise ValueError(f"a batch of {batch.size} rows does not split evenly over this process's "
+                             f"{local_shards} 'data' shards; choose a batch size divisible by it")
         host: dict[str, Any] = {"labels": batch.labels, "weights": batch.weights,
                                 "vals": batch.vals, "mask": batch.mask}
         if batch.dense is not None:

@@ -199,14 +199,32 @@ class Trainer:
                                               max_to_keep=self.config.keep_checkpoints)
         return self._checkpointer
 
+    def _layout_meta(self) -> dict:
+        """Logical shapes a checkpoint must match to be restored into this trainer: table
+        rows before shard padding, and every other array's shape."""
+        tables = {n: [lay.table.rows, lay.table.dim] for n, lay in self.steps.layouts.items()}
+        rest = {k: v for k, v in self.state.items() if k != "tables"}
+        shapes = {jax.tree_util.keystr(p): list(a.shape)
+                  for p, a in jax.tree_util.tree_leaves_with_path(rest)}
+        return {"tables": tables, "shapes": shapes}
+
     def save(self) -> None:
         """Start an asynchronous checkpoint of the whole train state at the current step."""
-        meta = {"step": self.step, "routers": {n: r.capacity for n, r in self.steps.routers.items()}}
+        meta = {"step": self.step, "routers": {n: r.capacity for n, r in self.steps.routers.items()},
+                **self._layout_meta()}
         self.checkpointer.save(self.step, self.state, meta)
 
     def restore(self, step: int | None = None) -> int:
-        """Restore the latest (or given) checkpoint onto this trainer's mesh."""
-        self.state, meta = self.checkpointer.restore(self.state, step)
+        """Restore the latest (or given) checkpoint onto this trainer's mesh, which may have
+        another shape than the one that wrote it."""
+        saved, mine = self.checkpointer.meta(step), self._layout_meta()
+        for kind in ("tables", "shapes"):
+            for name, shape in mine[kind].items():
+                if saved.get(kind, {}).get(name) != shape:
+                    raise ValueError(f"checkpoint {self.checkpointer.directory}: {name} has shape "
+                                     f"{saved.get(kind, {}).get(name)}, this model has {shape}")
+        # only the shard padding of table rows can differ now: let Orbax pad/truncate it
+        self.state, meta = self.checkpointer.restore(self.state, step, pad_rows=True)
         for name, cap in (meta.get("routers") or {}).items():
             if name in self.steps.routers and cap:
                 self.steps.routers[name].capacity = int(cap)

@@ -13,6 +13,7 @@ from jaxps.mesh import MeshConfig, make_mesh
 from jaxps.models.mlp import MLPClassifier, MLPConfig
 from jaxps.models.sparse_lr import SparseLR, SparseLRConfig
 from jaxps.optim.rowwise import FTRL
+from jaxps.placement import RowSharded
 from jaxps.trainer import TrainConfig, Trainer
 
 
@@ -149,3 +150,25 @@ def test_cli_criteo_mlp_with_bad_lines(tmp_path):
     assert metrics["data"]["train"]["skipped_by_reason"] == {"wrong column count": 2}
     assert metrics["train"]["examples"] == 2 * 3000
     assert metrics["eval"]["auc"] > 0.65  # learned the planted dependence
+
+
+def test_restore_onto_a_mesh_with_other_row_padding(tmp_path):
+    """1000 rows pad to 1000 on 8 shards and to 1002 on 3: values survive, and a checkpoint
+    of another model is refused with the namespace named."""
+    planted = PlantedModel(SyntheticConfig(num_fields=5, vocab_size=50, seed=3))
+    data, _ = planted.sample(2048, 1)
+    batches = _split(data, 512)
+    cfg = TrainConfig(progress=False, tensorboard=False, out_dir=str(tmp_path))
+    t8 = Trainer(SparseLR(SparseLRConfig(rows=1000)), MeshConfig(), cfg)
+    t8.fit(batches)
+    # rows split 3 ways over `model` now (the batch stays whole on data=1)
+    t3 = Trainer(SparseLR(SparseLRConfig(rows=1000, placement=RowSharded("model"))),
+                 make_mesh(MeshConfig(data=1, model=3), jax.devices()[:3]), cfg)
+    t3.restore()
+    assert t3.state["tables"]["weights"]["params"].shape == (1002, 1)
+    np.testing.assert_array_equal(np.asarray(t3.state["tables"]["weights"]["params"])[:1000],
+                                  np.asarray(t8.state["tables"]["weights"]["params"]))
+    np.testing.assert_allclose(t3.predict(batches), t8.predict(batches), rtol=1e-6)
+    other = Trainer(SparseLR(SparseLRConfig(rows=999)), MeshConfig(data=-1), cfg)
+    with pytest.raises(ValueError, match=r"weights has shape \[1000, 1\], this model has \[999, 1\]"):
+        other.restore()
