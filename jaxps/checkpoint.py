@@ -1,6 +1,7 @@
 """Checkpoints through Orbax `CheckpointManager`: asynchronous (training goes on while
 it writes), keep-N retention, and restore onto any mesh by handing Orbax the target
-shardings. Metadata (config, data position) is JSON; nothing is pickled.
+shardings. Metadata (step, logical shapes, bucket capacities) is JSON; nothing is pickled.
+(The data position is not saved yet: resuming mid-pass comes with hot checkpoints.)
 """
 from __future__ import annotations
 

@@ -26,15 +26,8 @@ examples:
   jaxps train data.train=day0.svm data.eval=day1.svm model.optimizer.l1=1.0
   jaxps train job.toml data.format=criteo data.train=train.txt data.eval=test.txt
   jaxps evaluate job.toml                       # restore train.out_dir's checkpoint
-  jaxps predict data.eval=new.svm --out p.txt   # probabilities, one per input line
+  jaxps predict data.eval=new.svm --out p.txt   # probabilities, one per example, in order
 """
-
-
-def _set_cpu_devices() -> None:
-    n = os.environ.get("JAXPS_CPU_DEVICES", "8")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
@@ -67,19 +60,18 @@ def cmd_train(args) -> int:
         return 0
     import jax
 
-    from jaxps.job import build_data, build_model
+    from jaxps.job import build_data, build_model, dense_features
     from jaxps.trainer import Trainer
     train_ds, eval_ds, info = build_data(cfg.data)
-    model = build_model(cfg.model, dense_features=13 if cfg.data.format == "criteo" else 0)
-    trainer = Trainer(model, cfg.mesh, cfg.train)
-    print(trainer.plan(), flush=True)
-    result = trainer.fit(train_ds, eval_ds, total_examples=info.get("n_train"))
-    result["data"] = {"train": train_ds.stats.__dict__,
-                      "eval": eval_ds.stats.__dict__ if eval_ds else None}
+    trainer = Trainer(build_model(cfg.model, dense_features(cfg.data)), cfg.mesh, cfg.train)
+    if jax.process_index() == 0:
+        print(trainer.plan(), flush=True)
+    report = {"data": {"train": train_ds.stats, "eval": eval_ds.stats if eval_ds else None},
+              "config": dataclasses.asdict(cfg)}
     if info:
-        result["synthetic"] = {k: info[k] for k in info if k.startswith("bayes") or k.startswith("n_")}
-    result["config"] = dataclasses.asdict(cfg)
-    path = trainer.write_metrics(result)
+        report["synthetic"] = {k: info[k] for k in info if k.startswith(("bayes", "n_"))}
+    result = trainer.fit(train_ds, eval_ds, total_examples=info.get("n_train"), report=report)
+    path = os.path.join(cfg.train.out_dir, "metrics.json")
     if jax.process_index() != 0:  # one report per job
         return 0
     t = result["train"]
@@ -102,44 +94,43 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    cfg = _load(args.config)
-    from jaxps.job import build_data, build_model
+def _restored(cfg, command: str):
+    """The eval dataset and a trainer holding the latest checkpoint of train.out_dir."""
+    from jaxps.job import build_eval_data, build_model, dense_features
     from jaxps.trainer import Trainer
-    train_ds, eval_ds, _ = build_data(cfg.data)
+    eval_ds = build_eval_data(cfg.data)
     if eval_ds is None:
-        raise SystemExit("jaxps evaluate: no eval data (set data.eval=FILES)")
-    trainer = Trainer(build_model(cfg.model, 13 if cfg.data.format == "criteo" else 0), cfg.mesh, cfg.train)
-    step = trainer.restore()
+        raise SystemExit(f"jaxps {command}: no input (set data.eval=FILES)")
+    trainer = Trainer(build_model(cfg.model, dense_features(cfg.data)), cfg.mesh, cfg.train)
+    return eval_ds, trainer, trainer.restore()
+
+
+def cmd_evaluate(args) -> int:
+    eval_ds, trainer, step = _restored(_load(args.config), "evaluate")
     result = trainer.evaluate(eval_ds)
     print(json.dumps({"step": step, **result}, indent=2))
     return 0
 
 
 def cmd_predict(args) -> int:
-    cfg = _load(args.config)
+    import jax
     import numpy as np
-
-    from jaxps.job import build_data, build_model
-    from jaxps.trainer import Trainer
-    _, eval_ds, _ = build_data(cfg.data)
-    if eval_ds is None:
-        raise SystemExit("jaxps predict: no input (set data.eval=FILES)")
-    trainer = Trainer(build_model(cfg.model, 13 if cfg.data.format == "criteo" else 0), cfg.mesh, cfg.train)
-    step = trainer.restore()
+    eval_ds, trainer, step = _restored(_load(args.config), "predict")
     probs = trainer.predict(eval_ds)
-    np.savetxt(args.out, probs, fmt="%.6f")
-    print(f"wrote {probs.size} predictions of the step-{step} model to {args.out}")
+    # each process predicts its own share of the input: one file per process then
+    out = args.out if jax.process_count() == 1 else f"{args.out}.part{jax.process_index()}"
+    np.savetxt(out, probs, fmt="%.6f")
+    print(f"wrote {probs.size} predictions of the step-{step} model to {out}")
     return 0
 
 
 def cmd_plan(args) -> int:
     cfg = _load(args.config)
-    from jaxps.job import build_model
+    from jaxps.job import build_model, dense_features
     from jaxps.mesh import make_mesh
     from jaxps.plan import format_plan, plan_model
     from jaxps.step import dense_optimizer
-    model = build_model(cfg.model, 13 if cfg.data.format == "criteo" else 0)
+    model = build_model(cfg.model, dense_features(cfg.data))
     mesh = make_mesh(cfg.mesh)
     plans = plan_model(model, mesh, dense_optimizer(cfg.train.dense_optimizer, cfg.train.dense_learning_rate))
     if args.json:
@@ -203,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.cmd = command
     if args.command != "launch":
-        _set_cpu_devices()
-        from jaxps.runtime import initialize_distributed
+        from jaxps.runtime import initialize_distributed, set_cpu_devices
+        set_cpu_devices()
         initialize_distributed()
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ValueError, OSError) as e:  # bad input or settings: the message names the culprit
+        print(f"jaxps {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import jax
 from dataclasses import dataclass, field
 
 from jaxps.data.dataset import FileDataset
+from jaxps.data.parse import CRITEO_INT_FIELDS
 from jaxps.data.readers import ReaderConfig
 from jaxps.data.synthetic import SyntheticConfig, generate_dataset
 from jaxps.mesh import MeshConfig
@@ -39,6 +40,14 @@ class DataConfig:
     skip_bad_lines: bool = False                    # count and report bad lines instead of stopping
     batch_size: int = 4096                          # global: split over the processes
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+    def __post_init__(self):
+        try:
+            ReaderConfig(format=self.format, max_nnz=self.max_nnz, skip_bad_lines=self.skip_bad_lines)
+        except ValueError as e:
+            raise ValueError(f"data: {e}") from None
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -93,7 +102,10 @@ def build_model(cfg: ModelConfig, dense_features: int = 0):
     if cfg.rows is not None:
         common["rows"] = cfg.rows
     if cfg.placement is not None:
-        common["placement"] = parse_placement(cfg.placement)
+        try:
+            common["placement"] = parse_placement(cfg.placement)
+        except ValueError as e:
+            raise ValueError(f"model.placement: {e}") from None
     if cfg.name == "sparse_lr":
         return SparseLR(SparseLRConfig(capacity=cfg.capacity, **common))
     if cfg.name == "mlp":
@@ -102,26 +114,43 @@ def build_model(cfg: ModelConfig, dense_features: int = 0):
     raise ValueError(f"model.name={cfg.name!r}: choose 'sparse_lr' or 'mlp'")
 
 
-def build_data(cfg: DataConfig) -> tuple[FileDataset, FileDataset | None, dict]:
-    """Train/eval datasets; generates the synthetic set first when no files are given."""
-    info: dict = {}
-    train, evals = list(cfg.train), list(cfg.eval)
-    if not train:
-        s = cfg.synthetic
-        synth = s.model
-        if jax.process_count() > 1:  # process 0 writes the files, the others then reuse them
-            from jax.experimental.multihost_utils import sync_global_devices
-            if jax.process_index() == 0:
-                generate_dataset(s.dir, s.n_train, s.n_test, synth)
-            sync_global_devices("jaxps-synthetic-data")
-        info = generate_dataset(s.dir, s.n_train, s.n_test, synth)
-        train = [os.path.join(s.dir, info["files"]["train"])]
-        evals = evals or [os.path.join(s.dir, info["files"]["test"])]
+def dense_features(cfg: DataConfig) -> int:
+    """Width of the batches' dense features: Criteo's 13 integer fields, else none."""
+    return CRITEO_INT_FIELDS if cfg.format == "criteo" else 0
+
+
+def _synthetic(cfg: DataConfig) -> dict:
+    """Generate (or reuse) the synthetic files; with several processes, process 0 writes."""
+    s = cfg.synthetic
+    if jax.process_count() > 1:
+        from jax.experimental.multihost_utils import sync_global_devices
+        if jax.process_index() == 0:
+            generate_dataset(s.dir, s.n_train, s.n_test, s.model)
+        sync_global_devices("jaxps-synthetic-data")
+    info = generate_dataset(s.dir, s.n_train, s.n_test, s.model)
+    info["paths"] = {k: os.path.join(s.dir, v) for k, v in info["files"].items()}
+    return info
+
+
+def _dataset(cfg: DataConfig, paths: list[str]) -> FileDataset:
     reader = ReaderConfig(format=cfg.format, max_nnz=cfg.max_nnz, skip_bad_lines=cfg.skip_bad_lines)
     if cfg.batch_size % jax.process_count():
         raise ValueError(f"data.batch_size={cfg.batch_size} (the global batch) must divide by the "
                          f"{jax.process_count()} processes")
-    local = cfg.batch_size // jax.process_count()  # each process reads its share of the global batch
-    train_ds = FileDataset(train, reader, local)
-    eval_ds = FileDataset(evals, reader, local) if evals else None
-    return train_ds, eval_ds, info
+    return FileDataset(paths, reader, cfg.batch_size // jax.process_count())  # this process's share
+
+
+def build_data(cfg: DataConfig) -> tuple[FileDataset, FileDataset | None, dict]:
+    """Train/eval datasets; generates the synthetic set first when no files are given."""
+    if cfg.train:
+        return _dataset(cfg, cfg.train), (_dataset(cfg, cfg.eval) if cfg.eval else None), {}
+    info = _synthetic(cfg)
+    return _dataset(cfg, [info["paths"]["train"]]), _dataset(cfg, cfg.eval or [info["paths"]["test"]]), info
+
+
+def build_eval_data(cfg: DataConfig) -> FileDataset | None:
+    """The eval dataset alone (for evaluate/predict): data.eval, else the synthetic test
+    set when the job trains on synthetic data."""
+    if cfg.eval:
+        return _dataset(cfg, cfg.eval)
+    return None if cfg.train else _dataset(cfg, [_synthetic(cfg)["paths"]["test"]])

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import jax
-from jax.sharding import AxisType, Mesh
+if TYPE_CHECKING:  # JAX is imported where a mesh is built: placement math stays light
+    from jax.sharding import Mesh
 
 AXES = ("data", "stage", "model")
 
@@ -44,6 +45,9 @@ class MeshConfig:
 
 def make_mesh(config: MeshConfig | None = None, devices: list | None = None) -> Mesh:
     """Build the job's mesh over `devices` (default: every device of every process)."""
+    import jax
+    from jax.sharding import AxisType
+
     config = config or MeshConfig()
     devices = devices if devices is not None else jax.devices()
     shape = config.resolve(len(devices))

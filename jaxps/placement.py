@@ -9,11 +9,12 @@ else dispatches on the placement type.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from typing import TYPE_CHECKING, ClassVar
 
 from jaxps.mesh import AXES, axis_size
+
+if TYPE_CHECKING:  # JAX only where shardings are built: a PS server reads placements too
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AxisNames = str | tuple[str, ...]
 
@@ -40,15 +41,20 @@ class RowSharded:
 Placement = Replicated | RowSharded
 
 
-def validate(placement: Placement, mesh: Mesh) -> None:
+def validate(placement: Placement, mesh: Mesh | None = None) -> None:
     if isinstance(placement, RowSharded):
-        for a in placement.axes():
+        axes = placement.axes()
+        for a in axes:
             if a not in AXES:
                 raise ValueError(f"RowSharded axis {a!r} is not a mesh axis {AXES}")
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"RowSharded axes {axes} name an axis twice")
 
 
-def partition_spec(placement: Placement, ndim: int) -> P:
+def partition_spec(placement: Placement, ndim: int) -> PartitionSpec:
     """The PartitionSpec of an array of rank `ndim` held under `placement`."""
+    from jax.sharding import PartitionSpec as P
+
     if isinstance(placement, Replicated):
         return P()
     if isinstance(placement, RowSharded):
@@ -58,6 +64,8 @@ def partition_spec(placement: Placement, ndim: int) -> P:
 
 
 def sharding_for(placement: Placement, mesh: Mesh, ndim: int) -> NamedSharding:
+    from jax.sharding import NamedSharding
+
     validate(placement, mesh)
     return NamedSharding(mesh, partition_spec(placement, ndim))
 
@@ -84,5 +92,7 @@ def parse(text: str) -> Placement:
         return Replicated()
     if kind in ("row_sharded", "rowsharded"):
         axes = tuple(a for a in arg.split("+") if a) or ("data",)
-        return RowSharded(axes[0] if len(axes) == 1 else axes)
+        placement = RowSharded(axes[0] if len(axes) == 1 else axes)
+        validate(placement)
+        return placement
     raise ValueError(f"unknown placement {text!r}; use 'replicated' or 'row_sharded[:axis[+axis]]'")

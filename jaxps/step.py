@@ -64,7 +64,11 @@ class StepBuilder:
             if t.name in self.layouts:
                 raise ValueError(f"two tables are named {t.name!r}")
             s = row_shards(t.placement, mesh)
-            self.layouts[t.name] = TableLayout(t, s, t.padded_rows(s) // s, row_axes(t.placement))
+            rows_per_shard = t.padded_rows(s) // s
+            if rows_per_shard >= 2**31:  # plans index a shard's rows with int32
+                raise ValueError(f"table {t.name!r}: {rows_per_shard} rows per shard exceed int32 "
+                                 f"indexing; split it over more shards")
+            self.layouts[t.name] = TableLayout(t, s, rows_per_shard, row_axes(t.placement))
         self.routers = {n: Router(l.rows_per_shard, l.shards, l.table.capacity,
                                   num_rows=l.table.rows, salt=l.table.salt)
                         for n, l in self.layouts.items()}
@@ -73,8 +77,9 @@ class StepBuilder:
         self.graphdef, _ = nnx.split(model.init_dense(nnx.Rngs(0)))
         self.batch_sharding = NamedSharding(mesh, P("data"))
         self.replicated = NamedSharding(mesh, P())
-        self.train_step: Callable = self._jit_train_step(None)
+        self.train_step: Callable | None = None  # compiled for the state init_state builds
         self.eval_step = jax.jit(self._eval_step)
+        self._process_order_cache: dict[int, tuple[list[int], int]] = {}
 
     # ---------------------------------------------------------------- state
     def init_state(self, seed: int = 0) -> State:
@@ -91,15 +96,12 @@ class StepBuilder:
             "dense_opt": jax.jit(self.dense_tx.init, out_shardings=self.replicated)(dense),
             "tables": tables,
         }
-        self.train_step = self._jit_train_step(jax.tree.map(lambda a: a.sharding, state))
+        # The donated train step. Its output state keeps the input state's shardings: left
+        # to itself XLA returns P() for a table on a size-1 axis, and the next call would
+        # compile a second program for the changed input shardings.
+        self.train_step = jax.jit(self._train_step, donate_argnums=0,
+                                  out_shardings=(jax.tree.map(lambda a: a.sharding, state), self.replicated))
         return state
-
-    def _jit_train_step(self, state_shardings) -> Callable:
-        """The donated train step. Its output state keeps the input state's shardings:
-        left to itself XLA returns P() for a table on a size-1 axis, and the next call
-        would compile a second program for the changed input shardings."""
-        out = None if state_shardings is None else (state_shardings, self.replicated)
-        return jax.jit(self._train_step, donate_argnums=0, out_shardings=out)
 
     def table_sharding(self, name: str) -> NamedSharding:
         return sharding_for(self.layouts[name].table.placement, self.mesh, 2)
@@ -109,7 +111,6 @@ class StepBuilder:
         shape = (lay.rows_per_shard * lay.shards, t.dim)
         sharding = self.table_sharding(t.name)
 
-        @jax.jit
         def init():
             params = (t.init_scale * jax.random.normal(key, shape, jnp.float32)
                       if t.init_scale else jnp.zeros(shape, jnp.float32))
@@ -130,10 +131,15 @@ class StepBuilder:
         gather is a collective, so callers issue it from one thread, in step order."""
         multi = jax.process_count() > 1
         mask = self._global_rows(batch.mask) if multi else batch.mask
+        gathered: dict[str, np.ndarray] = {}  # tables reading the same feature share one gather
         plans = {}
         for name, lay in self.layouts.items():
             keys = getattr(batch, lay.table.feature)
-            plan = self.routers[name].plan(self._global_rows(keys) if multi else keys, mask)
+            if multi:
+                if lay.table.feature not in gathered:
+                    gathered[lay.table.feature] = self._global_rows(keys)
+                keys = gathered[lay.table.feature]
+            plan = self.routers[name].plan(keys, mask)
             if multi:
                 lo = self._process_rows(batch.size)[1] * batch.size
                 plan.inverse = plan.inverse[lo:lo + batch.size]
@@ -143,6 +149,8 @@ class StepBuilder:
     def _process_rows(self, local_rows: int) -> tuple[list[int], int]:
         """Processes in the order of their rows of the global batch, and this process's
         place in it (from the batch sharding: no assumption on device order)."""
+        if local_rows in self._process_order_cache:
+            return self._process_order_cache[local_rows]
         n = jax.process_count()
         index = self.batch_sharding.devices_indices_map((local_rows * n,))
         starts: dict[int, set[int]] = {}
@@ -153,7 +161,8 @@ class StepBuilder:
             if max(s) - first[p] >= local_rows:
                 raise ValueError("the data axis does not give each process a contiguous block of the batch")
         order = sorted(first, key=first.get)
-        return order, order.index(jax.process_index())
+        self._process_order_cache[local_rows] = (order, order.index(jax.process_index()))
+        return self._process_order_cache[local_rows]
 
     def _global_rows(self, x: np.ndarray) -> np.ndarray:
         """Every process's rows of `x`, concatenated in global batch order."""
@@ -163,8 +172,10 @@ class StepBuilder:
 
     def to_device(self, batch: Batch, plans: dict[str, LookupPlan]) -> State:
         """Place one process-local batch and its plans on the mesh."""
-        local_shards = self.mesh.shape["data"] // jax.process_count()
-        if batch.size % max(local_shards, 1):
+        local_shards = len({idx[0].indices(batch.size * jax.process_count())
+                            for idx in self.batch_sharding.addressable_devices_indices_map(
+                                (batch.size * jax.process_count(),)).values()})
+        if batch.size % local_shards:
             raise ValueError(f"a batch of {batch.size} rows does not split evenly over this process's "
                              f"{local_shards} 'data' shards; choose a batch size divisible by it")
         host: dict[str, Any] = {"labels": batch.labels, "weights": batch.weights,

@@ -7,6 +7,8 @@ host never waits on the device in between.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -24,7 +26,7 @@ from jaxps.mesh import MeshConfig, make_mesh
 from jaxps.metrics import StreamingBinaryMetrics
 from jaxps.model import Model
 from jaxps.plan import format_plan, plan_model
-from jaxps.runtime import allgather_host, enable_compilation_cache
+from jaxps.runtime import allgather_host, allreduce_sum_host, enable_compilation_cache
 from jaxps.step import StepBuilder, dense_optimizer
 
 
@@ -45,6 +47,13 @@ class TrainConfig:
     prefetch: int = 3              # batches prepared ahead on a host thread
     max_inflight_steps: int = 2    # dispatched-but-unfinished device steps
     compilation_cache: str = "~/.cache/jaxps/xla"  # persistent XLA cache; "" = off
+
+    def __post_init__(self):
+        if self.loss_reduction not in ("sum", "mean"):
+            raise ValueError(f"train.loss_reduction must be 'sum' or 'mean', got {self.loss_reduction!r}")
+        for name in ("epochs", "log_every", "keep_checkpoints", "max_inflight_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -84,6 +93,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loops
     def _prepared(self, data: Iterable[Batch]) -> Iterator[tuple[Batch, Any]]:
+        """(batch, device batch) pairs; close it when done (its thread uses the routers)."""
         def prepare():
             for b in data:
                 yield b, self.steps.to_device(b, self.steps.plan_batch(b))
@@ -94,9 +104,11 @@ class Trainer:
         return prefetch(prepare(), self.config.prefetch)
 
     def fit(self, train: Iterable[Batch], eval_data: Iterable[Batch] | None = None,
-            total_examples: int | None = None) -> dict:
+            total_examples: int | None = None, report: dict | None = None) -> dict:
         """Train for `config.epochs` passes over `train` (re-iterated per epoch), then
-        evaluate, write metrics JSON, TensorBoard scalars and a checkpoint."""
+        evaluate, write metrics JSON (with `report` merged in), TensorBoard scalars and a
+        checkpoint. If training fails, the scalars and checkpoints already started are
+        still flushed to disk."""
         cfg = self.config
         os.makedirs(cfg.out_dir, exist_ok=True)
         writer = _tensorboard(cfg) if cfg.tensorboard and jax.process_index() == 0 else None
@@ -108,54 +120,58 @@ class Trainer:
         host_step = self.step  # counted on the host: reading state["step"] would sync
         try:
             for _ in range(cfg.epochs):
-                for batch, dev in self._prepared(train):
-                    self.state, m = self.steps.train_step(self.state, dev)
-                    host_step += 1
-                    pending.append((host_step, m["loss"]))
-                    if len(pending) > cfg.max_inflight_steps:
-                        # bound the steps queued on the device: XLA:CPU's in-process
-                        # collectives can deadlock with many collective programs queued
-                        # (seen with 8 simulated devices on 2 cores), and it bounds memory
-                        jax.block_until_ready(pending[-1 - cfg.max_inflight_steps][1])
-                    n = batch.num_real
-                    examples += n
-                    if bar is not None:
-                        bar.update(n)
-                    if first_step_seconds is None:
-                        jax.block_until_ready(m["loss"])
-                        first_step_seconds = time.perf_counter() - t0
-                    if len(pending) >= cfg.log_every:
-                        running = self._flush(pending, writer, examples, t0, bar)
-                    if cfg.checkpoint_every and host_step % cfg.checkpoint_every == 0:
-                        self.save()
+                with contextlib.closing(self._prepared(train)) as batches:
+                    for batch, dev in batches:
+                        self.state, m = self.steps.train_step(self.state, dev)
+                        host_step += 1
+                        pending.append((host_step, m["loss"]))
+                        if len(pending) > cfg.max_inflight_steps:
+                            # bound the steps queued on the device: XLA:CPU's in-process
+                            # collectives can deadlock with many collective programs queued
+                            # (seen with 8 simulated devices on 2 cores), and it bounds memory
+                            jax.block_until_ready(pending[-1 - cfg.max_inflight_steps][1])
+                        n = batch.num_real
+                        examples += n
+                        if bar is not None:
+                            bar.update(n)
+                        if first_step_seconds is None:
+                            jax.block_until_ready(m["loss"])
+                            first_step_seconds = time.perf_counter() - t0
+                        if len(pending) >= cfg.log_every:
+                            running = self._flush(pending, writer, examples, t0, bar)
+                        if cfg.checkpoint_every and host_step % cfg.checkpoint_every == 0:
+                            self.save()
             jax.block_until_ready(self.state)
             if pending:
                 running = self._flush(pending, writer, examples, t0, bar)
+            seconds = time.perf_counter() - t0
+            counts = allreduce_sum_host({"examples": examples})
+            result: dict[str, Any] = {
+                "train": {
+                    "steps": self.step, "examples": int(counts["examples"]), "seconds": seconds,
+                    "examples_per_sec": counts["examples"] / seconds if seconds else 0.0,
+                    "first_step_seconds": first_step_seconds,
+                    "final_loss": float(np.mean(running)) if running else None,
+                },
+                "tables": {n: {"capacity": r.capacity, "overflows": r.overflows}
+                           for n, r in self.steps.routers.items()},
+            }
+            if eval_data is not None:
+                result["eval"] = self.evaluate(eval_data)
+                if writer is not None:
+                    for k in ("logloss", "auc"):
+                        writer.add_scalar(f"eval/{k}", result["eval"][k], self.step)
+            if cfg.checkpoint:
+                self.save()
+                result["checkpoint"] = os.path.join(self.checkpointer.directory, str(self.step))
         finally:
             if bar is not None:
                 bar.close()
-        seconds = time.perf_counter() - t0
-        result: dict[str, Any] = {
-            "train": {
-                "steps": self.step, "examples": examples, "seconds": seconds,
-                "examples_per_sec": examples / seconds if seconds else 0.0,
-                "first_step_seconds": first_step_seconds,
-                "final_loss": float(np.mean(running)) if running else None,
-            },
-            "tables": {n: {"capacity": r.capacity, "overflows": r.overflows}
-                       for n, r in self.steps.routers.items()},
-        }
-        if eval_data is not None:
-            result["eval"] = self.evaluate(eval_data)
             if writer is not None:
-                for k in ("logloss", "auc"):
-                    writer.add_scalar(f"eval/{k}", result["eval"][k], self.step)
-        if cfg.checkpoint:
-            self.save()
-            self._checkpointer.wait()
-            result["checkpoint"] = os.path.join(self._checkpointer.directory, str(self.step))
-        if writer is not None:
-            writer.close()
+                writer.close()
+            if self._checkpointer is not None:
+                self._checkpointer.wait()
+        result.update(report or {})
         self.write_metrics(result)
         return result
 
@@ -173,11 +189,13 @@ class Trainer:
         return losses
 
     def _predict_batches(self, data: Iterable[Batch]) -> Iterator[tuple[Batch, np.ndarray]]:
-        for batch, dev in self._prepared(data):
-            yield batch, _local_rows(self.steps.eval_step(self.state, dev))
+        with contextlib.closing(self._prepared(data)) as batches:
+            for batch, dev in batches:
+                yield batch, _local_rows(self.steps.eval_step(self.state, dev))
 
     def evaluate(self, data: Iterable[Batch]) -> dict:
-        """Streaming logloss and AUC over `data` (padding rows ignored)."""
+        """Streaming logloss and AUC over `data` (padding rows ignored; with several
+        processes, over every process's rows)."""
         metrics = StreamingBinaryMetrics()
         for batch, probs in self._predict_batches(data):
             metrics.update(probs, batch.labels, batch.weights)
@@ -201,8 +219,10 @@ class Trainer:
 
     def _layout_meta(self) -> dict:
         """Logical shapes a checkpoint must match to be restored into this trainer: table
-        rows before shard padding, and every other array's shape."""
-        tables = {n: [lay.table.rows, lay.table.dim] for n, lay in self.steps.layouts.items()}
+        rows before shard padding with their optimizer slots, and every other array."""
+        tables = {n: {"rows": lay.table.rows, "dim": lay.table.dim,
+                      "slots": sorted(lay.table.optimizer.slots)}
+                  for n, lay in self.steps.layouts.items()}
         rest = {k: v for k, v in self.state.items() if k != "tables"}
         shapes = {jax.tree_util.keystr(p): list(a.shape)
                   for p, a in jax.tree_util.tree_leaves_with_path(rest)}
@@ -217,25 +237,50 @@ class Trainer:
     def restore(self, step: int | None = None) -> int:
         """Restore the latest (or given) checkpoint onto this trainer's mesh, which may have
         another shape than the one that wrote it."""
+        step = self.checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.checkpointer.directory}")
         saved, mine = self.checkpointer.meta(step), self._layout_meta()
         for kind in ("tables", "shapes"):
-            for name, shape in mine[kind].items():
-                if saved.get(kind, {}).get(name) != shape:
-                    raise ValueError(f"checkpoint {self.checkpointer.directory}: {name} has shape "
-                                     f"{saved.get(kind, {}).get(name)}, this model has {shape}")
-        # only the shard padding of table rows can differ now: let Orbax pad/truncate it
-        self.state, meta = self.checkpointer.restore(self.state, step, pad_rows=True)
+            for name, want in mine[kind].items():
+                have = saved.get(kind, {}).get(name)
+                if have is not None and have != want:
+                    raise ValueError(f"checkpoint {self.checkpointer.directory}/{step}: {name} is "
+                                     f"{have}, this model has {want}")
+        # Only the shard padding of table rows may differ now: let Orbax pad or truncate
+        # it (a checkpoint without layout metadata restores strictly). Free the current
+        # state first: restoring next to it would need twice the largest namespace.
+        like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                            self.state)
+        self.state = None
+        self.state, meta = self.checkpointer.restore(like, step, pad_rows="tables" in saved)
         for name, cap in (meta.get("routers") or {}).items():
             if name in self.steps.routers and cap:
                 self.steps.routers[name].capacity = int(cap)
         return self.step
 
     def write_metrics(self, result: dict) -> str:
+        """metrics.json (process 0); NaN (e.g. AUC with one class) is written as null."""
         path = os.path.join(self.config.out_dir, "metrics.json")
         if jax.process_index() == 0:
             with open(path, "w") as f:
-                json.dump(result, f, indent=2, default=float)
+                json.dump(_finite(result), f, indent=2, allow_nan=False)
         return path
+
+
+def _finite(x: Any) -> Any:
+    """A JSON-ready copy: dataclasses as dicts, numpy scalars as Python, NaN/inf as None."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _finite(dataclasses.asdict(x))
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
 
 
 def _tensorboard(cfg: TrainConfig):

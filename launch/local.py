@@ -16,7 +16,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from jaxps.runtime import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+from jaxps.runtime import (ENV_COORDINATOR, ENV_COORDINATOR_BIND, ENV_CPU_DEVICES, ENV_NUM_PROCESSES,
+                           ENV_PROCESS_ID)
 
 
 @dataclass
@@ -58,14 +59,16 @@ def run(command: list[str], job: LocalJob) -> int:
         raise ValueError(f"workers must be >= 1, got {job.workers}")
     if not command:
         raise ValueError("no command to launch (put it after '--')")
+    # loopback only; a port taken between free_port() and the coordinator's bind makes
+    # worker 0 fail at start, which stops the job with its error
     coordinator = f"127.0.0.1:{free_port()}"
     procs, pumps = [], []
     try:
         for i in range(job.workers):
-            env = dict(os.environ, **{ENV_COORDINATOR: coordinator, ENV_NUM_PROCESSES: str(job.workers),
-                                      ENV_PROCESS_ID: str(i)})
+            env = dict(os.environ, **{ENV_COORDINATOR: coordinator, ENV_COORDINATOR_BIND: coordinator,
+                                      ENV_NUM_PROCESSES: str(job.workers), ENV_PROCESS_ID: str(i)})
             if job.cpu_devices:
-                env["JAXPS_CPU_DEVICES"] = str(job.cpu_devices)
+                env[ENV_CPU_DEVICES] = str(job.cpu_devices)
             p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  start_new_session=True)
             procs.append(p)

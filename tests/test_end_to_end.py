@@ -12,6 +12,7 @@ from jaxps.data.synthetic import PlantedModel, SyntheticConfig
 from jaxps.mesh import MeshConfig, make_mesh
 from jaxps.models.mlp import MLPClassifier, MLPConfig
 from jaxps.models.sparse_lr import SparseLR, SparseLRConfig
+from jaxps.optim import rowwise
 from jaxps.optim.rowwise import FTRL
 from jaxps.placement import RowSharded
 from jaxps.trainer import TrainConfig, Trainer
@@ -170,5 +171,8 @@ def test_restore_onto_a_mesh_with_other_row_padding(tmp_path):
                                   np.asarray(t8.state["tables"]["weights"]["params"]))
     np.testing.assert_allclose(t3.predict(batches), t8.predict(batches), rtol=1e-6)
     other = Trainer(SparseLR(SparseLRConfig(rows=999)), MeshConfig(data=-1), cfg)
-    with pytest.raises(ValueError, match=r"weights has shape \[1000, 1\], this model has \[999, 1\]"):
+    with pytest.raises(ValueError, match=r"weights is \{'rows': 1000.*this model has \{'rows': 999"):
         other.restore()
+    adam = Trainer(SparseLR(SparseLRConfig(rows=1000, optimizer=rowwise.Adam())), MeshConfig(), cfg)
+    with pytest.raises(ValueError, match=r"'slots': \['accumulator', 'linear'\]\}, this model has .*'m', 'v'"):
+        adam.restore()

@@ -501,3 +501,66 @@ def test_prefetch_order_errors_and_close(tmp_path):
     a = [b.ids for b in prefetch(batches(str(p), cfg, 16))]
     b = [b.ids for b in batches(str(p), cfg, 16)]
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+# ---------------------------------------------------------------- lines_upper_bound
+def test_lines_upper_bound_counts_whole_gz_files_decompressed(tmp_path):
+    from jaxps.data.readers import lines_upper_bound
+    paths = []
+    for k in range(2):
+        p = tmp_path / f"part{k}.svm.gz"
+        with gzip.open(p, "wb") as f:  # very compressible: few newline bytes compressed
+            f.write(b"1 3:1\n" * 20_000)
+        paths.append(str(p))
+    # two files over two processes: each process gets one whole file (step 1, gzip)
+    assert [lines_upper_bound(paths, i, 2) for i in range(2)] == [20_000, 20_000]
+    assert lines_upper_bound(paths, 0, 1) == 40_000
+
+
+def test_lines_upper_bounds_counts_each_gz_file_once(tmp_path, monkeypatch):
+    import jaxps.data.readers as R
+    p = tmp_path / "a.svm.gz"
+    with gzip.open(p, "wb") as f:
+        f.write(b"1 3:1\n" * 100 + b"0 4:1")  # last line without newline counts too
+    calls = []
+    orig = R._count_lines_gz
+    monkeypatch.setattr(R, "_count_lines_gz", lambda path: calls.append(path) or orig(path))
+    assert R.lines_upper_bounds([str(p)], 4) == [26, 25, 25, 25]
+    assert calls == [str(p)]
+
+
+def test_count_newlines_reads_only_its_range(tmp_path, monkeypatch):
+    import jaxps.data.readers as R
+    data = b"".join(b"x" * (i % 7) + b"\n" for i in range(500))
+    p = tmp_path / "a.svm"
+    p.write_bytes(data)
+    for s, e in [(0, 0), (0, len(data)), (10, 11), (123, 1777), (len(data) - 3, len(data))]:
+        assert R._count_newlines(str(p), s, e) == data[s:e].count(b"\n")
+    # byte ranges: the total read over all processes is the file once, not P times
+    read = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def seek(self, *a):
+            return self.f.seek(*a)
+
+        def read(self, n=-1):
+            b = self.f.read(n)
+            read.append(len(b))
+            return b
+
+    # shadow open in the readers module only
+    monkeypatch.setattr(R, "open", lambda *a, **k: Counting(real_open(*a, **k)), raising=False)
+    bounds = R.lines_upper_bounds([str(p)], 8)
+    monkeypatch.undo()
+    assert sum(read) <= len(data) + 8  # each range once, plus one last byte per range
+    assert sum(bounds) <= 500 + 8 and all(b >= 1 for b in bounds)

@@ -149,3 +149,27 @@ def test_generate_dataset_and_cache(tmp_path, monkeypatch):
     again = generate_dataset(tmp_path / "other", 1000, 900, cfg)
     assert again == info2  # deterministic
     assert (tmp_path / "other" / "train.svm").read_bytes() == (tmp_path / "train.svm").read_bytes()
+
+
+def test_generate_dataset_crash_leaves_no_stale_info(tmp_path, monkeypatch):
+    import jaxps.data.synthetic as S
+    cfg = SyntheticConfig(num_fields=3, vocab_size=20, seed=2)
+    generate_dataset(tmp_path, 300, 100, cfg)
+    assert (tmp_path / "info.json").exists()
+    real = S.format_libsvm
+    calls = []
+
+    def crash_on_test_split(batch):
+        calls.append(batch.size)
+        if len(calls) > 1:  # train.svm rewritten, then a crash while writing test.svm
+            raise KeyboardInterrupt
+        return real(batch)
+
+    monkeypatch.setattr(S, "format_libsvm", crash_on_test_split)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(tmp_path, 200, 100, cfg)
+    assert not (tmp_path / "info.json").exists()  # new train.svm must not look valid
+    assert _read(str(tmp_path / "train.svm"), 3).size == 200
+    monkeypatch.undo()
+    info = generate_dataset(tmp_path, 300, 100, cfg)  # the old request is regenerated
+    assert info["n_train"] == 300 and _read(str(tmp_path / "train.svm"), 3).size == 300

@@ -4,9 +4,11 @@ from __future__ import annotations
 import threading
 from typing import Iterator, Sequence
 
-from jaxps.data.batch import Batch, pad_to
-from jaxps.data.parse import warm_up
-from jaxps.data.readers import ReaderConfig, ReadStats, batches, lines_upper_bound, prefetch
+import numpy as np
+
+from jaxps.data.batch import Batch
+from jaxps.data.parse import CRITEO_INT_FIELDS, warm_up
+from jaxps.data.readers import ReaderConfig, ReadStats, batches, lines_upper_bounds, prefetch
 
 
 class FileDataset:
@@ -36,8 +38,7 @@ class FileDataset:
                          name="jaxps-parse-warmup").start()
         self.steps_per_pass: int | None = None
         if self.process_count > 1:
-            bound = max(lines_upper_bound(self.paths, p, self.process_count)
-                        for p in range(self.process_count))
+            bound = max(lines_upper_bounds(self.paths, self.process_count))
             self.steps_per_pass = -(-bound // batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -47,15 +48,25 @@ class FileDataset:
         return prefetch(it, self.prefetch) if self.prefetch else it
 
     def _padded(self, it: Iterator[Batch]) -> Iterator[Batch]:
-        n, last = 0, None
+        """This process's batches, then weight-0 batches up to `steps_per_pass`."""
+        n = 0
         for b in it:
             n += 1
-            last = b
+            if n > self.steps_per_pass:
+                raise RuntimeError(
+                    f"process {self.process_index} of {self.process_count} read more than "
+                    f"steps_per_pass={self.steps_per_pass} batches from {self.paths}: the line "
+                    "bound is wrong, and the other processes would wait forever for this step")
             yield b
-        while n < self.steps_per_pass:
-            if last is None:
-                raise ValueError(f"process {self.process_index} has no data in {self.paths} "
-                                 "to shape its padding batches from")
-            empty = pad_to(last.slice(0, 0), self.batch_size)
-            n += 1
-            yield empty
+        for _ in range(self.steps_per_pass - n):
+            yield self._padding_batch()  # fresh arrays: consumers may write into batches
+
+    def _padding_batch(self) -> Batch:
+        """An all-padding batch (weights 0), shaped from the config alone: a process whose
+        share is empty must still join every step."""
+        b, f = self.batch_size, self.reader.max_nnz
+        dense = (np.zeros((b, CRITEO_INT_FIELDS), np.float32)
+                 if self.reader.format == "criteo" else None)
+        return Batch(np.zeros(b, np.float32), np.zeros((b, f), np.uint64),
+                     np.zeros((b, f), np.float32), np.zeros((b, f), np.bool_),
+                     np.zeros(b, np.float32), dense)

@@ -114,23 +114,60 @@ def _sources(paths: Sequence[str], process_index: int, process_count: int) -> li
     return out
 
 
-def lines_upper_bound(paths: str | Sequence[str], process_index: int, process_count: int) -> int:
-    """An upper bound on the lines `process_index` reads, from a newline count (GB/s).
+def lines_upper_bound(paths: str | Sequence[str], process_index: int, process_count: int,
+                      *, cache: dict[str, int] | None = None) -> int:
+    """An upper bound on the examples `process_index` reads, from newline counts (GB/s).
 
     Every process can compute it for every other one without talking to them, which is
-    how multi-process datasets agree on a common number of steps.
+    how multi-process datasets agree on a common number of steps. Plain files are counted
+    only over this process's byte range; gzip files are counted decompressed, once per
+    `cache` (pass the same dict to share counts between calls). Plain byte ranges are
+    tight: at most one more than the lines the process reads.
     """
     files = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    cache = {} if cache is None else cache
     total = 0
     for src in _sources(files, process_index, process_count):
-        if src.step > 1:
-            with _open(src.path) as f:
-                n = sum(block.count(b"\n") for block in iter(lambda: f.read(16 << 20), b""))
-            total += n // src.step + 2
+        if src.path.endswith(".gz"):  # whole file, or every step-th line of it
+            n = cache.get(src.path)
+            if n is None:
+                n = cache[src.path] = _count_lines_gz(src.path)
+            total += max(0, -(-(n - src.phase) // src.step))
         else:
             end = os.path.getsize(src.path) if src.end is None else src.end
-            total += _count_newlines(src.path, end) - _count_newlines(src.path, src.start) + 1
+            total += _range_line_bound(src.path, src.start, end)
     return total
+
+
+def lines_upper_bounds(paths: str | Sequence[str], process_count: int) -> list[int]:
+    """`lines_upper_bound` for every process, reading each byte / gzip file once in all."""
+    cache: dict[str, int] = {}
+    return [lines_upper_bound(paths, p, process_count, cache=cache) for p in range(process_count)]
+
+
+def _count_lines_gz(path: str) -> int:
+    """Lines of a gzip file as the reader numbers them (a last line without newline counts)."""
+    n, last = 0, b"\n"
+    with _open(path) as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
+def _range_line_bound(path: str, start: int, end: int) -> int:
+    """Bound on the lines that start in [start, end): the reader's share of a byte range.
+
+    Lines starting there are those after a newline in [start-1, end-1) (plus line 0), so
+    newlines in [start, end), plus one unless the range ends on a newline, bound them.
+    """
+    if end <= start:
+        return 0
+    n = _count_newlines(path, start, end)
+    with open(path, "rb") as f:
+        f.seek(end - 1)
+        last = f.read(1)
+    return n + (last != b"\n")
 
 
 def _first_line_start(f, start: int) -> int:
@@ -176,15 +213,18 @@ def _chunks(f, off: int, limit: int | None, chunk_bytes: int) -> Iterator[tuple[
         off += k + 1
 
 
-def _count_newlines(path: str, upto: int) -> int:
+def _count_newlines(path: str, start: int, end: int) -> int:
+    """Newlines in bytes [start, end) of an uncompressed file (reads only that range)."""
     n = 0
     with open(path, "rb") as f:
-        while upto > 0:
-            block = f.read(min(upto, 16 << 20))
+        f.seek(start)
+        left = end - start
+        while left > 0:
+            block = f.read(min(left, 16 << 20))
             if not block:
                 break
             n += block.count(b"\n")
-            upto -= len(block)
+            left -= len(block)
     return n
 
 
@@ -206,7 +246,7 @@ def _read_source(src: _Source, cfg: ReaderConfig, stats: ReadStats) -> Iterator[
 
         def lineno(line_in_source: int) -> int:
             if not base:
-                base.append(_count_newlines(src.path, off) if off else 0)
+                base.append(_count_newlines(src.path, 0, off) if off else 0)
             return base[0] + line_in_source + 1
 
         before = 0  # lines of this source before the current buffer

@@ -213,6 +213,12 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int,
             info = json.load(f)
         if {k: info.get(k) for k in request} == request:
             return info
+    # no info.json until every file is new: a crash below must not leave an old one that a
+    # later identical request would take as describing half-written files
+    try:
+        os.unlink(info_path)
+    except FileNotFoundError:
+        pass
     model = PlantedModel(cfg)
     info = dict(request)
     for split, n, seed0 in (("train", n_train, 0), ("test", n_test, 1 << 30)):
