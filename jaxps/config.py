@@ -119,10 +119,6 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def build(cls: type, path: str | None, overrides: list[str]) -> Any:
     data = load_file(path) if path else {}
     for o in overrides:

@@ -2,6 +2,4 @@
 from jaxps.models.mlp import MLPClassifier, MLPConfig
 from jaxps.models.sparse_lr import SparseLR, SparseLRConfig
 
-MODELS = {"sparse_lr": (SparseLR, SparseLRConfig), "mlp": (MLPClassifier, MLPConfig)}
-
-__all__ = ["MLPClassifier", "MLPConfig", "SparseLR", "SparseLRConfig", "MODELS"]
+__all__ = ["MLPClassifier", "MLPConfig", "SparseLR", "SparseLRConfig"]

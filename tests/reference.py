@@ -50,8 +50,10 @@ class NumpyRowOptimizer:
             raise ValueError(self.name)
 
 
-def sparse_lr_reference(batches, rows_of, rows: int, opt: str, hp: dict, bias_lr: float):
-    """Train sparse LR (mean logloss over real examples, SGD on the bias) in numpy."""
+def sparse_lr_reference(batches, rows_of, rows: int, opt: str, hp: dict, bias_lr: float,
+                        reduction: str = "mean"):
+    """Train sparse LR (gradients of the mean or summed logloss over real examples, SGD on
+    the bias) in numpy. The reported loss is the mean."""
     o = NumpyRowOptimizer(opt, rows, 1, **hp)
     bias = 0.0
     losses = []
@@ -64,7 +66,7 @@ def sparse_lr_reference(batches, rows_of, rows: int, opt: str, hp: dict, bias_lr
         denom = max(wts.sum(), 1.0)
         y = b.labels.astype(np.float64)
         losses.append(float(np.sum(wts * -(y * np.log(p) + (1 - y) * np.log(1 - p))) / denom))
-        dlogit = wts * (p - y) / denom
+        dlogit = wts * (p - y) / (denom if reduction == "mean" else 1.0)
         g_occ = dlogit[:, None] * vals
         touched = np.unique(r[b.mask])
         g = np.zeros(rows)

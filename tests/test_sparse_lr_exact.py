@@ -39,11 +39,12 @@ def make_batches(n: int, seed: int = 0) -> list[Batch]:
     return out
 
 
-def run_jaxps(batches, opt, hp, devices, placement=None, capacity=None):
-    mesh = make_mesh(MeshConfig(data=len(devices)), devices)
+def run_jaxps(batches, opt, hp, devices, placement=None, capacity=None, mesh=None, reduction="mean"):
+    mesh = mesh or make_mesh(MeshConfig(data=len(devices)), devices)
     model = SparseLR(SparseLRConfig(rows=ROWS, optimizer=rowwise.make(opt, **hp),
                                     placement=placement or RowSharded("data"), capacity=capacity))
-    sb = StepBuilder(model, mesh, dense_optimizer("sgd", 0.2), loss_reduction="mean")
+    sb = StepBuilder(model, mesh, dense_optimizer("sgd", 0.2 if reduction == "mean" else 0.002),
+                     loss_reduction=reduction)
     state = sb.init_state(0)
     losses = []
     for b in batches:
@@ -80,13 +81,35 @@ def test_bucket_overflow_is_exact_and_counted():
     np.testing.assert_allclose(l_small, l_auto, rtol=1e-6)
 
 
-def test_replicated_and_model_axis_placements_agree():
+@pytest.mark.parametrize("placement,mesh_shape", [
+    (Replicated(), dict(data=8)),
+    (RowSharded("model"), dict(data=4, model=2)),
+    (RowSharded(("data", "model")), dict(data=4, model=2)),
+    (Replicated(), dict(data=2, stage=2, model=2)),
+])
+def test_placements_and_mesh_shapes_agree(placement, mesh_shape):
+    """Where the table lives changes nothing in the numbers."""
     batches = make_batches(3, seed=2)
     hp = OPTIMIZERS["ftrl"]
     w_rs, _, l_rs, _ = run_jaxps(batches, "ftrl", hp, jax.devices())
-    w_rep, _, l_rep, _ = run_jaxps(batches, "ftrl", hp, jax.devices(), placement=Replicated())
-    np.testing.assert_allclose(w_rs, w_rep, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(l_rs, l_rep, rtol=1e-6)
+    mesh = make_mesh(MeshConfig(**mesh_shape))
+    w, _, l, _ = run_jaxps(batches, "ftrl", hp, jax.devices(), placement=placement, mesh=mesh)
+    np.testing.assert_allclose(w, w_rs, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(l, l_rs, rtol=1e-6)
+
+
+@pytest.mark.parametrize("opt", ["adagrad", "ftrl"])
+def test_summed_loss_gradients_match_numpy(opt):
+    """The trainer's default: gradients of the summed batch logloss."""
+    batches = make_batches(4, seed=3)
+    hp = OPTIMIZERS[opt]
+    table = SparseLR(SparseLRConfig(rows=ROWS)).tables()[0]
+    ref, ref_bias, ref_losses = sparse_lr_reference(batches, table.rows_for, ROWS, opt, hp, 0.002,
+                                                    reduction="sum")
+    w, b, losses, _ = run_jaxps(batches, opt, hp, jax.devices(), reduction="sum")
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(w, ref.w[:, 0], rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(b, ref_bias, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("ndev", [1, 8])

@@ -425,12 +425,6 @@ def new_line_err(buf: np.ndarray) -> np.ndarray:
     return np.zeros(int(buf.size) + 1, np.int8)
 
 
-def count_lines(data: bytes) -> int:
-    """Lines in a buffer of whole lines (a last line without newline counts)."""
-    n = data.count(b"\n")
-    return n + (1 if data and not data.endswith(b"\n") else 0)
-
-
 def warm_up(fmt: str = "libsvm") -> None:
     """Load the parse kernel from numba's cache (~0.1-0.3 s) with a one-line input, so a
     caller can do it on a background thread while the trainer initialises."""
