@@ -1,0 +1,80 @@
+"""Partitions and the consistent-hash ring that assigns them to servers.
+
+The key space is cut into a fixed number of partitions (a key's partition never changes);
+the ring maps each partition to a server. Each server stands on the ring at `vnodes`
+pseudo-random points; a partition belongs to the first server point clockwise from the
+partition's own point. A server joining takes over only the arcs its points cut off;
+one leaving hands only its arcs to the next points: about 1/n of the partitions move, the
+rest stay where they are (Karger et al. 1997; the four-realms article's §3.3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jaxps.hashing import GOLDEN, mix64
+
+
+def partition_of(keys: np.ndarray, num_partitions: int) -> np.ndarray:
+    """Partition (int64) of each uint64 key: the top bits of its hash, so partitions are
+    independent of the bits tables use to pick rows or slots."""
+    h = mix64(np.asarray(keys, dtype=np.uint64) ^ GOLDEN)
+    return ((h >> np.uint64(32)) * np.uint64(num_partitions) >> np.uint64(32)).astype(np.int64)
+
+
+def _point(name: str, i: int) -> np.uint64:
+    """A server's i-th point on the ring: a hash of its name and i."""
+    b = name.encode()
+    h = np.uint64(len(b))
+    for k in range(0, len(b), 8):
+        h = mix64(np.array([h ^ np.uint64(int.from_bytes(b[k:k + 8], "little"))], np.uint64))[0]
+    return mix64(np.array([h ^ np.uint64(i + 1)], np.uint64) * GOLDEN)[0]
+
+
+@dataclass
+class Ring:
+    """num_partitions fixed for the life of a job; servers may change (version counts)."""
+
+    num_partitions: int = 1024
+    vnodes: int = 64
+    servers: list[str] = field(default_factory=list)
+    version: int = 0
+
+    def __post_init__(self):
+        if self.num_partitions < 1 or self.vnodes < 1:
+            raise ValueError("Ring: num_partitions and vnodes must be >= 1")
+        if len(set(self.servers)) != len(self.servers):
+            raise ValueError(f"Ring: duplicate server names in {self.servers}")
+        self._owners = self._assign()
+
+    def _assign(self) -> np.ndarray:
+        if not self.servers:
+            return np.full(self.num_partitions, -1, np.int64)
+        points = np.array([_point(s, i) for s in self.servers for i in range(self.vnodes)], np.uint64)
+        owner = np.repeat(np.arange(len(self.servers)), self.vnodes)
+        order = np.argsort(points, kind="stable")
+        points, owner = points[order], owner[order]
+        part_points = mix64(np.arange(self.num_partitions, dtype=np.uint64) * GOLDEN + np.uint64(7))
+        idx = np.searchsorted(points, part_points, side="left") % len(points)
+        return owner[idx]
+
+    def owners(self) -> np.ndarray:
+        """Server index of every partition, [num_partitions]."""
+        return self._owners
+
+    def owner_names(self) -> list[str]:
+        return [self.servers[i] for i in self._owners]
+
+    def partitions_of(self, server: str) -> np.ndarray:
+        return np.flatnonzero(self._owners == self.servers.index(server))
+
+    def with_servers(self, servers: list[str]) -> "Ring":
+        """The ring after a membership change (next version)."""
+        return Ring(self.num_partitions, self.vnodes, list(servers), self.version + 1)
+
+    def moves(self, other: "Ring") -> np.ndarray:
+        """Partitions whose owning server (by name) differs between two rings."""
+        a = np.array(self.owner_names() if self.servers else [""] * self.num_partitions)
+        b = np.array(other.owner_names() if other.servers else [""] * other.num_partitions)
+        return np.flatnonzero(a != b)
