@@ -1,0 +1,95 @@
+"""`PSClient` (ps-lite's KVWorker): routes unique keys to their servers by the ring, talks
+to all servers in parallel, and reassembles the rows in the caller's order.
+
+Transports carry one request to one server; `InProcessTransport` is a direct call (the
+embedded default). Request ids are (client id, sequence): a retry reuses its id, so a
+server applies each push once.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+from jaxps.ps.ring import Ring, partition_of
+from jaxps.ps.server import PSServer, TableSpec
+
+
+class Transport(Protocol):
+    def pull(self, table: str, keys: np.ndarray) -> np.ndarray: ...
+    def push(self, table: str, keys: np.ndarray, grads: np.ndarray, request_id: tuple[int, int],
+             step: int) -> bool: ...
+    def stats(self) -> dict: ...
+
+
+class InProcessTransport:
+    """A server in this process: calls go straight to it, arrays are not copied."""
+
+    def __init__(self, server: PSServer):
+        self.server = server
+
+    def pull(self, table, keys):
+        return self.server.pull(table, keys)
+
+    def push(self, table, keys, grads, request_id, step):
+        return self.server.push(table, keys, grads, request_id, step)
+
+    def stats(self):
+        return self.server.stats()
+
+
+class PSClient:
+    def __init__(self, ring: Ring, transports: Mapping[str, Transport], tables: Sequence[TableSpec],
+                 client_id: int | None = None):
+        missing = set(ring.servers) - set(transports)
+        if missing:
+            raise ValueError(f"no transport for servers {sorted(missing)}")
+        self.ring, self.transports = ring, dict(transports)
+        self.tables = {t.name: t for t in tables}
+        self.client_id = int.from_bytes(os.urandom(8), "little") >> 1 if client_id is None else client_id
+        self._seq = itertools.count()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(ring.servers)), thread_name_prefix="jaxps-ps")
+
+    def _route(self, keys: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        owners = self.ring.owners()[partition_of(keys, self.ring.num_partitions)]
+        out = []
+        for s in np.unique(owners):
+            out.append((self.ring.servers[int(s)], np.flatnonzero(owners == s)))
+        return out
+
+    def pull(self, table: str, keys: np.ndarray) -> np.ndarray:
+        """Rows [n, dim] of unique uint64 `keys`, in order."""
+        keys = np.ascontiguousarray(keys, np.uint64)
+        out = np.empty((keys.shape[0], self.tables[table].dim), np.float32)
+        routes = self._route(keys)
+        futures = [(idx, self._pool.submit(self.transports[s].pull, table, keys[idx])) for s, idx in routes]
+        for idx, f in futures:
+            out[idx] = f.result()
+        return out
+
+    def push(self, table: str, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
+        """Send summed gradients of unique keys; returns once every server applied them."""
+        keys = np.ascontiguousarray(keys, np.uint64)
+        grads = np.ascontiguousarray(grads, np.float32)
+        futures = [self._pool.submit(self.transports[s].push, table, keys[idx], grads[idx],
+                                     (self.client_id, next(self._seq)), step)
+                   for s, idx in self._route(keys)]
+        for f in futures:
+            f.result()
+
+    def stats(self) -> dict:
+        return {name: t.stats() for name, t in self.transports.items()}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def embedded(tables: Sequence[TableSpec], servers: int = 1, num_partitions: int = 256,
+             vnodes: int = 64) -> PSClient:
+    """A server group inside this process (the default for `jaxps train` with host tables)."""
+    names = [f"ps-{i}" for i in range(servers)]
+    ring = Ring(num_partitions, vnodes, names)
+    return PSClient(ring, {n: InProcessTransport(PSServer(n, ring, tables)) for n in names}, tables)

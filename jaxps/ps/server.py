@@ -1,0 +1,155 @@
+"""`PSServer` (ps-lite's KVServer): holds the partitions the ring gives it, serves pulls,
+applies pushes with the row-wise optimizer, exactly once per request id.
+
+One lock per partition, not per key and not per server: pulls and pushes that touch
+different partitions run in parallel (numpy and the numba index release the GIL).
+Replicas, clocks and snapshots (the consistency issue) attach here: a push already
+carries (request id, step), and partitions are the unit a snapshot or a migration copies.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from jaxps.optim.rowwise import RowOptimizer
+from jaxps.ps.ring import Ring, partition_of
+from jaxps.ps.store import PartitionStore
+
+
+class PSError(ValueError):
+    """A request the server refuses (unknown table, wrong owner, bad shapes)."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table as the servers see it. kind: "collisionless" (keys are raw 64-bit ids,
+    storage grows with the keys seen) or "hashed" (keys are row numbers < rows)."""
+
+    name: str
+    dim: int
+    optimizer: RowOptimizer
+    kind: str = "collisionless"
+    rows: int | None = None
+    init_scale: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("collisionless", "hashed"):
+            raise ValueError(f"table {self.name!r}: kind must be 'collisionless' or 'hashed'")
+        if self.kind == "hashed" and not self.rows:
+            raise ValueError(f"table {self.name!r}: a hashed table needs rows")
+
+
+def group_by_partition(keys: np.ndarray, num_partitions: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(partition, positions of its keys) for every partition present in `keys`."""
+    parts = partition_of(keys, num_partitions)
+    order = np.argsort(parts, kind="stable")
+    sorted_parts = parts[order]
+    cuts = np.flatnonzero(np.diff(sorted_parts)) + 1
+    for idx in np.split(order, cuts):
+        if idx.size:
+            yield int(parts[idx[0]]), idx
+
+
+class PSServer:
+    def __init__(self, name: str, ring: Ring, tables: Sequence[TableSpec], dedup_window: int = 1 << 16):
+        """dedup_window: how many recent push request ids are remembered for exactly-once
+        application under client retries."""
+        self.name, self.ring = name, ring
+        self.tables = {t.name: t for t in tables}
+        self._stores: dict[tuple[str, int], PartitionStore] = {}
+        self._locks: dict[tuple[str, int], threading.Lock] = {}
+        self._meta_lock = threading.Lock()
+        self._applied: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._dedup_window = dedup_window
+        self._stats = {t: {"pulls": 0, "pushes": 0, "pulled_keys": 0, "pushed_keys": 0,
+                           "duplicate_pushes": 0} for t in self.tables}
+
+    # ------------------------------------------------------------------ partitions
+    def _store(self, table: str, part: int) -> tuple[PartitionStore, threading.Lock]:
+        key = (table, part)
+        store = self._stores.get(key)
+        if store is None:
+            with self._meta_lock:
+                store = self._stores.get(key)
+                if store is None:
+                    spec = self.tables[table]
+                    store = PartitionStore(spec.dim, spec.optimizer, spec.init_scale, spec.seed)
+                    self._locks[key] = threading.Lock()
+                    self._stores[key] = store
+        return store, self._locks[key]
+
+    def _check(self, table: str, keys: np.ndarray, part: int) -> None:
+        owner = self.ring.servers[self.ring.owners()[part]] if self.ring.servers else None
+        if owner != self.name:
+            raise PSError(f"server {self.name}: partition {part} of table {table!r} belongs to "
+                          f"{owner} (ring version {self.ring.version})")
+
+    def _validate(self, table: str, keys: np.ndarray) -> TableSpec:
+        spec = self.tables.get(table)
+        if spec is None:
+            raise PSError(f"server {self.name}: unknown table {table!r}")
+        if keys.ndim != 1 or keys.dtype != np.uint64:
+            raise PSError(f"table {table!r}: keys must be a 1-D uint64 array, got {keys.dtype}{keys.shape}")
+        if spec.kind == "hashed" and keys.size and keys.max() >= np.uint64(spec.rows):
+            raise PSError(f"table {table!r}: row {int(keys.max())} out of range [0, {spec.rows})")
+        return spec
+
+    # ------------------------------------------------------------------ requests
+    def pull(self, table: str, keys: np.ndarray) -> np.ndarray:
+        """Rows [n, dim] float32 of `keys` (all in partitions this server owns)."""
+        spec = self._validate(table, keys)
+        out = np.empty((keys.shape[0], spec.dim), np.float32)
+        for part, idx in group_by_partition(keys, self.ring.num_partitions):
+            self._check(table, keys, part)
+            store, lock = self._store(table, part)
+            with lock:
+                out[idx] = store.pull(keys[idx])
+        s = self._stats[table]
+        s["pulls"] += 1
+        s["pulled_keys"] += keys.shape[0]
+        return out
+
+    def push(self, table: str, keys: np.ndarray, grads: np.ndarray, request_id: tuple[int, int],
+             step: int) -> bool:
+        """Apply summed gradients of unique keys once per request id. Returns False (and
+        changes nothing) for a request id already applied: a client's retry."""
+        spec = self._validate(table, keys)
+        if grads.shape != (keys.shape[0], spec.dim) or grads.dtype != np.float32:
+            raise PSError(f"table {table!r}: grads must be float32 [{keys.shape[0]}, {spec.dim}], "
+                          f"got {grads.dtype}{list(grads.shape)}")
+        with self._meta_lock:
+            if request_id in self._applied:
+                self._stats[table]["duplicate_pushes"] += 1
+                return False
+            self._applied[request_id] = None
+            while len(self._applied) > self._dedup_window:
+                self._applied.popitem(last=False)
+        try:
+            groups = list(group_by_partition(keys, self.ring.num_partitions))
+            for part, _ in groups:
+                self._check(table, keys, part)
+            for part, idx in groups:
+                store, lock = self._store(table, part)
+                with lock:
+                    store.push(keys[idx], grads[idx], step)
+        except BaseException:
+            with self._meta_lock:  # not applied: a retry must be allowed through
+                self._applied.pop(request_id, None)
+            raise
+        s = self._stats[table]
+        s["pushes"] += 1
+        s["pushed_keys"] += keys.shape[0]
+        return True
+
+    def stats(self) -> dict:
+        out = {}
+        for table, s in self._stats.items():
+            stores = [st for (t, _), st in self._stores.items() if t == table]
+            out[table] = dict(s, keys=sum(st.size for st in stores), bytes=sum(st.nbytes for st in stores),
+                              partitions=len(stores))
+        return out

@@ -1,0 +1,76 @@
+"""Host PS: server-side row-wise updates equal numpy, exactly-once pushes, routing over a
+group of servers, deterministic initial rows."""
+import numpy as np
+import pytest
+
+from jaxps.optim import rowwise
+from jaxps.ps.client import embedded
+from jaxps.ps.ring import Ring, partition_of
+from jaxps.ps.server import PSError, PSServer, TableSpec
+from jaxps.ps.store import init_rows
+from reference import NumpyRowOptimizer
+
+HP = {"sgd": dict(learning_rate=0.5), "adagrad": dict(learning_rate=0.3),
+      "adam": dict(learning_rate=0.05), "ftrl": dict(learning_rate=0.3, l1=0.01, l2=0.01, beta=0.5)}
+
+
+@pytest.mark.parametrize("opt", sorted(HP))
+@pytest.mark.parametrize("servers", [1, 3])
+def test_pushes_equal_numpy_reference(opt, servers):
+    rng = np.random.default_rng(0)
+    dim = 4
+    client = embedded([TableSpec("t", dim, rowwise.make(opt, **HP[opt]))], servers=servers, num_partitions=64)
+    universe = rng.integers(0, 2**64 - 1, 300, dtype=np.uint64, endpoint=True)
+    ref = NumpyRowOptimizer(opt, len(universe), dim, **HP[opt])
+    pushed = set()
+    for step in range(1, 6):
+        pick = np.unique(rng.choice(len(universe), 120, replace=False))
+        pushed.update(pick.tolist())
+        grads = rng.normal(size=(len(pick), dim)).astype(np.float32)
+        client.push("t", universe[pick], grads, step)
+        ref.apply(pick, grads.astype(np.float64), step)
+    np.testing.assert_allclose(client.pull("t", universe), ref.w, rtol=2e-5, atol=1e-6)
+    stats = client.stats()
+    assert sum(s["t"]["keys"] for s in stats.values()) == len(pushed)  # stored on push only
+    assert sum(s["t"]["pushed_keys"] for s in stats.values()) == 5 * 120
+
+
+def test_exactly_once_and_retry_after_failure():
+    ring = Ring(16, 8, ["a"])
+    server = PSServer("a", ring, [TableSpec("t", 2, rowwise.SGD(1.0))])
+    keys = np.array([1, 2**63], np.uint64)
+    g = np.ones((2, 2), np.float32)
+    assert server.push("t", keys, g, (7, 0), 1)
+    assert not server.push("t", keys, g, (7, 0), 1)  # a retry: not applied again
+    np.testing.assert_array_equal(server.pull("t", keys), -np.ones((2, 2)))
+    assert server.stats()["t"]["duplicate_pushes"] == 1
+    with pytest.raises(PSError, match="grads must be float32"):
+        server.push("t", keys, g.astype(np.float64), (7, 1), 1)
+    assert server.push("t", keys, g, (7, 1), 1)  # the failed request id may be retried
+    np.testing.assert_array_equal(server.pull("t", keys), -2 * np.ones((2, 2)))
+
+
+def test_wrong_owner_unknown_table_and_hashed_range():
+    ring = Ring(64, 8, ["a", "b"])
+    a = PSServer("a", ring, [TableSpec("h", 1, rowwise.SGD(), kind="hashed", rows=100)])
+    keys = np.arange(100, dtype=np.uint64)
+    with pytest.raises(PSError, match="belongs to b"):
+        a.pull("h", keys)
+    with pytest.raises(PSError, match="unknown table"):
+        a.pull("nope", keys[:1])
+    mine = keys[ring.owners()[partition_of(keys, 64)] == 0]
+    with pytest.raises(PSError, match="out of range"):
+        a.pull("h", np.array([100], np.uint64))
+    assert a.pull("h", mine).shape == (len(mine), 1)
+
+
+def test_initial_rows_are_deterministic_and_unseen_keys_are_not_stored():
+    keys = np.array([3, 2**64 - 1, 12345], np.uint64)
+    a = init_rows(keys, 8, 0.1, seed=1)
+    np.testing.assert_array_equal(a, init_rows(keys, 8, 0.1, seed=1))
+    assert not np.allclose(a, init_rows(keys, 8, 0.1, seed=2))
+    big = init_rows(np.arange(20000, dtype=np.uint64), 8, 0.1, seed=0)
+    assert abs(big.std() - 0.1) < 0.005 and abs(big.mean()) < 0.005
+    client = embedded([TableSpec("e", 8, rowwise.Adagrad(), init_scale=0.1, seed=1)], servers=2)
+    np.testing.assert_array_equal(client.pull("e", keys), a)
+    assert sum(s["e"]["keys"] for s in client.stats().values()) == 0
