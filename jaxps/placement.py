@@ -3,8 +3,8 @@ placement into a sharding.
 
 Realm 1 is `Replicated` (data parallel), realm 2 is `RowSharded` on the mesh. The
 later placements (`Blocked` for realm 3, `Staged` for realm 4, `HostTable` for tables in
-the host parameter server) add a class here and a case in `partition_spec`; nothing
-else dispatches on the placement type.
+the host parameter server) add a class here and a case in `partition_spec`; the step
+builder tells device tables from host tables, nothing else dispatches on the type.
 """
 from __future__ import annotations
 
@@ -38,7 +38,25 @@ class RowSharded:
         return (self.axis,) if isinstance(self.axis, str) else tuple(self.axis)
 
 
-Placement = Replicated | RowSharded
+@dataclass(frozen=True)
+class HostTable:
+    """Rows live in host RAM of the parameter-server group: tables larger than the
+    accelerators' memory. Each step pulls the rows its batch touches and pushes their
+    gradients; the servers apply the row-wise optimizer.
+
+    kind: "collisionless" (raw 64-bit ids are keys; storage grows with the keys seen;
+    the table's `rows` is only a planning estimate) or "hashed" (ids hash to `rows` rows).
+    """
+
+    kind: str = "collisionless"
+    realm: ClassVar[int] = 2
+
+    def __post_init__(self):
+        if self.kind not in ("collisionless", "hashed"):
+            raise ValueError(f"HostTable kind must be 'collisionless' or 'hashed', got {self.kind!r}")
+
+
+Placement = Replicated | RowSharded | HostTable
 
 
 def validate(placement: Placement, mesh: Mesh | None = None) -> None:
@@ -60,6 +78,8 @@ def partition_spec(placement: Placement, ndim: int) -> PartitionSpec:
     if isinstance(placement, RowSharded):
         axes = placement.axes()
         return P(axes if len(axes) > 1 else axes[0], *([None] * (ndim - 1)))
+    if isinstance(placement, HostTable):
+        raise TypeError("a HostTable lives in the parameter server; it has no device sharding")
     raise TypeError(f"unknown placement {placement!r}")
 
 
@@ -90,9 +110,12 @@ def parse(text: str) -> Placement:
     kind = kind.strip().lower()
     if kind == "replicated":
         return Replicated()
+    if kind in ("host", "host_table", "hosttable"):
+        return HostTable(arg or "collisionless")
     if kind in ("row_sharded", "rowsharded"):
         axes = tuple(a for a in arg.split("+") if a) or ("data",)
         placement = RowSharded(axes[0] if len(axes) == 1 else axes)
         validate(placement)
         return placement
-    raise ValueError(f"unknown placement {text!r}; use 'replicated' or 'row_sharded[:axis[+axis]]'")
+    raise ValueError(f"unknown placement {text!r}; use 'replicated', 'row_sharded[:axis[+axis]]' "
+                     "or 'host[:collisionless|hashed]'")

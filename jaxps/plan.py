@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxps.model import Model
-from jaxps.placement import Replicated, row_shards
+from jaxps.placement import HostTable, Replicated, row_shards
 
 
 @dataclass
@@ -48,8 +48,9 @@ def plan_model(model: Model, mesh: Mesh, dense_tx: optax.GradientTransformation)
         rows = t.padded_rows(shards)
         pb = rows * t.dim * 4
         sb = pb * len(t.optimizer.slots)
+        on_device = 0 if isinstance(t.placement, HostTable) else (pb + sb) // shards  # PS: host RAM
         plans.append(NamespacePlan(t.name, "table", (rows, t.dim), repr(t.placement),
-                                   t.placement.realm, pb, sb, (pb + sb) // shards))
+                                   t.placement.realm, pb, sb, on_device))
     _, dense = nnx.split(nnx.eval_shape(lambda: model.init_dense(nnx.Rngs(0))))
     dense = nnx.to_pure_dict(dense)
     for name, sub in sorted(dense.items()):

@@ -23,7 +23,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxps.data.batch import Batch
 from jaxps.model import Model
-from jaxps.placement import row_axes, row_shards, sharding_for
+from jaxps.host_tables import HostTables
+from jaxps.placement import HostTable, row_axes, row_shards, sharding_for
+from jaxps.ps.client import PSClient
 from jaxps.runtime import allgather_host
 from jaxps.tables.routing import LookupPlan, Router
 from jaxps.tables.routing import warm_up as routing_warm_up
@@ -51,18 +53,26 @@ class StepBuilder:
     """Owns the compiled steps and the host-side preparation of batches for them."""
 
     def __init__(self, model: Model, mesh: Mesh, dense_tx: optax.GradientTransformation,
-                 loss_reduction: str = "sum"):
+                 loss_reduction: str = "sum", ps: PSClient | None = None):
         """loss_reduction: gradients of the summed ("sum", the online-learning convention
         that VW and FTRL papers use: each example counts fully, whatever the batch size)
-        or the mean ("mean") logloss of the batch. The reported loss is always the mean."""
+        or the mean ("mean") logloss of the batch. The reported loss is always the mean.
+        ps: the parameter-server group of the model's HostTable namespaces (default: an
+        embedded in-process group)."""
         if loss_reduction not in ("sum", "mean"):
             raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
         self.model, self.mesh, self.dense_tx = model, mesh, dense_tx
         self.loss_reduction = loss_reduction
-        self.layouts: dict[str, TableLayout] = {}
+        self.layouts: dict[str, TableLayout] = {}  # tables on the mesh
+        host: list[Table] = []
+        names: set[str] = set()
         for t in model.tables():
-            if t.name in self.layouts:
+            if t.name in names:
                 raise ValueError(f"two tables are named {t.name!r}")
+            names.add(t.name)
+            if isinstance(t.placement, HostTable):
+                host.append(t)
+                continue
             s = row_shards(t.placement, mesh)
             rows_per_shard = t.padded_rows(s) // s
             if rows_per_shard >= 2**31:  # plans index a shard's rows with int32
@@ -72,6 +82,10 @@ class StepBuilder:
         self.routers = {n: Router(l.rows_per_shard, l.shards, l.table.capacity,
                                   num_rows=l.table.rows, salt=l.table.salt)
                         for n, l in self.layouts.items()}
+        if host and jax.process_count() > 1:
+            raise NotImplementedError("HostTable namespaces with several worker processes come with "
+                                      "worker groups (the consistency issue); use one process")
+        self.host = HostTables(host, ps) if host else None
         # load the routing kernel while JAX initialises the state (it takes ~0.1-0.3 s)
         threading.Thread(target=routing_warm_up, daemon=True, name="jaxps-route-warmup").start()
         self.graphdef, _ = nnx.split(model.init_dense(nnx.Rngs(0)))
@@ -144,6 +158,8 @@ class StepBuilder:
                 lo = self._process_rows(batch.size)[1] * batch.size
                 plan.inverse = plan.inverse[lo:lo + batch.size]
             plans[name] = plan
+        if self.host is not None:
+            plans.update(self.host.plan(batch))
         return plans
 
     def _process_rows(self, local_rows: int) -> tuple[list[int], int]:
@@ -170,8 +186,9 @@ class StepBuilder:
         stacked = allgather_host(x)
         return stacked[order].reshape((-1,) + x.shape[1:])
 
-    def to_device(self, batch: Batch, plans: dict[str, LookupPlan]) -> State:
-        """Place one process-local batch and its plans on the mesh."""
+    def to_device(self, batch: Batch, plans: dict[str, Any],
+                  host_rows: dict[str, np.ndarray] | None = None) -> State:
+        """Place one process-local batch, its plans and its pulled host rows on the mesh."""
         local_shards = len({idx[0].indices(batch.size * jax.process_count())
                             for idx in self.batch_sharding.addressable_devices_indices_map(
                                 (batch.size * jax.process_count(),)).values()})
@@ -183,10 +200,13 @@ class StepBuilder:
         if batch.dense is not None:
             host["dense"] = batch.dense
         host["plans"] = {name: {"owner_rows": p.owner_rows, "inverse": p.inverse}
-                         for name, p in plans.items()}
+                         for name, p in plans.items() if name in self.layouts}
         shardings = {k: self.batch_sharding for k in host if k != "plans"}
         shardings["plans"] = {name: {"owner_rows": self.table_sharding(name),
-                                     "inverse": self.batch_sharding} for name in plans}
+                                     "inverse": self.batch_sharding} for name in host["plans"]}
+        for name, rows in (host_rows or {}).items():  # host tables: the pulled unique rows
+            host["plans"][name] = {"rows": rows, "inverse": plans[name].inverse}
+            shardings["plans"][name] = {"rows": self.replicated, "inverse": self.batch_sharding}
         if jax.process_count() == 1:  # one call for the whole batch: ~4x less overhead
             return jax.device_put(host, shardings)
         # this process holds its rows of the global batch, and the whole (identical) plans
@@ -207,9 +227,13 @@ class StepBuilder:
         return self.model.logits(module, emb, batch)
 
     def _gather(self, state, batch):
-        return {name: gather_unique(state["tables"][name]["params"], batch["plans"][name]["owner_rows"],
-                                    self.mesh, lay.axis)
-                for name, lay in self.layouts.items()}
+        """Each table's unique rows: gathered per shard, or pulled from the PS by the host."""
+        unique = {name: gather_unique(state["tables"][name]["params"], batch["plans"][name]["owner_rows"],
+                                      self.mesh, lay.axis)
+                  for name, lay in self.layouts.items()}
+        for name in (self.host.tables if self.host is not None else ()):
+            unique[name] = batch["plans"][name]["rows"]
+        return unique
 
     def _train_step(self, state: State, batch: State) -> tuple[State, dict]:
         unique = self._gather(state, batch)
@@ -234,7 +258,10 @@ class StepBuilder:
                                        step, self.mesh, lay.axis)
             tables[name] = {"params": params, "slots": slots}
         new_state = {"step": step, "dense": dense, "dense_opt": dense_opt, "tables": tables}
-        return new_state, {"loss": loss, "examples": jnp.sum(batch["weights"])}
+        metrics = {"loss": loss, "examples": jnp.sum(batch["weights"])}
+        if self.host is not None:  # the servers apply these: summed gradient per unique row
+            metrics["host_grads"] = {name: g_unique[name] for name in self.host.tables}
+        return new_state, metrics
 
     def _eval_step(self, state: State, batch: State) -> jax.Array:
         logits = self._forward(state["dense"], self._gather(state, batch), batch)

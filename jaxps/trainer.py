@@ -26,6 +26,7 @@ from jaxps.mesh import MeshConfig, make_mesh
 from jaxps.metrics import StreamingBinaryMetrics
 from jaxps.model import Model
 from jaxps.plan import format_plan, plan_model
+from jaxps.ps.client import PSClient
 from jaxps.runtime import allgather_host, allreduce_sum_host, enable_compilation_cache
 from jaxps.step import StepBuilder, dense_optimizer
 
@@ -70,15 +71,20 @@ def _local_rows(x: jax.Array) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def plans_of(host, plans: dict) -> dict:
+    """The host-table subset of a batch's plans."""
+    return {name: plans[name] for name in host.tables}
+
+
 class Trainer:
     def __init__(self, model: Model, mesh: Mesh | MeshConfig | None = None,
-                 config: TrainConfig | None = None):
+                 config: TrainConfig | None = None, ps: PSClient | None = None):
         self.model = model
         self.config = config or TrainConfig()
         enable_compilation_cache(self.config.compilation_cache)
         self.mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh)
         self.steps = StepBuilder(model, self.mesh, dense_optimizer(
-            self.config.dense_optimizer, self.config.dense_learning_rate), self.config.loss_reduction)
+            self.config.dense_optimizer, self.config.dense_learning_rate), self.config.loss_reduction, ps)
         self.state = self.steps.init_state(self.config.seed)
         self.history: list[dict] = []
         self._checkpointer: Checkpointer | None = None
@@ -92,14 +98,19 @@ class Trainer:
         return int(self.state["step"])
 
     # ------------------------------------------------------------------ loops
-    def _prepared(self, data: Iterable[Batch]) -> Iterator[tuple[Batch, Any]]:
-        """(batch, device batch) pairs; close it when done (its thread uses the routers)."""
+    def _prepared(self, data: Iterable[Batch]) -> Iterator[tuple[Batch, dict, Any]]:
+        """(batch, plans, device batch); close it when done (its thread uses the routers)."""
+        host = self.steps.host
+
         def prepare():
             for b in data:
-                yield b, self.steps.to_device(b, self.steps.plan_batch(b))
-        if jax.process_count() > 1 or not self.config.prefetch:
-            # multi-process plans gather ids across processes (a collective): issue them
-            # from this thread, in step order; parsing still runs ahead in the dataset
+                plans = self.steps.plan_batch(b)
+                rows = host.pull(plans_of(host, plans)) if host is not None else None
+                yield b, plans, self.steps.to_device(b, plans, rows)
+        if jax.process_count() > 1 or host is not None or not self.config.prefetch:
+            # Prepared in step order on this thread: multi-process plans gather ids across
+            # processes (a collective), and host rows are pulled after the previous step's
+            # push (strict). Parsing still runs ahead in the dataset's thread.
             return prepare()
         return prefetch(prepare(), self.config.prefetch)
 
@@ -121,9 +132,11 @@ class Trainer:
         try:
             for _ in range(cfg.epochs):
                 with contextlib.closing(self._prepared(train)) as batches:
-                    for batch, dev in batches:
+                    for batch, plans, dev in batches:
                         self.state, m = self.steps.train_step(self.state, dev)
                         host_step += 1
+                        if self.steps.host is not None:  # servers apply the row gradients
+                            self.steps.host.push(plans_of(self.steps.host, plans), m["host_grads"], host_step)
                         pending.append((host_step, m["loss"]))
                         if len(pending) > cfg.max_inflight_steps:
                             # bound the steps queued on the device: XLA:CPU's in-process
@@ -190,7 +203,7 @@ class Trainer:
 
     def _predict_batches(self, data: Iterable[Batch]) -> Iterator[tuple[Batch, np.ndarray]]:
         with contextlib.closing(self._prepared(data)) as batches:
-            for batch, dev in batches:
+            for batch, _, dev in batches:
                 yield batch, _local_rows(self.steps.eval_step(self.state, dev))
 
     def evaluate(self, data: Iterable[Batch]) -> dict:

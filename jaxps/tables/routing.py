@@ -99,6 +99,12 @@ def _align(n: int, to: int) -> int:
     return max(to, -(-n // to) * to)
 
 
+def grown_capacity(needed: int, slack: float = 1.25, align: int = 128) -> int:
+    """A bucket capacity for `needed` entries: head-room so the next batches fit too, and
+    a multiple of `align` so nearby sizes share one compiled step."""
+    return _align(int(needed * slack) + 1, align)
+
+
 class Router:
     """Plans lookups for one table; remembers the bucket capacity across batches.
 
@@ -154,7 +160,7 @@ class Router:
             self._used = np.empty(size // 2 + 1, np.int64)
 
     def _size_for(self, max_count: int) -> int:
-        return _align(int(max_count * self.slack) + 1, self.align)
+        return grown_capacity(max_count, self.slack, self.align)
 
     def _run(self, keys, mask, capacity):
         owner_rows = aligned_full((self.shards, max(capacity, 0)), self.rows_per_shard, np.int32)

@@ -1,0 +1,61 @@
+"""HostTable namespaces: strict training through the parameter server equals the same
+model with its table on the mesh, step for step."""
+import jax
+import numpy as np
+import pytest
+
+from jaxps.mesh import MeshConfig, make_mesh
+from jaxps.models.sparse_lr import SparseLR, SparseLRConfig
+from jaxps.optim import rowwise
+from jaxps.placement import HostTable, RowSharded
+from jaxps.ps.client import embedded
+from jaxps.host_tables import table_spec
+from jaxps.trainer import TrainConfig, Trainer
+from test_sparse_lr_exact import OPTIMIZERS, ROWS, make_batches
+
+
+def _train(placement, opt, batches, ps_servers=1, rows=ROWS):
+    model = SparseLR(SparseLRConfig(rows=rows, placement=placement, optimizer=rowwise.make(opt, **OPTIMIZERS[opt])))
+    ps = embedded([table_spec(t) for t in model.tables()], servers=ps_servers) \
+        if isinstance(placement, HostTable) else None
+    t = Trainer(model, MeshConfig(), TrainConfig(progress=False, tensorboard=False, checkpoint=False,
+                                                 dense_optimizer="sgd", dense_learning_rate=0.01,
+                                                 compilation_cache=""), ps=ps)
+    t.fit(batches)
+    return t, model
+
+
+@pytest.mark.parametrize("opt", ["ftrl", "adam"])
+def test_strict_hashed_host_table_equals_row_sharded(opt):
+    batches = make_batches(5, seed=11)
+    dev, _ = _train(RowSharded("data"), opt, batches)
+    host, model = _train(HostTable("hashed"), opt, batches, ps_servers=3)
+    device_rows = np.asarray(dev.state["tables"]["weights"]["params"])[:ROWS]
+    ps_rows = host.steps.host.ps.pull("weights", np.arange(ROWS, dtype=np.uint64))
+    assert np.abs(device_rows).max() > 1e-3
+    np.testing.assert_allclose(ps_rows, device_rows, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose([h["loss"] for h in host.history], [h["loss"] for h in dev.history], rtol=1e-6)
+    np.testing.assert_allclose(host.predict(batches), dev.predict(batches), rtol=1e-5, atol=1e-7)
+    stats = host.steps.host.ps.stats()
+    assert sum(s["weights"]["pushes"] for s in stats.values()) >= len(batches)
+    t = model.tables()[0]
+    touched = np.unique(np.concatenate([t.rows_for(b.ids[b.mask]) for b in batches]))
+    assert sum(s["weights"]["keys"] for s in stats.values()) == len(touched)  # stored on push only
+
+
+def test_collisionless_host_table_keys_raw_ids():
+    """No hashing: ids far apart in uint64 are distinct rows; where the hashed table has no
+    collisions the two models agree."""
+    batches = make_batches(4, seed=12)
+    for b in batches:  # spread the ids over the whole uint64 range, keeping them distinct
+        b.ids[:] = np.where(b.mask, (b.ids * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1), 0)
+    hashed, model = _train(HostTable("hashed"), "ftrl", batches, rows=1 << 24)
+    free, _ = _train(HostTable("collisionless"), "ftrl", batches, rows=1 << 24)
+    t = model.tables()[0]
+    ids = np.unique(np.concatenate([b.ids[b.mask] for b in batches]))
+    assert len(np.unique(t.rows_for(ids))) == len(ids)  # no collisions in the hashed one
+    np.testing.assert_allclose(free.steps.host.ps.pull("weights", ids),
+                               hashed.steps.host.ps.pull("weights", t.rows_for(ids).astype(np.uint64)),
+                               rtol=1e-6, atol=1e-8)
+    stats = free.steps.host.ps.stats()
+    assert sum(s["weights"]["keys"] for s in stats.values()) == len(ids)
