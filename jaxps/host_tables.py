@@ -3,12 +3,21 @@ parameter-server group, hand the device a fixed-shape block, push the row gradie
 
 The device never holds the table: it receives `rows` [C, dim] (the batch's unique rows,
 padded to a capacity C that grows like a routing bucket) and `inverse` [B, F], and returns
-the summed gradient of each unique row. This increment is strict: the rows of step k+1
-are pulled after step k's push was applied, so training equals the same model with its
-tables on the mesh, step for step.
+the summed gradient of each unique row.
+
+Overlap: rows are pulled on the input thread, steps ahead, and pushes run on a background
+thread (at most `max_inflight_pushes` queued), so the PS round trips hide behind device
+steps. A prefetched pull may miss pushes issued after it started. `strict` repairs
+exactly that: before a step, the keys it shares with those pushes are pulled again once
+the pushes are applied, so training equals sequential pull -> step -> push (and the same
+model with its tables on the mesh) step for step; without `strict` such rows are at most
+a few steps stale, as in an SSP parameter server.
 """
 from __future__ import annotations
 
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,13 +47,23 @@ class HostPlan:
 class HostTables:
     """The host tables of one model, and the PS client that serves them."""
 
-    def __init__(self, tables: list[Table], ps: PSClient | None = None):
+    _KEEP_PUSHES = 64  # push key sets remembered for repairs; older marks re-pull everything
+
+    def __init__(self, tables: list[Table], ps: PSClient | None = None, strict: bool = True,
+                 max_inflight_pushes: int = 2):
         self.tables = {t.name: t for t in tables}
         self.ps = ps if ps is not None else embedded([table_spec(t) for t in tables])
         missing = set(self.tables) - set(self.ps.tables)
         if missing:
             raise ValueError(f"the parameter servers do not hold tables {sorted(missing)}")
         self.capacity = {t.name: t.capacity for t in tables}
+        self.strict, self.max_inflight_pushes = strict, max_inflight_pushes
+        self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxps-push")  # in order
+        self._inflight: deque[Future] = deque()
+        self._issued = 0                                   # pushes issued so far
+        self._log: dict[int, tuple[Future, dict[str, np.ndarray]]] = {}  # push index -> (done, keys)
+        self._lock = threading.Lock()
+        self.repaired_rows = 0                             # rows pulled again by strict repairs
 
     def plan(self, batch) -> dict[str, HostPlan]:
         plans = {}
@@ -62,16 +81,66 @@ class HostTables:
             plans[name] = HostPlan(uniq, inverse.reshape(batch.mask.shape), cap)
         return plans
 
-    def pull(self, plans: dict[str, HostPlan]) -> dict[str, np.ndarray]:
-        """Each table's [C, dim] block: the pulled rows, then zeros."""
+    def pull(self, plans: dict[str, HostPlan]) -> tuple[dict[str, np.ndarray], int]:
+        """Each table's [C, dim] block (the pulled rows, then zeros) and a mark: the
+        number of pushes issued before the pull began (for `repair`)."""
+        with self._lock:
+            mark = self._issued
         out = {}
         for name, p in plans.items():
             block = aligned_empty((p.capacity, self.tables[name].dim), np.float32)
             block[:p.keys.shape[0]] = self.ps.pull(name, p.keys)
             block[p.keys.shape[0]:] = 0
             out[name] = block
-        return out
+        return out, mark
 
-    def push(self, plans: dict[str, HostPlan], grads: dict[str, np.ndarray], step: int) -> None:
+    def repair(self, plans: dict[str, HostPlan], rows: dict[str, np.ndarray], mark: int) -> None:
+        """Strict mode: for pushes issued since `mark`, wait for those that share keys with
+        this batch and pull the shared keys again into `rows` (in place)."""
+        if not self.strict:
+            return
+        with self._lock:
+            issued = self._issued
+            log = dict(self._log)
+        if issued == mark:
+            return
         for name, p in plans.items():
-            self.ps.push(name, p.keys, np.asarray(grads[name])[:p.keys.shape[0]], step)
+            since = [log.get(i) for i in range(mark, issued)]
+            if any(entry is None for entry in since):  # too old to know: pull the batch again
+                shared = np.ones(p.keys.shape[0], bool)
+                for f in list(self._inflight):
+                    f.result()
+            else:
+                shared = np.zeros(p.keys.shape[0], bool)
+                for done, keys in since:
+                    hit = np.isin(p.keys, keys[name], assume_unique=True)
+                    if hit.any():
+                        done.result()  # pushes run in order: earlier ones are applied too
+                        shared |= hit
+            if shared.any():
+                idx = np.flatnonzero(shared)
+                rows[name][idx] = self.ps.pull(name, p.keys[idx])
+                self.repaired_rows += idx.size
+
+    def push(self, plans: dict[str, HostPlan], grads: dict, step: int) -> None:
+        """Queue the push of this step's row gradients (device arrays are read on the push
+        thread, so the caller does not wait for the step). Blocks only while
+        `max_inflight_pushes` pushes are queued."""
+        while len(self._inflight) >= self.max_inflight_pushes:
+            self._inflight.popleft().result()
+
+        def send():
+            for name, p in plans.items():
+                self.ps.push(name, p.keys, np.asarray(grads[name])[:p.keys.shape[0]], step)
+
+        with self._lock:
+            future = self._pusher.submit(send)
+            self._log[self._issued] = (future, {name: p.keys for name, p in plans.items()})
+            self._log.pop(self._issued - self._KEEP_PUSHES, None)
+            self._issued += 1
+        self._inflight.append(future)
+
+    def flush(self) -> None:
+        """Wait until every queued push is applied (raises a push's error)."""
+        while self._inflight:
+            self._inflight.popleft().result()

@@ -53,12 +53,13 @@ class StepBuilder:
     """Owns the compiled steps and the host-side preparation of batches for them."""
 
     def __init__(self, model: Model, mesh: Mesh, dense_tx: optax.GradientTransformation,
-                 loss_reduction: str = "sum", ps: PSClient | None = None):
+                 loss_reduction: str = "sum", ps: PSClient | None = None, ps_strict: bool = True,
+                 ps_max_inflight_pushes: int = 2):
         """loss_reduction: gradients of the summed ("sum", the online-learning convention
         that VW and FTRL papers use: each example counts fully, whatever the batch size)
         or the mean ("mean") logloss of the batch. The reported loss is always the mean.
         ps: the parameter-server group of the model's HostTable namespaces (default: an
-        embedded in-process group)."""
+        embedded in-process group); ps_strict, ps_max_inflight_pushes: see HostTables."""
         if loss_reduction not in ("sum", "mean"):
             raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
         self.model, self.mesh, self.dense_tx = model, mesh, dense_tx
@@ -85,7 +86,7 @@ class StepBuilder:
         if host and jax.process_count() > 1:
             raise NotImplementedError("HostTable namespaces with several worker processes come with "
                                       "worker groups (the consistency issue); use one process")
-        self.host = HostTables(host, ps) if host else None
+        self.host = HostTables(host, ps, ps_strict, ps_max_inflight_pushes) if host else None
         # load the routing kernel while JAX initialises the state (it takes ~0.1-0.3 s)
         threading.Thread(target=routing_warm_up, daemon=True, name="jaxps-route-warmup").start()
         self.graphdef, _ = nnx.split(model.init_dense(nnx.Rngs(0)))
@@ -204,9 +205,12 @@ class StepBuilder:
         shardings = {k: self.batch_sharding for k in host if k != "plans"}
         shardings["plans"] = {name: {"owner_rows": self.table_sharding(name),
                                      "inverse": self.batch_sharding} for name in host["plans"]}
-        for name, rows in (host_rows or {}).items():  # host tables: the pulled unique rows
-            host["plans"][name] = {"rows": rows, "inverse": plans[name].inverse}
-            shardings["plans"][name] = {"rows": self.replicated, "inverse": self.batch_sharding}
+        for name in (self.host.tables if self.host is not None else ()):
+            host["plans"][name] = {"inverse": plans[name].inverse}
+            shardings["plans"][name] = {"inverse": self.batch_sharding}
+            if host_rows is not None:  # the pulled unique rows
+                host["plans"][name]["rows"] = host_rows[name]
+                shardings["plans"][name]["rows"] = self.replicated
         if jax.process_count() == 1:  # one call for the whole batch: ~4x less overhead
             return jax.device_put(host, shardings)
         # this process holds its rows of the global batch, and the whole (identical) plans
@@ -215,6 +219,12 @@ class StepBuilder:
         dev["plans"] = {name: {"owner_rows": _replicated_input(p.owner_rows, self.table_sharding(name)),
                                "inverse": put(p.inverse)} for name, p in plans.items()}
         return dev
+
+    def put_host_rows(self, dev: State, host_rows: dict[str, np.ndarray]) -> State:
+        """Add the (repaired) pulled rows of the host tables to a placed batch."""
+        rows = jax.device_put(host_rows, {name: self.replicated for name in host_rows})
+        plans = {name: dict(p, rows=rows[name]) if name in rows else p for name, p in dev["plans"].items()}
+        return dict(dev, plans=plans)
 
     # ---------------------------------------------------------------- device side
     def _forward(self, dense, unique, batch):

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -48,6 +49,9 @@ class TrainConfig:
     prefetch: int = 3              # batches prepared ahead on a host thread
     max_inflight_steps: int = 2    # dispatched-but-unfinished device steps
     compilation_cache: str = "~/.cache/jaxps/xla"  # persistent XLA cache; "" = off
+    ps_strict: bool = True         # host tables: exact sequential semantics despite prefetch;
+                                   # off: rows up to prefetch + ps_max_inflight_pushes steps stale
+    ps_max_inflight_pushes: int = 2  # host tables: pushes queued behind the device steps
 
     def __post_init__(self):
         if self.loss_reduction not in ("sum", "mean"):
@@ -84,7 +88,8 @@ class Trainer:
         enable_compilation_cache(self.config.compilation_cache)
         self.mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh)
         self.steps = StepBuilder(model, self.mesh, dense_optimizer(
-            self.config.dense_optimizer, self.config.dense_learning_rate), self.config.loss_reduction, ps)
+            self.config.dense_optimizer, self.config.dense_learning_rate), self.config.loss_reduction, ps,
+            self.config.ps_strict, self.config.ps_max_inflight_pushes)
         self.state = self.steps.init_state(self.config.seed)
         self.history: list[dict] = []
         self._checkpointer: Checkpointer | None = None
@@ -105,14 +110,22 @@ class Trainer:
         def prepare():
             for b in data:
                 plans = self.steps.plan_batch(b)
-                rows = host.pull(plans_of(host, plans)) if host is not None else None
-                yield b, plans, self.steps.to_device(b, plans, rows)
-        if jax.process_count() > 1 or host is not None or not self.config.prefetch:
-            # Prepared in step order on this thread: multi-process plans gather ids across
-            # processes (a collective), and host rows are pulled after the previous step's
-            # push (strict). Parsing still runs ahead in the dataset's thread.
-            return prepare()
-        return prefetch(prepare(), self.config.prefetch)
+                pulled = host.pull(plans_of(host, plans)) if host is not None else None
+                yield b, plans, self.steps.to_device(b, plans), pulled
+
+        def finish(items):
+            for b, plans, dev, pulled in items:
+                if pulled is not None:  # host rows: repaired against pushes issued since
+                    rows, mark = pulled
+                    host.repair(plans_of(host, plans), rows, mark)
+                    dev = self.steps.put_host_rows(dev, rows)
+                yield b, plans, dev
+
+        if jax.process_count() > 1 or not self.config.prefetch:
+            # multi-process plans gather ids across processes (a collective): issue them
+            # from this thread, in step order; parsing still runs ahead in the dataset
+            return finish(prepare())
+        return finish(prefetch(prepare(), self.config.prefetch))
 
     def fit(self, train: Iterable[Batch], eval_data: Iterable[Batch] | None = None,
             total_examples: int | None = None, report: dict | None = None) -> dict:
@@ -155,6 +168,8 @@ class Trainer:
                         if cfg.checkpoint_every and host_step % cfg.checkpoint_every == 0:
                             self.save()
             jax.block_until_ready(self.state)
+            if self.steps.host is not None:
+                self.steps.host.flush()
             if pending:
                 running = self._flush(pending, writer, examples, t0, bar)
             seconds = time.perf_counter() - t0
@@ -178,6 +193,11 @@ class Trainer:
                 self.save()
                 result["checkpoint"] = os.path.join(self.checkpointer.directory, str(self.step))
         finally:
+            if self.steps.host is not None and sys.exc_info()[0] is not None:
+                try:  # let queued pushes land; the training error stays the one raised
+                    self.steps.host.flush()
+                except Exception:  # noqa: BLE001
+                    pass
             if bar is not None:
                 bar.close()
             if writer is not None:
