@@ -63,7 +63,7 @@ def cmd_train(args) -> int:
     from jaxps.job import build_data, build_model, dense_features
     from jaxps.trainer import Trainer
     train_ds, eval_ds, info = build_data(cfg.data)
-    trainer = Trainer(build_model(cfg.model, dense_features(cfg.data)), cfg.mesh, cfg.train)
+    trainer = Trainer(build_model(cfg.model, dense_features(cfg.data), cfg.data.max_nnz), cfg.mesh, cfg.train)
     if jax.process_index() == 0:
         print(trainer.plan(), flush=True)
     report = {"data": {"train": train_ds.stats, "eval": eval_ds.stats if eval_ds else None},
@@ -101,7 +101,7 @@ def _restored(cfg, command: str):
     eval_ds = build_eval_data(cfg.data)
     if eval_ds is None:
         raise SystemExit(f"jaxps {command}: no input (set data.eval=FILES)")
-    trainer = Trainer(build_model(cfg.model, dense_features(cfg.data)), cfg.mesh, cfg.train)
+    trainer = Trainer(build_model(cfg.model, dense_features(cfg.data), cfg.data.max_nnz), cfg.mesh, cfg.train)
     return eval_ds, trainer, trainer.restore()
 
 
@@ -130,7 +130,7 @@ def cmd_plan(args) -> int:
     from jaxps.mesh import make_mesh
     from jaxps.plan import format_plan, plan_model
     from jaxps.step import dense_optimizer
-    model = build_model(cfg.model, dense_features(cfg.data))
+    model = build_model(cfg.model, dense_features(cfg.data), cfg.data.max_nnz)
     mesh = make_mesh(cfg.mesh)
     plans = plan_model(model, mesh, dense_optimizer(cfg.train.dense_optimizer, cfg.train.dense_learning_rate))
     if args.json:

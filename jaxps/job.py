@@ -78,13 +78,14 @@ class OptimizerConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "sparse_lr"                 # "sparse_lr" (realm 2) or "mlp" (realm 1)
+    name: str = "sparse_lr"                 # "sparse_lr" (realm 2), "mlp" (realm 1), "wide_deep"
     rows: int | None = None                 # hash buckets of the table (None: the model's default)
-    placement: str | None = None            # "replicated", "row_sharded[:axis[+axis]]" (None: the
-                                            # model's default: row-sharded for sparse_lr, replicated for mlp)
+    placement: str | None = None            # "replicated", "row_sharded[:axis[+axis]]",
+                                            # "host[:collisionless|hashed]" (None: the model's
+                                            # default). wide_deep: the embedding table's
     capacity: int | None = None             # unique rows per shard per step; None = from data
-    embed_dim: int = 8                      # mlp only
-    hidden: list[int] = field(default_factory=lambda: [64, 32])  # mlp only
+    embed_dim: int = 8                      # mlp, wide_deep
+    hidden: list[int] = field(default_factory=lambda: [64, 32])  # mlp, wide_deep
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 
@@ -96,8 +97,8 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def build_model(cfg: ModelConfig, dense_features: int = 0):
-    from jaxps.models import MLPClassifier, MLPConfig, SparseLR, SparseLRConfig
+def build_model(cfg: ModelConfig, dense_features: int = 0, num_slots: int = 39):
+    from jaxps.models import MLPClassifier, MLPConfig, SparseLR, SparseLRConfig, WideDeep, WideDeepConfig
     common = {"optimizer": cfg.optimizer.build()}
     if cfg.rows is not None:
         common["rows"] = cfg.rows
@@ -111,7 +112,15 @@ def build_model(cfg: ModelConfig, dense_features: int = 0):
     if cfg.name == "mlp":
         return MLPClassifier(MLPConfig(embed_dim=cfg.embed_dim, hidden=tuple(cfg.hidden),
                                        dense_features=dense_features, **common))
-    raise ValueError(f"model.name={cfg.name!r}: choose 'sparse_lr' or 'mlp'")
+    if cfg.name == "wide_deep":
+        wd = {"embed_optimizer": common["optimizer"]}
+        if "rows" in common:
+            wd["embed_rows"] = wd["wide_rows"] = common["rows"]
+        if "placement" in common:
+            wd["embed_placement"] = common["placement"]
+        return WideDeep(WideDeepConfig(num_slots=num_slots, embed_dim=cfg.embed_dim,
+                                       hidden=tuple(cfg.hidden), dense_features=dense_features, **wd))
+    raise ValueError(f"model.name={cfg.name!r}: choose 'sparse_lr', 'mlp' or 'wide_deep'")
 
 
 def dense_features(cfg: DataConfig) -> int:

@@ -26,6 +26,7 @@ from jaxps.model import Model
 from jaxps.host_tables import HostTables
 from jaxps.placement import HostTable, row_axes, row_shards, sharding_for
 from jaxps.ps.client import PSClient
+from jaxps.ps.store import init_rows
 from jaxps.runtime import allgather_host
 from jaxps.tables.routing import LookupPlan, Router
 from jaxps.tables.routing import warm_up as routing_warm_up
@@ -99,12 +100,12 @@ class StepBuilder:
     # ---------------------------------------------------------------- state
     def init_state(self, seed: int = 0) -> State:
         key = jax.random.key(seed)
-        dense_key, table_key = jax.random.split(key)
+        dense_key = jax.random.split(key)[0]
         _, dense = nnx.split(self.model.init_dense(nnx.Rngs(dense_key)))
         dense = jax.device_put(nnx.to_pure_dict(dense), self.replicated)
         tables = {}
-        for i, (name, lay) in enumerate(sorted(self.layouts.items())):
-            tables[name] = self._init_table(lay, jax.random.fold_in(table_key, i))
+        for name, lay in sorted(self.layouts.items()):
+            tables[name] = self._init_table(lay)
         state = {
             "step": jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
             "dense": dense,
@@ -121,20 +122,26 @@ class StepBuilder:
     def table_sharding(self, name: str) -> NamedSharding:
         return sharding_for(self.layouts[name].table.placement, self.mesh, 2)
 
-    def _init_table(self, lay: TableLayout, key: jax.Array) -> State:
+    def _init_table(self, lay: TableLayout) -> State:
+        """Zeros, or N(0, init_scale^2) rows drawn from (table seed, row) by the same
+        function the parameter servers use: the table starts identical on any mesh and
+        when it moves to a HostTable("hashed")."""
         t = lay.table
         shape = (lay.rows_per_shard * lay.shards, t.dim)
         sharding = self.table_sharding(t.name)
+        if t.init_scale:
+            def shard_rows(index):
+                rows = np.arange(*index[0].indices(shape[0]), dtype=np.uint64)
+                return init_rows(rows, t.dim, t.init_scale, t.seed)
+            params = jax.make_array_from_callback(shape, sharding, shard_rows)
+        else:
+            params = jax.jit(lambda: jnp.zeros(shape, jnp.float32), out_shardings=sharding)()
 
-        def init():
-            params = (t.init_scale * jax.random.normal(key, shape, jnp.float32)
-                      if t.init_scale else jnp.zeros(shape, jnp.float32))
-            slots = {s: jnp.full(shape, t.optimizer.slot_init(s), jnp.float32)
-                     for s in t.optimizer.slots}
-            return {"params": params, "slots": slots}
+        def slots():
+            return {s: jnp.full(shape, t.optimizer.slot_init(s), jnp.float32) for s in t.optimizer.slots}
 
-        return jax.jit(init, out_shardings={"params": sharding,
-                                            "slots": {s: sharding for s in t.optimizer.slots}})()
+        return {"params": params,
+                "slots": jax.jit(slots, out_shardings={s: sharding for s in t.optimizer.slots})()}
 
     # ---------------------------------------------------------------- host side
     def plan_batch(self, batch: Batch) -> dict[str, LookupPlan]:
