@@ -56,7 +56,19 @@ class HostTable:
             raise ValueError(f"HostTable kind must be 'collisionless' or 'hashed', got {self.kind!r}")
 
 
-Placement = Replicated | RowSharded | HostTable
+@dataclass(frozen=True)
+class Auto:
+    """`RowSharded(axis)` when the table (with its optimizer slots) fits
+    `budget_fraction` of each device's memory, else `HostTable(host_kind)`. Resolved once,
+    when the trainer builds its steps (`jaxps.plan.resolve`); `jaxps plan` shows the choice."""
+
+    axis: AxisNames = "data"
+    host_kind: str = "hashed"
+    budget_fraction: float = 0.5
+    realm: ClassVar[int] = 2
+
+
+Placement = Replicated | RowSharded | HostTable | Auto
 
 
 def validate(placement: Placement, mesh: Mesh | None = None) -> None:
@@ -80,6 +92,8 @@ def partition_spec(placement: Placement, ndim: int) -> PartitionSpec:
         return P(axes if len(axes) > 1 else axes[0], *([None] * (ndim - 1)))
     if isinstance(placement, HostTable):
         raise TypeError("a HostTable lives in the parameter server; it has no device sharding")
+    if isinstance(placement, Auto):
+        raise TypeError("an Auto placement is resolved (jaxps.plan.resolve) before it is sharded")
     raise TypeError(f"unknown placement {placement!r}")
 
 
@@ -92,6 +106,8 @@ def sharding_for(placement: Placement, mesh: Mesh, ndim: int) -> NamedSharding:
 
 def row_shards(placement: Placement, mesh: Mesh) -> int:
     """How many pieces the rows of a table are cut into."""
+    if isinstance(placement, Auto):
+        return axis_size(mesh, placement.axis)
     return axis_size(mesh, placement.axes()) if isinstance(placement, RowSharded) else 1
 
 
@@ -112,10 +128,12 @@ def parse(text: str) -> Placement:
         return Replicated()
     if kind in ("host", "host_table", "hosttable"):
         return HostTable(arg or "collisionless")
+    if kind == "auto":
+        return Auto(arg or "data")
     if kind in ("row_sharded", "rowsharded"):
         axes = tuple(a for a in arg.split("+") if a) or ("data",)
         placement = RowSharded(axes[0] if len(axes) == 1 else axes)
         validate(placement)
         return placement
-    raise ValueError(f"unknown placement {text!r}; use 'replicated', 'row_sharded[:axis[+axis]]' "
-                     "or 'host[:collisionless|hashed]'")
+    raise ValueError(f"unknown placement {text!r}; use 'replicated', 'row_sharded[:axis[+axis]]', "
+                     "'host[:collisionless|hashed]' or 'auto[:axis]'")

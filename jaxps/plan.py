@@ -15,7 +15,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxps.model import Model
-from jaxps.placement import HostTable, Replicated, row_shards
+import dataclasses
+import os
+
+from jaxps.placement import Auto, HostTable, Replicated, RowSharded, row_shards
+from jaxps.tables.table import Table
 
 
 @dataclass
@@ -41,16 +45,45 @@ def _nbytes(tree) -> int:
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
+def device_budget_bytes(mesh: Mesh) -> int:
+    """Memory of one device: what the backend reports (GPU/TPU), else this host's RAM
+    split over its devices of the mesh (CPU)."""
+    mem = device_memory_bytes(mesh)
+    if mem:
+        return mem
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    local = sum(1 for d in mesh.devices.flat if d.process_index == mesh.devices.flat[0].process_index)
+    return ram // max(local, 1)
+
+
+def table_bytes_per_device(t: Table, shards: int) -> int:
+    """Rows and optimizer slots of one shard of a row-split table."""
+    return t.padded_rows(shards) // shards * t.dim * 4 * (1 + len(t.optimizer.slots))
+
+
+def resolve(t: Table, mesh: Mesh, budget_bytes: int | None = None) -> Table:
+    """The table with an `Auto` placement replaced by what fits: row-sharded on the mesh
+    when its shard fits the budget, else in the host parameter server."""
+    if not isinstance(t.placement, Auto):
+        return t
+    auto = t.placement
+    budget = device_budget_bytes(mesh) if budget_bytes is None else budget_bytes
+    on_mesh = RowSharded(auto.axis)
+    fits = table_bytes_per_device(t, row_shards(on_mesh, mesh)) <= auto.budget_fraction * budget
+    return dataclasses.replace(t, placement=on_mesh if fits else HostTable(auto.host_kind))
+
+
 def plan_model(model: Model, mesh: Mesh, dense_tx: optax.GradientTransformation) -> list[NamespacePlan]:
     plans = []
-    for t in model.tables():
+    for declared in model.tables():
+        t = resolve(declared, mesh)
         shards = row_shards(t.placement, mesh)
         rows = t.padded_rows(shards)
         pb = rows * t.dim * 4
         sb = pb * len(t.optimizer.slots)
         on_device = 0 if isinstance(t.placement, HostTable) else (pb + sb) // shards  # PS: host RAM
-        plans.append(NamespacePlan(t.name, "table", (rows, t.dim), repr(t.placement),
-                                   t.placement.realm, pb, sb, on_device))
+        where = repr(t.placement) + (" (auto)" if isinstance(declared.placement, Auto) else "")
+        plans.append(NamespacePlan(t.name, "table", (rows, t.dim), where, t.placement.realm, pb, sb, on_device))
     _, dense = nnx.split(nnx.eval_shape(lambda: model.init_dense(nnx.Rngs(0))))
     dense = nnx.to_pure_dict(dense)
     for name, sub in sorted(dense.items()):

@@ -25,6 +25,7 @@ from jaxps.data.batch import Batch
 from jaxps.model import Model
 from jaxps.host_tables import HostTables
 from jaxps.placement import HostTable, row_axes, row_shards, sharding_for
+from jaxps.plan import resolve
 from jaxps.ps.client import PSClient
 from jaxps.ps.store import init_rows
 from jaxps.runtime import allgather_host
@@ -68,7 +69,8 @@ class StepBuilder:
         self.layouts: dict[str, TableLayout] = {}  # tables on the mesh
         host: list[Table] = []
         names: set[str] = set()
-        for t in model.tables():
+        for declared in model.tables():
+            t = resolve(declared, mesh)  # an Auto placement becomes RowSharded or HostTable
             if t.name in names:
                 raise ValueError(f"two tables are named {t.name!r}")
             names.add(t.name)

@@ -74,3 +74,27 @@ def test_initial_rows_are_deterministic_and_unseen_keys_are_not_stored():
     client = embedded([TableSpec("e", 8, rowwise.Adagrad(), init_scale=0.1, seed=1)], servers=2)
     np.testing.assert_array_equal(client.pull("e", keys), a)
     assert sum(s["e"]["keys"] for s in client.stats().values()) == 0
+
+
+def test_a_retry_waits_for_the_first_attempt_in_flight():
+    """A retry arriving while the first attempt still applies must not report success
+    early; if the first attempt fails, the retry applies the push."""
+    import threading
+    ring = Ring(16, 8, ["a"])
+    server = PSServer("a", ring, [TableSpec("t", 1, rowwise.SGD(1.0))])
+    keys = np.array([5], np.uint64)
+    g = np.ones((1, 1), np.float32)
+    store, lock = server._store("t", int(partition_of(keys, 16)[0]))
+    lock.acquire()  # hold the partition: the first attempt blocks inside push
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", server.push("t", keys, g, (1, 0), 1)))
+    first.start()
+    retry = threading.Thread(target=lambda: results.setdefault("retry", server.push("t", keys, g, (1, 0), 1)))
+    retry.start()
+    retry.join(timeout=0.3)
+    assert retry.is_alive()  # the retry waits instead of answering "applied"
+    lock.release()
+    first.join(timeout=5)
+    retry.join(timeout=5)
+    assert results == {"first": True, "retry": False}
+    np.testing.assert_array_equal(server.pull("t", keys), [[-1.0]])

@@ -24,6 +24,10 @@ class PSError(ValueError):
     """A request the server refuses (unknown table, wrong owner, bad shapes)."""
 
 
+class WrongOwner(PSError):
+    """The key's partition belongs to another server: the client's ring is stale."""
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """A table as the servers see it. kind: "collisionless" (keys are raw 64-bit ids,
@@ -64,7 +68,8 @@ class PSServer:
         self._stores: dict[tuple[str, int], PartitionStore] = {}
         self._locks: dict[tuple[str, int], threading.Lock] = {}
         self._meta_lock = threading.Lock()
-        self._applied: OrderedDict[tuple[int, int], None] = OrderedDict()
+        # request id -> None once applied, or the Event its first attempt sets when done
+        self._applied: OrderedDict[tuple[int, int], threading.Event | None] = OrderedDict()
         self._dedup_window = dedup_window
         self._stats = {t: {"pulls": 0, "pushes": 0, "pulled_keys": 0, "pushed_keys": 0,
                            "duplicate_pushes": 0} for t in self.tables}
@@ -86,7 +91,7 @@ class PSServer:
     def _check(self, table: str, keys: np.ndarray, part: int) -> None:
         owner = self.ring.servers[self.ring.owners()[part]] if self.ring.servers else None
         if owner != self.name:
-            raise PSError(f"server {self.name}: partition {part} of table {table!r} belongs to "
+            raise WrongOwner(f"server {self.name}: partition {part} of table {table!r} belongs to "
                           f"{owner} (ring version {self.ring.version})")
 
     def _validate(self, table: str, keys: np.ndarray) -> TableSpec:
@@ -122,13 +127,20 @@ class PSServer:
         if grads.shape != (keys.shape[0], spec.dim) or grads.dtype != np.float32:
             raise PSError(f"table {table!r}: grads must be float32 [{keys.shape[0]}, {spec.dim}], "
                           f"got {grads.dtype}{list(grads.shape)}")
-        with self._meta_lock:
-            if request_id in self._applied:
-                self._stats[table]["duplicate_pushes"] += 1
-                return False
-            self._applied[request_id] = None
-            while len(self._applied) > self._dedup_window:
-                self._applied.popitem(last=False)
+        while True:
+            with self._meta_lock:
+                if request_id not in self._applied:
+                    mine = self._applied[request_id] = threading.Event()
+                    while len(self._applied) > self._dedup_window:
+                        self._applied.popitem(last=False)
+                    break
+                running = self._applied[request_id]
+                if running is None:  # applied before: a client's retry
+                    self._stats[table]["duplicate_pushes"] += 1
+                    return False
+            # the first attempt is still applying: its outcome decides (if it fails, its
+            # id is removed and this retry applies the push itself)
+            running.wait()
         try:
             groups = list(group_by_partition(keys, self.ring.num_partitions))
             for part, _ in groups:
@@ -140,7 +152,12 @@ class PSServer:
         except BaseException:
             with self._meta_lock:  # not applied: a retry must be allowed through
                 self._applied.pop(request_id, None)
+            mine.set()
             raise
+        with self._meta_lock:
+            if request_id in self._applied:
+                self._applied[request_id] = None
+        mine.set()
         s = self._stats[table]
         s["pushes"] += 1
         s["pushed_keys"] += keys.shape[0]

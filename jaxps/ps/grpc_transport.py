@@ -1,0 +1,274 @@
+"""gRPC transport for the host PS: a `PSServer` in another process or on another host.
+
+Requests and replies are `jaxps.ps.wire` messages (typed header + raw arrays, no pickle and
+no protoc: generic handlers move bytes). A message of any size travels as a stream of raw
+byte pieces of at most `CHUNK_BYTES`, concatenated on the other side and decoded there:
+
+    /jaxps.ps.PS/Pull   stream -> stream   request: keys [n] uint64   reply: rows [n, dim] float32
+    /jaxps.ps.PS/Push   stream -> unary    request: keys, grads       reply: applied (bool)
+    /jaxps.ps.PS/Stats  unary  -> unary    reply: JSON meta
+
+The first piece must hold the whole header, so a server checks kind and token before it
+buffers the rest; it stops reading once a request passes `max_request_bytes`. Failures are
+gRPC statuses with a message: INVALID_ARGUMENT (malformed, or refused by the PSServer),
+FAILED_PRECONDITION (a key the server does not own), UNAUTHENTICATED, RESOURCE_EXHAUSTED.
+Every rejection ends only that call: the server keeps serving.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+
+from jaxps.ps import wire
+from jaxps.ps.server import PSError, PSServer, WrongOwner
+
+SERVICE = "jaxps.ps.PS"
+PULL_METHOD, PUSH_METHOD, STATS_METHOD = (f"/{SERVICE}/{m}" for m in ("Pull", "Push", "Stats"))
+CHUNK_BYTES = 2 << 20            # one gRPC message carries at most this much of a wire message
+MAX_MESSAGE_BYTES = 4 << 20      # gRPC's per-message limit, set explicitly on both sides
+DEFAULT_MAX_REQUEST_BYTES = 512 << 20   # a whole request (all its pieces), server side
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+log = logging.getLogger("jaxps.ps.grpc")
+
+
+def message_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+# ---------------------------------------------------------------------------------- errors
+class PSRPCError(RuntimeError):
+    """A PS call over gRPC failed: `code` (a grpc.StatusCode) and the server's message."""
+
+    def __init__(self, address: str, method: str, code: grpc.StatusCode, details: str):
+        self.address, self.method, self.code, self.details = address, method, code, details
+        super().__init__(f"PS {method} to {address} failed: {code.name}: {details}")
+
+
+class PSRemoteError(PSRPCError, PSError):
+    """The server refused the request (INVALID_ARGUMENT or FAILED_PRECONDITION): also a
+    `PSError`, as the same request to an in-process server would raise."""
+
+
+class _Reject(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+# ---------------------------------------------------------------------------------- server
+class PSServicer:
+    """Serves one `PSServer` over gRPC (`generic_handler()` for `add_generic_rpc_handlers`)."""
+
+    def __init__(self, server: PSServer, token: str | bytes | None = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, chunk_bytes: int = CHUNK_BYTES):
+        self.server = server
+        self.token = token.encode("utf-8") if isinstance(token, str) else token
+        self.max_request_bytes = int(max_request_bytes)
+        self.chunk_bytes = int(chunk_bytes)
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Pull": grpc.stream_stream_rpc_method_handler(self._pull),
+            "Push": grpc.stream_unary_rpc_method_handler(self._push),
+            "Stats": grpc.unary_unary_rpc_method_handler(self._stats),
+        })
+
+    # ------------------------------------------------------------------ request intake
+    def _receive(self, pieces, kind: int) -> wire.Message:
+        """Check the header of the first piece (kind, token), then gather and decode."""
+        it = iter(pieces)
+        first = next(it, None)
+        if first is None:
+            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "empty request")
+        try:
+            head = wire.decode_header(first)
+        except wire.WireError as e:
+            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"malformed request (the first piece must hold the whole header): {e}")
+        if head.kind != kind:
+            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"malformed request: expected a {wire.KINDS[kind]} message, got {wire.KINDS[head.kind]}")
+        if self.token is not None and not hmac.compare_digest(head.token, self.token):
+            raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing token" if not head.token else "bad token")
+        parts, total = [first], len(first)
+        while True:
+            if total > self.max_request_bytes:
+                raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"request larger than this server's limit of {self.max_request_bytes} bytes")
+            piece = next(it, None)
+            if piece is None:
+                break
+            parts.append(piece)
+            total += len(piece)
+        try:
+            return wire.decode(parts[0] if len(parts) == 1 else b"".join(parts), kind)
+        except wire.WireError as e:
+            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {e}")
+
+    @staticmethod
+    def _arrays(msg: wire.Message, names: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+        if len(msg.arrays) != len(names):
+            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"malformed request: a {wire.KINDS[msg.kind]} carries {len(names)} arrays "
+                          f"({', '.join(names)}), got {len(msg.arrays)}")
+        return msg.arrays
+
+    def _fail(self, context, method: str, exc: BaseException):
+        """End the call with a status (raises)."""
+        level = logging.WARNING  # malformed, oversized, unauthenticated
+        if isinstance(exc, _Reject):
+            code, message = exc.code, exc.message
+        elif isinstance(exc, PSError):  # an ordinary refusal (e.g. a client on an older ring)
+            message, level = str(exc), logging.INFO
+            code = (grpc.StatusCode.FAILED_PRECONDITION if isinstance(exc, WrongOwner)
+                    else grpc.StatusCode.INVALID_ARGUMENT)
+        else:
+            log.exception("PS %s: internal error", method)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+        log.log(level, "PS %s from %s rejected: %s: %s", method, context.peer(), code.name, message)
+        context.abort(code, message)
+
+    # ------------------------------------------------------------------ methods
+    def _pull(self, pieces, context):
+        try:
+            msg = self._receive(pieces, wire.PULL)
+            (keys,) = self._arrays(msg, ("keys",))
+            rows = self.server.pull(msg.table, keys)
+            reply = wire.encode(wire.Message(wire.PULL_REPLY, msg.table, msg.client_id, msg.seq,
+                                             arrays=(rows,)))
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status
+            self._fail(context, "pull", e)
+        yield from wire.chunks(reply, self.chunk_bytes)
+
+    def _push(self, pieces, context):
+        try:
+            msg = self._receive(pieces, wire.PUSH)
+            keys, grads = self._arrays(msg, ("keys", "grads"))
+            applied = self.server.push(msg.table, keys, grads, msg.request_id, msg.step)
+            return wire.encode(wire.Message(wire.PUSH_REPLY, msg.table, msg.client_id, msg.seq,
+                                            arrays=(np.array(applied),)))
+        except Exception as e:  # noqa: BLE001
+            self._fail(context, "push", e)
+
+    def _stats(self, request: bytes, context):
+        try:
+            self._receive((request,), wire.STATS)
+            return wire.encode(wire.Message(wire.STATS_REPLY, meta=wire.json_meta(self.server.stats())))
+        except Exception as e:  # noqa: BLE001
+            self._fail(context, "stats", e)
+
+
+def make_server(ps: PSServer, host: str = "127.0.0.1", port: int = 0, token: str | bytes | None = None,
+                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_workers: int = 16,
+                chunk_bytes: int = CHUNK_BYTES) -> tuple[grpc.Server, int]:
+    """A started gRPC server for `ps` on host:port (port 0: any free port) and its port."""
+    srv = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"jaxps-{ps.name}"),
+                      options=message_options() + [("grpc.so_reuseport", 0)])
+    srv.add_generic_rpc_handlers((PSServicer(ps, token, max_request_bytes, chunk_bytes).generic_handler(),))
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = srv.add_insecure_port(where)
+    except RuntimeError as e:  # grpc raises on a failed bind in recent versions
+        raise OSError(f"PS server {ps.name}: cannot bind {where}: {e}") from None
+    if not bound:
+        raise OSError(f"PS server {ps.name}: cannot bind {where}")
+    srv.start()
+    return srv, bound
+
+
+# ---------------------------------------------------------------------------------- client
+class GrpcTransport:
+    """The `Transport` protocol over gRPC to one server at `address` ("host:port").
+
+    timeout: seconds per attempt. Calls that fail with UNAVAILABLE or DEADLINE_EXCEEDED are
+    tried up to `attempts` times in all (a push keeps its request id, so the server applies
+    it once; `push` then returns False for a retry whose first attempt had landed). Other
+    failures raise at once: `PSRemoteError` (a `PSError`) when the server refused the
+    request, `PSRPCError` otherwise."""
+
+    def __init__(self, address: str, token: str | bytes | None = None, timeout: float = 30.0,
+                 attempts: int = 3, backoff: float = 0.05, chunk_bytes: int = CHUNK_BYTES,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+        if chunk_bytes + 4096 > max_message_bytes:
+            raise ValueError("chunk_bytes must leave room under max_message_bytes")
+        if chunk_bytes < wire.HEADER_BYTES + wire.MAX_TABLE + wire.MAX_TOKEN:
+            raise ValueError("chunk_bytes must hold a whole header")
+        self.address, self.timeout, self.attempts, self.backoff = address, timeout, max(1, attempts), backoff
+        self.token = token.encode("utf-8") if isinstance(token, str) else (token or b"")
+        self.chunk_bytes = chunk_bytes
+        self.channel = grpc.insecure_channel(address, options=message_options(max_message_bytes))
+        self._pull = self.channel.stream_stream(PULL_METHOD)
+        self._push = self.channel.stream_unary(PUSH_METHOD)
+        self._stats = self.channel.unary_unary(STATS_METHOD)
+
+    def _call(self, method: str, fn):
+        for attempt in range(self.attempts):
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
+                details = (e.details() if callable(getattr(e, "details", None)) else None) or str(e)
+                if code in RETRY_CODES and attempt + 1 < self.attempts:
+                    time.sleep(self.backoff * 4 ** attempt)
+                    continue
+                cls = (PSRemoteError if code in (grpc.StatusCode.INVALID_ARGUMENT,
+                                                 grpc.StatusCode.FAILED_PRECONDITION) else PSRPCError)
+                raise cls(self.address, method, code, details) from None
+        raise AssertionError("unreachable")
+
+    def _reply(self, method: str, buf, kind: int) -> wire.Message:
+        try:
+            return wire.decode(buf, kind)
+        except wire.WireError as e:
+            raise PSRPCError(self.address, method, grpc.StatusCode.DATA_LOSS, f"malformed reply: {e}") from None
+
+    def pull(self, table: str, keys: np.ndarray) -> np.ndarray:
+        keys = np.asarray(keys)
+        data = wire.encode(wire.Message(wire.PULL, table, token=self.token, arrays=(keys,)))
+
+        def call():  # a bytearray: the rows come back writable, with one copy
+            return bytearray().join(self._pull(wire.chunks(data, self.chunk_bytes), timeout=self.timeout))
+
+        rows = self._reply("pull", self._call("pull", call), wire.PULL_REPLY)
+        out = rows.arrays[0] if len(rows.arrays) == 1 else None
+        if out is None or out.dtype != np.float32 or out.ndim != 2 or out.shape[0] != keys.shape[0]:
+            raise PSRPCError(self.address, "pull", grpc.StatusCode.DATA_LOSS,
+                             f"reply does not hold [{keys.shape[0]}, dim] float32 rows")
+        return out
+
+    def push(self, table: str, keys: np.ndarray, grads: np.ndarray, request_id: tuple[int, int],
+             step: int) -> bool:
+        cid, seq = request_id
+        data = wire.encode(wire.Message(wire.PUSH, table, cid, seq, step, self.token, (keys, grads)))
+        reply = self._reply("push", self._call(
+            "push", lambda: self._push(wire.chunks(data, self.chunk_bytes), timeout=self.timeout)),
+            wire.PUSH_REPLY)
+        if len(reply.arrays) != 1 or reply.arrays[0].dtype != np.bool_ or reply.arrays[0].size != 1:
+            raise PSRPCError(self.address, "push", grpc.StatusCode.DATA_LOSS, "reply does not hold a bool")
+        return bool(reply.arrays[0].reshape(()))
+
+    def stats(self) -> dict:
+        data = wire.encode(wire.Message(wire.STATS, token=self.token))
+        reply = self._reply("stats", self._call("stats", lambda: self._stats(data, timeout=self.timeout)),
+                            wire.STATS_REPLY)
+        try:
+            return reply.json()
+        except wire.WireError as e:
+            raise PSRPCError(self.address, "stats", grpc.StatusCode.DATA_LOSS, str(e)) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
