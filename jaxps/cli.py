@@ -63,7 +63,9 @@ def cmd_train(args) -> int:
     from jaxps.job import build_data, build_model, dense_features
     from jaxps.trainer import Trainer
     train_ds, eval_ds, info = build_data(cfg.data)
-    trainer = Trainer(build_model(cfg.model, dense_features(cfg.data), cfg.data.max_nnz), cfg.mesh, cfg.train)
+    from jaxps.ps.client import from_env
+    trainer = Trainer(build_model(cfg.model, dense_features(cfg.data), cfg.data.max_nnz), cfg.mesh, cfg.train,
+                      ps=from_env())  # servers started by `jaxps launch --servers`, if any
     if jax.process_index() == 0:
         print(trainer.plan(), flush=True)
     report = {"data": {"train": train_ds.stats, "eval": eval_ds.stats if eval_ds else None},
@@ -150,7 +152,8 @@ def cmd_gen_data(args) -> int:
 
 def cmd_launch(args) -> int:
     from jaxps.launch.local import LocalJob, run
-    return run(args.cmd, LocalJob(workers=args.workers, cpu_devices=args.cpu_devices, timeout=args.timeout))
+    return run(args.cmd, LocalJob(workers=args.workers, servers=args.servers, partitions=args.partitions,
+                                  cpu_devices=args.cpu_devices, timeout=args.timeout))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,9 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_gen_data)
     la = sub.add_parser("launch", help="start the worker processes of a job",
-                        description="jaxps launch local --workers 2 -- jaxps train data.train=a.svm,b.svm")
+                        description="jaxps launch local --workers 2 -- jaxps train data.train=a.svm,b.svm\n"
+                                    "jaxps launch local --servers 2 -- jaxps train model.placement=host")
     la.add_argument("where", choices=["local"], help="local: all processes on this machine, on loopback")
-    la.add_argument("--workers", type=int, default=2, help="worker processes (one jax.distributed process each)")
+    la.add_argument("--workers", type=int, default=1, help="worker processes (one jax.distributed process each)")
+    la.add_argument("--servers", type=int, default=0, help="PS server processes for the model's host tables")
+    la.add_argument("--partitions", type=int, default=256, help="PS key-space partitions")
     la.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices per worker")
     la.add_argument("--timeout", type=float, default=None, help="stop every worker after this many seconds")
     la.set_defaults(fn=cmd_launch)

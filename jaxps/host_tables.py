@@ -53,9 +53,8 @@ class HostTables:
                  max_inflight_pushes: int = 2):
         self.tables = {t.name: t for t in tables}
         self.ps = ps if ps is not None else embedded([table_spec(t) for t in tables])
-        missing = set(self.tables) - set(self.ps.tables)
-        if missing:
-            raise ValueError(f"the parameter servers do not hold tables {sorted(missing)}")
+        # servers may start empty: they learn the model's tables from this client
+        self.ps.create_tables([table_spec(t) for t in tables])
         self.capacity = {t.name: t.capacity for t in tables}
         self.strict, self.max_inflight_pushes = strict, max_inflight_pushes
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxps-push")  # in order

@@ -1,4 +1,5 @@
-"""`jaxps launch local`: run N worker processes of one job on this machine, on loopback.
+"""`jaxps launch local`: run the processes of one job on this machine, on loopback: M
+parameter-server processes (`--servers`) and N worker processes (`--workers`).
 
 Each worker gets the environment a cluster scheduler would give it (coordinator address,
 process count, process id; see jaxps.runtime) and calls `jax.distributed.initialize`
@@ -8,6 +9,8 @@ Ctrl-C, or past the timeout, every worker is stopped (SIGTERM, then SIGKILL).
 from __future__ import annotations
 
 import os
+import queue
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,13 +19,17 @@ import threading
 import time
 from dataclasses import dataclass
 
+from jaxps.ps.client import ENV_PARTITIONS, ENV_SERVERS, ENV_TOKEN
 from jaxps.runtime import (ENV_COORDINATOR, ENV_COORDINATOR_BIND, ENV_CPU_DEVICES, ENV_NUM_PROCESSES,
                            ENV_PROCESS_ID)
 
 
 @dataclass
 class LocalJob:
-    workers: int = 2
+    workers: int = 1
+    servers: int = 0                # PS server processes (0: none; host tables stay in-process)
+    partitions: int = 256           # PS key-space partitions
+    server_start_timeout: float = 60.0
     cpu_devices: int | None = None  # simulated CPU devices per worker (JAXPS_CPU_DEVICES)
     timeout: float | None = None    # seconds; None = no limit
     grace: float = 5.0              # seconds between SIGTERM and SIGKILL when stopping
@@ -34,10 +41,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pump(stream, prefix: str, out) -> None:
+def _pump(stream, prefix: str, out, lines: "queue.Queue | None" = None) -> None:
     for line in iter(stream.readline, b""):
-        out.write(prefix + line.decode("utf-8", "replace"))
+        text = line.decode("utf-8", "replace")
+        out.write(prefix + text)
         out.flush()
+        if lines is not None:
+            lines.put(text)
+    if lines is not None:
+        lines.put(None)  # the stream ended: the process is gone
 
 
 def _stop(procs: list[subprocess.Popen], grace: float) -> None:
@@ -53,8 +65,42 @@ def _stop(procs: list[subprocess.Popen], grace: float) -> None:
             p.wait()
 
 
+def _start_servers(job: LocalJob, procs: list, pumps: list) -> dict[str, str]:
+    """Start the PS server processes (loopback, a fresh shared token) and wait until each
+    says where it listens. Returns the environment workers need to reach them."""
+    token = secrets.token_hex(16)
+    names = [f"ps-{i}" for i in range(job.servers)]
+    lines: list[queue.Queue] = []
+    for name in names:
+        cmd = [sys.executable, "-m", "jaxps.ps.serve", "--name", name, "--servers", ",".join(names),
+               "--partitions", str(job.partitions), "--token-env", ENV_TOKEN]
+        p = subprocess.Popen(cmd, env=dict(os.environ, **{ENV_TOKEN: token}), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(p)
+        q: queue.Queue = queue.Queue()
+        t = threading.Thread(target=_pump, args=(p.stdout, f"[{name}] ", sys.stdout, q), daemon=True)
+        t.start()
+        pumps.append(t)
+        lines.append(q)
+    addresses = {}
+    deadline = time.monotonic() + job.server_start_timeout
+    for name, q in zip(names, lines):
+        while name not in addresses:
+            try:
+                line = q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"PS server {name} did not start within {job.server_start_timeout}s") from None
+            if line is None:
+                raise RuntimeError(f"PS server {name} exited at start")
+            if " listening on " in line:
+                addresses[name] = line.rsplit(" listening on ", 1)[1].strip()
+    return {ENV_SERVERS: ",".join(f"{n}={a}" for n, a in addresses.items()),
+            ENV_PARTITIONS: str(job.partitions), ENV_TOKEN: token}
+
+
 def run(command: list[str], job: LocalJob) -> int:
-    """Run `command` as `job.workers` processes; returns the first non-zero exit code."""
+    """Run `command` as `job.workers` processes (with `job.servers` PS servers beside them);
+    returns the first non-zero exit code of a worker."""
     if job.workers < 1:
         raise ValueError(f"workers must be >= 1, got {job.workers}")
     if not command:
@@ -62,11 +108,12 @@ def run(command: list[str], job: LocalJob) -> int:
     # loopback only; a port taken between free_port() and the coordinator's bind makes
     # worker 0 fail at start, which stops the job with its error
     coordinator = f"127.0.0.1:{free_port()}"
-    procs, pumps = [], []
+    procs, pumps, servers = [], [], []
     try:
+        ps_env = _start_servers(job, servers, pumps) if job.servers else {}
         for i in range(job.workers):
-            env = dict(os.environ, **{ENV_COORDINATOR: coordinator, ENV_COORDINATOR_BIND: coordinator,
-                                      ENV_NUM_PROCESSES: str(job.workers), ENV_PROCESS_ID: str(i)})
+            env = dict(os.environ, **ps_env, **{ENV_COORDINATOR: coordinator, ENV_COORDINATOR_BIND: coordinator,
+                                                ENV_NUM_PROCESSES: str(job.workers), ENV_PROCESS_ID: str(i)})
             if job.cpu_devices:
                 env[ENV_CPU_DEVICES] = str(job.cpu_devices)
             p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -79,20 +126,22 @@ def run(command: list[str], job: LocalJob) -> int:
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
-            if failed:
-                _stop(procs, job.grace)
-                return failed[0]
+            dead = [p.returncode for p in servers if p.poll() is not None]
+            if failed or dead:
+                sys.stderr.write("jaxps launch: a PS server exited; stopping the job\n" if dead and not failed else "")
+                return failed[0] if failed else 1
             if all(c == 0 for c in codes):
                 return 0
             if deadline is not None and time.monotonic() > deadline:
-                _stop(procs, job.grace)
                 sys.stderr.write(f"jaxps launch: timeout after {job.timeout}s, workers stopped\n")
                 return 124
             time.sleep(0.05)
     except KeyboardInterrupt:
-        _stop(procs, job.grace)
         return 130
+    except RuntimeError as e:  # a server that did not come up
+        sys.stderr.write(f"jaxps launch: {e}\n")
+        return 1
     finally:
-        _stop(procs, job.grace)
+        _stop(procs + servers, job.grace)
         for t in pumps:
             t.join(timeout=1.0)

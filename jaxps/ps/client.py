@@ -23,6 +23,7 @@ class Transport(Protocol):
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, request_id: tuple[int, int],
              step: int) -> bool: ...
     def stats(self) -> dict: ...
+    def create_table(self, spec: TableSpec) -> bool: ...
 
 
 class InProcessTransport:
@@ -39,6 +40,9 @@ class InProcessTransport:
 
     def stats(self):
         return self.server.stats()
+
+    def create_table(self, spec):
+        return self.server.create_table(spec)
 
 
 class PSClient:
@@ -80,11 +84,35 @@ class PSClient:
         for f in futures:
             f.result()
 
+    def create_tables(self, specs: Sequence[TableSpec]) -> None:
+        """Make every server serve these tables (idempotent; a conflicting spec fails)."""
+        for spec in specs:
+            for t in self.transports.values():
+                t.create_table(spec)
+            self.tables[spec.name] = spec
+
     def stats(self) -> dict:
         return {name: t.stats() for name, t in self.transports.items()}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+ENV_SERVERS = "JAXPS_PS_SERVERS"        # "ps-0=host:port,ps-1=host:port" (set by jaxps launch)
+ENV_PARTITIONS = "JAXPS_PS_PARTITIONS"
+ENV_TOKEN = "JAXPS_PS_TOKEN"
+
+
+def from_env(num_partitions: int = 256, vnodes: int = 64) -> PSClient | None:
+    """A client of the remote server group named by JAXPS_PS_SERVERS (None when unset)."""
+    spec = os.environ.get(ENV_SERVERS, "").strip()
+    if not spec:
+        return None
+    from jaxps.ps.grpc_transport import GrpcTransport
+    addresses = dict(item.split("=", 1) for item in spec.split(",") if item)
+    ring = Ring(int(os.environ.get(ENV_PARTITIONS, num_partitions)), vnodes, list(addresses))
+    token = os.environ.get(ENV_TOKEN) or None
+    return PSClient(ring, {n: GrpcTransport(a, token=token) for n, a in addresses.items()}, [])
 
 
 def embedded(tables: Sequence[TableSpec], servers: int = 1, num_partitions: int = 256,

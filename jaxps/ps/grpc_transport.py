@@ -7,6 +7,7 @@ byte pieces of at most `CHUNK_BYTES`, concatenated on the other side and decoded
     /jaxps.ps.PS/Pull   stream -> stream   request: keys [n] uint64   reply: rows [n, dim] float32
     /jaxps.ps.PS/Push   stream -> unary    request: keys, grads       reply: applied (bool)
     /jaxps.ps.PS/Stats  unary  -> unary    reply: JSON meta
+    /jaxps.ps.PS/CreateTable unary -> unary  request: the table spec as JSON meta  reply: created (bool)
 
 The first piece must hold the whole header, so a server checks kind and token before it
 buffers the rest; it stops reading once a request passes `max_request_bytes`. Failures are
@@ -25,10 +26,11 @@ import grpc
 import numpy as np
 
 from jaxps.ps import wire
-from jaxps.ps.server import PSError, PSServer, WrongOwner
+from jaxps.ps.server import PSError, PSServer, TableSpec, WrongOwner
 
 SERVICE = "jaxps.ps.PS"
-PULL_METHOD, PUSH_METHOD, STATS_METHOD = (f"/{SERVICE}/{m}" for m in ("Pull", "Push", "Stats"))
+PULL_METHOD, PUSH_METHOD, STATS_METHOD, CREATE_METHOD = (
+    f"/{SERVICE}/{m}" for m in ("Pull", "Push", "Stats", "CreateTable"))
 CHUNK_BYTES = 2 << 20            # one gRPC message carries at most this much of a wire message
 MAX_MESSAGE_BYTES = 4 << 20      # gRPC's per-message limit, set explicitly on both sides
 DEFAULT_MAX_REQUEST_BYTES = 512 << 20   # a whole request (all its pieces), server side
@@ -78,6 +80,7 @@ class PSServicer:
             "Pull": grpc.stream_stream_rpc_method_handler(self._pull),
             "Push": grpc.stream_unary_rpc_method_handler(self._push),
             "Stats": grpc.unary_unary_rpc_method_handler(self._stats),
+            "CreateTable": grpc.unary_unary_rpc_method_handler(self._create),
         })
 
     # ------------------------------------------------------------------ request intake
@@ -166,6 +169,15 @@ class PSServicer:
             self._fail(context, "stats", e)
 
 
+    def _create(self, request: bytes, context):
+        try:
+            msg = self._receive((request,), wire.CREATE)
+            created = self.server.create_table(TableSpec.from_json(msg.json()))
+            return wire.encode(wire.Message(wire.CREATE_REPLY, arrays=(np.array(created),)))
+        except Exception as e:  # noqa: BLE001
+            self._fail(context, "create-table", e)
+
+
 def make_server(ps: PSServer, host: str = "127.0.0.1", port: int = 0, token: str | bytes | None = None,
                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_workers: int = 16,
                 chunk_bytes: int = CHUNK_BYTES) -> tuple[grpc.Server, int]:
@@ -208,6 +220,7 @@ class GrpcTransport:
         self._pull = self.channel.stream_stream(PULL_METHOD)
         self._push = self.channel.stream_unary(PUSH_METHOD)
         self._stats = self.channel.unary_unary(STATS_METHOD)
+        self._create = self.channel.unary_unary(CREATE_METHOD)
 
     def _call(self, method: str, fn):
         for attempt in range(self.attempts):
@@ -263,6 +276,13 @@ class GrpcTransport:
             return reply.json()
         except wire.WireError as e:
             raise PSRPCError(self.address, "stats", grpc.StatusCode.DATA_LOSS, str(e)) from None
+
+    def create_table(self, spec: TableSpec) -> bool:
+        data = wire.encode(wire.Message(wire.CREATE, spec.name, token=self.token, meta=wire.json_meta(spec.to_json())))
+        reply = self._reply("create-table",
+                            self._call("create-table", lambda: self._create(data, timeout=self.timeout)),
+                            wire.CREATE_REPLY)
+        return bool(reply.arrays[0].reshape(()))
 
     def close(self) -> None:
         self.channel.close()

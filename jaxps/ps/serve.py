@@ -50,27 +50,15 @@ def table_specs(entries) -> list[TableSpec]:
         entries = entries["tables"]
     if not isinstance(entries, list):
         raise ValueError("tables: expected a list of table objects")
-    specs = []
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict):
-            raise ValueError(f"tables[{i}]: expected an object, got {type(e).__name__}")
-        unknown = set(e) - _FIELDS
-        if unknown:
-            raise ValueError(f"tables[{i}]: unknown field(s) {sorted(unknown)}; known: {sorted(_FIELDS)}")
-        missing = {"name", "dim", "optimizer"} - set(e)
-        if missing:
-            raise ValueError(f"tables[{i}]: missing field(s) {sorted(missing)}")
-        opt = dict(e["optimizer"]) if isinstance(e["optimizer"], dict) else {"name": e["optimizer"]}
-        optimizer = rowwise.make(opt.pop("name"), **opt)
-        specs.append(TableSpec(**dict(e, optimizer=optimizer)))
-    return specs
+    return [TableSpec.from_json(e, f"tables[{i}]") for i, e in enumerate(entries)]
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxps.ps.serve", description="Run one host PS server.")
     p.add_argument("--name", required=True, help="this server's name on the ring")
     p.add_argument("--servers", required=True, help="comma-separated names of every server of the group")
-    p.add_argument("--tables", required=True, help="JSON file listing the tables")
+    p.add_argument("--tables", default=None,
+                   help="JSON file listing the tables (default: none; clients create their tables)")
     p.add_argument("--partitions", type=int, default=1024)
     p.add_argument("--vnodes", type=int, default=64)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -97,8 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"jaxps ps-server: warning: serving {args.host} without a token", file=sys.stderr)
     try:
-        with open(args.tables) as f:
-            tables = table_specs(json.load(f))
+        tables = []
+        if args.tables:
+            with open(args.tables) as f:
+                tables = table_specs(json.load(f))
         ring = Ring(args.partitions, args.vnodes, servers)
         srv, port = serve(args.name, ring, tables, args.host, args.port, token, args.max_request_bytes,
                           args.workers)

@@ -8,6 +8,7 @@ carries (request id, step), and partitions are the unit a snapshot or a migratio
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from jaxps.optim import rowwise
 from jaxps.optim.rowwise import RowOptimizer
 from jaxps.ps.ring import Ring, partition_of
 from jaxps.ps.store import PartitionStore
@@ -47,6 +49,27 @@ class TableSpec:
         if self.kind == "hashed" and not self.rows:
             raise ValueError(f"table {self.name!r}: a hashed table needs rows")
 
+    def to_json(self) -> dict:
+        """Plain JSON fields; the optimizer as {"name": ..., hyper-parameters...}."""
+        opt = {f.name: getattr(self.optimizer, f.name) for f in dataclasses.fields(self.optimizer)}
+        return {"name": self.name, "dim": self.dim, "kind": self.kind, "rows": self.rows,
+                "init_scale": self.init_scale, "seed": self.seed,
+                "optimizer": dict(opt, name=self.optimizer.name)}
+
+    @classmethod
+    def from_json(cls, e: dict, where: str = "table") -> "TableSpec":
+        if not isinstance(e, dict):
+            raise ValueError(f"{where}: expected an object, got {type(e).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(e) - known
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        missing = {"name", "dim", "optimizer"} - set(e)
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {sorted(missing)}")
+        opt = dict(e["optimizer"]) if isinstance(e["optimizer"], dict) else {"name": e["optimizer"]}
+        return cls(**dict(e, optimizer=rowwise.make(opt.pop("name"), **opt)))
+
 
 def group_by_partition(keys: np.ndarray, num_partitions: int) -> Iterator[tuple[int, np.ndarray]]:
     """(partition, positions of its keys) for every partition present in `keys`."""
@@ -73,6 +96,21 @@ class PSServer:
         self._dedup_window = dedup_window
         self._stats = {t: {"pulls": 0, "pushes": 0, "pulled_keys": 0, "pushed_keys": 0,
                            "duplicate_pushes": 0} for t in self.tables}
+
+    def create_table(self, spec: TableSpec) -> bool:
+        """Serve a new table (servers can start empty and learn their tables from the
+        first client). Idempotent for an identical spec; a different one is refused."""
+        with self._meta_lock:
+            have = self.tables.get(spec.name)
+            if have is not None:
+                if have != spec:
+                    raise PSError(f"server {self.name}: table {spec.name!r} exists with another "
+                                  f"spec: {have.to_json()} vs {spec.to_json()}")
+                return False
+            self.tables[spec.name] = spec
+            self._stats[spec.name] = {"pulls": 0, "pushes": 0, "pulled_keys": 0, "pushed_keys": 0,
+                                      "duplicate_pushes": 0}
+            return True
 
     # ------------------------------------------------------------------ partitions
     def _store(self, table: str, part: int) -> tuple[PartitionStore, threading.Lock]:

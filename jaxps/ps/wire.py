@@ -25,9 +25,9 @@ MAGIC = b"JXPS"
 VERSION = 1
 
 # message kinds
-PULL, PULL_REPLY, PUSH, PUSH_REPLY, STATS, STATS_REPLY = 1, 2, 3, 4, 5, 6
+PULL, PULL_REPLY, PUSH, PUSH_REPLY, STATS, STATS_REPLY, CREATE, CREATE_REPLY = 1, 2, 3, 4, 5, 6, 7, 8
 KINDS = {PULL: "pull", PULL_REPLY: "pull-reply", PUSH: "push", PUSH_REPLY: "push-reply",
-         STATS: "stats", STATS_REPLY: "stats-reply"}
+         STATS: "stats", STATS_REPLY: "stats-reply", CREATE: "create-table", CREATE_REPLY: "create-reply"}
 
 # the allow-list: code -> little-endian dtype
 DTYPES = {1: np.dtype("<u8"), 2: np.dtype("<f4"), 3: np.dtype("<i8"), 4: np.dtype("<i4"), 5: np.dtype("?")}
@@ -222,6 +222,7 @@ def json_meta(obj) -> bytes:
 
 
 __all__ = ["MAGIC", "VERSION", "DTYPES", "KINDS", "PULL", "PULL_REPLY", "PUSH", "PUSH_REPLY", "STATS",
+           "CREATE", "CREATE_REPLY",
            "STATS_REPLY", "HEADER_BYTES", "Message", "Header", "WireError", "encode", "encode_parts",
            "decode", "decode_header", "chunks", "json_meta"]
 
