@@ -1,4 +1,4 @@
-"""`jaxps` command line: train, evaluate, predict, plan, gen-data, launch.
+"""`jaxps` command line: train, evaluate, predict, plan, gen-data, launch, ps-server.
 
 Every command takes an optional config file (TOML or JSON) and `key=value` overrides
 with dotted keys, e.g. `jaxps train model.optimizer.name=adagrad data.batch_size=8192`.
@@ -150,6 +150,11 @@ def cmd_gen_data(args) -> int:
     return 0
 
 
+def cmd_ps_server(args) -> int:
+    from jaxps.ps.serve import main as serve_main  # imports no JAX: starts fast, holds no accelerator
+    return serve_main(args.cmd)
+
+
 def cmd_launch(args) -> int:
     from jaxps.launch.local import LocalJob, run
     return run(args.cmd, LocalJob(workers=args.workers, servers=args.servers, partitions=args.partitions,
@@ -192,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     la.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices per worker")
     la.add_argument("--timeout", type=float, default=None, help="stop every worker after this many seconds")
     la.set_defaults(fn=cmd_launch)
+    ps = sub.add_parser("ps-server", add_help=False,
+                        help="run one parameter-server process (jaxps ps-server --help)")
+    ps.set_defaults(fn=cmd_ps_server)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ps-server"]:  # its own flags: see jaxps.ps.serve
+        return cmd_ps_server(argparse.Namespace(cmd=argv[1:]))
     command: list[str] = []
     if "--" in argv:  # everything after '--' is the workers' command, untouched
         cut = argv.index("--")

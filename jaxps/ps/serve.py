@@ -54,7 +54,7 @@ def table_specs(entries) -> list[TableSpec]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jaxps.ps.serve", description="Run one host PS server.")
+    p = argparse.ArgumentParser(prog="jaxps ps-server", description="Run one host PS server.")
     p.add_argument("--name", required=True, help="this server's name on the ring")
     p.add_argument("--servers", required=True, help="comma-separated names of every server of the group")
     p.add_argument("--tables", default=None,
