@@ -24,3 +24,23 @@ def aligned_full(shape: int | tuple[int, ...], value, dtype) -> np.ndarray:
     out = aligned_empty(shape, dtype)
     out.fill(value)
     return out
+
+
+def row_view(a: np.ndarray) -> np.ndarray:
+    """[n] view of a C-contiguous [n, ...] array with one opaque element per row: np.take /
+    np.put on it move whole rows 3-10x faster than 2-D fancy indexing (PS_NOTES)."""
+    a = np.ascontiguousarray(a)
+    width = int(np.prod(a.shape[1:]))
+    return a.reshape(a.shape[0], width).view(np.dtype((np.void, a.itemsize * width)))[:, 0]
+
+
+def take_rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """a[idx] for the rows of a 2-D array, through a row view."""
+    out = np.empty((idx.shape[0],) + a.shape[1:], a.dtype)
+    np.take(row_view(a), idx, out=row_view(out))
+    return out
+
+
+def put_rows(a: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> None:
+    """a[idx] = rows for the rows of a C-contiguous 2-D array, through a row view."""
+    np.put(row_view(a), idx, row_view(np.ascontiguousarray(rows, a.dtype)))

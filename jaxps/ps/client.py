@@ -14,6 +14,7 @@ from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
+from jaxps.memory import put_rows, take_rows
 from jaxps.ps.ring import Ring, partition_of
 from jaxps.ps.server import PSServer, TableSpec
 
@@ -57,30 +58,43 @@ class PSClient:
         self._seq = itertools.count()
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(ring.servers)), thread_name_prefix="jaxps-ps")
 
-    def _route(self, keys: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        owners = self.ring.owners()[partition_of(keys, self.ring.num_partitions)]
-        out = []
-        for s in np.unique(owners):
-            out.append((self.ring.servers[int(s)], np.flatnonzero(owners == s)))
-        return out
+    def _route(self, keys: np.ndarray) -> tuple[np.ndarray | None, list[tuple[str, int, int]]]:
+        """(order grouping keys by server or None when there is one server, and
+        (server, lo, hi) runs of the grouped keys)."""
+        if len(self.ring.servers) == 1:
+            return None, [(self.ring.servers[0], 0, keys.shape[0])]
+        owners = self.ring.owners()[partition_of(keys, self.ring.num_partitions)].astype(np.uint16)
+        order = np.argsort(owners, kind="stable")  # radix sort of 16-bit ids
+        bounds = np.searchsorted(owners[order], np.arange(len(self.ring.servers) + 1))
+        return order, [(name, int(bounds[i]), int(bounds[i + 1])) for i, name in enumerate(self.ring.servers)
+                       if bounds[i + 1] > bounds[i]]
 
     def pull(self, table: str, keys: np.ndarray) -> np.ndarray:
         """Rows [n, dim] of unique uint64 `keys`, in order."""
         keys = np.ascontiguousarray(keys, np.uint64)
-        out = np.empty((keys.shape[0], self.tables[table].dim), np.float32)
-        routes = self._route(keys)
-        futures = [(idx, self._pool.submit(self.transports[s].pull, table, keys[idx])) for s, idx in routes]
-        for idx, f in futures:
-            out[idx] = f.result()
+        order, runs = self._route(keys)
+        grouped = keys if order is None else keys[order]
+        futures = [(lo, hi, self._pool.submit(self.transports[s].pull, table, grouped[lo:hi]))
+                   for s, lo, hi in runs]
+        if order is None:  # one server: its reply is the answer
+            return futures[0][2].result() if futures else np.zeros((0, self.tables[table].dim), np.float32)
+        rows = np.empty((keys.shape[0], self.tables[table].dim), np.float32)
+        for lo, hi, f in futures:
+            rows[lo:hi] = f.result()
+        out = np.empty_like(rows)
+        put_rows(out, order, rows)
         return out
 
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
         """Send summed gradients of unique keys; returns once every server applied them."""
         keys = np.ascontiguousarray(keys, np.uint64)
         grads = np.ascontiguousarray(grads, np.float32)
-        futures = [self._pool.submit(self.transports[s].push, table, keys[idx], grads[idx],
+        order, runs = self._route(keys)
+        if order is not None:
+            keys, grads = keys[order], take_rows(grads, order)
+        futures = [self._pool.submit(self.transports[s].push, table, keys[lo:hi], grads[lo:hi],
                                      (self.client_id, next(self._seq)), step)
-                   for s, idx in self._route(keys)]
+                   for s, lo, hi in runs]
         for f in futures:
             f.result()
 

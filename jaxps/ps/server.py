@@ -12,10 +12,11 @@ import dataclasses
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from jaxps.memory import put_rows, take_rows
 from jaxps.optim import rowwise
 from jaxps.optim.rowwise import RowOptimizer
 from jaxps.ps.ring import Ring, partition_of
@@ -71,15 +72,17 @@ class TableSpec:
         return cls(**dict(e, optimizer=rowwise.make(opt.pop("name"), **opt)))
 
 
-def group_by_partition(keys: np.ndarray, num_partitions: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(partition, positions of its keys) for every partition present in `keys`."""
+def partition_runs(keys: np.ndarray, num_partitions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group keys by partition: (order that sorts them by partition, the partitions present,
+    run bounds [len(present) + 1]). A stable sort of 16-bit partition ids is a radix sort
+    in numpy (O(n)); after one permutation every partition's keys are a contiguous run."""
     parts = partition_of(keys, num_partitions)
+    parts = parts.astype(np.uint16 if num_partitions <= 1 << 16 else np.uint32)
     order = np.argsort(parts, kind="stable")
-    sorted_parts = parts[order]
-    cuts = np.flatnonzero(np.diff(sorted_parts)) + 1
-    for idx in np.split(order, cuts):
-        if idx.size:
-            yield int(parts[idx[0]]), idx
+    ordered = parts[order]
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]])) if keys.size else \
+        np.zeros(0, np.int64)
+    return order, ordered[starts].astype(np.int64), np.append(starts, keys.shape[0])
 
 
 class PSServer:
@@ -146,12 +149,17 @@ class PSServer:
     def pull(self, table: str, keys: np.ndarray) -> np.ndarray:
         """Rows [n, dim] float32 of `keys` (all in partitions this server owns)."""
         spec = self._validate(table, keys)
-        out = np.empty((keys.shape[0], spec.dim), np.float32)
-        for part, idx in group_by_partition(keys, self.ring.num_partitions):
-            self._check(table, keys, part)
+        order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
+        for part in parts:
+            self._check(table, keys, int(part))
+        ordered_keys = keys[order]
+        ordered = np.empty((keys.shape[0], spec.dim), np.float32)
+        for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
             store, lock = self._store(table, part)
             with lock:
-                out[idx] = store.pull(keys[idx])
+                ordered[lo:hi] = store.pull(ordered_keys[lo:hi])
+        out = np.empty_like(ordered)
+        put_rows(out, order, ordered)
         s = self._stats[table]
         s["pulls"] += 1
         s["pulled_keys"] += keys.shape[0]
@@ -180,13 +188,14 @@ class PSServer:
             # id is removed and this retry applies the push itself)
             running.wait()
         try:
-            groups = list(group_by_partition(keys, self.ring.num_partitions))
-            for part, _ in groups:
-                self._check(table, keys, part)
-            for part, idx in groups:
+            order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
+            for part in parts:
+                self._check(table, keys, int(part))
+            ordered_keys, ordered_grads = keys[order], take_rows(grads, order)
+            for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
                 store, lock = self._store(table, part)
                 with lock:
-                    store.push(keys[idx], grads[idx], step)
+                    store.push(ordered_keys[lo:hi], ordered_grads[lo:hi], step)
         except BaseException:
             with self._meta_lock:  # not applied: a retry must be allowed through
                 self._applied.pop(request_id, None)
