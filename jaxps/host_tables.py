@@ -32,9 +32,9 @@ from jaxps.tables.table import Table
 
 def table_spec(t: Table) -> TableSpec:
     """How the servers see a HostTable namespace."""
-    kind = t.placement.kind
-    return TableSpec(t.name, t.dim, t.optimizer, kind=kind, rows=t.rows if kind == "hashed" else None,
-                     init_scale=t.init_scale, seed=t.seed)
+    p = t.placement
+    return TableSpec(t.name, t.dim, t.optimizer, kind=p.kind, rows=t.rows if p.kind == "hashed" else None,
+                     init_scale=t.init_scale, seed=t.seed, min_count=p.min_count, max_rows=p.max_rows)
 
 
 @dataclass
@@ -138,6 +138,18 @@ class HostTables:
             self._log.pop(self._issued - self._KEEP_PUSHES, None)
             self._issued += 1
         self._inflight.append(future)
+
+    def stats(self) -> dict:
+        """Each table's server counters summed over the group, plus strict repairs."""
+        out: dict = {}
+        for per_server in self.ps.stats().values():
+            for table, counters in per_server.items():
+                agg = out.setdefault(table, {})
+                for k, v in counters.items():
+                    agg[k] = agg.get(k, 0) + v
+        for table in out:
+            out[table]["repaired_rows"] = self.repaired_rows
+        return out
 
     def flush(self) -> None:
         """Wait until every queued push is applied (raises a push's error)."""

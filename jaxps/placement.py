@@ -46,9 +46,15 @@ class HostTable:
 
     kind: "collisionless" (raw 64-bit ids are keys; storage grows with the keys seen;
     the table's `rows` is only a planning estimate) or "hashed" (ids hash to `rows` rows).
+    min_count: admission: an id is stored from its min_count-th push on (rare ids, most of
+        a click log's, then cost nothing); until then its gradients are dropped, counted.
+    max_rows: eviction: a row budget for the whole table; past it, each partition drops
+        its least recently pushed rows (a dropped id reads as its initial row again).
     """
 
     kind: str = "collisionless"
+    min_count: int = 1
+    max_rows: int | None = None
     realm: ClassVar[int] = 2
 
     def __post_init__(self):

@@ -184,6 +184,8 @@ class Trainer:
                 "tables": {n: {"capacity": r.capacity, "overflows": r.overflows}
                            for n, r in self.steps.routers.items()},
             }
+            if self.steps.host is not None:  # per table, summed over the servers
+                result["ps"] = self.steps.host.stats()
             if eval_data is not None:
                 result["eval"] = self.evaluate(eval_data)
                 if writer is not None:

@@ -98,3 +98,29 @@ def test_a_retry_waits_for_the_first_attempt_in_flight():
     retry.join(timeout=5)
     assert results == {"first": True, "retry": False}
     np.testing.assert_array_equal(server.pull("t", keys), [[-1.0]])
+
+
+def test_admission_by_min_count_is_counted():
+    client = embedded([TableSpec("t", 2, rowwise.SGD(1.0), min_count=3)], servers=2, num_partitions=16)
+    key = np.array([2**64 - 5], np.uint64)
+    g = np.ones((1, 2), np.float32)
+    for step in (1, 2):  # below the count: nothing stored, gradients dropped
+        client.push("t", key, g, step)
+        np.testing.assert_array_equal(client.pull("t", key), [[0.0, 0.0]])
+    client.push("t", key, g, 3)  # the third push admits the key and applies its gradient
+    np.testing.assert_array_equal(client.pull("t", key), [[-1.0, -1.0]])
+    stats = {k: sum(s["t"][k] for s in client.stats().values()) for k in ("keys", "admitted", "rejected")}
+    assert stats == {"keys": 1, "admitted": 1, "rejected": 2}
+
+
+def test_eviction_keeps_the_budget_and_the_most_recent_rows():
+    client = embedded([TableSpec("t", 1, rowwise.SGD(1.0), max_rows=100)], servers=1, num_partitions=1)
+    keys = np.arange(1, 1001, dtype=np.uint64)
+    for step, chunk in enumerate(np.split(keys, 20), start=1):  # 50 new keys per step
+        client.push("t", chunk, np.ones((50, 1), np.float32), step)
+    stats = client.stats()["ps-0"]["t"]
+    assert stats["keys"] <= 100 and stats["evicted"] == 1000 - stats["keys"]
+    recent = client.pull("t", keys[-50:])   # pushed last: kept
+    old = client.pull("t", keys[:50])       # pushed first: evicted, read as initial rows
+    np.testing.assert_array_equal(recent, -np.ones((50, 1)))
+    np.testing.assert_array_equal(old, np.zeros((50, 1)))

@@ -43,6 +43,8 @@ class TableSpec:
     rows: int | None = None
     init_scale: float = 0.0
     seed: int = 0
+    min_count: int = 1            # admission: store a key from its min_count-th push on
+    max_rows: int | None = None   # eviction: row budget of the whole table (all servers)
 
     def __post_init__(self):
         if self.kind not in ("collisionless", "hashed"):
@@ -54,7 +56,8 @@ class TableSpec:
         """Plain JSON fields; the optimizer as {"name": ..., hyper-parameters...}."""
         opt = {f.name: getattr(self.optimizer, f.name) for f in dataclasses.fields(self.optimizer)}
         return {"name": self.name, "dim": self.dim, "kind": self.kind, "rows": self.rows,
-                "init_scale": self.init_scale, "seed": self.seed,
+                "init_scale": self.init_scale, "seed": self.seed, "min_count": self.min_count,
+                "max_rows": self.max_rows,
                 "optimizer": dict(opt, name=self.optimizer.name)}
 
     @classmethod
@@ -124,7 +127,9 @@ class PSServer:
                 store = self._stores.get(key)
                 if store is None:
                     spec = self.tables[table]
-                    store = PartitionStore(spec.dim, spec.optimizer, spec.init_scale, spec.seed)
+                    budget = None if spec.max_rows is None else -(-spec.max_rows // self.ring.num_partitions)
+                    store = PartitionStore(spec.dim, spec.optimizer, spec.init_scale, spec.seed,
+                                           spec.min_count, budget)
                     self._locks[key] = threading.Lock()
                     self._stores[key] = store
         return store, self._locks[key]
@@ -215,5 +220,7 @@ class PSServer:
         for table, s in self._stats.items():
             stores = [st for (t, _), st in self._stores.items() if t == table]
             out[table] = dict(s, keys=sum(st.size for st in stores), bytes=sum(st.nbytes for st in stores),
-                              partitions=len(stores))
+                              partitions=len(stores), admitted=sum(st.admitted for st in stores),
+                              rejected=sum(st.rejected for st in stores),
+                              evicted=sum(st.evicted for st in stores))
         return out

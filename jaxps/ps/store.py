@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxps.hashing import GOLDEN, mix64
 from jaxps.optim.rowwise import RowOptimizer
+from jaxps.memory import take_rows
 from jaxps.ps.keyindex import KeyIndex, grown_capacity
 
 
@@ -42,12 +43,27 @@ class PartitionStore:
     optimizer: RowOptimizer
     init_scale: float = 0.0
     seed: int = 0
+    min_count: int = 1            # admission: a key is stored from its min_count-th push on
+    max_rows: int | None = None   # eviction: above this, the least recently pushed rows go
     index: KeyIndex = field(default_factory=KeyIndex)
 
+    # Admission counts of candidate keys are kept for at most this many keys per
+    # partition; past it they restart (a key then needs min_count fresh pushes).
+    PROBATION_KEYS = 1 << 20
+
     def __post_init__(self):
+        if self.min_count < 1 or (self.max_rows is not None and self.max_rows < 1):
+            raise ValueError(f"min_count must be >= 1 and max_rows >= 1 or None "
+                             f"(got {self.min_count}, {self.max_rows})")
         self._row = np.dtype((np.void, 4 * self.dim))
         self.values = np.zeros((0, self.dim), np.float32)
         self.slots = {s: np.zeros((0, self.dim), np.float32) for s in self.optimizer.slots}
+        self.last_step = np.zeros(0, np.int64)
+        self._probation = KeyIndex()
+        self._counts = np.zeros(0, np.int32)
+        self.admitted = 0   # keys stored after reaching min_count pushes
+        self.rejected = 0   # key pushes dropped while below min_count
+        self.evicted = 0    # rows removed by the row budget
         self._views()
 
     def _views(self) -> None:
@@ -88,8 +104,41 @@ class PartitionStore:
         out[missing] = init_rows(np.asarray(keys, np.uint64)[missing], self.dim, self.init_scale, self.seed)
         return out
 
+    def _admit(self, keys: np.ndarray) -> np.ndarray | None:
+        """Positions of the keys that may be stored now (None: all of them). A key not yet
+        stored is counted per push; its gradients are dropped until its min_count-th."""
+        slots, n_missing = self.index.find_count(keys)
+        if not n_missing:
+            return None
+        missing = np.flatnonzero(slots < 0)
+        if self._probation.size + missing.size > self.PROBATION_KEYS:
+            self._probation, self._counts = KeyIndex(), np.zeros(0, np.int32)
+        pslots, _ = self._probation.find_or_insert(keys[missing])
+        if self._counts.shape[0] < self._probation.size:
+            self._counts = np.concatenate([self._counts, np.zeros(
+                grown_capacity(self._counts.shape[0], self._probation.size) - self._counts.shape[0], np.int32)])
+        np.add.at(self._counts, pslots, 1)
+        admit = self._counts[pslots] >= self.min_count
+        self.admitted += int(admit.sum())
+        self.rejected += int((~admit).sum())
+        keep = np.ones(keys.shape[0], bool)
+        keep[missing[~admit]] = False
+        return np.flatnonzero(keep)
+
     def push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
         """Apply summed gradients [n, dim] of unique `keys` with the row-wise optimizer."""
+        keys = np.asarray(keys, np.uint64)
+        if self.min_count > 1:
+            keep = self._admit(keys)
+            if keep is not None:
+                keys, grads = keys[keep], take_rows(grads, keep)
+                if not keys.size:
+                    return
+        self._push(keys, grads, step)
+        if self.max_rows is not None and self.size > self.max_rows:
+            self._evict()
+
+    def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
         slots, is_new = self.index.find_or_insert(keys)
         self._reserve(self.index.size)
         fresh = np.flatnonzero(is_new)
@@ -107,6 +156,22 @@ class PartitionStore:
         np.put(self._vview, slots, self._rows(np.ascontiguousarray(new_params, np.float32)))
         for name, view in self._sviews.items():
             np.put(view, slots, self._rows(np.ascontiguousarray(new_state[name], np.float32)))
+        self.last_step[slots] = step
+
+    def _evict(self) -> None:
+        """Keep the most recently pushed rows, down to 90% of the budget so evictions are
+        rare (each rebuilds the partition: O(rows))."""
+        size, keep_n = self.size, int(self.max_rows * 0.9)
+        order = np.argsort(self.last_step[:size], kind="stable")  # least recent first
+        keep = np.sort(order[size - keep_n:])
+        kept_keys = self.index.keys()[keep]
+        self.index = KeyIndex(capacity=keep_n)
+        self.index.find_or_insert(kept_keys)  # slots 0..keep_n-1 in the kept order
+        self.values[:keep_n] = take_rows(self.values, keep)
+        for arr in self.slots.values():
+            arr[:keep_n] = take_rows(arr, keep)
+        self.last_step[:keep_n] = self.last_step[keep]
+        self.evicted += size - keep_n
 
     def _reserve(self, n: int) -> None:
         cap = self.values.shape[0]
@@ -122,4 +187,7 @@ class PartitionStore:
 
         self.values = grow(self.values)
         self.slots = {k: grow(v) for k, v in self.slots.items()}
+        steps = np.zeros(cap, np.int64)
+        steps[:self.last_step.shape[0]] = self.last_step
+        self.last_step = steps
         self._views()
