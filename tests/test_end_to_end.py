@@ -176,3 +176,17 @@ def test_restore_onto_a_mesh_with_other_row_padding(tmp_path):
     adam = Trainer(SparseLR(SparseLRConfig(rows=1000, optimizer=rowwise.Adam())), MeshConfig(), cfg)
     with pytest.raises(ValueError, match=r"'slots': \['accumulator', 'linear'\]\}, this model has .*'m', 'v'"):
         adam.restore()
+
+
+@pytest.mark.slow
+def test_cli_wide_deep_on_criteo_with_host_embeddings(tmp_path):
+    (tmp_path / "day0.tsv").write_text("\n".join(_criteo_lines(2000, 1)) + "\n")
+    out = _jaxps(["train", "data.format=criteo", "data.train=day0.tsv", "data.eval=day0.tsv",
+                  "model.name=wide_deep", "model.placement=host", "model.rows=65536", "model.embed_dim=4",
+                  "model.hidden=16", "data.batch_size=256", "train.progress=false", "train.checkpoint=false",
+                  "train.epochs=2", "train.dense_optimizer=adam", "train.dense_learning_rate=0.003"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "HostTable(kind='collisionless'" in out.stdout
+    metrics = json.loads((tmp_path / "runs/jaxps/metrics.json").read_text())
+    assert metrics["ps"]["embed"]["keys"] > 1000 and metrics["ps"]["embed"]["pushes"] == metrics["train"]["steps"]
+    assert metrics["eval"]["auc"] > 0.65
