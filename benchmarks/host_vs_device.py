@@ -16,6 +16,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from _common import emit, machine_info, parser  # noqa: E402
 from jaxps.data import PlantedModel, SyntheticConfig  # noqa: E402
@@ -40,6 +41,48 @@ def seconds_per_step(placement, batches, args, strict=True) -> tuple[float, dict
     return dt, extra
 
 
+def torch_seconds_per_step(batches, args) -> float | None:
+    """The same Wide&Deep step in PyTorch (CPU): per-slot nn.Embedding(sparse=True) and a
+    wide EmbeddingBag(sparse=True) with Adagrad (sparse gradients), the tower with Adam.
+    None when torch is not installed (it is a benchmark-only peer: pip install torch==2.13.0)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from jaxps.tables.table import Table
+    torch.manual_seed(0)
+    rows_of = Table("x", rows=args.rows).rows_for
+    embed = torch.nn.Embedding(args.rows, args.dim, sparse=True)
+    wide = torch.nn.EmbeddingBag(args.rows, 1, mode="sum", sparse=True)
+    torch.nn.init.normal_(embed.weight, std=0.05)
+    torch.nn.init.zeros_(wide.weight)
+    tower = torch.nn.Sequential(torch.nn.Linear(39 * args.dim, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128),
+                                torch.nn.ReLU(), torch.nn.Linear(128, 1))
+    sparse_opt = torch.optim.Adagrad(list(embed.parameters()) + list(wide.parameters()), lr=0.05)
+    dense_opt = torch.optim.Adam(tower.parameters(), lr=1e-3)
+    data = [(torch.from_numpy(rows_of(b.ids).astype(np.int64)), torch.from_numpy(b.vals),
+             torch.from_numpy(b.labels)) for b in batches]
+
+    def step(rows, vals, labels):
+        e = embed(rows) * vals[..., None]                        # [B, slots, dim]
+        offsets = torch.arange(0, rows.numel(), rows.shape[1])
+        w = wide(rows.reshape(-1), offsets, per_sample_weights=vals.reshape(-1))[:, 0]
+        logit = tower(e.reshape(e.shape[0], -1))[:, 0] + w
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, labels, reduction="sum")
+        sparse_opt.zero_grad()
+        dense_opt.zero_grad()
+        loss.backward()
+        sparse_opt.step()
+        dense_opt.step()
+
+    for d in data[:3]:
+        step(*d)
+    t0 = time.perf_counter()
+    for d in data:
+        step(*d)
+    return (time.perf_counter() - t0) / len(data)
+
+
 def main(argv=None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=4096)
@@ -54,12 +97,17 @@ def main(argv=None) -> int:
     device_s, _ = seconds_per_step(RowSharded("data"), batches, args)
     host_s, host_extra = seconds_per_step(HostTable("hashed"), batches, args, strict=True)
     loose_s, _ = seconds_per_step(HostTable("hashed"), batches, args, strict=False)
+    torch_s = torch_seconds_per_step(batches, args)
     emit("host_vs_device", {
         "batch_size": args.batch, "embed_dim": args.dim, "rows": args.rows, "steps": steps,
         "devices": args.devices, "seconds_per_step_device": device_s,
         "seconds_per_step_host_strict": host_s, "seconds_per_step_host_nonstrict": loose_s,
         "ratio": host_s / device_s, "ratio_nonstrict": loose_s / device_s,
-        "repaired_rows_strict": host_extra.get("repaired_rows"), "machine": machine_info(),
+        "repaired_rows_strict": host_extra.get("repaired_rows"),
+        "seconds_per_step_torch": torch_s,
+        "ratio_device_vs_torch": None if torch_s is None else device_s / torch_s,
+        "ratio_host_strict_vs_torch": None if torch_s is None else host_s / torch_s,
+        "machine": machine_info(),
     }, args.out)
     return 0
 
