@@ -1,12 +1,13 @@
 """Builds the jitted train/eval steps of a model from its namespaces' placements.
 
 Data path of one train step (see DESIGN.md):
-  host: ids -> rows (hash) -> LookupPlan per table (dedup, bucket by owner shard)
-  device: gather planned unique rows per shard -> occurrence gather in the global view
-          -> forward/backward w.r.t. (dense params, unique rows) -> optax on dense,
-          row-wise optimizer on exactly the unique rows of each table.
-A gradient of a whole table never exists: differentiation is w.r.t. the [S, C, dim]
-unique rows only.
+  host: ids -> rows (hash) -> LookupPlan per table (dedup, bucket by owner shard);
+        HostTable namespaces: dedup -> rows pulled from the PS (jaxps.host_tables)
+  device: gather planned unique rows per shard (or take the pulled block) -> occurrence
+          gather in the global view -> forward/backward w.r.t. (dense params, unique rows)
+          -> optax on dense, row-wise optimizer on exactly the unique rows of each mesh
+          table; a HostTable's unique-row gradients go back to the host to be pushed.
+A gradient of a whole table never exists: differentiation is w.r.t. the unique rows only.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from jaxps.plan import resolve
 from jaxps.ps.client import PSClient
 from jaxps.ps.store import init_rows
 from jaxps.runtime import allgather_host
-from jaxps.tables.routing import LookupPlan, Router
+from jaxps.tables.routing import Router
 from jaxps.tables.routing import warm_up as routing_warm_up
 from jaxps.tables.sharded import apply_rows, gather_unique
 from jaxps.tables.table import Table
@@ -146,7 +147,7 @@ class StepBuilder:
                 "slots": jax.jit(slots, out_shardings={s: sharding for s in t.optimizer.slots})()}
 
     # ---------------------------------------------------------------- host side
-    def plan_batch(self, batch: Batch) -> dict[str, LookupPlan]:
+    def plan_batch(self, batch: Batch) -> dict[str, Any]:
         """Hash ids to rows and plan every table's lookup (host work, no device step).
 
         With several processes the plan must cover the global batch (every owner shard
