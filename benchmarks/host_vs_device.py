@@ -5,6 +5,8 @@ the mesh, or `HostTable` in an embedded (in-process) PS group, with pulls prefet
 the input thread and pushes queued behind the device steps — strict (exact, repairs rows
 shared with in-flight pushes) and non-strict (bounded staleness). Reported: seconds per
 step of each and `ratio` = strict HostTable / RowSharded (target <= 1.15).
+
+Usage: python benchmarks/host_vs_device.py [--quick] [--batch 4096] [--dim 16] [--devices 1]
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ lookup with `jnp.take`, dense gradients of every parameter (the embedding table 
 jaxps runs the same model with the embedding as a replicated `Table` (row-wise Adagrad on
 the touched rows only). Both see the same pre-built batches (no file parsing), so the
 ratio is the step machinery alone. Reported: examples/s of each and `ratio_vs_plain_jax`.
+
+Usage: python benchmarks/mlp_dp.py [--quick] [--rows 262144] [--batch 4096]
 """
 from __future__ import annotations
 

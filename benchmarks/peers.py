@@ -6,6 +6,8 @@ doing the same job. VW parses its own text format; scikit-learn has no fast stre
 parser, so its input is read by jaxps's own (``jaxps.data.read_examples``). Importable by
 benchmark scripts (``from peers import run_vw``); run directly (``python benchmarks/peers.py``)
 it validates both peers on files from ``jaxps.data.generate_dataset``.
+
+Usage: python benchmarks/peers.py [--quick] (VW and sklearn alone on generated data)
 """
 
 from __future__ import annotations
