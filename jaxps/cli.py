@@ -1,4 +1,4 @@
-"""`jaxps` command line: train, evaluate, predict, plan, gen-data, launch, ps-server.
+"""`jaxps` command line: train, evaluate, predict, plan, gen-data, launch, ps-server, schedule.
 
 Every command takes an optional config file (TOML or JSON) and `key=value` overrides
 with dotted keys, e.g. `jaxps train model.optimizer.name=adagrad data.batch_size=8192`.
@@ -150,6 +150,19 @@ def cmd_gen_data(args) -> int:
     return 0
 
 
+def cmd_schedule(args) -> int:
+    from jaxps.parallel.schedule import build, draw
+    sched = build(args.kind, args.stages, args.microbatches, args.virtual)
+    print(sched.render())
+    print(f"{sched.kind}: {sched.ticks} ticks, bubble fraction {sched.bubble_fraction():.4f} "
+          f"(theory (S-1)/(V*M+S-1) = {sched.theory_bubble():.4f}), "
+          f"max activations stashed per stage {max(sched.max_stash())}")
+    if args.png:
+        draw(sched, args.png)
+        print(f"timeline: {args.png}")
+    return 0
+
+
 def cmd_ps_server(args) -> int:
     from jaxps.ps.serve import main as serve_main  # imports no JAX: starts fast, holds no accelerator
     return serve_main(args.cmd)
@@ -197,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     la.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices per worker")
     la.add_argument("--timeout", type=float, default=None, help="stop every worker after this many seconds")
     la.set_defaults(fn=cmd_launch)
+    sc = sub.add_parser("schedule", help="print (and draw) a pipeline schedule table")
+    sc.add_argument("--kind", default="1f1b", choices=["gpipe", "1f1b", "interleaved"])
+    sc.add_argument("--stages", type=int, default=4)
+    sc.add_argument("--microbatches", type=int, default=8)
+    sc.add_argument("--virtual", type=int, default=1, help="virtual chunks per stage (interleaved)")
+    sc.add_argument("--png", default=None, help="write the timeline picture here")
+    sc.set_defaults(fn=cmd_schedule)
     ps = sub.add_parser("ps-server", add_help=False,
                         help="run one parameter-server process (jaxps ps-server --help)")
     ps.set_defaults(fn=cmd_ps_server)
@@ -209,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         argv, command = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
     args.cmd = command
-    if args.command != "launch":
+    if args.command not in ("launch", "schedule"):
         from jaxps.runtime import initialize_distributed, set_cpu_devices
         set_cpu_devices()
         initialize_distributed()

@@ -1,0 +1,183 @@
+"""Pipeline schedules as explicit, inspectable tables: tick x stage -> (microbatch, F/B,
+virtual chunk).
+
+A schedule is a program order per stage (which forward/backward each stage runs next);
+`build` replays those orders tick by tick, running an op only once its inputs exist
+(forward of chunk g needs the forward of g-1; backward of g needs backward of g+1 and its
+own forward's activations). The table is therefore valid by construction, and the same
+table is what the SPMD pipeline executes and what `jaxps schedule` draws. Every op takes
+one tick (a forward and a backward cost alike here; with virtual stages a tick is one
+chunk, 1/V of a stage's layers).
+
+Kinds: "gpipe" (all forwards, then all backwards), "1f1b" (PipeDream-flush: warm-up
+forwards, then one forward one backward, which bounds the activations a stage keeps to
+the number of stages), "interleaved" (Megatron's interleaved 1F1B over V virtual chunks
+per stage: chunk c of stage s is global stage c*S + s; the bubble shrinks V-fold).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Op:
+    microbatch: int
+    kind: str        # "F" or "B"
+    chunk: int = 0   # virtual chunk on this stage
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.microbatch}" + (f".{self.chunk}" if self.chunk else "")
+
+
+@dataclass
+class Schedule:
+    kind: str
+    stages: int
+    microbatches: int
+    virtual: int = 1
+    table: list[list[Op | None]] = field(default_factory=list)  # [tick][stage]
+
+    @property
+    def ticks(self) -> int:
+        return len(self.table)
+
+    def global_stage(self, stage: int, chunk: int) -> int:
+        return chunk * self.stages + stage
+
+    def bubble_fraction(self) -> float:
+        """Idle cells over all cells of the table."""
+        busy = sum(op is not None for row in self.table for op in row)
+        return 1.0 - busy / (self.ticks * self.stages)
+
+    def theory_bubble(self) -> float:
+        """(S-1)/(V*M + S-1): GPipe and 1F1B with V = 1, the interleaved (circular) form."""
+        s, m, v = self.stages, self.microbatches, self.virtual
+        return (s - 1) / (v * m + s - 1)
+
+    def max_stash(self) -> list[int]:
+        """Per stage, the most microbatch-chunks whose forward ran and backward did not:
+        the activations that stage must hold at once."""
+        live = [0] * self.stages
+        peak = [0] * self.stages
+        for row in self.table:
+            for s, op in enumerate(row):
+                if op is None:
+                    continue
+                live[s] += 1 if op.kind == "F" else -1
+                peak[s] = max(peak[s], live[s])
+        return peak
+
+    def render(self) -> str:
+        """The table as text: one line per stage, one column per tick."""
+        width = max((len(str(op)) for row in self.table for op in row if op), default=1)
+        lines = []
+        for s in range(self.stages):
+            cells = [(str(row[s]) if row[s] else ".").rjust(width) for row in self.table]
+            lines.append(f"stage {s}: " + " ".join(cells))
+        return "\n".join(lines)
+
+
+def _orders(kind: str, stages: int, microbatches: int, virtual: int) -> list[list[Op]]:
+    S, M, V = stages, microbatches, virtual
+    if kind == "gpipe":
+        if V != 1:
+            raise ValueError("gpipe has no virtual stages (use interleaved)")
+        return [[Op(m, "F") for m in range(M)] + [Op(m, "B") for m in range(M)] for _ in range(S)]
+    if kind == "1f1b":
+        if V != 1:
+            raise ValueError("1f1b has no virtual stages (use interleaved)")
+        orders = []
+        for s in range(S):
+            warm = min(S - 1 - s, M)
+            order = [Op(m, "F") for m in range(warm)]
+            for i in range(M - warm):
+                order += [Op(warm + i, "F"), Op(i, "B")]
+            order += [Op(m, "B") for m in range(M - warm, M)]
+            orders.append(order)
+        return orders
+    if kind == "interleaved":
+        if M % S:
+            raise ValueError(f"interleaved needs microbatches ({M}) divisible by stages ({S})")
+        total = M * V
+
+        def fwd(k: int) -> Op:  # k-th forward of a stage: groups of S microbatches per chunk
+            return Op((k // (S * V)) * S + k % S, "F", (k // S) % V)
+
+        def bwd(k: int) -> Op:
+            return Op((k // (S * V)) * S + k % S, "B", V - 1 - (k // S) % V)
+
+        orders = []
+        for s in range(S):
+            warm = min((S - 1 - s) * 2 + (V - 1) * S, total)
+            order = [fwd(k) for k in range(warm)]
+            for i in range(total - warm):
+                order += [fwd(warm + i), bwd(i)]
+            order += [bwd(k) for k in range(total - warm, total)]
+            orders.append(order)
+        return orders
+    raise ValueError(f"unknown schedule {kind!r}; choose gpipe, 1f1b or interleaved")
+
+
+def build(kind: str, stages: int, microbatches: int, virtual: int = 1) -> Schedule:
+    """Replay the per-stage orders tick by tick into a table (see the module docstring)."""
+    if stages < 1 or microbatches < 1 or virtual < 1:
+        raise ValueError("stages, microbatches and virtual must be >= 1")
+    orders = _orders(kind, stages, microbatches, virtual)
+    sched = Schedule(kind, stages, microbatches, virtual)
+    G = stages * virtual
+    done: set[tuple[str, int, int]] = set()  # (kind, microbatch, global stage) finished
+    nxt = [0] * stages
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        row: list[Op | None] = [None] * stages
+        for s in range(stages):
+            if nxt[s] == len(orders[s]):
+                continue
+            op = orders[s][nxt[s]]
+            g = sched.global_stage(s, op.chunk)
+            if op.kind == "F":
+                ready = g == 0 or ("F", op.microbatch, g - 1) in done
+            else:
+                ready = ("F", op.microbatch, g) in done and (g == G - 1 or ("B", op.microbatch, g + 1) in done)
+            if ready:
+                row[s] = op
+        if not any(row):
+            raise RuntimeError(f"{kind} schedule deadlocks at tick {len(sched.table)}")
+        for s, op in enumerate(row):
+            if op is not None:
+                done.add((op.kind, op.microbatch, sched.global_stage(s, op.chunk)))
+                nxt[s] += 1
+                remaining -= 1
+        sched.table.append(row)
+    return sched
+
+
+def draw(sched: Schedule, path: str) -> None:
+    """A PNG timeline: stages x ticks, forwards and backwards coloured, microbatch labels."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("drawing needs matplotlib: pip install 'jaxps[bench]'") from e
+    fig, ax = plt.subplots(figsize=(max(6, sched.ticks * 0.35), 0.6 * sched.stages + 1.2))
+    fwd = plt.get_cmap("Blues")
+    bwd = plt.get_cmap("Oranges")
+    for t, row in enumerate(sched.table):
+        for s, op in enumerate(row):
+            if op is None:
+                continue
+            shade = 0.45 + 0.4 * (op.chunk / max(sched.virtual - 1, 1))
+            ax.add_patch(plt.Rectangle((t, sched.stages - 1 - s), 1, 1,
+                                       color=(fwd if op.kind == "F" else bwd)(shade), ec="white"))
+            ax.text(t + 0.5, sched.stages - 0.5 - s, str(op.microbatch), ha="center", va="center", fontsize=7)
+    ax.set_xlim(0, sched.ticks)
+    ax.set_ylim(0, sched.stages)
+    ax.set_yticks([sched.stages - 0.5 - s for s in range(sched.stages)],
+                  [f"stage {s}" for s in range(sched.stages)])
+    ax.set_xlabel("tick (blue: forward, orange: backward; darker: later virtual chunk)")
+    ax.set_title(f"{sched.kind}: S={sched.stages} M={sched.microbatches} V={sched.virtual}  "
+                 f"bubble {sched.bubble_fraction():.3f} (theory {sched.theory_bubble():.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
