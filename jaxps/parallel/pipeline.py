@@ -1,4 +1,5 @@
-"""Pipelined stages in one SPMD program, driven by a schedule table (GPipe or 1F1B).
+"""Pipelined stages in one SPMD program, driven by a schedule table (GPipe, 1F1B,
+interleaved).
 
 Every device of the `stage` axis runs the same program: a `lax.scan` over the table's
 ticks. At tick t, stage s looks up its op in the table and runs it through `lax.switch`
@@ -11,6 +12,8 @@ GPipe, which is 1F1B's memory advantage. Microbatch inputs live in a ring buffer
 size, indexed by microbatch modulo the bound (1F1B's live microbatches form a contiguous
 range, so the slots never collide).
 
+Interleaved schedules hold V chunks per stage ([s, c] is global stage c*S + s); the
+activations of stage S-1's chunk c wrap to stage 0's chunk c+1 through a ring ppermute.
 Data parallel composes on `data` (each data shard pipelines its slice of every
 microbatch; gradients are summed over `data`). Gradients come out directly: the
 pipeline is not differentiated by JAX, it is the differentiation.
@@ -29,81 +32,95 @@ from jaxps.parallel.schedule import Schedule
 IDLE, FWD, BWD = 0, 1, 2
 
 
-def _table_arrays(sched: Schedule) -> tuple[np.ndarray, np.ndarray]:
-    if sched.virtual != 1:
-        raise NotImplementedError("executing interleaved (virtual) schedules comes next; "
-                                  "their tables are available (jaxps.parallel.schedule)")
+def _table_arrays(sched: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(op kind, microbatch, virtual chunk) per [tick, stage]."""
     kind = np.zeros((sched.ticks, sched.stages), np.int32)
     mb = np.zeros((sched.ticks, sched.stages), np.int32)
+    chunk = np.zeros((sched.ticks, sched.stages), np.int32)
     for t, row in enumerate(sched.table):
         for s, op in enumerate(row):
             if op is not None:
                 kind[t, s] = FWD if op.kind == "F" else BWD
                 mb[t, s] = op.microbatch
-    return kind, mb
+                chunk[t, s] = op.chunk
+    return kind, mb, chunk
 
 
 def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array],
                             loss: Callable[[jax.Array, jax.Array], jax.Array],
                             params: Any, xs: jax.Array, ys: jax.Array, sched: Schedule,
                             mesh: Mesh) -> tuple[jax.Array, Any]:
-    """Sum over microbatches of loss(block_{S-1}(...block_0(x))), and its gradient w.r.t.
-    the stage-stacked `params` (every leaf [S, ...], sharded over `stage`).
+    """Sum over microbatches of loss(block_{G-1}(...block_0(x))), and its gradient w.r.t.
+    the stacked `params`: every leaf [S, ...] (sharded over `stage`), or [S, V, ...] for an
+    interleaved schedule, where [s, c] is global stage c*S + s.
 
     block(p, x) -> h keeps x's shape (a stage's layers); loss(h, y) -> scalar.
     xs: [M, batch, ...] and ys: [M, batch, ...], the batch split over `data`.
     """
-    S, M = sched.stages, sched.microbatches
+    S, M, V = sched.stages, sched.microbatches, sched.virtual
     if mesh.shape["stage"] != S:
         raise ValueError(f"the schedule has {S} stages, the mesh's stage axis {mesh.shape['stage']}")
     if xs.shape[0] != M or ys.shape[0] != M:
         raise ValueError(f"expected {M} microbatches, got xs {xs.shape[0]} and ys {ys.shape[0]}")
-    kind_np, mb_np = _table_arrays(sched)
-    K = max(sched.max_stash())  # input/gradient buffer slots per stage
-    up = [(s, s + 1) for s in range(S - 1)]     # activations: stage s -> s+1
-    down = [(s + 1, s) for s in range(S - 1)]   # input-gradients: stage s+1 -> s
+    kind_np, mb_np, chunk_np = _table_arrays(sched)
+    K = max(sched.max_stash())  # input/gradient buffer slots per stage and chunk
+    # ring neighbours: with virtual chunks, stage S-1's chunk c feeds stage 0's chunk c+1
+    up = [(s, (s + 1) % S) for s in range(S if V > 1 else S - 1)]    # activations
+    down = [((s + 1) % S, s) for s in range(S if V > 1 else S - 1)]  # input-gradients
 
     def run(p, xs, ys):
-        p = jax.tree.map(lambda a: a[0], p)  # this stage's parameters
+        p = jax.tree.map(lambda a: a[0], p)  # this stage's parameters ([V, ...] if virtual)
         s = jax.lax.axis_index("stage")
-        last = s == S - 1
-        kinds, mbs = jnp.asarray(kind_np), jnp.asarray(mb_np)
+        kinds, mbs, chunks = jnp.asarray(kind_np), jnp.asarray(mb_np), jnp.asarray(chunk_np)
         x0 = xs[0]
+        prev, nxt = (s - 1) % S, (s + 1) % S
+
+        def chunk_params(c):
+            return jax.tree.map(lambda a: a[c], p) if V > 1 else p
 
         def tick(carry, t):
             acts, grads_in, gsum, lsum = carry
-            k, m = kinds[t, s], mbs[t, s]
-            x_in = jnp.where(s == 0, xs[m], acts[m % K])
+            k, m, c = kinds[t, s], mbs[t, s], chunks[t, s]
+            first = (s == 0) & (c == 0)
+            last = (s == S - 1) & (c == V - 1)
+            x_in = jnp.where(first, xs[m], acts[c, m % K])
+            pc = chunk_params(c)
 
             def idle(_):
-                return jnp.zeros_like(x0), jnp.zeros_like(x0), jax.tree.map(jnp.zeros_like, p), 0.0
+                return jnp.zeros_like(x0), jnp.zeros_like(x0), jax.tree.map(jnp.zeros_like, pc), 0.0
 
             def fwd(_):
-                h = block(p, x_in)
+                h = block(pc, x_in)
                 l_m = jnp.where(last, loss(h, ys[m]), 0.0)
-                return h, jnp.zeros_like(x0), jax.tree.map(jnp.zeros_like, p), l_m
+                return h, jnp.zeros_like(x0), jax.tree.map(jnp.zeros_like, pc), l_m
 
             def bwd(_):
-                h, pullback = jax.vjp(block, p, x_in)
+                h, pullback = jax.vjp(block, pc, x_in)
                 g_loss = jax.grad(loss)(h, ys[m])
-                g_h = jnp.where(last, g_loss, grads_in[m % K])
+                g_h = jnp.where(last, g_loss, grads_in[c, m % K])
                 dp, dx = pullback(g_h)
                 return jnp.zeros_like(x0), dx, dp, 0.0
 
             h, dx, dp, l_m = jax.lax.switch(k, (idle, fwd, bwd), None)
-            # what arrives here this tick, and for which microbatch (known from the table)
+            # what arrives here this tick, for which microbatch and chunk (from the table):
+            # from stage s-1's chunk c (or stage S-1's chunk c-1 when s == 0), and back from
+            # stage s+1's chunk c (or stage 0's chunk c+1 when s == S-1)
             h_in = jax.lax.ppermute(h, "stage", up)
             dx_in = jax.lax.ppermute(dx, "stage", down)
-            prev = jnp.maximum(s - 1, 0)
-            nxt = jnp.minimum(s + 1, S - 1)
-            got_act = (s > 0) & (kinds[t, prev] == FWD)
-            got_grad = (s < S - 1) & (kinds[t, nxt] == BWD)
-            acts = jnp.where(got_act, acts.at[mbs[t, prev] % K].set(h_in), acts)
-            grads_in = jnp.where(got_grad, grads_in.at[mbs[t, nxt] % K].set(dx_in), grads_in)
-            gsum = jax.tree.map(jnp.add, gsum, dp)
+            c_up = chunks[t, prev] + jnp.where(s == 0, 1, 0)
+            c_down = chunks[t, nxt] - jnp.where(s == S - 1, 1, 0)
+            got_act = (kinds[t, prev] == FWD) & ((s > 0) | (c_up < V)) & (S > 1)
+            got_grad = (kinds[t, nxt] == BWD) & ((s < S - 1) | (c_down >= 0)) & (S > 1)
+            acts = jnp.where(got_act, acts.at[jnp.clip(c_up, 0, V - 1), mbs[t, prev] % K].set(h_in), acts)
+            grads_in = jnp.where(got_grad, grads_in.at[jnp.clip(c_down, 0, V - 1), mbs[t, nxt] % K].set(dx_in),
+                                 grads_in)
+            if V > 1:
+                gsum = jax.tree.map(lambda g, d: g.at[c].add(d), gsum, dp)
+            else:
+                gsum = jax.tree.map(jnp.add, gsum, dp)
             return (acts, grads_in, gsum, lsum + l_m), None
 
-        buf = jnp.zeros((K,) + x0.shape, x0.dtype)
+        buf = jnp.zeros((V, K) + x0.shape, x0.dtype)
         init = (buf, buf, jax.tree.map(jnp.zeros_like, p), jnp.zeros((), jnp.float32))
         (_, _, gsum, lsum), _ = jax.lax.scan(tick, init, jnp.arange(kind_np.shape[0]))
         lsum = jax.lax.psum(lsum, ("stage", "data"))          # only the last stage holds loss
