@@ -156,7 +156,8 @@ class PartitionStore:
         np.put(self._vview, slots, self._rows(np.ascontiguousarray(new_params, np.float32)))
         for name, view in self._sviews.items():
             np.put(view, slots, self._rows(np.ascontiguousarray(new_state[name], np.float32)))
-        self.last_step[slots] = step
+        if self.max_rows is not None:  # only eviction reads it: a random write per row saved
+            self.last_step[slots] = step
 
     def _evict(self) -> None:
         """Keep the most recently pushed rows, down to 90% of the budget so evictions are

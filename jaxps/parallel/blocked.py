@@ -1,0 +1,114 @@
+"""Realm 3: one example too wide for one device. The feature dimension is cut into
+blocks over a mesh axis; each device holds its block of the weights *and of every
+example*, computes a partial product, and one `psum` of the partials (a [batch] vector,
+not rows or gradients) gives the full result. Each block's gradient stays on its device.
+
+Sparse LR: the host splits each example's nonzeros by owner block (`split_by_block`) and
+dedups each block's rows, so device b receives only block b's ids of every example.
+Dense: `blocked_dense` contracts x[:, block] with w[block, :] and sums the partials.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxps.optim.rowwise import RowOptimizer
+from jaxps.tables.routing import Router, grown_capacity
+
+
+@dataclass
+class BlockedBatch:
+    """Per block b: rows [Bk, U] (its unique local rows, `rows_per_block` = padding),
+    inverse [Bk, B, W] (slot in rows[b] of each of an example's ids in block b),
+    vals [Bk, B, W] (0 in padding), and the per-block width W."""
+
+    rows: np.ndarray
+    inverse: np.ndarray
+    vals: np.ndarray
+    width: int
+
+
+def split_by_block(rows: np.ndarray, vals: np.ndarray, mask: np.ndarray, rows_per_block: int,
+                   blocks: int, router: Router, width: int | None = None) -> BlockedBatch:
+    """Split a batch's nonzeros (global rows [B, F]) by owner block and dedup per block."""
+    plan = router.plan(rows, mask)
+    B, F = rows.shape
+    cap = plan.capacity
+    slot = plan.inverse.reshape(-1)
+    m = mask.reshape(-1)
+    block = np.where(m, slot // cap, blocks)            # padding sorts last
+    example = np.repeat(np.arange(B), F)
+    key = block * B + example
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    starts = np.searchsorted(sorted_key, sorted_key, side="left")
+    rank = np.arange(order.size) - starts                # position within (block, example)
+    real = block[order] < blocks
+    need = int(rank[real].max()) + 1 if real.any() else 1
+    width = width if width is not None and width >= need else grown_capacity(need, 1.0, 8)
+    inverse = np.zeros((blocks, B, width), np.int32)
+    out_vals = np.zeros((blocks, B, width), np.float32)
+    o = order[real]
+    b, e, r = block[o], example[o], rank[real]
+    inverse[b, e, r] = slot[o] % cap
+    out_vals[b, e, r] = vals.reshape(-1)[o]
+    return BlockedBatch(plan.owner_rows, inverse, out_vals, width)
+
+
+def blocked_logits(table: jax.Array, rows: jax.Array, inverse: jax.Array, vals: jax.Array,
+                   mesh: Mesh, axis: str) -> jax.Array:
+    """[B] sum over blocks of each block's w[rows] . vals (table [R, 1] split by rows)."""
+
+    def local(t, r, inv, v):
+        u = jnp.take(t, r[0], axis=0, mode="fill", fill_value=0)[:, 0]   # this block's unique rows
+        partial = jnp.sum(jnp.take(u, inv[0], axis=0) * v[0], axis=-1)    # [B]
+        return jax.lax.psum(partial, axis)
+
+    spec = P(axis)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec), out_specs=P(),
+                         check_vma=False)(table, rows, inverse, vals)
+
+
+def blocked_lr_step(optimizer: RowOptimizer, table: jax.Array, slots: dict, bias: jax.Array,
+                    rows: jax.Array, inverse: jax.Array, vals: jax.Array, labels: jax.Array,
+                    weights: jax.Array, step: jax.Array, bias_lr: float, mesh: Mesh, axis: str):
+    """One sparse-LR step on a blocked table: partial logits summed across blocks, then
+    each block updates its own touched rows with the row-wise optimizer (no gradient
+    leaves its device). Summed logloss; SGD on the bias."""
+    names = tuple(sorted(slots))
+
+    def local(t, r, inv, v, y, w, b, step, *slot_arrays):
+        u = jnp.take(t, r[0], axis=0, mode="fill", fill_value=0)          # [U, 1]
+        z = jax.lax.psum(jnp.sum(jnp.take(u[:, 0], inv[0], axis=0) * v[0], axis=-1), axis) + b
+        dz = w * (jax.nn.sigmoid(z) - y)                                  # d(summed logloss)/dz
+        g_occ = dz[:, None] * v[0]                                        # [B, W]
+        g_u = jnp.zeros(u.shape[0], u.dtype).at[inv[0].reshape(-1)].add(g_occ.reshape(-1))[:, None]
+        take = lambda a: jnp.take(a, r[0], axis=0, mode="fill", fill_value=0)  # noqa: E731
+        new_u, new_slots = optimizer.update(jnp, u, {n: take(a) for n, a in zip(names, slot_arrays)},
+                                            g_u, step)
+        put = lambda a, x: a.at[r[0]].set(x, mode="drop")  # noqa: E731
+        loss = jnp.sum(w * (jax.nn.softplus(z) - z * y))
+        return ((put(t, new_u),) + tuple(put(a, new_slots[n]) for n, a in zip(names, slot_arrays))
+                + (b - bias_lr * jnp.sum(dz), loss))
+
+    spec = P(axis)
+    out = jax.shard_map(local, mesh=mesh,
+                        in_specs=(spec, spec, spec, spec, P(), P(), P(), P()) + (spec,) * len(names),
+                        out_specs=(spec,) * (1 + len(names)) + (P(), P()), check_vma=False)(
+        table, rows, inverse, vals, labels, weights, bias, step, *(slots[n] for n in names))
+    return out[0], dict(zip(names, out[1:1 + len(names)])), out[-2], out[-1]
+
+
+def blocked_dense(x: jax.Array, w: jax.Array, mesh: Mesh, axis: str) -> jax.Array:
+    """x [B, D] @ w [D, N] with D split into blocks over `axis`: each device multiplies its
+    block of the example by its block of the weights; one psum of the [B, N] partials."""
+
+    def local(xb, wb):
+        return jax.lax.psum(xb @ wb, axis)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(axis)), out_specs=P(),
+                         check_vma=False)(x, w)
