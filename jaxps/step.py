@@ -26,6 +26,7 @@ from jaxps.data.batch import Batch
 from jaxps.model import Model
 from jaxps.host_tables import HostTables
 from jaxps.placement import HostTable, row_axes, row_shards, sharding_for
+from jaxps.parallel.tensor import dense_shardings
 from jaxps.plan import resolve
 from jaxps.ps.client import PSClient
 from jaxps.ps.store import init_rows
@@ -105,14 +106,17 @@ class StepBuilder:
         key = jax.random.key(seed)
         dense_key = jax.random.split(key)[0]
         _, dense = nnx.split(self.model.init_dense(nnx.Rngs(dense_key)))
-        dense = jax.device_put(nnx.to_pure_dict(dense), self.replicated)
+        dense = nnx.to_pure_dict(dense)
+        # replicated (data parallel), unless the model names axes to split over `model`
+        partitioning = getattr(self.model, "dense_partitioning", lambda: [])()
+        dense = jax.device_put(dense, dense_shardings(dense, partitioning, self.mesh))
         tables = {}
         for name, lay in sorted(self.layouts.items()):
             tables[name] = self._init_table(lay)
         state = {
             "step": jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
             "dense": dense,
-            "dense_opt": jax.jit(self.dense_tx.init, out_shardings=self.replicated)(dense),
+            "dense_opt": self._on_mesh(jax.jit(self.dense_tx.init)(dense)),  # slots follow the params
             "tables": tables,
         }
         # The donated train step. Its output state keeps the input state's shardings: left
@@ -121,6 +125,13 @@ class StepBuilder:
         self.train_step = jax.jit(self._train_step, donate_argnums=0,
                                   out_shardings=(jax.tree.map(lambda a: a.sharding, state), self.replicated))
         return state
+
+    def _on_mesh(self, tree: Any) -> Any:
+        """Leaves XLA left on one device (e.g. optax's step counter) replicated on the mesh."""
+        def place(a):
+            sh = a.sharding
+            return a if isinstance(sh, NamedSharding) and sh.mesh == self.mesh else jax.device_put(a, self.replicated)
+        return jax.tree.map(place, tree)
 
     def table_sharding(self, name: str) -> NamedSharding:
         return sharding_for(self.layouts[name].table.placement, self.mesh, 2)

@@ -27,6 +27,21 @@ class MLPConfig:
     placement: Placement = field(default_factory=Replicated)
     optimizer: RowOptimizer = field(default_factory=lambda: Adagrad(0.05))
     init_scale: float = 0.05
+    tensor_parallel: bool = False  # split the tower's hidden units over `model` (Megatron)
+
+
+def tower_partitioning(prefix: str, depth: int) -> list[tuple[str, tuple]]:
+    """Megatron pairs for a _Tower: even layers column-split (their hidden units over
+    `model`), odd layers row-split (their inputs), so each pair needs one all-reduce; the
+    output layer is row-split after an even layer, replicated after an odd one."""
+    rules = []
+    for i in range(depth):
+        col = i % 2 == 0
+        rules.append((f"{prefix}layers/{i}/kernel", ("embed", "mlp") if col else ("mlp", "embed")))
+        rules.append((f"{prefix}layers/{i}/bias", ("mlp",) if col else (None,)))
+    if depth % 2:
+        rules.append((f"{prefix}out/kernel", ("mlp", None)))
+    return rules
 
 
 class _Tower(nnx.Module):
@@ -57,6 +72,9 @@ class MLPClassifier:
 
     def init_dense(self, rngs: nnx.Rngs) -> nnx.Module:
         return _Dense(self.config, rngs)
+
+    def dense_partitioning(self) -> list[tuple[str, tuple]]:
+        return tower_partitioning("mlp/", len(self.config.hidden)) if self.config.tensor_parallel else []
 
     def logits(self, dense: nnx.Module, emb: Mapping[str, jax.Array],
                batch: Mapping[str, jax.Array]) -> jax.Array:
