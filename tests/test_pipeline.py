@@ -41,8 +41,11 @@ def test_pipeline_equals_unpipelined(kind, S, M, data):
     ys = jnp.asarray(rng.normal(size=(M, 4 * data, D)), jnp.float32)
     mesh = make_mesh(MeshConfig(data=data, stage=S, model=8 // (data * S)))
     sched = build(kind, S, M)
-    l, g = jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh))(params, xs, ys)
+    l, g, dx = jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh,
+                                                              input_grads=True))(params, xs, ys)
     l_ref, g_ref = reference(params, xs, ys)
+    dx_ref = jax.grad(lambda x: reference(params, x, ys)[0])(xs)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(l), float(l_ref), rtol=1e-5)
     for k in params:
         np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_ref[k]), rtol=1e-5, atol=1e-6)
@@ -74,7 +77,7 @@ def test_interleaved_pipeline_equals_unpipelined(S, M, V, data):
     ys = jnp.asarray(rng.normal(size=(M, 2 * data, D)), jnp.float32)
     mesh = make_mesh(MeshConfig(data=data, stage=S, model=8 // (data * S)))
     sched = build("interleaved", S, M, V)
-    l, g = jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh))(params, xs, ys)
+    l, g, _ = jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh))(params, xs, ys)
     # reference over global stages g = c*S + s, in order
     flat = {k: jnp.swapaxes(v, 0, 1).reshape((S * V,) + v.shape[2:]) for k, v in params.items()}
     l_ref, g_ref = reference(flat, xs, ys)
@@ -102,7 +105,7 @@ def test_pipeline_composes_with_tensor_parallel_blocks():
     xs = jnp.asarray(rng.normal(size=(M, 4, D)), jnp.float32)
     ys = jnp.asarray(rng.normal(size=(M, 4, D)), jnp.float32)
     sched = build("1f1b", S, M)
-    l, g = jax.jit(lambda p, x, y: pipeline_value_and_grad(mlp_block, loss, p, x, y, sched, mesh))(placed, xs, ys)
+    l, g, _ = jax.jit(lambda p, x, y: pipeline_value_and_grad(mlp_block, loss, p, x, y, sched, mesh))(placed, xs, ys)
 
     def total(p):
         out = 0.0

@@ -49,13 +49,16 @@ def _table_arrays(sched: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array],
                             loss: Callable[[jax.Array, jax.Array], jax.Array],
                             params: Any, xs: jax.Array, ys: jax.Array, sched: Schedule,
-                            mesh: Mesh) -> tuple[jax.Array, Any]:
+                            mesh: Mesh, input_grads: bool = False) -> tuple[jax.Array, Any, jax.Array | None]:
     """Sum over microbatches of loss(block_{G-1}(...block_0(x))), and its gradient w.r.t.
     the stacked `params`: every leaf [S, ...] (sharded over `stage`), or [S, V, ...] for an
     interleaved schedule, where [s, c] is global stage c*S + s.
 
     block(p, x) -> h keeps x's shape (a stage's layers); loss(h, y) -> scalar.
     xs: [M, batch, ...] and ys: [M, batch, ...], the batch split over `data`.
+    Returns (loss, parameter gradients, gradients w.r.t. xs or None): with input_grads,
+    whatever produced xs (embeddings, a layer before the pipeline) can be trained through
+    it, at the cost of an xs-sized buffer on every stage.
     """
     S, M, V = sched.stages, sched.microbatches, sched.virtual
     if mesh.shape["stage"] != S:
@@ -79,7 +82,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array],
             return jax.tree.map(lambda a: a[c], p) if V > 1 else p
 
         def tick(carry, t):
-            acts, grads_in, gsum, lsum = carry
+            acts, grads_in, gsum, lsum, dxs = carry
             k, m, c = kinds[t, s], mbs[t, s], chunks[t, s]
             first = (s == 0) & (c == 0)
             last = (s == S - 1) & (c == V - 1)
@@ -118,17 +121,24 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array],
                 gsum = jax.tree.map(lambda g, d: g.at[c].add(d), gsum, dp)
             else:
                 gsum = jax.tree.map(jnp.add, gsum, dp)
-            return (acts, grads_in, gsum, lsum + l_m), None
+            # the first global stage's input gradient is d loss / d xs[m]
+            if input_grads:
+                dxs = jnp.where(first & (k == BWD), dxs.at[m].set(dx), dxs)
+            return (acts, grads_in, gsum, lsum + l_m, dxs), None
 
         buf = jnp.zeros((V, K) + x0.shape, x0.dtype)
-        init = (buf, buf, jax.tree.map(jnp.zeros_like, p), jnp.zeros((), jnp.float32))
-        (_, _, gsum, lsum), _ = jax.lax.scan(tick, init, jnp.arange(kind_np.shape[0]))
+        init = (buf, buf, jax.tree.map(jnp.zeros_like, p), jnp.zeros((), jnp.float32),
+                jnp.zeros_like(xs) if input_grads else jnp.zeros((), xs.dtype))
+        (_, _, gsum, lsum, dxs), _ = jax.lax.scan(tick, init, jnp.arange(kind_np.shape[0]))
         lsum = jax.lax.psum(lsum, ("stage", "data"))          # only the last stage holds loss
         gsum = jax.tree.map(lambda g: jax.lax.psum(g, "data")[None], gsum)
-        return lsum, gsum
+        dxs = jax.lax.psum(dxs, "stage") if input_grads else dxs  # held by stage 0 only
+        return lsum, gsum, dxs
 
     stage_spec = jax.tree.map(lambda _: P("stage"), params)
     data_spec = P(None, "data")
-    return jax.shard_map(run, mesh=mesh, in_specs=(stage_spec, data_spec, data_spec),
-                         out_specs=(P(), stage_spec), axis_names={"stage", "data"},
-                         check_vma=False)(params, xs, ys)
+    loss_sum, grads, dxs = jax.shard_map(
+        run, mesh=mesh, in_specs=(stage_spec, data_spec, data_spec),
+        out_specs=(P(), stage_spec, data_spec if input_grads else P()), axis_names={"stage", "data"},
+        check_vma=False)(params, xs, ys)
+    return loss_sum, grads, dxs if input_grads else None
