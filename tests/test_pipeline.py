@@ -41,8 +41,8 @@ def test_pipeline_equals_unpipelined(kind, S, M, data):
     ys = jnp.asarray(rng.normal(size=(M, 4 * data, D)), jnp.float32)
     mesh = make_mesh(MeshConfig(data=data, stage=S, model=8 // (data * S)))
     sched = build(kind, S, M)
-    l, g, dx = jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh,
-                                                              input_grads=True))(params, xs, ys)
+    l, g, dx, _ = jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh,
+                                                                 input_grads=True))(params, xs, ys)
     l_ref, g_ref = reference(params, xs, ys)
     dx_ref = jax.grad(lambda x: reference(params, x, ys)[0])(xs)
     np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_ref), rtol=1e-5, atol=1e-6)
@@ -77,7 +77,7 @@ def test_interleaved_pipeline_equals_unpipelined(S, M, V, data):
     ys = jnp.asarray(rng.normal(size=(M, 2 * data, D)), jnp.float32)
     mesh = make_mesh(MeshConfig(data=data, stage=S, model=8 // (data * S)))
     sched = build("interleaved", S, M, V)
-    l, g, _ = jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh))(params, xs, ys)
+    l, g, _, _ = jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh))(params, xs, ys)
     # reference over global stages g = c*S + s, in order
     flat = {k: jnp.swapaxes(v, 0, 1).reshape((S * V,) + v.shape[2:]) for k, v in params.items()}
     l_ref, g_ref = reference(flat, xs, ys)
@@ -105,7 +105,7 @@ def test_pipeline_composes_with_tensor_parallel_blocks():
     xs = jnp.asarray(rng.normal(size=(M, 4, D)), jnp.float32)
     ys = jnp.asarray(rng.normal(size=(M, 4, D)), jnp.float32)
     sched = build("1f1b", S, M)
-    l, g, _ = jax.jit(lambda p, x, y: pipeline_value_and_grad(mlp_block, loss, p, x, y, sched, mesh))(placed, xs, ys)
+    l, g, _, _ = jax.jit(lambda p, x, y: pipeline_value_and_grad(mlp_block, loss, p, x, y, sched, mesh))(placed, xs, ys)
 
     def total(p):
         out = 0.0
@@ -120,3 +120,35 @@ def test_pipeline_composes_with_tensor_parallel_blocks():
     np.testing.assert_allclose(float(l), float(l_ref), rtol=1e-5)
     for k in params:
         np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_ref[k]), rtol=1e-5, atol=1e-6)
+
+
+def test_loss_head_parameters_get_their_gradient():
+    """An output layer inside the loss (an LM's head) is trained through the pipeline."""
+    S, M = 2, 4
+    rng = np.random.default_rng(4)
+    params = {"w": jnp.asarray(rng.normal(0, 0.3, (S, D, D)), jnp.float32),
+              "b": jnp.asarray(rng.normal(0, 0.1, (S, D)), jnp.float32)}
+    head = {"v": jnp.asarray(rng.normal(size=(D, 3)), jnp.float32)}
+    xs = jnp.asarray(rng.normal(size=(M, 4, D)), jnp.float32)
+    ys = jnp.asarray(rng.normal(size=(M, 4, 3)), jnp.float32)
+
+    def head_loss(hd, h, y):
+        return 0.5 * jnp.sum((h @ hd["v"] - y) ** 2)
+
+    mesh = make_mesh(MeshConfig(data=2, stage=S, model=2))
+    r = jax.jit(lambda p, hd, x, y: pipeline_value_and_grad(block, head_loss, p, x, y, build("1f1b", S, M),
+                                                             mesh, head=hd))(params, head, xs, ys)
+
+    def total(p, hd):
+        out = 0.0
+        for m in range(M):
+            h = xs[m]
+            for s in range(S):
+                h = block(jax.tree.map(lambda a: a[s], p), h)
+            out = out + head_loss(hd, h, ys[m])
+        return out
+
+    l_ref, (g_ref, gh_ref) = jax.value_and_grad(total, argnums=(0, 1))(params, head)
+    np.testing.assert_allclose(float(r.loss), float(l_ref), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(r.head["v"]), np.asarray(gh_ref["v"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(r.params["w"]), np.asarray(g_ref["w"]), rtol=1e-5, atol=1e-6)

@@ -20,7 +20,7 @@ pipeline is not differentiated by JAX, it is the differentiation.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,20 +46,31 @@ def _table_arrays(sched: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return kind, mb, chunk
 
 
-def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array],
-                            loss: Callable[[jax.Array, jax.Array], jax.Array],
+class PipelineGrads(NamedTuple):
+    loss: jax.Array            # summed over microbatches (and the batch)
+    params: Any                # gradient of the stage-stacked block parameters
+    inputs: jax.Array | None   # gradient w.r.t. xs (with input_grads)
+    head: Any                  # gradient of the loss head's parameters (with head)
+
+
+def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: Callable[..., jax.Array],
                             params: Any, xs: jax.Array, ys: jax.Array, sched: Schedule,
-                            mesh: Mesh, input_grads: bool = False) -> tuple[jax.Array, Any, jax.Array | None]:
+                            mesh: Mesh, input_grads: bool = False, head: Any = None) -> PipelineGrads:
     """Sum over microbatches of loss(block_{G-1}(...block_0(x))), and its gradient w.r.t.
     the stacked `params`: every leaf [S, ...] (sharded over `stage`), or [S, V, ...] for an
     interleaved schedule, where [s, c] is global stage c*S + s.
 
-    block(p, x) -> h keeps x's shape (a stage's layers); loss(h, y) -> scalar.
-    xs: [M, batch, ...] and ys: [M, batch, ...], the batch split over `data`.
-    Returns (loss, parameter gradients, gradients w.r.t. xs or None): with input_grads,
-    whatever produced xs (embeddings, a layer before the pipeline) can be trained through
-    it, at the cost of an xs-sized buffer on every stage.
+    block(p, x) -> h keeps x's shape (a stage's layers); loss(h, y) -> scalar, or
+    loss(head, h, y) when `head` (parameters of a loss head, e.g. an LM's output layer,
+    replicated) is given. xs: [M, batch, ...], ys: [M, batch, ...], the batch over `data`.
+    With input_grads, whatever produced xs (embeddings, a layer before the pipeline) can be
+    trained through it, at the cost of an xs-sized buffer on every stage.
     """
+    if head is None:
+        def loss_fn(_, h, y):
+            return loss(h, y)
+    else:
+        loss_fn = loss
     S, M, V = sched.stages, sched.microbatches, sched.virtual
     if mesh.shape["stage"] != S:
         raise ValueError(f"the schedule has {S} stages, the mesh's stage axis {mesh.shape['stage']}")
@@ -71,7 +82,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array],
     up = [(s, (s + 1) % S) for s in range(S if V > 1 else S - 1)]    # activations
     down = [((s + 1) % S, s) for s in range(S if V > 1 else S - 1)]  # input-gradients
 
-    def run(p, xs, ys):
+    def run(p, hp, xs, ys):
         p = jax.tree.map(lambda a: a[0], p)  # this stage's parameters ([V, ...] if virtual)
         s = jax.lax.axis_index("stage")
         kinds, mbs, chunks = jnp.asarray(kind_np), jnp.asarray(mb_np), jnp.asarray(chunk_np)
@@ -82,29 +93,33 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array],
             return jax.tree.map(lambda a: a[c], p) if V > 1 else p
 
         def tick(carry, t):
-            acts, grads_in, gsum, lsum, dxs = carry
+            acts, grads_in, gsum, lsum, dxs, hsum = carry
             k, m, c = kinds[t, s], mbs[t, s], chunks[t, s]
             first = (s == 0) & (c == 0)
             last = (s == S - 1) & (c == V - 1)
             x_in = jnp.where(first, xs[m], acts[c, m % K])
             pc = chunk_params(c)
 
+            no_head = jax.tree.map(jnp.zeros_like, hp)
+
             def idle(_):
-                return jnp.zeros_like(x0), jnp.zeros_like(x0), jax.tree.map(jnp.zeros_like, pc), 0.0
+                return jnp.zeros_like(x0), jnp.zeros_like(x0), jax.tree.map(jnp.zeros_like, pc), 0.0, no_head
 
             def fwd(_):
                 h = block(pc, x_in)
-                l_m = jnp.where(last, loss(h, ys[m]), 0.0)
-                return h, jnp.zeros_like(x0), jax.tree.map(jnp.zeros_like, pc), l_m
+                l_m = jnp.where(last, loss_fn(hp, h, ys[m]), 0.0)
+                return h, jnp.zeros_like(x0), jax.tree.map(jnp.zeros_like, pc), l_m, no_head
 
             def bwd(_):
                 h, pullback = jax.vjp(block, pc, x_in)
-                g_loss = jax.grad(loss)(h, ys[m])
+                g_head, g_loss = jax.grad(loss_fn, argnums=(0, 1))(hp, h, ys[m])
                 g_h = jnp.where(last, g_loss, grads_in[c, m % K])
                 dp, dx = pullback(g_h)
-                return jnp.zeros_like(x0), dx, dp, 0.0
+                g_head = jax.tree.map(lambda g: jnp.where(last, g, jnp.zeros_like(g)), g_head)
+                return jnp.zeros_like(x0), dx, dp, 0.0, g_head
 
-            h, dx, dp, l_m = jax.lax.switch(k, (idle, fwd, bwd), None)
+            h, dx, dp, l_m, dh = jax.lax.switch(k, (idle, fwd, bwd), None)
+            hsum = jax.tree.map(jnp.add, hsum, dh)
             # what arrives here this tick, for which microbatch and chunk (from the table):
             # from stage s-1's chunk c (or stage S-1's chunk c-1 when s == 0), and back from
             # stage s+1's chunk c (or stage 0's chunk c+1 when s == S-1)
@@ -124,21 +139,26 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array],
             # the first global stage's input gradient is d loss / d xs[m]
             if input_grads:
                 dxs = jnp.where(first & (k == BWD), dxs.at[m].set(dx), dxs)
-            return (acts, grads_in, gsum, lsum + l_m, dxs), None
+            return (acts, grads_in, gsum, lsum + l_m, dxs, hsum), None
 
         buf = jnp.zeros((V, K) + x0.shape, x0.dtype)
         init = (buf, buf, jax.tree.map(jnp.zeros_like, p), jnp.zeros((), jnp.float32),
-                jnp.zeros_like(xs) if input_grads else jnp.zeros((), xs.dtype))
-        (_, _, gsum, lsum, dxs), _ = jax.lax.scan(tick, init, jnp.arange(kind_np.shape[0]))
+                jnp.zeros_like(xs) if input_grads else jnp.zeros((), xs.dtype),
+                jax.tree.map(jnp.zeros_like, hp))
+        (_, _, gsum, lsum, dxs, hsum), _ = jax.lax.scan(tick, init, jnp.arange(kind_np.shape[0]))
+        hsum = jax.tree.map(lambda g: jax.lax.psum(g, ("stage", "data")), hsum)  # last stage only
         lsum = jax.lax.psum(lsum, ("stage", "data"))          # only the last stage holds loss
         gsum = jax.tree.map(lambda g: jax.lax.psum(g, "data")[None], gsum)
         dxs = jax.lax.psum(dxs, "stage") if input_grads else dxs  # held by stage 0 only
-        return lsum, gsum, dxs
+        return lsum, gsum, dxs, hsum
 
     stage_spec = jax.tree.map(lambda _: P("stage"), params)
     data_spec = P(None, "data")
-    loss_sum, grads, dxs = jax.shard_map(
-        run, mesh=mesh, in_specs=(stage_spec, data_spec, data_spec),
-        out_specs=(P(), stage_spec, data_spec if input_grads else P()), axis_names={"stage", "data"},
-        check_vma=False)(params, xs, ys)
-    return loss_sum, grads, dxs if input_grads else None
+    head_tree = head if head is not None else jnp.zeros(())
+    head_spec = jax.tree.map(lambda _: P(), head_tree)
+    loss_sum, grads, dxs, head_grads = jax.shard_map(
+        run, mesh=mesh, in_specs=(stage_spec, head_spec, data_spec, data_spec),
+        out_specs=(P(), stage_spec, data_spec if input_grads else P(), head_spec),
+        axis_names={"stage", "data"}, check_vma=False)(params, head_tree, xs, ys)
+    return PipelineGrads(loss_sum, grads, dxs if input_grads else None,
+                         head_grads if head is not None else None)
