@@ -150,6 +150,20 @@ def cmd_gen_data(args) -> int:
     return 0
 
 
+def cmd_lm(args) -> int:
+    from jaxps.config import ConfigError, build
+    from jaxps.lm import LMConfig, train
+    try:
+        cfg = build(LMConfig, *_split_args(args.config))
+    except (ConfigError, ValueError, OSError) as e:
+        raise SystemExit(f"jaxps: config error: {e}")
+    r = train(cfg)
+    print(f"trained on mesh {r['mesh']} ({cfg.schedule}, {cfg.microbatches} microbatches): loss "
+          f"{r['first_loss']:.3f} -> {r['final_loss']:.3f}, {r['tokens_per_sec']:,.0f} tokens/s; "
+          f"metrics: {os.path.join(cfg.out, 'metrics.json')}")
+    return 0
+
+
 def cmd_schedule(args) -> int:
     from jaxps.parallel.schedule import build, draw
     sched = build(args.kind, args.stages, args.microbatches, args.virtual)
@@ -210,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     la.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices per worker")
     la.add_argument("--timeout", type=float, default=None, help="stop every worker after this many seconds")
     la.set_defaults(fn=cmd_launch)
+    lm = sub.add_parser("lm", help="train the Transformer LM with DP x PP x TP (mesh.data/stage/model)")
+    lm.add_argument("config", nargs="*", help="[config.toml|json] [key=value ...] (jaxps.lm.LMConfig)")
+    lm.set_defaults(fn=cmd_lm)
     sc = sub.add_parser("schedule", help="print (and draw) a pipeline schedule table")
     sc.add_argument("--kind", default="1f1b", choices=["gpipe", "1f1b", "interleaved"])
     sc.add_argument("--stages", type=int, default=4)
