@@ -28,3 +28,7 @@ class Model(Protocol):
         """[B] logits. emb[name] is [B, F, dim], zero at padded feature slots; batch holds
         `vals` [B, F], `mask` [B, F] and, when the data has them, `dense` [B, D]."""
         ...
+
+    # Optional: `dense_partitioning() -> [(path regex, logical axes), ...]` splits dense
+    # parameters over the mesh (tensor parallel; see jaxps.parallel.tensor). Without it
+    # every dense namespace is replicated (data parallel).
