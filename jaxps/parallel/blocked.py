@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numba
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
@@ -32,30 +33,43 @@ class BlockedBatch:
     width: int
 
 
+@numba.njit(cache=True, nogil=True)
+def _count(slots, mask, cap, blocks, B, F, counts):
+    for e in range(B):
+        for f in range(F):
+            if mask[e, f]:
+                counts[slots[e, f] // cap, e] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _pack(slots, vals, mask, cap, B, F, fill, inverse, out_vals):
+    for e in range(B):
+        for f in range(F):
+            if mask[e, f]:
+                b = slots[e, f] // cap
+                r = fill[b, e]
+                inverse[b, e, r] = slots[e, f] % cap
+                out_vals[b, e, r] = vals[e, f]
+                fill[b, e] = r + 1
+
+
 def split_by_block(rows: np.ndarray, vals: np.ndarray, mask: np.ndarray, rows_per_block: int,
                    blocks: int, router: Router, width: int | None = None) -> BlockedBatch:
-    """Split a batch's nonzeros (global rows [B, F]) by owner block and dedup per block."""
+    """Split a batch's nonzeros (global rows [B, F]) by owner block and dedup per block.
+    Two O(nonzeros) numba passes: count per (block, example), then pack."""
     plan = router.plan(rows, mask)
     B, F = rows.shape
     cap = plan.capacity
-    slot = plan.inverse.reshape(-1)
-    m = mask.reshape(-1)
-    block = np.where(m, slot // cap, blocks)            # padding sorts last
-    example = np.repeat(np.arange(B), F)
-    key = block * B + example
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
-    starts = np.searchsorted(sorted_key, sorted_key, side="left")
-    rank = np.arange(order.size) - starts                # position within (block, example)
-    real = block[order] < blocks
-    need = int(rank[real].max()) + 1 if real.any() else 1
+    slots = np.ascontiguousarray(plan.inverse.reshape(B, F))
+    mask = np.ascontiguousarray(mask, np.bool_)
+    counts = np.zeros((blocks, B), np.int64)
+    _count(slots, mask, cap, blocks, B, F, counts)
+    need = max(int(counts.max()), 1)
     width = width if width is not None and width >= need else grown_capacity(need, 1.0, 8)
     inverse = np.zeros((blocks, B, width), np.int32)
     out_vals = np.zeros((blocks, B, width), np.float32)
-    o = order[real]
-    b, e, r = block[o], example[o], rank[real]
-    inverse[b, e, r] = slot[o] % cap
-    out_vals[b, e, r] = vals.reshape(-1)[o]
+    _pack(slots, np.ascontiguousarray(vals, np.float32), mask, cap, B, F, np.zeros((blocks, B), np.int64),
+          inverse, out_vals)
     return BlockedBatch(plan.owner_rows, inverse, out_vals, width)
 
 
