@@ -63,6 +63,17 @@ class HostTable:
 
 
 @dataclass(frozen=True)
+class Staged:
+    """A stack of layers cut into pipeline stages over the `stage` axis (realm 4): each
+    device holds its stage's layers; microbatches flow stage to stage with `ppermute`
+    (jaxps.parallel.pipeline). A dense namespace property, declared by the model."""
+
+    axis: str = "stage"
+    microbatches: int = 4
+    realm: ClassVar[int] = 4
+
+
+@dataclass(frozen=True)
 class Auto:
     """`RowSharded(axis)` when the table (with its optimizer slots) fits
     `budget_fraction` of each device's memory, else `HostTable(host_kind)`. Resolved once,
@@ -74,7 +85,7 @@ class Auto:
     realm: ClassVar[int] = 2
 
 
-Placement = Replicated | RowSharded | HostTable | Auto
+Placement = Replicated | RowSharded | HostTable | Staged | Auto
 
 
 def validate(placement: Placement, mesh: Mesh | None = None) -> None:

@@ -267,6 +267,10 @@ class StepBuilder:
         return unique
 
     def _train_step(self, state: State, batch: State) -> tuple[State, dict]:
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):  # for staged (pipelined) parts
+            return self._train_step_body(state, batch)
+
+    def _train_step_body(self, state: State, batch: State) -> tuple[State, dict]:
         unique = self._gather(state, batch)
 
         def loss_fn(dense, unique):
@@ -295,7 +299,8 @@ class StepBuilder:
         return new_state, metrics
 
     def _eval_step(self, state: State, batch: State) -> jax.Array:
-        logits = self._forward(state["dense"], self._gather(state, batch), batch)
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            logits = self._forward(state["dense"], self._gather(state, batch), batch)
         return jax.nn.sigmoid(logits)
 
 

@@ -19,7 +19,8 @@ from flax import nnx
 
 from jaxps.models.mlp import _Tower
 from jaxps.optim.rowwise import FTRL, Adagrad, RowOptimizer
-from jaxps.placement import HostTable, Placement, RowSharded
+from jaxps.parallel.pipeline import pipeline_forward
+from jaxps.placement import HostTable, Placement, Replicated, RowSharded, Staged
 from jaxps.tables.table import Table
 
 
@@ -36,12 +37,32 @@ class WideDeepConfig:
     wide_placement: Placement = field(default_factory=RowSharded)
     wide_optimizer: RowOptimizer = field(default_factory=FTRL)
     hidden: tuple[int, ...] = (256, 128)
+    # A deep tower of `deep_blocks` residual blocks of width `deep_width` instead of
+    # `hidden` (0: the plain tower). Its placement: Replicated runs the blocks in turn on
+    # every device; Staged(microbatches=M) pipelines them over the `stage` axis (one block
+    # per stage: deep_blocks must equal the stage axis size). Same numbers either way.
+    deep_blocks: int = 0
+    deep_width: int = 128
+    deep_placement: Placement = field(default_factory=Replicated)
+
+
+def _residual(p, x):
+    return x + jax.nn.relu(x @ p["w"] + p["b"])
 
 
 class _Deep(nnx.Module):
     def __init__(self, c: WideDeepConfig, rngs: nnx.Rngs):
-        self.tower = _Tower(c.num_slots * c.embed_dim + c.dense_features, c.hidden, rngs)
+        width_in = c.num_slots * c.embed_dim + c.dense_features
         self.bias = nnx.Param(jnp.zeros((), jnp.float32))
+        if not c.deep_blocks:
+            self.tower = _Tower(width_in, c.hidden, rngs)
+            return
+        d = c.deep_width
+        self.proj = nnx.Linear(width_in, d, rngs=rngs)
+        init = nnx.initializers.lecun_normal()
+        self.blocks_w = nnx.Param(jnp.stack([init(rngs.params(), (d, d)) for _ in range(c.deep_blocks)]))
+        self.blocks_b = nnx.Param(jnp.zeros((c.deep_blocks, d), jnp.float32))
+        self.out = nnx.Linear(d, 1, rngs=rngs)
 
 
 class WideDeep:
@@ -66,4 +87,24 @@ class WideDeep:
         x = e.reshape(e.shape[0], c.num_slots * c.embed_dim)
         if c.dense_features:
             x = jnp.concatenate([x, batch["dense"]], axis=-1)
-        return wide + dense.tower(x) + dense.bias[...]
+        return wide + self._deep(dense, x) + dense.bias[...]
+
+    def _deep(self, dense: nnx.Module, x: jax.Array) -> jax.Array:
+        c = self.config
+        if not c.deep_blocks:
+            return dense.tower(x)
+        h = dense.proj(x)
+        blocks = {"w": dense.blocks_w[...], "b": dense.blocks_b[...]}
+        if isinstance(c.deep_placement, Staged):
+            m = c.deep_placement.microbatches
+            h = pipeline_forward(_residual, blocks, h.reshape((m, h.shape[0] // m) + h.shape[1:])).reshape(h.shape)
+        else:
+            for i in range(c.deep_blocks):
+                h = _residual(jax.tree.map(lambda a: a[i], blocks), h)
+        return dense.out(h)[..., 0]
+
+    def dense_partitioning(self) -> list[tuple[str, tuple]]:
+        """A staged tower's blocks are split over `stage` (logical axis "layers")."""
+        if self.config.deep_blocks and isinstance(self.config.deep_placement, Staged):
+            return [("blocks_w", ("layers", None, None)), ("blocks_b", ("layers", None))]
+        return []

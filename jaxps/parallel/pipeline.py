@@ -162,3 +162,36 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
         axis_names={"stage", "data"}, check_vma=False)(params, head_tree, xs, ys)
     return PipelineGrads(loss_sum, grads, dxs if input_grads else None,
                          head_grads if head is not None else None)
+
+
+def pipeline_forward(block: Callable[[Any, jax.Array], jax.Array], params: Any, xs: jax.Array,
+                     mesh: Mesh | None = None) -> jax.Array:
+    """GPipe's forward half as a differentiable function: [M, batch, ...] microbatches in,
+    the last stage's outputs out. Stage 0 injects microbatch t at tick t; activations move
+    one stage per tick; after M + S - 1 ticks the last stage has every output. Autodiff
+    transposes the scan into GPipe's backward, so a model can place a `Staged` tower inside
+    an ordinary loss (memory: all M microbatches' activations, as GPipe keeps). `mesh`
+    defaults to the ambient one (`jax.sharding.use_abstract_mesh`; the trainer's step sets it)."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    S, M = mesh.shape["stage"], xs.shape[0]
+    up = [(s, s + 1) for s in range(S - 1)]
+
+    def run(p, xs):
+        p = jax.tree.map(lambda a: a[0], p)
+        s = jax.lax.axis_index("stage")
+
+        def tick(carry, t):
+            act, outs = carry
+            x_in = jnp.where(s == 0, xs[jnp.minimum(t, M - 1)], act)
+            h = block(p, x_in)
+            m_out = t - (S - 1)
+            outs = jnp.where((s == S - 1) & (m_out >= 0), outs.at[jnp.clip(m_out, 0, M - 1)].set(h), outs)
+            return (jax.lax.ppermute(h, "stage", up), outs), None
+
+        init = (jnp.zeros_like(xs[0]), jnp.zeros_like(xs))
+        (_, outs), _ = jax.lax.scan(tick, init, jnp.arange(M + S - 1))
+        return jax.lax.psum(outs, "stage")  # only the last stage holds them
+
+    stage_spec = jax.tree.map(lambda _: P("stage"), params)
+    return jax.shard_map(run, mesh=mesh, in_specs=(stage_spec, P(None, "data")), out_specs=P(None, "data"),
+                         axis_names={"stage", "data"}, check_vma=False)(params, xs)
