@@ -64,6 +64,21 @@ def _prefetch(buckets, kbits, shift, tshift, skeys, keys):
     return acc
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _probe(buckets, kbits, smask, mask, skeys, k, h, tag):
+    """Walk k's probe sequence from its home h: (k's slot, h) if present, else (-1, the
+    empty bucket where it would go)."""
+    while True:
+        e = np.uint64(buckets[h])
+        if e == 0:
+            return -1, h
+        if (e >> kbits) == tag:
+            s = np.int64(e & smask) - 1
+            if skeys[s] == k:
+                return s, h
+        h = (h + 1) & mask
+
+
 @numba.njit(cache=True, nogil=True)
 def _find(buckets, kbits, shift, tshift, skeys, keys, out, sink):
     """out[i] = slot of keys[i] or -1; returns the number of absent keys."""
@@ -73,20 +88,11 @@ def _find(buckets, kbits, shift, tshift, skeys, keys, out, sink):
     if keys.shape[0] > 1:
         sink[0] = _prefetch(buckets, kbits, shift, tshift, skeys, keys)
     for i in range(keys.shape[0]):
-        k = keys[i]
-        h, tag = _hash(k, shift, tshift)
-        while True:
-            e = np.uint64(buckets[h])
-            if e == 0:
-                out[i] = -1
-                missing += 1
-                break
-            if (e >> kbits) == tag:
-                s = np.int64(e & smask) - 1
-                if skeys[s] == k:
-                    out[i] = s
-                    break
-            h = (h + 1) & mask
+        h, tag = _hash(keys[i], shift, tshift)
+        s, _ = _probe(buckets, kbits, smask, mask, skeys, keys[i], h, tag)
+        out[i] = s
+        if s < 0:
+            missing += 1
     return missing
 
 
@@ -101,24 +107,18 @@ def _find_or_insert(buckets, kbits, shift, tshift, skeys, keys, out, is_new, siz
     for i in range(keys.shape[0]):
         k = keys[i]
         h, tag = _hash(k, shift, tshift)
-        while True:
-            e = np.uint64(buckets[h])
-            if e == 0:
-                if size >= limit:
-                    return i, size
-                buckets[h] = (tag << kbits) | np.uint64(size + 1)
-                skeys[size] = k
-                out[i] = size
-                is_new[i] = True
-                size += 1
-                break
-            if (e >> kbits) == tag:
-                s = np.int64(e & smask) - 1
-                if skeys[s] == k:
-                    out[i] = s
-                    is_new[i] = False
-                    break
-            h = (h + 1) & mask
+        s, h = _probe(buckets, kbits, smask, mask, skeys, k, h, tag)
+        if s >= 0:
+            out[i] = s
+            is_new[i] = False
+            continue
+        if size >= limit:
+            return i, size
+        buckets[h] = (tag << kbits) | np.uint64(size + 1)
+        skeys[size] = k
+        out[i] = size
+        is_new[i] = True
+        size += 1
     return keys.shape[0], size
 
 
