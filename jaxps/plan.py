@@ -18,6 +18,8 @@ from jaxps.model import Model
 import dataclasses
 import os
 
+from jaxps.mesh import axis_size
+from jaxps.parallel.tensor import dense_shardings
 from jaxps.placement import Auto, HostTable, Replicated, RowSharded, row_shards
 from jaxps.tables.table import Table
 
@@ -86,12 +88,26 @@ def plan_model(model: Model, mesh: Mesh, dense_tx: optax.GradientTransformation)
         plans.append(NamespacePlan(t.name, "table", (rows, t.dim), where, t.placement.realm, pb, sb, on_device))
     _, dense = nnx.split(nnx.eval_shape(lambda: model.init_dense(nnx.Rngs(0))))
     dense = nnx.to_pure_dict(dense)
+    shardings = dense_shardings(dense, getattr(model, "dense_partitioning", lambda: [])(), mesh)
     for name, sub in sorted(dense.items()):
         pb = _nbytes(sub)
         sb = _nbytes(jax.eval_shape(dense_tx.init, sub))
         leaves = jax.tree.leaves(sub)  # one array: its shape; a module: its parameter count
         shape = tuple(leaves[0].shape) if len(leaves) == 1 else (sum(int(np.prod(x.shape)) for x in leaves),)
-        plans.append(NamespacePlan(name, "dense", shape, repr(Replicated()), 1, pb, sb, pb + sb))
+        # split leaves (tensor parallel over `model`, stages over `stage`) cost a share per device
+        split_axes, per_device = set(), 0
+        for leaf, sh in zip(leaves, jax.tree.leaves(shardings[name])):
+            axes = [a for a in sh.spec if a is not None]
+            split_axes.update(axes)
+            per_device += _nbytes(leaf) // axis_size(mesh, tuple(axes) or None)
+        per_device = per_device * (pb + sb) // max(pb, 1)  # optimizer state splits like its params
+        if "stage" in split_axes:
+            where, realm = "Staged(stage)", 4
+        elif split_axes:
+            where, realm = f"TensorParallel({'+'.join(sorted(split_axes))})", 4
+        else:
+            where, realm = repr(Replicated()), 1
+        plans.append(NamespacePlan(name, "dense", shape, where, realm, pb, sb, per_device))
     return plans
 
 

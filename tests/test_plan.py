@@ -28,3 +28,18 @@ def test_plan_reports_bytes_per_device_and_realm():
         assert table.total_bytes == 1024 * 4 * 3  # weights + FTRL's two slots
         assert table.bytes_per_device == per_device and table.realm == 2
     assert len(jax.devices()) == 8
+
+
+def test_plan_shows_tensor_parallel_and_staged_dense_namespaces():
+    from jaxps.models import MLPClassifier, MLPConfig, WideDeep, WideDeepConfig
+    from jaxps.placement import Staged
+    mesh = make_mesh(MeshConfig(data=4, model=2))
+    mlp = {p.name: p for p in plan_model(MLPClassifier(MLPConfig(hidden=(32, 16), tensor_parallel=True)),
+                                         mesh, dense_optimizer("sgd", 0.1))}["mlp"]
+    assert mlp.placement.startswith("TensorParallel(model)") and mlp.realm == 4
+    assert mlp.bytes_per_device < mlp.total_bytes
+    mesh = make_mesh(MeshConfig(data=2, stage=4))
+    wd = {p.name: p for p in plan_model(WideDeep(WideDeepConfig(num_slots=6, deep_blocks=4, deep_width=16,
+                                                                 deep_placement=Staged())),
+                                        mesh, dense_optimizer("sgd", 0.1))}
+    assert wd["blocks_w"].placement == "Staged(stage)" and wd["blocks_w"].bytes_per_device == 4 * 16 * 16
