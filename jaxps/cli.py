@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         initialize_distributed()
     try:
         return args.fn(args)
-    except (ValueError, OSError) as e:  # bad input or settings: the message names the culprit
+    except (ValueError, OSError, NotImplementedError) as e:  # bad input or settings: the message says what
         print(f"jaxps {args.command}: error: {e}", file=sys.stderr)
         return 2
 

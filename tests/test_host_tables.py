@@ -121,3 +121,12 @@ def test_wide_deep_tower_staged_over_the_pipeline_equals_replicated():
     np.testing.assert_allclose([h["loss"] for h in staged.history], [h["loss"] for h in plain.history], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(staged.state["dense"]["blocks_w"]),
                                np.asarray(plain.state["dense"]["blocks_w"]), rtol=1e-4, atol=1e-6)
+
+
+def test_restore_refuses_to_pair_device_state_with_fresh_host_tables(tmp_path):
+    model = SparseLR(SparseLRConfig(rows=ROWS, placement=HostTable("hashed")))
+    cfg = TrainConfig(progress=False, tensorboard=False, out_dir=str(tmp_path), compilation_cache="")
+    result = Trainer(model, MeshConfig(), cfg).fit(make_batches(2, seed=16))
+    assert result["checkpoint_excludes"] == ["weights"]
+    with pytest.raises(NotImplementedError, match="PS snapshots are not part of checkpoints yet"):
+        Trainer(model, MeshConfig(), cfg).restore()
