@@ -151,6 +151,18 @@ class HostTables:
             out[table]["repaired_rows"] = self.repaired_rows
         return out
 
+    def snapshot(self) -> dict[str, dict[str, np.ndarray]]:
+        """Every table's stored rows, once every queued push has landed."""
+        self.flush()
+        return {name: self.ps.export(name) for name in self.tables}
+
+    def load(self, snapshot: dict[str, dict[str, np.ndarray]]) -> None:
+        """Put snapshot rows back (onto any number of servers: rows go where the ring says)."""
+        for name, rows in snapshot.items():
+            if name not in self.tables:
+                raise ValueError(f"the snapshot has table {name!r}, the model does not")
+            self.ps.load(name, rows)
+
     def flush(self) -> None:
         """Wait until every queued push is applied (raises a push's error)."""
         while self._inflight:

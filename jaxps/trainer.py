@@ -194,8 +194,6 @@ class Trainer:
             if cfg.checkpoint:
                 self.save()
                 result["checkpoint"] = os.path.join(self.checkpointer.directory, str(self.step))
-                if self.steps.host is not None:  # say so where the user will look
-                    result["checkpoint_excludes"] = sorted(self.steps.host.tables)
         finally:
             if self.steps.host is not None and sys.exc_info()[0] is not None:
                 try:  # let queued pushes land; the training error stays the one raised
@@ -265,11 +263,30 @@ class Trainer:
                   for p, a in jax.tree_util.tree_leaves_with_path(rest)}
         return {"tables": tables, "shapes": shapes}
 
+    def _ps_snapshot_path(self, step: int) -> str:
+        return os.path.join(self.config.out_dir, "ps_snapshots", f"{step}.npz")
+
     def save(self) -> None:
-        """Start an asynchronous checkpoint of the whole train state at the current step."""
+        """Start an asynchronous checkpoint of the whole train state at the current step.
+        Host tables are snapshotted at the same step (after their queued pushes land: the
+        rows match the device state) into ps_snapshots/<step>.npz, plain arrays."""
         meta = {"step": self.step, "routers": {n: r.capacity for n, r in self.steps.routers.items()},
                 **self._layout_meta()}
+        if self.steps.host is not None and jax.process_index() == 0:
+            snap = self.steps.host.snapshot()
+            path = self._ps_snapshot_path(self.step)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "wb") as f:
+                np.savez(f, **{f"{t}/{k}": v for t, rows in snap.items() for k, v in rows.items()})
+            os.replace(path + ".tmp", path)
+            meta["ps_snapshot"] = os.path.basename(path)
         self.checkpointer.save(self.step, self.state, meta)
+        if self.steps.host is not None and jax.process_index() == 0:  # keep-N, as Orbax does
+            kept = set(self.checkpointer.manager.all_steps()) | {self.step}
+            folder = os.path.dirname(self._ps_snapshot_path(self.step))
+            for name in os.listdir(folder):
+                if name.endswith(".npz") and name[:-4].isdigit() and int(name[:-4]) not in kept:
+                    os.remove(os.path.join(folder, name))
 
     def restore(self, step: int | None = None) -> int:
         """Restore the latest (or given) checkpoint onto this trainer's mesh, which may have
@@ -277,11 +294,6 @@ class Trainer:
         step = self.checkpointer.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.checkpointer.directory}")
-        if self.steps.host is not None:
-            raise NotImplementedError(
-                f"host tables {sorted(self.steps.host.tables)} live in the parameter servers, and PS "
-                "snapshots are not part of checkpoints yet (hot checkpoints, the consistency issue): "
-                "restoring the device state alone would pair it with fresh tables")
         saved, mine = self.checkpointer.meta(step), self._layout_meta()
         for kind in ("tables", "shapes"):
             for name, want in mine[kind].items():
@@ -294,6 +306,16 @@ class Trainer:
         # state first: restoring next to it would need twice the largest namespace.
         like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                             self.state)
+        if self.steps.host is not None:
+            if not saved.get("ps_snapshot"):
+                raise ValueError(f"checkpoint {self.checkpointer.directory}/{step} has no snapshot of the "
+                                 f"host tables {sorted(self.steps.host.tables)}")
+            with np.load(self._ps_snapshot_path(step), allow_pickle=False) as z:
+                snap: dict[str, dict[str, np.ndarray]] = {}
+                for key in z.files:
+                    table, field = key.split("/", 1)
+                    snap.setdefault(table, {})[field] = z[key]
+            self.steps.host.load(snap)
         self.state = None
         self.state, meta = self.checkpointer.restore(like, step, pad_rows="tables" in saved)
         for name, cap in (meta.get("routers") or {}).items():

@@ -123,10 +123,35 @@ def test_wide_deep_tower_staged_over_the_pipeline_equals_replicated():
                                np.asarray(plain.state["dense"]["blocks_w"]), rtol=1e-4, atol=1e-6)
 
 
-def test_restore_refuses_to_pair_device_state_with_fresh_host_tables(tmp_path):
-    model = SparseLR(SparseLRConfig(rows=ROWS, placement=HostTable("hashed")))
+def test_checkpoint_restores_host_tables_onto_another_server_count(tmp_path):
+    """fit() snapshots the PS rows with the device state at the same step; a trainer with a
+    3-server group restores them and predicts exactly like the original."""
+    model = SparseLR(SparseLRConfig(rows=ROWS, placement=HostTable("hashed"),
+                                    optimizer=rowwise.make("adagrad", **OPTIMIZERS["adagrad"])))
     cfg = TrainConfig(progress=False, tensorboard=False, out_dir=str(tmp_path), compilation_cache="")
-    result = Trainer(model, MeshConfig(), cfg).fit(make_batches(2, seed=16))
-    assert result["checkpoint_excludes"] == ["weights"]
-    with pytest.raises(NotImplementedError, match="PS snapshots are not part of checkpoints yet"):
-        Trainer(model, MeshConfig(), cfg).restore()
+    batches = make_batches(3, seed=16)
+    first = Trainer(model, MeshConfig(), cfg)
+    first.fit(batches)
+    assert (tmp_path / "ps_snapshots" / f"{first.step}.npz").exists()
+    spec = [table_spec(t) for t in model.tables()]
+    second = Trainer(model, MeshConfig(), cfg, ps=embedded(spec, servers=3))
+    assert second.restore() == first.step
+    np.testing.assert_allclose(second.predict(batches), first.predict(batches), rtol=1e-6)
+    keys = np.arange(ROWS, dtype=np.uint64)
+    np.testing.assert_array_equal(second.steps.host.ps.pull("weights", keys),
+                                  first.steps.host.ps.pull("weights", keys))
+    # the optimizer slots came back too: one more identical step keeps them equal
+    first.fit(batches[:1])
+    second.fit(batches[:1])
+    np.testing.assert_allclose(second.steps.host.ps.pull("weights", keys),
+                               first.steps.host.ps.pull("weights", keys), rtol=1e-6, atol=1e-8)
+
+
+def test_ps_snapshots_follow_checkpoint_retention(tmp_path):
+    model = SparseLR(SparseLRConfig(rows=ROWS, placement=HostTable("hashed")))
+    cfg = TrainConfig(progress=False, tensorboard=False, out_dir=str(tmp_path), compilation_cache="",
+                      checkpoint_every=1, keep_checkpoints=2)
+    Trainer(model, MeshConfig(), cfg).fit(make_batches(5, seed=17))
+    snaps = sorted(int(p.stem) for p in (tmp_path / "ps_snapshots").glob("*.npz"))
+    ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert snaps == ckpts == [4, 5]

@@ -45,6 +45,12 @@ class InProcessTransport:
     def create_table(self, spec):
         return self.server.create_table(spec)
 
+    def export(self, table):
+        return self.server.export(table)
+
+    def load(self, table, rows):
+        self.server.load(table, rows)
+
 
 class PSClient:
     def __init__(self, ring: Ring, transports: Mapping[str, Transport], tables: Sequence[TableSpec],
@@ -104,6 +110,20 @@ class PSClient:
             for t in self.transports.values():
                 t.create_table(spec)
             self.tables[spec.name] = spec
+
+    def export(self, table: str) -> dict[str, np.ndarray]:
+        """Every stored row of `table` across the group (keys, values, optimizer slots)."""
+        parts = [t.export(table) for t in self.transports.values()]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def load(self, table: str, rows: dict[str, np.ndarray]) -> None:
+        """Spread snapshot rows over this group by its ring (any number of servers)."""
+        keys = np.ascontiguousarray(rows["keys"], np.uint64)
+        order, runs = self._route(keys)
+        if order is not None:
+            rows = {k: (v[order] if v.ndim == 1 else take_rows(v, order)) for k, v in rows.items()}
+        for s, lo, hi in runs:
+            self.transports[s].load(table, {k: v[lo:hi] for k, v in rows.items()})
 
     def stats(self) -> dict:
         return {name: t.stats() for name, t in self.transports.items()}

@@ -215,6 +215,36 @@ class PSServer:
         s["pushed_keys"] += keys.shape[0]
         return True
 
+    def export(self, table: str) -> dict[str, np.ndarray]:
+        """A snapshot of every row this server stores for `table`, partition by partition
+        under each partition's lock (a consistent cut when no push is in flight)."""
+        spec = self.tables.get(table)
+        if spec is None:
+            raise PSError(f"server {self.name}: unknown table {table!r}")
+        parts = []
+        for (t, part), store in list(self._stores.items()):
+            if t == table:
+                with self._locks[(t, part)]:
+                    parts.append(store.export())
+        if not parts:
+            empty = {"keys": np.zeros(0, np.uint64), "values": np.zeros((0, spec.dim), np.float32)}
+            empty.update({f"slot_{n}": np.zeros((0, spec.dim), np.float32) for n in spec.optimizer.slots})
+            return empty
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def load(self, table: str, rows: dict[str, np.ndarray]) -> None:
+        """Store snapshot rows whose partitions this server owns (any ring may have written them)."""
+        keys = np.asarray(rows["keys"], np.uint64)
+        self._validate(table, keys)
+        order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
+        for part in parts:
+            self._check(table, keys, int(part))
+        ordered = {k: (v[order] if v.ndim == 1 else take_rows(v, order)) for k, v in rows.items()}
+        for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
+            store, lock = self._store(table, part)
+            with lock:
+                store.load({k: v[lo:hi] for k, v in ordered.items()})
+
     def stats(self) -> dict:
         out = {}
         for table, s in self._stats.items():

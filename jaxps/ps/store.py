@@ -159,6 +159,22 @@ class PartitionStore:
         if self.max_rows is not None:  # only eviction reads it: a random write per row saved
             self.last_step[slots] = step
 
+    def export(self) -> dict[str, np.ndarray]:
+        """Every stored row: keys [n], values [n, dim], each optimizer slot [n, dim]."""
+        n = self.size
+        out = {"keys": self.index.keys()[:n].copy(), "values": self.values[:n].copy()}
+        out.update({f"slot_{k}": v[:n].copy() for k, v in self.slots.items()})
+        return out
+
+    def load(self, rows: dict[str, np.ndarray]) -> None:
+        """Store exported rows (overwriting rows of the same keys)."""
+        keys = np.asarray(rows["keys"], np.uint64)
+        slots, _ = self.index.find_or_insert(keys)
+        self._reserve(self.index.size)
+        self.values[slots] = rows["values"]
+        for name, arr in self.slots.items():
+            arr[slots] = rows[f"slot_{name}"]
+
     def _evict(self) -> None:
         """Keep the most recently pushed rows, down to 90% of the budget so evictions are
         rare (each rebuilds the partition: O(rows))."""
