@@ -11,6 +11,7 @@ A gradient of a whole table never exists: differentiation is w.r.t. the unique r
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -211,9 +212,7 @@ class StepBuilder:
     def to_device(self, batch: Batch, plans: dict[str, Any],
                   host_rows: dict[str, np.ndarray] | None = None) -> State:
         """Place one process-local batch, its plans and its pulled host rows on the mesh."""
-        local_shards = len({idx[0].indices(batch.size * jax.process_count())
-                            for idx in self.batch_sharding.addressable_devices_indices_map(
-                                (batch.size * jax.process_count(),)).values()})
+        local_shards = self._local_data_shards(batch.size)
         if batch.size % local_shards:
             raise ValueError(f"a batch of {batch.size} rows does not split evenly over this process's "
                              f"{local_shards} 'data' shards; choose a batch size divisible by it")
@@ -240,6 +239,12 @@ class StepBuilder:
         dev["plans"] = {name: {"owner_rows": _replicated_input(p.owner_rows, self.table_sharding(name)),
                                "inverse": put(p.inverse)} for name, p in plans.items()}
         return dev
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019 - one StepBuilder per trainer; keyed by batch size
+    def _local_data_shards(self, local_rows: int) -> int:
+        """How many distinct batch slices this process's devices hold (computed once per size)."""
+        n = local_rows * jax.process_count()
+        return len({idx[0].indices(n) for idx in self.batch_sharding.addressable_devices_indices_map((n,)).values()})
 
     def put_host_rows(self, dev: State, host_rows: dict[str, np.ndarray]) -> State:
         """Add the (repaired) pulled rows of the host tables to a placed batch."""

@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxps.hashing import GOLDEN, mix64
 from jaxps.optim.rowwise import RowOptimizer
-from jaxps.memory import take_rows
+from jaxps.memory import row_view, take_rows
 from jaxps.ps.keyindex import KeyIndex, grown_capacity
 
 
@@ -55,7 +55,6 @@ class PartitionStore:
         if self.min_count < 1 or (self.max_rows is not None and self.max_rows < 1):
             raise ValueError(f"min_count must be >= 1 and max_rows >= 1 or None "
                              f"(got {self.min_count}, {self.max_rows})")
-        self._row = np.dtype((np.void, 4 * self.dim))
         self.values = np.zeros((0, self.dim), np.float32)
         self.slots = {s: np.zeros((0, self.dim), np.float32) for s in self.optimizer.slots}
         self.last_step = np.zeros(0, np.int64)
@@ -70,9 +69,9 @@ class PartitionStore:
         self._vview = self._rows(self.values)
         self._sviews = {k: self._rows(v) for k, v in self.slots.items()}
 
-    def _rows(self, a: np.ndarray) -> np.ndarray:
-        """[n] void view of a C-contiguous [n, dim] float32 array (one element per row)."""
-        return a.view(self._row).reshape(-1)
+    @staticmethod
+    def _rows(a: np.ndarray) -> np.ndarray:
+        return row_view(a)
 
     @property
     def size(self) -> int:
@@ -171,9 +170,9 @@ class PartitionStore:
         keys = np.asarray(rows["keys"], np.uint64)
         slots, _ = self.index.find_or_insert(keys)
         self._reserve(self.index.size)
-        self.values[slots] = rows["values"]
-        for name, arr in self.slots.items():
-            arr[slots] = rows[f"slot_{name}"]
+        np.put(self._vview, slots, self._rows(rows["values"]))
+        for name, view in self._sviews.items():
+            np.put(view, slots, self._rows(rows[f"slot_{name}"]))
 
     def _evict(self) -> None:
         """Keep the most recently pushed rows, down to 90% of the budget so evictions are
