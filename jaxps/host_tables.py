@@ -12,20 +12,30 @@ exactly that: before a step, the keys it shares with those pushes are pulled aga
 the pushes are applied, so training equals sequential pull -> step -> push (and the same
 model with its tables on the mesh) step for step; without `strict` such rows are at most
 a few steps stale, as in an SSP parameter server.
+
+Worker groups (`group`): every pull of a training step carries the group's clock and
+waits at the servers as the consistency model says; each step's pushes are followed by
+a clock message, and under BSP the servers apply all groups' pushes of a step as one.
+The clock gate replaces the strict repair. The model's dense parameters then live in
+the PS too (`dense`: one table pulled whole each step, see jaxps.dense_table).
 """
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from jaxps.dense_table import DENSE_TABLE, DenseTable
+from jaxps.groups import WorkerGroup
 from jaxps.memory import aligned_empty
 from jaxps.ps.client import PSClient, embedded
+from jaxps.ps.clock import DONE
 from jaxps.ps.keyindex import dedup
-from jaxps.ps.server import TableSpec
+from jaxps.ps.server import SYNC_STATS, TableSpec
 from jaxps.tables.routing import grown_capacity
 from jaxps.tables.table import Table
 
@@ -50,19 +60,42 @@ class HostTables:
     _KEEP_PUSHES = 64  # push key sets remembered for repairs; older marks re-pull everything
 
     def __init__(self, tables: list[Table], ps: PSClient | None = None, strict: bool = True,
-                 max_inflight_pushes: int = 2):
+                 max_inflight_pushes: int = 2, group: WorkerGroup | None = None,
+                 dense: DenseTable | None = None):
         self.tables = {t.name: t for t in tables}
-        self.ps = ps if ps is not None else embedded([table_spec(t) for t in tables])
+        self.group, self.dense = group, dense
+        specs = [table_spec(t) for t in tables] + ([dense.spec] if dense is not None else [])
+        self.ps = ps if ps is not None else embedded(specs)
         # servers may start empty: they learn the model's tables from this client
-        self.ps.create_tables([table_spec(t) for t in tables])
+        self.ps.create_tables(specs)
+        self._clock = 0                                    # steps this group completed (pull side)
+        self.pull_seconds = 0.0                            # a group's training pulls, waits included
         self.capacity = {t.name: t.capacity for t in tables}
         self.strict, self.max_inflight_pushes = strict, max_inflight_pushes
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxps-push")  # in order
         self._inflight: deque[Future] = deque()
         self._issued = 0                                   # pushes issued so far
+        self._applied = 0                                  # pushes applied so far (they run in order)
         self._log: dict[int, tuple[Future, dict[str, np.ndarray]]] = {}  # push index -> (done, keys)
         self._lock = threading.Lock()
         self.repaired_rows = 0                             # rows pulled again by strict repairs
+
+    @property
+    def names(self) -> list[str]:
+        """Every PS table of the model (the dense table last)."""
+        return list(self.tables) + ([DENSE_TABLE] if self.dense is not None else [])
+
+    def begin(self, step: int) -> None:
+        """A worker group (re)starts at `step`: join the servers' clocks there."""
+        self._clock = step
+        if self.group is not None:
+            self.ps.clock(self.group.index, step, self.group.count, self.group.policy)
+
+    def finish(self) -> None:
+        """A worker group is done: its pushes land and it stops holding the others back."""
+        self.flush()
+        if self.group is not None:
+            self.ps.clock(self.group.index, DONE, self.group.count, self.group.policy)
 
     def plan(self, batch) -> dict[str, HostPlan]:
         plans = {}
@@ -78,25 +111,42 @@ class HostTables:
             if cap is None or uniq.shape[0] > cap:
                 cap = self.capacity[name] = grown_capacity(uniq.shape[0])
             plans[name] = HostPlan(uniq, inverse.reshape(batch.mask.shape), cap)
+        if self.dense is not None:
+            plans[DENSE_TABLE] = HostPlan(self.dense.keys, None, self.dense.rows)
         return plans
 
-    def pull(self, plans: dict[str, HostPlan]) -> tuple[dict[str, np.ndarray], int]:
+    def pull(self, plans: dict[str, HostPlan], training: bool = True) -> tuple[dict[str, np.ndarray], int]:
         """Each table's [C, dim] block (the pulled rows, then zeros) and a mark: the
-        number of pushes issued before the pull began (for `repair`)."""
+        number of pushes applied before the pull began (for `repair`: any later one, even
+        one issued before the pull, may be missing from the rows). A worker group's
+        training pulls are made at its clock (one step after the other, in order)."""
         with self._lock:
-            mark = self._issued
+            mark = self._applied
+        group, clock = -1, 0
+        if self.group is not None and training:
+            group, clock = self.group.index, self._clock
+            self._clock += 1
         out = {}
+        t0 = time.perf_counter()
         for name, p in plans.items():
-            block = aligned_empty((p.capacity, self.tables[name].dim), np.float32)
-            block[:p.keys.shape[0]] = self.ps.pull(name, p.keys)
+            dim = self.dense.spec.dim if name == DENSE_TABLE else self.tables[name].dim
+            block = aligned_empty((p.capacity, dim), np.float32)
+            block[:p.keys.shape[0]] = self.ps.pull(name, p.keys, group, clock)
             block[p.keys.shape[0]:] = 0
             out[name] = block
+        if group >= 0:
+            self.pull_seconds += time.perf_counter() - t0
         return out, mark
 
+    def pull_dense(self, final: bool = False) -> np.ndarray:
+        """The dense table's rows now; `final`: once every group finished (BSP/SSP)."""
+        group = self.group.index if final and self.group is not None else -1
+        return self.ps.pull(DENSE_TABLE, self.dense.keys, group, DONE)
+
     def repair(self, plans: dict[str, HostPlan], rows: dict[str, np.ndarray], mark: int) -> None:
-        """Strict mode: for pushes issued since `mark`, wait for those that share keys with
+        """Strict mode: for pushes not applied at `mark`, wait for those that share keys with
         this batch and pull the shared keys again into `rows` (in place)."""
-        if not self.strict:
+        if not self.strict or self.group is not None:  # groups: the clock gate decides
             return
         with self._lock:
             issued = self._issued
@@ -128,9 +178,15 @@ class HostTables:
         while len(self._inflight) >= self.max_inflight_pushes:
             self._inflight.popleft().result()
 
+        group = self.group.index if self.group is not None else -1
+
         def send():
             for name, p in plans.items():
-                self.ps.push(name, p.keys, np.asarray(grads[name])[:p.keys.shape[0]], step)
+                self.ps.push(name, p.keys, np.asarray(grads[name])[:p.keys.shape[0]], step, group)
+            if group >= 0:  # this step is complete: the servers may release the next pulls
+                self.ps.clock(group, step, self.group.count, self.group.policy)
+            with self._lock:
+                self._applied += 1
 
         with self._lock:
             future = self._pusher.submit(send)
@@ -142,24 +198,32 @@ class HostTables:
     def stats(self) -> dict:
         """Each table's server counters summed over the group, plus strict repairs."""
         out: dict = {}
+        sync = []
         for per_server in self.ps.stats().values():
+            if SYNC_STATS in per_server:
+                sync.append(per_server.pop(SYNC_STATS))
             for table, counters in per_server.items():
                 agg = out.setdefault(table, {})
                 for k, v in counters.items():
                     agg[k] = agg.get(k, 0) + v
         for table in out:
             out[table]["repaired_rows"] = self.repaired_rows
+        if sync:  # worker groups: clocks from the first server; waits summed over all
+            out[SYNC_STATS] = dict(sync[0], waits=sum(s["waits"] for s in sync),
+                                   wait_seconds=sum(s["wait_seconds"] for s in sync),
+                                   max_gap=max(s["max_gap"] for s in sync),
+                                   group_pull_seconds=self.pull_seconds)
         return out
 
     def snapshot(self) -> dict[str, dict[str, np.ndarray]]:
         """Every table's stored rows, once every queued push has landed."""
         self.flush()
-        return {name: self.ps.export(name) for name in self.tables}
+        return {name: self.ps.export(name) for name in self.names}
 
     def load(self, snapshot: dict[str, dict[str, np.ndarray]]) -> None:
         """Put snapshot rows back (onto any number of servers: rows go where the ring says)."""
         for name, rows in snapshot.items():
-            if name not in self.tables:
+            if name not in self.names:
                 raise ValueError(f"the snapshot has table {name!r}, the model does not")
             self.ps.load(name, rows)
 

@@ -24,6 +24,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxps.data.batch import Batch
+from jaxps.dense_table import DENSE_TABLE, DenseTable
+from jaxps.groups import WorkerGroup
 from jaxps.model import Model
 from jaxps.host_tables import HostTables
 from jaxps.placement import HostTable, row_axes, row_shards, sharding_for
@@ -59,12 +61,16 @@ class StepBuilder:
 
     def __init__(self, model: Model, mesh: Mesh, dense_tx: optax.GradientTransformation,
                  loss_reduction: str = "sum", ps: PSClient | None = None, ps_strict: bool = True,
-                 ps_max_inflight_pushes: int = 2):
+                 ps_max_inflight_pushes: int = 2, group: WorkerGroup | None = None,
+                 dense_row_optimizer: tuple[str, float] = ("adagrad", 0.05)):
         """loss_reduction: gradients of the summed ("sum", the online-learning convention
         that VW and FTRL papers use: each example counts fully, whatever the batch size)
         or the mean ("mean") logloss of the batch. The reported loss is always the mean.
         ps: the parameter-server group of the model's HostTable namespaces (default: an
-        embedded in-process group); ps_strict, ps_max_inflight_pushes: see HostTables."""
+        embedded in-process group); ps_strict, ps_max_inflight_pushes: see HostTables.
+        group: this trainer is one worker group of several (jaxps.groups): every namespace
+        lives in the PS, the dense parameters as one table updated there by
+        `dense_row_optimizer` (name, learning rate) instead of `dense_tx`."""
         if loss_reduction not in ("sum", "mean"):
             raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
         self.model, self.mesh, self.dense_tx = model, mesh, dense_tx
@@ -80,6 +86,10 @@ class StepBuilder:
             if isinstance(t.placement, HostTable):
                 host.append(t)
                 continue
+            if group is not None:
+                raise ValueError(f"table {t.name!r} is placed {type(t.placement).__name__} on the mesh, but a "
+                                 f"job of {group.count} worker groups keeps every table in the PS: "
+                                 f"set its placement to host")
             s = row_shards(t.placement, mesh)
             rows_per_shard = t.padded_rows(s) // s
             if rows_per_shard >= 2**31:  # plans index a shard's rows with int32
@@ -89,13 +99,20 @@ class StepBuilder:
         self.routers = {n: Router(l.rows_per_shard, l.shards, l.table.capacity,
                                   num_rows=l.table.rows, salt=l.table.salt)
                         for n, l in self.layouts.items()}
-        if host and jax.process_count() > 1:
-            raise NotImplementedError("HostTable namespaces with several worker processes come with "
-                                      "worker groups (the consistency issue); use one process")
-        self.host = HostTables(host, ps, ps_strict, ps_max_inflight_pushes) if host else None
+        if (host or group is not None) and jax.process_count() > 1:
+            raise NotImplementedError("HostTable namespaces with several processes per program: run "
+                                      "one process per worker group (jaxps launch local --groups N)")
         # load the routing kernel while JAX initialises the state (it takes ~0.1-0.3 s)
         threading.Thread(target=routing_warm_up, daemon=True, name="jaxps-route-warmup").start()
-        self.graphdef, _ = nnx.split(model.init_dense(nnx.Rngs(0)))
+        self.graphdef, shapes = nnx.split(model.init_dense(nnx.Rngs(0)))
+        self.group = group
+        self.dense_table = (DenseTable.of(nnx.to_pure_dict(shapes), *dense_row_optimizer)
+                            if group is not None else None)
+        # BSP sums the groups' gradients: with mean-reduced losses each group's is scaled
+        # by 1/groups, so G groups equal one group on the combined batch either way
+        self.grad_scale = 1.0 / group.count if group is not None and loss_reduction == "mean" else 1.0
+        self.host = (HostTables(host, ps, ps_strict, ps_max_inflight_pushes, group, self.dense_table)
+                     if host or group is not None else None)
         self.batch_sharding = NamedSharding(mesh, P("data"))
         self.replicated = NamedSharding(mesh, P())
         self.train_step: Callable | None = None  # compiled for the state init_state builds
@@ -114,10 +131,15 @@ class StepBuilder:
         tables = {}
         for name, lay in sorted(self.layouts.items()):
             tables[name] = self._init_table(lay)
+        if self.dense_table is not None:  # the first group to arrive seeds the PS; later ones pull it
+            self.host.ps.load(DENSE_TABLE, self.dense_table.host_rows(dense), only_missing=True)
+            dense_opt = {}  # the servers hold the optimizer slots
+        else:
+            dense_opt = self._on_mesh(jax.jit(self.dense_tx.init)(dense))  # slots follow the params
         state = {
             "step": jax.device_put(jnp.zeros((), jnp.int32), self.replicated),
             "dense": dense,
-            "dense_opt": self._on_mesh(jax.jit(self.dense_tx.init)(dense)),  # slots follow the params
+            "dense_opt": dense_opt,
             "tables": tables,
         }
         # The donated train step. Its output state keeps the input state's shardings: left
@@ -249,8 +271,16 @@ class StepBuilder:
     def put_host_rows(self, dev: State, host_rows: dict[str, np.ndarray]) -> State:
         """Add the (repaired) pulled rows of the host tables to a placed batch."""
         rows = jax.device_put(host_rows, {name: self.replicated for name in host_rows})
-        plans = {name: dict(p, rows=rows[name]) if name in rows else p for name, p in dev["plans"].items()}
+        plans = dict(dev["plans"])
+        for name, r in rows.items():
+            plans[name] = dict(plans.get(name, {}), rows=r)
         return dict(dev, plans=plans)
+
+    def set_dense(self, state: State, rows: np.ndarray) -> State:
+        """Worker groups: the dense parameters from the PS table's rows (e.g. at the end)."""
+        dense = jax.jit(self.dense_table.unflatten)(jax.device_put(rows, self.replicated))
+        dense = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), dense, state["dense"])
+        return dict(state, dense=dense)
 
     # ---------------------------------------------------------------- device side
     def _forward(self, dense, unique, batch):
@@ -285,11 +315,18 @@ class StepBuilder:
             mean = total / jnp.maximum(jnp.sum(w), 1.0)
             return (total if self.loss_reduction == "sum" else mean), mean
 
+        if self.dense_table is not None:  # worker groups: this step's dense parameters from the PS
+            current = self.dense_table.unflatten(batch["plans"][DENSE_TABLE]["rows"])
+        else:
+            current = state["dense"]
         (_, loss), (g_dense, g_unique) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-            state["dense"], unique)
+            current, unique)
         step = state["step"] + 1
-        updates, dense_opt = self.dense_tx.update(g_dense, state["dense_opt"], state["dense"])
-        dense = optax.apply_updates(state["dense"], updates)
+        if self.dense_table is not None:  # the servers apply it
+            dense, dense_opt = current, state["dense_opt"]
+        else:
+            updates, dense_opt = self.dense_tx.update(g_dense, state["dense_opt"], state["dense"])
+            dense = optax.apply_updates(state["dense"], updates)
         tables = {}
         for name, lay in self.layouts.items():
             ts = state["tables"][name]
@@ -300,7 +337,9 @@ class StepBuilder:
         new_state = {"step": step, "dense": dense, "dense_opt": dense_opt, "tables": tables}
         metrics = {"loss": loss, "examples": jnp.sum(batch["weights"])}
         if self.host is not None:  # the servers apply these: summed gradient per unique row
-            metrics["host_grads"] = {name: g_unique[name] for name in self.host.tables}
+            metrics["host_grads"] = {name: g_unique[name] * self.grad_scale for name in self.host.tables}
+            if self.dense_table is not None:
+                metrics["host_grads"][DENSE_TABLE] = self.dense_table.flatten(g_dense) * self.grad_scale
         return new_state, metrics
 
     def _eval_step(self, state: State, batch: State) -> jax.Array:

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from jaxps.checkpoint import Checkpointer
 from jaxps.data.batch import Batch
 from jaxps.data.readers import prefetch
+from jaxps.groups import WorkerGroup
 from jaxps.mesh import MeshConfig, make_mesh
 from jaxps.metrics import StreamingBinaryMetrics
 from jaxps.model import Model
@@ -76,20 +77,29 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 
 
 def plans_of(host, plans: dict) -> dict:
-    """The host-table subset of a batch's plans."""
-    return {name: plans[name] for name in host.tables}
+    """The host-table subset of a batch's plans (the dense table's too, for worker groups)."""
+    return {name: plans[name] for name in host.names}
 
 
 class Trainer:
     def __init__(self, model: Model, mesh: Mesh | MeshConfig | None = None,
-                 config: TrainConfig | None = None, ps: PSClient | None = None):
+                 config: TrainConfig | None = None, ps: PSClient | None = None,
+                 group: WorkerGroup | None = None):
+        """ps: the server group of the host tables (default: embedded in this process).
+        group: this trainer is one of several worker groups sharing `ps` (jaxps.groups);
+        each group writes its metrics and checkpoints under out_dir/group-<i>."""
         self.model = model
         self.config = config or TrainConfig()
+        if group is not None and group.count > 1:
+            self.config = dataclasses.replace(self.config,
+                                              out_dir=os.path.join(self.config.out_dir, f"group-{group.index}"))
+        self.group = group
         enable_compilation_cache(self.config.compilation_cache)
         self.mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh)
         self.steps = StepBuilder(model, self.mesh, dense_optimizer(
             self.config.dense_optimizer, self.config.dense_learning_rate), self.config.loss_reduction, ps,
-            self.config.ps_strict, self.config.ps_max_inflight_pushes)
+            self.config.ps_strict, self.config.ps_max_inflight_pushes, group,
+            (self.config.dense_optimizer, self.config.dense_learning_rate))
         self.state = self.steps.init_state(self.config.seed)
         self.history: list[dict] = []
         self._checkpointer: Checkpointer | None = None
@@ -103,14 +113,15 @@ class Trainer:
         return int(self.state["step"])
 
     # ------------------------------------------------------------------ loops
-    def _prepared(self, data: Iterable[Batch]) -> Iterator[tuple[Batch, dict, Any]]:
-        """(batch, plans, device batch); close it when done (its thread uses the routers)."""
+    def _prepared(self, data: Iterable[Batch], training: bool = False) -> Iterator[tuple[Batch, dict, Any]]:
+        """(batch, plans, device batch); close it when done (its thread uses the routers).
+        `training`: the pulls are a worker group's steps (made at its clock)."""
         host = self.steps.host
 
         def prepare():
             for b in data:
                 plans = self.steps.plan_batch(b)
-                pulled = host.pull(plans_of(host, plans)) if host is not None else None
+                pulled = host.pull(plans_of(host, plans), training) if host is not None else None
                 yield b, plans, self.steps.to_device(b, plans), pulled
 
         def finish(items):
@@ -142,9 +153,12 @@ class Trainer:
         first_step_seconds = None
         running: list[float] = []
         host_step = self.step  # counted on the host: reading state["step"] would sync
+        host = self.steps.host
+        if host is not None:
+            host.begin(host_step)
         try:
             for _ in range(cfg.epochs):
-                with contextlib.closing(self._prepared(train)) as batches:
+                with contextlib.closing(self._prepared(train, training=True)) as batches:
                     for batch, plans, dev in batches:
                         self.state, m = self.steps.train_step(self.state, dev)
                         host_step += 1
@@ -168,8 +182,10 @@ class Trainer:
                         if cfg.checkpoint_every and host_step % cfg.checkpoint_every == 0:
                             self.save()
             jax.block_until_ready(self.state)
-            if self.steps.host is not None:
-                self.steps.host.flush()
+            if host is not None:
+                host.finish()
+            if self.steps.dense_table is not None:  # the dense parameters every group trained
+                self.state = self.steps.set_dense(self.state, host.pull_dense(final=True))
             if pending:
                 running = self._flush(pending, writer, examples, t0, bar)
             seconds = time.perf_counter() - t0

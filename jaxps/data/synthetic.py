@@ -222,7 +222,7 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int,
     model = PlantedModel(cfg)
     info = dict(request)
     for split, n, seed0 in (("train", n_train, 0), ("test", n_test, 1 << 30)):
-        tmp = files[split] + ".tmp"
+        tmp = f"{files[split]}.tmp.{os.getpid()}"  # concurrent generators (worker groups) do not collide
         loss_sum = ent_sum = 0.0
         pos = 0
         with open(tmp, "wb") as f:
@@ -239,7 +239,7 @@ def generate_dataset(out_dir: str | os.PathLike, n_train: int, n_test: int,
             info["bayes_logloss_test"] = loss_sum / max(n, 1)
             info["bayes_expected_logloss_test"] = ent_sum / max(n, 1)
     info["files"] = {k: os.path.basename(v) for k, v in files.items()}
-    tmp = info_path + ".tmp"
+    tmp = f"{info_path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(info, f, indent=2)
     os.replace(tmp, info_path)

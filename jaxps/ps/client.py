@@ -15,14 +15,16 @@ from typing import Mapping, Protocol, Sequence
 import numpy as np
 
 from jaxps.memory import put_rows, take_rows
+from jaxps.ps.clock import Sync
 from jaxps.ps.ring import Ring, partition_of
 from jaxps.ps.server import PSServer, TableSpec
 
 
 class Transport(Protocol):
-    def pull(self, table: str, keys: np.ndarray) -> np.ndarray: ...
+    def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0) -> np.ndarray: ...
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, request_id: tuple[int, int],
-             step: int) -> bool: ...
+             step: int, group: int = -1) -> bool: ...
+    def clock(self, group: int, clock: int, groups: int, sync: Sync) -> int: ...
     def stats(self) -> dict: ...
     def create_table(self, spec: TableSpec) -> bool: ...
 
@@ -33,11 +35,14 @@ class InProcessTransport:
     def __init__(self, server: PSServer):
         self.server = server
 
-    def pull(self, table, keys):
-        return self.server.pull(table, keys)
+    def pull(self, table, keys, group=-1, clock=0):
+        return self.server.pull(table, keys, group, clock)
 
-    def push(self, table, keys, grads, request_id, step):
-        return self.server.push(table, keys, grads, request_id, step)
+    def push(self, table, keys, grads, request_id, step, group=-1):
+        return self.server.push(table, keys, grads, request_id, step, group)
+
+    def clock(self, group, clock, groups, sync):
+        return self.server.clock(group, clock, groups, sync)
 
     def stats(self):
         return self.server.stats()
@@ -48,8 +53,8 @@ class InProcessTransport:
     def export(self, table):
         return self.server.export(table)
 
-    def load(self, table, rows):
-        self.server.load(table, rows)
+    def load(self, table, rows, only_missing=False):
+        self.server.load(table, rows, only_missing)
 
 
 class PSClient:
@@ -62,7 +67,12 @@ class PSClient:
         self.tables = {t.name: t for t in tables}
         self.client_id = int.from_bytes(os.urandom(8), "little") >> 1 if client_id is None else client_id
         self._seq = itertools.count()
-        self._pool = ThreadPoolExecutor(max_workers=max(1, len(ring.servers)), thread_name_prefix="jaxps-ps")
+        # Pulls of a worker group may wait at the servers for other groups (and for this
+        # group's own clock): pushes and clocks get their own threads so they never queue
+        # behind a waiting pull.
+        n = max(1, len(ring.servers))
+        self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="jaxps-ps-pull")
+        self._push_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="jaxps-ps-push")
 
     def _route(self, keys: np.ndarray) -> tuple[np.ndarray | None, list[tuple[str, int, int]]]:
         """(order grouping keys by server or None when there is one server, and
@@ -75,12 +85,13 @@ class PSClient:
         return order, [(name, int(bounds[i]), int(bounds[i + 1])) for i, name in enumerate(self.ring.servers)
                        if bounds[i + 1] > bounds[i]]
 
-    def pull(self, table: str, keys: np.ndarray) -> np.ndarray:
-        """Rows [n, dim] of unique uint64 `keys`, in order."""
+    def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0) -> np.ndarray:
+        """Rows [n, dim] of unique uint64 `keys`, in order. A worker `group` (>= 0) pulls
+        at its `clock`: the servers answer once the consistency model allows."""
         keys = np.ascontiguousarray(keys, np.uint64)
         order, runs = self._route(keys)
         grouped = keys if order is None else keys[order]
-        futures = [(lo, hi, self._pool.submit(self.transports[s].pull, table, grouped[lo:hi]))
+        futures = [(lo, hi, self._pool.submit(self.transports[s].pull, table, grouped[lo:hi], group, clock))
                    for s, lo, hi in runs]
         if order is None:  # one server: its reply is the answer
             return futures[0][2].result() if futures else np.zeros((0, self.tables[table].dim), np.float32)
@@ -91,16 +102,24 @@ class PSClient:
         put_rows(out, order, rows)
         return out
 
-    def push(self, table: str, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
-        """Send summed gradients of unique keys; returns once every server applied them."""
+    def push(self, table: str, keys: np.ndarray, grads: np.ndarray, step: int, group: int = -1) -> None:
+        """Send summed gradients of unique keys; returns once every server applied them
+        (under BSP, a worker group's push once every server holds it for its step)."""
         keys = np.ascontiguousarray(keys, np.uint64)
         grads = np.ascontiguousarray(grads, np.float32)
         order, runs = self._route(keys)
         if order is not None:
             keys, grads = keys[order], take_rows(grads, order)
-        futures = [self._pool.submit(self.transports[s].push, table, keys[lo:hi], grads[lo:hi],
-                                     (self.client_id, next(self._seq)), step)
+        futures = [self._push_pool.submit(self.transports[s].push, table, keys[lo:hi], grads[lo:hi],
+                                     (self.client_id, next(self._seq)), step, group)
                    for s, lo, hi in runs]
+        for f in futures:
+            f.result()
+
+    def clock(self, group: int, clock: int, groups: int, sync: Sync) -> None:
+        """Tell every server that worker `group` (of `groups`) completed `clock` steps
+        (`jaxps.ps.clock.DONE`: it finished). Send it after that step's pushes returned."""
+        futures = [self._push_pool.submit(t.clock, group, clock, groups, sync) for t in self.transports.values()]
         for f in futures:
             f.result()
 
@@ -116,20 +135,22 @@ class PSClient:
         parts = [t.export(table) for t in self.transports.values()]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def load(self, table: str, rows: dict[str, np.ndarray]) -> None:
-        """Spread snapshot rows over this group by its ring (any number of servers)."""
+    def load(self, table: str, rows: dict[str, np.ndarray], only_missing: bool = False) -> None:
+        """Spread snapshot rows over this group by its ring (any number of servers);
+        `only_missing`: rows the servers already store keep their values."""
         keys = np.ascontiguousarray(rows["keys"], np.uint64)
         order, runs = self._route(keys)
         if order is not None:
             rows = {k: (v[order] if v.ndim == 1 else take_rows(v, order)) for k, v in rows.items()}
         for s, lo, hi in runs:
-            self.transports[s].load(table, {k: v[lo:hi] for k, v in rows.items()})
+            self.transports[s].load(table, {k: v[lo:hi] for k, v in rows.items()}, only_missing)
 
     def stats(self) -> dict:
         return {name: t.stats() for name, t in self.transports.items()}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._push_pool.shutdown(wait=True)
 
 
 ENV_SERVERS = "JAXPS_PS_SERVERS"        # "ps-0=host:port,ps-1=host:port" (set by jaxps launch)

@@ -8,6 +8,12 @@ byte pieces of at most `CHUNK_BYTES`, concatenated on the other side and decoded
     /jaxps.ps.PS/Push   stream -> unary    request: keys, grads       reply: applied (bool)
     /jaxps.ps.PS/Stats  unary  -> unary    reply: JSON meta
     /jaxps.ps.PS/CreateTable unary -> unary  request: the table spec as JSON meta  reply: created (bool)
+    /jaxps.ps.PS/Clock  unary  -> unary    request: group, clock, groups, staleness  reply: settled (i64)
+    /jaxps.ps.PS/Export unary  -> stream   request: table          reply: keys, values, slots (meta: names)
+    /jaxps.ps.PS/Load   stream -> unary    request: keys, values, slots (meta: names, only_missing)
+
+A pull or push carries its worker group and clock/step in the header (see `wire`); a
+pull may wait at the server for slower groups, so give `timeout` room for that.
 
 The first piece must hold the whole header, so a server checks kind and token before it
 buffers the rest; it stops reading once a request passes `max_request_bytes`. Failures are
@@ -26,11 +32,13 @@ import grpc
 import numpy as np
 
 from jaxps.ps import wire
+from jaxps.ps.clock import Sync, SyncTimeout
 from jaxps.ps.server import PSError, PSServer, TableSpec, WrongOwner
 
 SERVICE = "jaxps.ps.PS"
-PULL_METHOD, PUSH_METHOD, STATS_METHOD, CREATE_METHOD = (
-    f"/{SERVICE}/{m}" for m in ("Pull", "Push", "Stats", "CreateTable"))
+PULL_METHOD, PUSH_METHOD, STATS_METHOD, CREATE_METHOD, CLOCK_METHOD, EXPORT_METHOD, LOAD_METHOD = (
+    f"/{SERVICE}/{m}" for m in ("Pull", "Push", "Stats", "CreateTable", "Clock", "Export", "Load"))
+LOAD_BATCH_BYTES = 64 << 20      # a snapshot is loaded in requests of at most about this size
 CHUNK_BYTES = 2 << 20            # one gRPC message carries at most this much of a wire message
 MAX_MESSAGE_BYTES = 4 << 20      # gRPC's per-message limit, set explicitly on both sides
 DEFAULT_MAX_REQUEST_BYTES = 512 << 20   # a whole request (all its pieces), server side
@@ -81,6 +89,9 @@ class PSServicer:
             "Push": grpc.stream_unary_rpc_method_handler(self._push),
             "Stats": grpc.unary_unary_rpc_method_handler(self._stats),
             "CreateTable": grpc.unary_unary_rpc_method_handler(self._create),
+            "Clock": grpc.unary_unary_rpc_method_handler(self._clock),
+            "Export": grpc.unary_stream_rpc_method_handler(self._export),
+            "Load": grpc.stream_unary_rpc_method_handler(self._load),
         })
 
     # ------------------------------------------------------------------ request intake
@@ -129,10 +140,12 @@ class PSServicer:
         level = logging.WARNING  # malformed, oversized, unauthenticated
         if isinstance(exc, _Reject):
             code, message = exc.code, exc.message
-        elif isinstance(exc, PSError):  # an ordinary refusal (e.g. a client on an older ring)
+        elif isinstance(exc, (PSError, ValueError)):  # an ordinary refusal (e.g. an older ring)
             message, level = str(exc), logging.INFO
             code = (grpc.StatusCode.FAILED_PRECONDITION if isinstance(exc, WrongOwner)
                     else grpc.StatusCode.INVALID_ARGUMENT)
+        elif isinstance(exc, SyncTimeout):
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
         else:
             log.exception("PS %s: internal error", method)
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
@@ -144,7 +157,7 @@ class PSServicer:
         try:
             msg = self._receive(pieces, wire.PULL)
             (keys,) = self._arrays(msg, ("keys",))
-            rows = self.server.pull(msg.table, keys)
+            rows = self.server.pull(msg.table, keys, msg.group, msg.step)
             reply = wire.encode(wire.Message(wire.PULL_REPLY, msg.table, msg.client_id, msg.seq,
                                              arrays=(rows,)))
         except Exception as e:  # noqa: BLE001 - every failure becomes a status
@@ -155,7 +168,7 @@ class PSServicer:
         try:
             msg = self._receive(pieces, wire.PUSH)
             keys, grads = self._arrays(msg, ("keys", "grads"))
-            applied = self.server.push(msg.table, keys, grads, msg.request_id, msg.step)
+            applied = self.server.push(msg.table, keys, grads, msg.request_id, msg.step, msg.group)
             return wire.encode(wire.Message(wire.PUSH_REPLY, msg.table, msg.client_id, msg.seq,
                                             arrays=(np.array(applied),)))
         except Exception as e:  # noqa: BLE001
@@ -168,6 +181,48 @@ class PSServicer:
         except Exception as e:  # noqa: BLE001
             self._fail(context, "stats", e)
 
+    def _clock(self, request: bytes, context):
+        try:
+            msg = self._receive((request,), wire.CLOCK)
+            meta = msg.json()
+            staleness = meta.get("staleness") if isinstance(meta, dict) else None
+            if not isinstance(meta, dict) or "staleness" not in meta or not (
+                    staleness is None or isinstance(staleness, int)):
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                              'malformed request: a clock message carries meta {"staleness": int | null}')
+            settled = self.server.clock(msg.group, msg.step, msg.seq, Sync(staleness))
+            return wire.encode(wire.Message(wire.CLOCK_REPLY, arrays=(np.array(settled, np.int64),)))
+        except Exception as e:  # noqa: BLE001
+            self._fail(context, "clock", e)
+
+    def _export(self, request: bytes, context):
+        try:
+            msg = self._receive((request,), wire.EXPORT)
+            rows = self.server.export(msg.table)
+            names = sorted(rows, key=lambda k: (k != "keys", k != "values", k))
+            reply = wire.encode(wire.Message(wire.EXPORT_REPLY, msg.table, meta=wire.json_meta({"fields": names}),
+                                             arrays=tuple(rows[k] for k in names)))
+        except Exception as e:  # noqa: BLE001
+            self._fail(context, "export", e)
+        yield from wire.chunks(reply, self.chunk_bytes)
+
+    def _load(self, pieces, context):
+        try:
+            msg = self._receive(pieces, wire.LOAD)
+            meta = msg.json()
+            names = meta.get("fields") if isinstance(meta, dict) else None
+            if (not isinstance(names, list) or len(names) != len(msg.arrays) or "keys" not in names
+                    or not all(isinstance(n, str) for n in names)):
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                              'malformed request: a load carries meta {"fields": [names of its arrays]}')
+            rows = dict(zip(names, msg.arrays))
+            n = rows["keys"].shape[0]
+            if any(a.shape[:1] != (n,) for a in rows.values()):
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "malformed request: arrays of unequal length")
+            self.server.load(msg.table, rows, bool(meta.get("only_missing", False)))
+            return wire.encode(wire.Message(wire.LOAD_REPLY, arrays=(np.array(True),)))
+        except Exception as e:  # noqa: BLE001
+            self._fail(context, "load", e)
 
     def _create(self, request: bytes, context):
         try:
@@ -204,16 +259,18 @@ class GrpcTransport:
     tried up to `attempts` times in all (a push keeps its request id, so the server applies
     it once; `push` then returns False for a retry whose first attempt had landed). Other
     failures raise at once: `PSRemoteError` (a `PSError`) when the server refused the
-    request, `PSRPCError` otherwise."""
+    request, `PSRPCError` otherwise. A worker group's pull may also wait up to `wait_timeout`
+    seconds at the server for slower groups (the server's own limit decides first)."""
 
     def __init__(self, address: str, token: str | bytes | None = None, timeout: float = 30.0,
                  attempts: int = 3, backoff: float = 0.05, chunk_bytes: int = CHUNK_BYTES,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, wait_timeout: float = 660.0):
         if chunk_bytes + 4096 > max_message_bytes:
             raise ValueError("chunk_bytes must leave room under max_message_bytes")
         if chunk_bytes < wire.HEADER_BYTES + wire.MAX_TABLE + wire.MAX_TOKEN:
             raise ValueError("chunk_bytes must hold a whole header")
         self.address, self.timeout, self.attempts, self.backoff = address, timeout, max(1, attempts), backoff
+        self.wait_timeout = wait_timeout
         self.token = token.encode("utf-8") if isinstance(token, str) else (token or b"")
         self.chunk_bytes = chunk_bytes
         self.channel = grpc.insecure_channel(address, options=message_options(max_message_bytes))
@@ -221,6 +278,9 @@ class GrpcTransport:
         self._push = self.channel.stream_unary(PUSH_METHOD)
         self._stats = self.channel.unary_unary(STATS_METHOD)
         self._create = self.channel.unary_unary(CREATE_METHOD)
+        self._clock = self.channel.unary_unary(CLOCK_METHOD)
+        self._export = self.channel.unary_stream(EXPORT_METHOD)
+        self._load = self.channel.stream_unary(LOAD_METHOD)
 
     def _call(self, method: str, fn):
         for attempt in range(self.attempts):
@@ -243,12 +303,15 @@ class GrpcTransport:
         except wire.WireError as e:
             raise PSRPCError(self.address, method, grpc.StatusCode.DATA_LOSS, f"malformed reply: {e}") from None
 
-    def pull(self, table: str, keys: np.ndarray) -> np.ndarray:
+    def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0) -> np.ndarray:
         keys = np.asarray(keys)
-        data = wire.encode(wire.Message(wire.PULL, table, token=self.token, arrays=(keys,)))
+        data = wire.encode(wire.Message(wire.PULL, table, step=clock, token=self.token, arrays=(keys,),
+                                        group=group))
+
+        limit = self.timeout + (self.wait_timeout if group >= 0 else 0.0)
 
         def call():  # a bytearray: the rows come back writable, with one copy
-            return bytearray().join(self._pull(wire.chunks(data, self.chunk_bytes), timeout=self.timeout))
+            return bytearray().join(self._pull(wire.chunks(data, self.chunk_bytes), timeout=limit))
 
         rows = self._reply("pull", self._call("pull", call), wire.PULL_REPLY)
         out = rows.arrays[0] if len(rows.arrays) == 1 else None
@@ -258,9 +321,10 @@ class GrpcTransport:
         return out
 
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, request_id: tuple[int, int],
-             step: int) -> bool:
+             step: int, group: int = -1) -> bool:
         cid, seq = request_id
-        data = wire.encode(wire.Message(wire.PUSH, table, cid, seq, step, self.token, (keys, grads)))
+        data = wire.encode(wire.Message(wire.PUSH, table, cid, seq, step, self.token, (keys, grads),
+                                        group=group))
         reply = self._reply("push", self._call(
             "push", lambda: self._push(wire.chunks(data, self.chunk_bytes), timeout=self.timeout)),
             wire.PUSH_REPLY)
@@ -284,11 +348,41 @@ class GrpcTransport:
                             wire.CREATE_REPLY)
         return bool(reply.arrays[0].reshape(()))
 
-    def export(self, table: str):
-        raise NotImplementedError("PS snapshots over gRPC come with hot checkpoints (the consistency issue)")
+    def clock(self, group: int, clock: int, groups: int, sync: Sync) -> int:
+        data = wire.encode(wire.Message(wire.CLOCK, seq=groups, step=clock, token=self.token, group=group,
+                                        meta=wire.json_meta({"staleness": sync.staleness})))
+        reply = self._reply("clock", self._call("clock", lambda: self._clock(data, timeout=self.timeout)),
+                            wire.CLOCK_REPLY)
+        if len(reply.arrays) != 1 or reply.arrays[0].dtype != np.int64 or reply.arrays[0].size != 1:
+            raise PSRPCError(self.address, "clock", grpc.StatusCode.DATA_LOSS, "reply does not hold an int64")
+        return int(reply.arrays[0].reshape(()))
 
-    def load(self, table: str, rows) -> None:
-        raise NotImplementedError("PS snapshots over gRPC come with hot checkpoints (the consistency issue)")
+    def export(self, table: str) -> dict[str, np.ndarray]:
+        """Every row this server stores for `table` (keys, values, optimizer slots)."""
+        data = wire.encode(wire.Message(wire.EXPORT, table, token=self.token))
+        buf = self._call("export", lambda: bytearray().join(self._export(data, timeout=self.timeout * 10)))
+        reply = self._reply("export", buf, wire.EXPORT_REPLY)
+        try:
+            names = reply.json()["fields"]
+        except (wire.WireError, KeyError, TypeError) as e:
+            raise PSRPCError(self.address, "export", grpc.StatusCode.DATA_LOSS, f"malformed reply: {e}") from None
+        if len(names) != len(reply.arrays):
+            raise PSRPCError(self.address, "export", grpc.StatusCode.DATA_LOSS, "field names do not match arrays")
+        return dict(zip(names, reply.arrays))
+
+    def load(self, table: str, rows: dict[str, np.ndarray], only_missing: bool = False) -> None:
+        """Store snapshot rows on this server, in requests of about LOAD_BATCH_BYTES."""
+        names = sorted(rows, key=lambda k: (k != "keys", k != "values", k))
+        n = int(rows["keys"].shape[0])
+        row_bytes = max(1, sum(rows[k][:1].nbytes for k in names))
+        step = max(1, LOAD_BATCH_BYTES // row_bytes)
+        meta = wire.json_meta({"fields": names, "only_missing": bool(only_missing)})
+        for lo in range(0, max(n, 1), step):
+            data = wire.encode(wire.Message(wire.LOAD, table, token=self.token, meta=meta,
+                                            arrays=tuple(np.ascontiguousarray(rows[k][lo:lo + step]) for k in names)))
+            self._reply("load", self._call("load", lambda: self._load(wire.chunks(data, self.chunk_bytes),
+                                                                       timeout=self.timeout * 10)),
+                        wire.LOAD_REPLY)
 
     def close(self) -> None:
         self.channel.close()

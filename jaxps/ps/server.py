@@ -3,8 +3,10 @@ applies pushes with the row-wise optimizer, exactly once per request id.
 
 One lock per partition, not per key and not per server: pulls and pushes that touch
 different partitions run in parallel (numpy and the numba index release the GIL).
-Replicas, clocks and snapshots (the consistency issue) attach here: a push already
-carries (request id, step), and partitions are the unit a snapshot or a migration copies.
+Worker groups (`clock`): a pull from a group waits as its consistency model says
+(`jaxps.ps.clock`); under BSP a group's push is held until every group pushed that step,
+then all of them are summed per key and applied as one update. Partitions are the unit
+a snapshot or a migration copies.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import numpy as np
 from jaxps.memory import put_rows, take_rows
 from jaxps.optim import rowwise
 from jaxps.optim.rowwise import RowOptimizer
+from jaxps.ps.clock import GroupClocks, Sync
+from jaxps.ps.keyindex import dedup
 from jaxps.ps.ring import Ring, partition_of
 from jaxps.ps.store import PartitionStore
 
@@ -88,11 +92,21 @@ def partition_runs(keys: np.ndarray, num_partitions: int) -> tuple[np.ndarray, n
     return order, ordered[starts].astype(np.int64), np.append(starts, keys.shape[0])
 
 
+SYNC_STATS = "__sync__"   # the key of the worker-group clocks in `stats()`
+
+
 class PSServer:
-    def __init__(self, name: str, ring: Ring, tables: Sequence[TableSpec], dedup_window: int = 1 << 16):
+    def __init__(self, name: str, ring: Ring, tables: Sequence[TableSpec], dedup_window: int = 1 << 16,
+                 wait_timeout: float | None = 600.0):
         """dedup_window: how many recent push request ids are remembered for exactly-once
-        application under client retries."""
+        application under client retries. wait_timeout: seconds a pull may wait for a slow
+        worker group before it fails (naming the clocks), None = forever."""
         self.name, self.ring = name, ring
+        self.clocks = GroupClocks()
+        self.wait_timeout = wait_timeout
+        self._held: dict[int, list[tuple[int, int, str, np.ndarray, np.ndarray]]] = {}  # BSP: step -> pushes
+        self._held_seq = 0
+        self._settle_lock = threading.Lock()
         self.tables = {t.name: t for t in tables}
         self._stores: dict[tuple[str, int], PartitionStore] = {}
         self._locks: dict[tuple[str, int], threading.Lock] = {}
@@ -151,9 +165,13 @@ class PSServer:
         return spec
 
     # ------------------------------------------------------------------ requests
-    def pull(self, table: str, keys: np.ndarray) -> np.ndarray:
-        """Rows [n, dim] float32 of `keys` (all in partitions this server owns)."""
+    def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0) -> np.ndarray:
+        """Rows [n, dim] float32 of `keys` (all in partitions this server owns). With a
+        worker `group` (>= 0), first wait as the consistency model requires of a pull at
+        `clock` (the steps that group completed)."""
         spec = self._validate(table, keys)
+        if group >= 0:
+            self.clocks.wait(group, clock, self.wait_timeout)
         order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
         for part in parts:
             self._check(table, keys, int(part))
@@ -171,9 +189,11 @@ class PSServer:
         return out
 
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, request_id: tuple[int, int],
-             step: int) -> bool:
+             step: int, group: int = -1) -> bool:
         """Apply summed gradients of unique keys once per request id. Returns False (and
-        changes nothing) for a request id already applied: a client's retry."""
+        changes nothing) for a request id already applied: a client's retry. Under BSP a
+        worker group's push (group >= 0) of `step` is held and applied, summed with every
+        other group's push of that step, once all groups completed it."""
         spec = self._validate(table, keys)
         if grads.shape != (keys.shape[0], spec.dim) or grads.dtype != np.float32:
             raise PSError(f"table {table!r}: grads must be float32 [{keys.shape[0]}, {spec.dim}], "
@@ -193,14 +213,10 @@ class PSServer:
             # id is removed and this retry applies the push itself)
             running.wait()
         try:
-            order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
-            for part in parts:
-                self._check(table, keys, int(part))
-            ordered_keys, ordered_grads = keys[order], take_rows(grads, order)
-            for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
-                store, lock = self._store(table, part)
-                with lock:
-                    store.push(ordered_keys[lo:hi], ordered_grads[lo:hi], step)
+            if group >= 0 and self.clocks.sync is not None and self.clocks.sync.bsp:
+                self._hold(table, keys, grads, step, group)
+            else:
+                self._apply(table, keys, grads, step)
         except BaseException:
             with self._meta_lock:  # not applied: a retry must be allowed through
                 self._applied.pop(request_id, None)
@@ -214,6 +230,59 @@ class PSServer:
         s["pushes"] += 1
         s["pushed_keys"] += keys.shape[0]
         return True
+
+    def _apply(self, table: str, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
+        order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
+        for part in parts:
+            self._check(table, keys, int(part))
+        ordered_keys, ordered_grads = keys[order], take_rows(grads, order)
+        for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
+            store, lock = self._store(table, part)
+            with lock:
+                store.push(ordered_keys[lo:hi], ordered_grads[lo:hi], step)
+
+    def _hold(self, table: str, keys: np.ndarray, grads: np.ndarray, step: int, group: int) -> None:
+        """Keep a BSP push until its step settles (ownership is checked now)."""
+        self.clocks._check(group)
+        order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
+        for part in parts:
+            self._check(table, keys, int(part))
+        with self._settle_lock:
+            if step <= self.clocks.settled:
+                raise PSError(f"server {self.name}: group {group} pushed step {step} of table {table!r} "
+                              f"after it settled (at {self.clocks.settled}): under BSP a group pushes a "
+                              f"step before it advances its clock past it")
+            self._held_seq += 1
+            self._held.setdefault(step, []).append((group, self._held_seq, table, np.array(keys),
+                                                    np.array(grads)))
+
+    # ------------------------------------------------------------------ worker groups
+    def clock(self, group: int, clock: int, groups: int, sync: Sync) -> int:
+        """Worker `group` (of `groups`, under `sync`) completed `clock` steps (`DONE`: it
+        finished). Under BSP, every step all groups have now completed is applied: each
+        table's held pushes summed per key (in group order, so every replica sums alike)
+        and applied once. Returns the steps settled."""
+        self.clocks.configure(groups, sync)
+        with self._settle_lock:
+            settled, slowest = self.clocks.advance(group, clock)
+            for step in sorted(s for s in self._held if s <= slowest):
+                self._settle(step, self._held.pop(step))
+            self.clocks.publish(slowest)
+            return self.clocks.settled
+
+    def _settle(self, step: int, held: list) -> None:
+        by_table: dict[str, list] = {}
+        for group, seq, table, keys, grads in sorted(held, key=lambda h: (h[0], h[1])):
+            by_table.setdefault(table, []).append((keys, grads))
+        for table, pushes in sorted(by_table.items()):
+            keys = np.concatenate([k for k, _ in pushes])
+            grads = np.concatenate([g for _, g in pushes])
+            if len(pushes) > 1:
+                keys, inverse = dedup(keys)
+                summed = np.zeros((keys.shape[0], grads.shape[1]), np.float32)
+                np.add.at(summed, inverse, grads)
+                grads = summed
+            self._apply(table, keys, grads, step)
 
     def export(self, table: str) -> dict[str, np.ndarray]:
         """A snapshot of every row this server stores for `table`, partition by partition
@@ -232,8 +301,9 @@ class PSServer:
             return empty
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def load(self, table: str, rows: dict[str, np.ndarray]) -> None:
-        """Store snapshot rows whose partitions this server owns (any ring may have written them)."""
+    def load(self, table: str, rows: dict[str, np.ndarray], only_missing: bool = False) -> None:
+        """Store snapshot rows whose partitions this server owns (any ring may have written
+        them); `only_missing`: leave rows already stored as they are."""
         keys = np.asarray(rows["keys"], np.uint64)
         self._validate(table, keys)
         order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
@@ -243,9 +313,11 @@ class PSServer:
         for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
             store, lock = self._store(table, part)
             with lock:
-                store.load({k: v[lo:hi] for k, v in ordered.items()})
+                store.load({k: v[lo:hi] for k, v in ordered.items()}, only_missing)
 
     def stats(self) -> dict:
+        """Per table: counters and sizes; under `SYNC_STATS`, the worker-group clocks
+        (when groups are configured)."""
         out = {}
         for table, s in self._stats.items():
             stores = [st for (t, _), st in self._stores.items() if t == table]
@@ -253,4 +325,6 @@ class PSServer:
                               partitions=len(stores), admitted=sum(st.admitted for st in stores),
                               rejected=sum(st.rejected for st in stores),
                               evicted=sum(st.evicted for st in stores))
+        if self.clocks.groups is not None:
+            out[SYNC_STATS] = self.clocks.stats()
         return out

@@ -165,9 +165,15 @@ class PartitionStore:
         out.update({f"slot_{k}": v[:n].copy() for k, v in self.slots.items()})
         return out
 
-    def load(self, rows: dict[str, np.ndarray]) -> None:
-        """Store exported rows (overwriting rows of the same keys)."""
+    def load(self, rows: dict[str, np.ndarray], only_missing: bool = False) -> None:
+        """Store exported rows (overwriting rows of the same keys; with `only_missing`,
+        keys already stored keep their rows: a first writer's initial values win)."""
         keys = np.asarray(rows["keys"], np.uint64)
+        if only_missing:
+            fresh = np.flatnonzero(self.index.find(keys) < 0)
+            if fresh.size < keys.shape[0]:
+                rows = {k: (v[fresh] if v.ndim == 1 else take_rows(v, fresh)) for k, v in rows.items()}
+                keys = keys[fresh]
         slots, _ = self.index.find_or_insert(keys)
         self._reserve(self.index.size)
         np.put(self._vview, slots, self._rows(rows["values"]))

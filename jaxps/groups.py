@@ -1,0 +1,50 @@
+"""Worker groups: several independent SPMD programs training one model through one PS
+server group (the four-realms article §3.2; DESIGN.md "Consistency").
+
+A worker group is one trainer process with its own mesh. Every namespace of a
+multi-group job lives in the PS (tables as HostTables, dense parameters as one dense
+table), each group reads its own share of the data, and the PS clocks
+(`jaxps.ps.clock`) govern how far groups may drift apart: `bsp`, `ssp:N` or `asp`.
+
+Environment contract (set by `jaxps launch`, read by `from_env`):
+    JAXPS_GROUP        this process's group, 0-based
+    JAXPS_NUM_GROUPS   number of worker groups
+    JAXPS_SYNC         "bsp" | "ssp:N" | "asp"   (default "bsp")
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from jaxps.ps.clock import Sync
+
+ENV_GROUP = "JAXPS_GROUP"
+ENV_NUM_GROUPS = "JAXPS_NUM_GROUPS"
+ENV_SYNC = "JAXPS_SYNC"
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    index: int = 0
+    count: int = 1
+    sync: str = "bsp"
+
+    def __post_init__(self):
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"worker group {self.index} of {self.count}: need 0 <= group < groups")
+        Sync.parse(self.sync, "sync")
+
+    @property
+    def policy(self) -> Sync:
+        return Sync.parse(self.sync, "sync")
+
+
+def from_env() -> WorkerGroup | None:
+    """The worker group this process belongs to (None when JAXPS_NUM_GROUPS is unset)."""
+    count = os.environ.get(ENV_NUM_GROUPS, "").strip()
+    if not count:
+        return None
+    try:
+        return WorkerGroup(int(os.environ.get(ENV_GROUP, "0")), int(count), os.environ.get(ENV_SYNC, "bsp"))
+    except ValueError as e:
+        raise ValueError(f"{ENV_GROUP}/{ENV_NUM_GROUPS}/{ENV_SYNC}: {e}") from None

@@ -1,0 +1,178 @@
+"""Worker groups through the PS clocks: BSP sums every group's push of a step into one
+update (so G groups equal one group on the combined batch), SSP never lets a group run
+more than s steps ahead, ASP never waits."""
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxps.data.batch import Batch
+from jaxps.groups import WorkerGroup
+from jaxps.host_tables import table_spec
+from jaxps.mesh import MeshConfig, make_mesh
+from jaxps.models.sparse_lr import SparseLR, SparseLRConfig
+from jaxps.optim import rowwise
+from jaxps.placement import HostTable
+from jaxps.ps.client import PSClient, embedded
+from jaxps.ps.clock import DONE, Sync, SyncTimeout
+from jaxps.ps.ring import Ring
+from jaxps.ps.server import PSServer, TableSpec
+from jaxps.trainer import TrainConfig, Trainer
+from test_sparse_lr_exact import ROWS, make_batches
+
+
+def _server(sync: Sync, groups: int, opt=None) -> PSServer:
+    spec = TableSpec("t", 2, opt or rowwise.Adagrad(learning_rate=0.1), kind="hashed", rows=64)
+    server = PSServer("ps-0", Ring(16, 8, ["ps-0"]), [spec], wait_timeout=10.0)
+    for g in range(groups):
+        server.clock(g, 0, groups, sync)
+    return server
+
+
+def test_bsp_holds_pushes_until_every_group_completed_the_step_then_applies_their_sum():
+    opt = rowwise.Adagrad(learning_rate=0.1)
+    server = _server(Sync(0), 2, opt)
+    k0, k1 = np.array([1, 2, 3], np.uint64), np.array([3, 4], np.uint64)
+    g0 = np.arange(6, dtype=np.float32).reshape(3, 2) + 1
+    g1 = -np.ones((2, 2), np.float32) * 0.5
+    server.push("t", k0, g0, (1, 0), step=1, group=0)
+    server.clock(0, 1, 2, Sync(0))
+    assert not server.pull("t", np.arange(1, 5, dtype=np.uint64)).any()  # held, nothing applied
+    server.push("t", k1, g1, (2, 0), step=1, group=1)
+    assert server.clock(1, 1, 2, Sync(0)) == 1
+    # reference: one Adagrad update with the per-key sum of both groups' gradients
+    summed = np.zeros((5, 2), np.float32)
+    summed[[1, 2, 3]] += g0
+    summed[[3, 4]] += g1
+    keys = np.arange(1, 5)
+    acc = 0.1 + summed[keys] ** 2
+    want = -0.1 * summed[keys] / (np.sqrt(acc) + 1e-7)
+    np.testing.assert_allclose(server.pull("t", keys.astype(np.uint64)), want, rtol=1e-6)
+    # a push of a settled step is refused (it would be lost)
+    with pytest.raises(ValueError, match="after it settled"):
+        server.push("t", k0, g0, (1, 1), step=1, group=0)
+
+
+def _run_groups(server: PSServer, sync: Sync, delays: list[float], steps: int) -> list[list[int]]:
+    """Groups that pull at their clock, sleep, push and tick; returns, per group, the gap
+    between its clock and the slowest clock at the moment each of its pulls returned."""
+    gaps = [[] for _ in delays]
+    keys = np.arange(8, dtype=np.uint64)
+    errors = []
+
+    def group(g):
+        try:
+            for c in range(steps):
+                server.pull("t", keys, g, c)
+                gaps[g].append(c - min(server.clocks.clocks()))
+                time.sleep(delays[g])
+                server.push("t", keys, np.full((8, 2), 0.01, np.float32), (g, c), c + 1, g)
+                server.clock(g, c + 1, len(delays), sync)
+            server.clock(g, DONE, len(delays), sync)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=group, args=(g,)) for g in range(len(delays))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and not any(t.is_alive() for t in threads)
+    return gaps
+
+
+@pytest.mark.parametrize("s", [0, 1, 3])
+def test_ssp_bound_is_never_exceeded_and_the_straggler_is_waited_for(s):
+    server = _server(Sync(s), 3)
+    gaps = _run_groups(server, Sync(s), [0.0, 0.0, 0.004], steps=12)
+    assert max(max(g) for g in gaps) <= s
+    assert max(gaps[0]) == s  # the fast groups ran exactly as far ahead as allowed
+    st = server.stats()["__sync__"]
+    assert st["waits"] > 0 and st["max_gap"] <= s + 1  # (max_gap is seen before the wait)
+    # every push landed: 3 groups x 12 steps of the same keys
+    assert server.stats()["t"]["pushes"] == 36
+
+
+def test_asp_never_waits():
+    server = _server(Sync(None), 3)
+    gaps = _run_groups(server, Sync(None), [0.0, 0.0, 0.004], steps=12)
+    assert server.stats()["__sync__"]["waits"] == 0
+    assert max(gaps[0]) > 3  # the fast groups ran ahead of the straggler
+
+
+def test_a_pull_waiting_for_a_dead_group_times_out_naming_the_clocks():
+    server = _server(Sync(0), 2)
+    server.wait_timeout = 0.2
+    server.clock(0, 1, 2, Sync(0))
+    with pytest.raises(SyncTimeout, match=r"clocks \[1, 0\]"):
+        server.pull("t", np.arange(3, dtype=np.uint64), 0, 1)
+    with pytest.raises(ValueError, match="2 worker groups under bsp"):
+        server.clock(0, 1, 3, Sync(0))
+    assert Sync.parse("ssp(3)") == Sync(3) and str(Sync.parse("asp")) == "asp"
+    with pytest.raises(ValueError, match="ssp:N"):
+        Sync.parse("ssp:-1")
+
+
+def _sparse_lr(opt="adagrad"):
+    return SparseLR(SparseLRConfig(rows=ROWS, placement=HostTable("hashed"),
+                                   optimizer=rowwise.make(opt, learning_rate=0.05)))
+
+
+def _config(out_dir):
+    return TrainConfig(progress=False, tensorboard=False, checkpoint=False, dense_optimizer="sgd",
+                       dense_learning_rate=0.01, compilation_cache="", out_dir=str(out_dir))
+
+
+def _concat(a: Batch, b: Batch) -> Batch:
+    return Batch(*(np.concatenate([x, y]) for x, y in zip((a.labels, a.ids, a.vals, a.mask, a.weights),
+                                                            (b.labels, b.ids, b.vals, b.mask, b.weights))))
+
+
+@pytest.mark.parametrize("opt", ["adagrad", "ftrl"])
+def test_bsp_groups_equal_one_group_on_the_combined_batch(tmp_path, opt):
+    """Two worker groups (each its own 4-device mesh, in threads) share an embedded PS under
+    BSP; a single trainer on the concatenated batches is the reference: losses per step,
+    the table and the dense bias agree."""
+    shards = [make_batches(6, seed=21), make_batches(6, seed=22)]
+    combined = [_concat(a, b) for a, b in zip(*shards)]
+    ref_model = _sparse_lr(opt)
+    ref = Trainer(ref_model, make_mesh(MeshConfig(), jax.devices()[:4]), _config(tmp_path / "ref"),
+                  ps=embedded([table_spec(t) for t in ref_model.tables()]))
+    ref.fit(combined)
+
+    ps = embedded([], servers=2)  # each group has its own client of the same two servers
+    trainers = [Trainer(_sparse_lr(opt), make_mesh(MeshConfig(), jax.devices()[4 * g:4 * g + 4]),
+                        _config(tmp_path / "groups"), ps=PSClient(ps.ring, ps.transports, []),
+                        group=WorkerGroup(g, 2, "bsp"))
+                for g in range(2)]
+    results, errors = [None, None], []
+
+    def run(g):
+        try:
+            results[g] = trainers[g].fit(shards[g])
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(g,)) for g in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    keys = np.arange(ROWS, dtype=np.uint64)
+    want = ref.steps.host.ps.pull("weights", keys)
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(trainers[0].steps.host.ps.pull("weights", keys), want, rtol=2e-5, atol=1e-7)
+    for t in trainers:  # both groups end with the same (final) dense parameters
+        np.testing.assert_allclose(np.asarray(t.state["dense"]["bias"]), np.asarray(ref.state["dense"]["bias"]),
+                                   rtol=1e-5, atol=1e-7)
+    # each group's loss is the mean over its half; their average is the combined batch's
+    # (equal real weights per step except the padded last one)
+    for k in range(5):
+        got = (trainers[0].history[k]["loss"] + trainers[1].history[k]["loss"]) / 2
+        np.testing.assert_allclose(got, ref.history[k]["loss"], rtol=1e-5)
+    sync = results[0]["ps"]["__sync__"]
+    assert sync["sync"] == "bsp" and sync["clocks"] == ["done", "done"]
+    assert (tmp_path / "groups" / "group-1" / "metrics.json").exists()
