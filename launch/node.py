@@ -6,9 +6,10 @@ It reads who it is from the scheduler, becomes a PS server, a worker of a group,
 server manager, sets the JAXPS_* environment and execs the program, so `jaxps launch
 slurm|k8s|tpu` templates and `jaxps launch local` run the same commands:
 
-- SLURM: rank = SLURM_PROCID + --rank-offset; hosts from SLURM_JOB_NODELIST (expanded by
-  `scontrol show hostnames`, else in Python), one rank per node, or all on one node, or
-  block-distributed by SLURM_TASKS_PER_NODE. Ranks: servers, workers group-major, manager.
+- SLURM: rank = SLURM_PROCID + --rank-offset (a step runs SLURM_STEP_NUM_TASKS ranks);
+  hosts from SLURM_JOB_NODELIST (expanded by `scontrol show hostnames`, else in Python),
+  one rank per node, or all on one node, or block-distributed by SLURM_TASKS_PER_NODE.
+  Ranks: servers, workers group-major, manager.
 - Kubernetes: the pod's hostname `<job>-ps-<i>`, `<job>-g<g>-<j>` or `<job>-manager-0`
   (StatefulSet ordinals); peers by DNS through the headless Service `<job>`.
 - TPU VMs: TPU_WORKER_ID, TPU_WORKER_HOSTNAMES (MEGASCALE_SLICE_ID / MEGASCALE_NUM_SLICES /
@@ -84,7 +85,7 @@ def slurm_assignment(layout: Layout, env: Mapping[str, str], rank_offset: int | 
         nodelist = env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"]
     except KeyError as e:
         raise ValueError(f"not in a SLURM task: {e.args[0]} is unset") from None
-    ntasks = int(env.get("SLURM_NTASKS", "0") or 0)
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 0)  # this step's tasks
     if ntasks and (ntasks != layout.ranks if rank_offset is None else rank_offset + ntasks > layout.ranks):
         raise ValueError(f"SLURM_NTASKS={ntasks} (rank offset {rank_offset}) does not fit the layout's "
                          f"{layout.ranks} ranks")
@@ -323,7 +324,10 @@ def assignment_for(args: argparse.Namespace, layout: Layout, env: Mapping[str, s
 def main(args: argparse.Namespace, command: Sequence[str]) -> int:
     layout = layout_from_args(args, bind=args.bind)
     assignment = assignment_for(args, layout, os.environ)
-    return run(layout, assignment, command, read_token(args.token_file, os.environ), args.server_wait)
+    try:
+        return run(layout, assignment, command, read_token(args.token_file, os.environ), args.server_wait)
+    except KeyboardInterrupt:  # SIGTERM/SIGINT before the worker started
+        return 130
 
 
 __all__ = ["Assignment", "add_layout_args", "add_node_args", "assignment_for", "k8s_assignment", "k8s_pod", "k8s_set",

@@ -106,6 +106,8 @@ def test_slurm_separate_steps_and_manager():
     assert environment(lay, Role("manager"), manager.peers, None)["JAXPS_PS_SERVERS"] == "ps-0=n1:7000"
     with pytest.raises(ValueError, match="SLURM_NTASKS"):
         slurm_assignment(lay, slurm_env(0, 3, nodes), expand=expand_nodelist)  # 3 tasks, 4 ranks
+    assert slurm_assignment(lay, slurm_env(1, 4, nodes, SLURM_STEP_NUM_TASKS="2"), 1,  # the step's count wins
+                            expand=expand_nodelist).roles == (Role("worker", 1),)
     with pytest.raises(ValueError, match="SLURM_PROCID"):
         slurm_assignment(lay, {"SLURM_JOB_NODELIST": nodes})
 
