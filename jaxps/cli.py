@@ -183,9 +183,7 @@ def cmd_ps_server(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    from jaxps.launch.local import LocalJob, run
-    return run(args.cmd, LocalJob(workers=args.workers, servers=args.servers, partitions=args.partitions,
-                                  cpu_devices=args.cpu_devices, timeout=args.timeout))
+    return args.launch(args, args.cmd)  # jaxps.launch.commands: local, node, slurm, k8s, tpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,15 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--vocab", type=int, default=10_000)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_gen_data)
-    la = sub.add_parser("launch", help="start the worker processes of a job",
-                        description="jaxps launch local --workers 2 -- jaxps train data.train=a.svm,b.svm\n"
-                                    "jaxps launch local --servers 2 -- jaxps train model.placement=host")
-    la.add_argument("where", choices=["local"], help="local: all processes on this machine, on loopback")
-    la.add_argument("--workers", type=int, default=1, help="worker processes (one jax.distributed process each)")
-    la.add_argument("--servers", type=int, default=0, help="PS server processes for the model's host tables")
-    la.add_argument("--partitions", type=int, default=256, help="PS key-space partitions")
-    la.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices per worker")
-    la.add_argument("--timeout", type=float, default=None, help="stop every worker after this many seconds")
+    from jaxps.launch.commands import USAGE, add_parsers
+    la = sub.add_parser("launch", help="start the processes of a job, or render a cluster template",
+                        description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_parsers(la)
     la.set_defaults(fn=cmd_launch)
     lm = sub.add_parser("lm", help="train the Transformer LM with DP x PP x TP (mesh.data/stage/model)")
     lm.add_argument("config", nargs="*", help="[config.toml|json] [key=value ...] (jaxps.lm.LMConfig)")
