@@ -88,3 +88,47 @@ def test_real_torch_pipeline_peer() -> None:
     res, why = _torchrun.torchrun("peers_torch_pipeline.py", 2, pvt.MLPSpec(**TINY).peer_args(1, 1), 120)
     assert why is None, why
     assert set(res["samples_per_sec"]) == {"gpipe", "1f1b", "interleaved"} and res["processes"] == 2
+
+
+def _wide_deep_batches(n: int, batch: int):
+    from jaxps.data import PlantedModel, SyntheticConfig
+
+    data, _ = PlantedModel(SyntheticConfig(num_fields=39, vocab_size=100, seed=0)).sample(n * batch, seed=1)
+    return [data.slice(i, i + batch) for i in range(0, data.size, batch)]
+
+
+def test_torchrec_run_without_and_with_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    import numpy as np
+
+    import host_vs_device as hvd
+
+    args = argparse.Namespace(rows=1000, batch=32, dim=4, torchrec_procs=2)
+    batches = _wide_deep_batches(3, 32)
+    monkeypatch.setattr(hvd, "missing", lambda *m: "torchrec is not installed")
+    assert hvd.torchrec_run(batches, args) == (None, "torchrec is not installed")
+    monkeypatch.setattr(hvd, "missing", lambda *m: None)
+
+    def fake(script: str, n: int, argv: list, timeout: float):
+        data = np.load(argv[argv.index("--data") + 1])
+        assert script == "peers_torchrec.py" and n == 2
+        assert data["rows"].shape == (96, 39) and data["rows"].max() < 1000 and data["labels"].shape == (96,)
+        return {"samples_per_sec": 10.0}, None
+    monkeypatch.setattr(hvd, "torchrun", fake)
+    assert hvd.torchrec_run(batches, args) == ({"samples_per_sec": 10.0}, None)
+
+
+def test_real_torchrec_peer() -> None:
+    """The TorchRec peer itself under torchrun (tiny tables); only where TorchRec loads."""
+    why = _torchrun.missing("torch", "torchrec", "fbgemm_gpu")
+    if why:
+        pytest.skip(f"TorchRec peer not run: {why}")
+    import argparse
+
+    import host_vs_device as hvd
+
+    args = argparse.Namespace(rows=1000, batch=64, dim=4, torchrec_procs=2)
+    res, why = hvd.torchrec_run(_wide_deep_batches(4, 64), args)
+    assert why is None, why
+    assert res["samples_per_sec"] > 0 and res["steps"] == 4 and res["sharding"] == "table_wise"
