@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -46,13 +47,41 @@ def _tail(text: str, n: int = 1500) -> str:
     return text.strip()[-n:]
 
 
+_CAUSE = re.compile(r"Error|Exception|terminate called|what\(\)|Signal \d+|exitcode")
+
+
+def failure(text: str, lines: int = 12) -> str:
+    """The lines of a torchrun log that say why (the children's errors, deduplicated), not
+    the agent's own traceback, which only says that a child failed."""
+    hits = [ln.strip() for ln in text.splitlines()
+            if _CAUSE.search(ln) and "ChildFailedError" not in ln and "elastic/" not in ln]
+    return "\n".join(list(dict.fromkeys(hits))[:lines]) if hits else _tail(text)
+
+
+def _once(script: str, cmd: list[str], env: dict[str, str], timeout: float
+          ) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return None, f"{script}: timeout after {timeout:g}s"
+    if proc.returncode != 0:
+        return None, f"{script}: exit status {proc.returncode}: {failure(proc.stderr + proc.stdout)}"
+    result = last_json(proc.stdout)
+    if result is None:
+        return None, f"{script}: last stdout line is not a JSON object: {_tail(proc.stdout, 300)!r}"
+    return result, None
+
+
 def torchrun(script: str, nproc: int, args: Sequence[str], timeout: float,
-             threads_per_proc: int | None = None) -> tuple[dict[str, Any] | None, str | None]:
+             threads_per_proc: int | None = None, retries: int = 0
+             ) -> tuple[dict[str, Any] | None, str | None]:
     """Run ``benchmarks/{script}`` on ``nproc`` local processes (``torchrun --standalone``).
 
     Returns ``(result, None)`` from rank 0's last stdout line, or ``(None, reason)`` on a
     missing torch, a failure or a timeout. ``threads_per_proc`` sets OMP_NUM_THREADS, which
-    torchrun would otherwise force to 1 (said in the result so ratios are read right).
+    torchrun would otherwise force to 1 (said in the result so ratios are read right). A
+    failed run is retried ``retries`` times (peers crash now and then on a loaded machine);
+    a result after a failure says so in ``failed_before``.
     """
     why = missing("torch")
     if why:
@@ -63,14 +92,13 @@ def torchrun(script: str, nproc: int, args: Sequence[str], timeout: float,
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = str(threads_per_proc or max(1, (os.cpu_count() or 1) // nproc))
     env.pop("XLA_FLAGS", None)  # only jaxps reads it; keep the peer's environment plain
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return None, f"{script}: timeout after {timeout:g}s"
-    if proc.returncode != 0:
-        return None, f"{script}: exit status {proc.returncode}: {_tail(proc.stderr or proc.stdout)}"
-    result = last_json(proc.stdout)
-    if result is None:
-        return None, f"{script}: last stdout line is not a JSON object: {_tail(proc.stdout, 300)!r}"
-    result.setdefault("omp_num_threads", int(env["OMP_NUM_THREADS"]))
-    return result, None
+    failures: list[str] = []
+    for _ in range(retries + 1):
+        result, why = _once(script, cmd, env, timeout)
+        if result is not None:
+            result.setdefault("omp_num_threads", int(env["OMP_NUM_THREADS"]))
+            if failures:
+                result["failed_before"] = failures
+            return result, None
+        failures.append(why or "")
+    return None, "\n--- retry ---\n".join(failures)

@@ -107,7 +107,8 @@ def torchrec_run(batches, args) -> tuple[dict | None, str | None]:
                  vals=np.concatenate([b.vals for b in batches]),
                  labels=np.concatenate([b.labels for b in batches]))
         return torchrun("peers_torchrec.py", args.torchrec_procs,
-                        ["--data", path, "--batch", args.batch, "--rows", args.rows, "--dim", args.dim], timeout=900)
+                        ["--data", path, "--batch", args.batch, "--rows", args.rows, "--dim", args.dim],
+                        timeout=900, retries=1)
 
 
 def main(argv=None) -> int:

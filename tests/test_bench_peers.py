@@ -55,6 +55,18 @@ def test_torchrun_paths(monkeypatch: pytest.MonkeyPatch) -> None:
         raise subprocess.TimeoutExpired(cmd, 5)
     monkeypatch.setattr(subprocess, "run", timeout)
     assert _torchrun.torchrun("peer.py", 2, [], 5) == (None, "peer.py: timeout after 5s")
+    runs = iter([_fake_run("", rc=1, stderr="[rank1]: RuntimeError: flaky"), _fake_run('{"x": 1}')])
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: next(runs)(cmd, **kw))
+    res, why = _torchrun.torchrun("peer.py", 2, [], 5, retries=1)
+    assert why is None and res["x"] == 1 and "RuntimeError: flaky" in res["failed_before"][0]
+
+
+def test_failure_keeps_the_childrens_errors() -> None:
+    log = ("noise\n[rank1]: RuntimeError: gloo broke\n  File \"x/torch/distributed/elastic/api.py\"\n"
+           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+           "  exitcode  : -6 (pid: 1)  (SIGABRT)\n[rank1]: RuntimeError: gloo broke\n")
+    assert _torchrun.failure(log) == "[rank1]: RuntimeError: gloo broke\nexitcode  : -6 (pid: 1)  (SIGABRT)"
+    assert _torchrun.failure("just this") == "just this"
 
 
 TINY = dict(stages=2, layers=4, width=8, batch=8, microbatches=4)
@@ -110,7 +122,7 @@ def test_torchrec_run_without_and_with_peer(monkeypatch: pytest.MonkeyPatch) -> 
     assert hvd.torchrec_run(batches, args) == (None, "torchrec is not installed")
     monkeypatch.setattr(hvd, "missing", lambda *m: None)
 
-    def fake(script: str, n: int, argv: list, timeout: float):
+    def fake(script: str, n: int, argv: list, timeout: float, **kw: object):
         data = np.load(argv[argv.index("--data") + 1])
         assert script == "peers_torchrec.py" and n == 2
         assert data["rows"].shape == (96, 39) and data["rows"].max() < 1000 and data["labels"].shape == (96,)
