@@ -6,13 +6,21 @@ the input thread and pushes queued behind the device steps — strict (exact, re
 shared with in-flight pushes) and non-strict (bounded staleness). Reported: seconds per
 step of each and `ratio` = strict HostTable / RowSharded (target <= 1.15).
 
+Peers on the same batches: PyTorch (EmbeddingBag(sparse) + Adagrad, in-process) and TorchRec
+(peers_torchrec.py under torchrun: EmbeddingBagCollection, fused row-wise Adagrad,
+DistributedModelParallel table-wise over gloo). `ratio_vs_torchrec` = jaxps on-mesh samples/s
+over TorchRec's; null with `torchrec_note` saying why when TorchRec is missing or fails.
+
 Usage: python benchmarks/host_vs_device.py [--quick] [--batch 4096] [--dim 16] [--devices 1]
+       [--torchrec-procs 2]
 """
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(__file__))
@@ -21,6 +29,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _common import emit, machine_info, parser  # noqa: E402
+from _torchrun import missing, torchrun  # noqa: E402
 from jaxps.data import PlantedModel, SyntheticConfig  # noqa: E402
 from jaxps.mesh import MeshConfig, make_mesh  # noqa: E402
 from jaxps.models import WideDeep, WideDeepConfig  # noqa: E402
@@ -85,12 +94,30 @@ def torch_seconds_per_step(batches, args) -> float | None:
     return (time.perf_counter() - t0) / len(data)
 
 
+def torchrec_run(batches, args) -> tuple[dict | None, str | None]:
+    """TorchRec's samples/s on the same batches (hashed to the same rows), or why not."""
+    why = missing("torch", "torchrec", "fbgemm_gpu")
+    if why:
+        return None, why
+    from jaxps.tables.table import Table
+    rows_of = Table("x", rows=args.rows).rows_for
+    with tempfile.TemporaryDirectory(prefix="torchrec_") as tmp:
+        path = Path(tmp) / "batches.npz"
+        np.savez(path, rows=np.concatenate([rows_of(b.ids) for b in batches]).astype(np.int64),
+                 vals=np.concatenate([b.vals for b in batches]),
+                 labels=np.concatenate([b.labels for b in batches]))
+        return torchrun("peers_torchrec.py", args.torchrec_procs,
+                        ["--data", path, "--batch", args.batch, "--rows", args.rows, "--dim", args.dim],
+                        timeout=900, retries=1)
+
+
 def main(argv=None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--rows", type=int, default=1 << 22, help="hashed rows of both tables")
     p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--torchrec-procs", type=int, default=2, help="torchrun processes of the TorchRec peer")
     args = p.parse_args(argv)
     steps = 12 if args.quick else 40
     planted = PlantedModel(SyntheticConfig(num_fields=39, vocab_size=10_000, seed=0))
@@ -100,6 +127,8 @@ def main(argv=None) -> int:
     host_s, host_extra = seconds_per_step(HostTable("hashed"), batches, args, strict=True)
     loose_s, _ = seconds_per_step(HostTable("hashed"), batches, args, strict=False)
     torch_s = torch_seconds_per_step(batches, args)
+    trec, trec_why = torchrec_run(batches, args)
+    trec_sps = trec["samples_per_sec"] if trec else None
     emit("host_vs_device", {
         "batch_size": args.batch, "embed_dim": args.dim, "rows": args.rows, "steps": steps,
         "devices": args.devices, "seconds_per_step_device": device_s,
@@ -109,6 +138,11 @@ def main(argv=None) -> int:
         "seconds_per_step_torch": torch_s,
         "ratio_device_vs_torch": None if torch_s is None else device_s / torch_s,
         "ratio_host_strict_vs_torch": None if torch_s is None else host_s / torch_s,
+        "samples_per_sec_device": args.batch / device_s, "samples_per_sec_host_strict": args.batch / host_s,
+        "samples_per_sec_torchrec": trec_sps,
+        "ratio_vs_torchrec": None if trec_sps is None else args.batch / device_s / trec_sps,
+        "ratio_host_strict_vs_torchrec": None if trec_sps is None else args.batch / host_s / trec_sps,
+        "torchrec": trec, "torchrec_note": trec_why,
         "machine": machine_info(),
     }, args.out)
     return 0

@@ -4,11 +4,17 @@ Bubble, measured by the step-time slope: for M in a few microbatch counts, time 
 pipelined value-and-grad step of an MLP stack (S stages of Linear+tanh, residual); fit
 T(M) = a + b*M; the bubble at M is a / T(M) (time not proportional to the work), compared
 with (S-1)/(V*M+S-1). Memory: compiled temporaries of 1F1B over GPipe at M = 4S.
-The torch.distributed.pipelining comparison needs torchrun processes and comes next
-(`ratio_vs_torch_pipelining` is null until then). 8 simulated devices share 2 cores here:
-stages do not run concurrently, so the step times show the schedule's tick count.
+8 simulated devices share 2 cores here: stages do not run concurrently, so the step times
+show the schedule's tick count.
+
+Peer: torch.distributed.pipelining (peers_torch_pipeline.py under torchrun, one gloo
+process per stage) trains L x (Linear(D) + ReLU) on the same sizes as jaxps on S devices,
+rounds interleaved (_pipeline_vs_torch.py); `ratio_vs_torch_pipelining` = best jaxps
+schedule's samples/s over best torch schedule's, null with `torch_note` saying why when
+torch (optional: pip install torch==2.13.0) is missing or fails.
 
 Usage: python benchmarks/pipeline.py [--quick] [--stages 4] [--width 256] [--batch 64]
+       [--torch-stages 2] [--torch-layers 8] [--torch-width 1024] [--torch-batch 512]
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _common import emit, machine_info, parser  # noqa: E402
+from _pipeline_vs_torch import MLPSpec, compare  # noqa: E402
 from jaxps.mesh import MeshConfig, make_mesh  # noqa: E402
 from jaxps.parallel.pipeline import pipeline_value_and_grad  # noqa: E402
 from jaxps.parallel.schedule import build  # noqa: E402
@@ -60,6 +67,12 @@ def main(argv=None) -> int:
     p.add_argument("--stages", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--batch", type=int, default=64, help="examples per microbatch (over data=2)")
+    p.add_argument("--torch-stages", type=int, default=2, help="torchrun processes = jaxps stages")
+    p.add_argument("--torch-layers", type=int, default=8)
+    p.add_argument("--torch-width", type=int, default=1024)
+    p.add_argument("--torch-batch", type=int, default=512)
+    p.add_argument("--torch-microbatches", type=int, default=8)
+    p.add_argument("--torch-rounds", type=int, default=None, help="interleaved rounds (3 quick, 5 full)")
     args = p.parse_args(argv)
     S, D, B = args.stages, args.width, args.batch
     reps = 3 if args.quick else 10
@@ -88,9 +101,11 @@ def main(argv=None) -> int:
         temp[kind] = fn.lower(params_for(S, 1, D), xs, ys).compile().memory_analysis().temp_size_in_bytes
     result.update(
         bubble_ratio_vs_theory=max(r["bubble_ratio"] for r in result["schedules"].values()),
-        memory_1f1b_vs_gpipe=temp["1f1b"] / temp["gpipe"], temp_bytes=temp,
-        ratio_vs_torch_pipelining=None, torch_note="needs torchrun processes: next",
-        machine=machine_info())
+        memory_1f1b_vs_gpipe=temp["1f1b"] / temp["gpipe"], temp_bytes=temp)
+    spec = MLPSpec(stages=args.torch_stages, layers=args.torch_layers, width=args.torch_width,
+                   batch=args.torch_batch, microbatches=args.torch_microbatches)
+    rounds = args.torch_rounds or (3 if args.quick else 5)
+    result.update(compare(spec, rounds=rounds, reps=3 if args.quick else 8), machine=machine_info())
     emit("pipeline", result, args.out)
     return 0
 

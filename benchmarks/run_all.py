@@ -1,8 +1,9 @@
 """Run every benchmark script and collect a Markdown report with ratio bar charts.
 
-Each ``benchmarks/*.py`` (except ``_*.py``, ``peers.py`` and this file) runs in its own
-subprocess (isolation: a crash, hang or leaked accelerator state stays in that process) with
-``--quick`` unless ``--full``; its last stdout line must be a JSON object (``_common.emit``).
+Each ``benchmarks/*.py`` (except ``_*.py``, ``peers*.py``: peer runners that benchmarks launch
+themselves, and this file) runs in its own subprocess (isolation: a crash, hang or leaked
+accelerator state stays in that process) with ``--quick`` unless ``--full``; its last stdout
+line must be a JSON object (``_common.emit``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SKIP = {"peers.py", Path(__file__).name}
+SKIP = {Path(__file__).name}
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Outcome:
 def discover(scripts_dir: Path, only: list[str] | None = None) -> list[Path]:
     """Benchmark scripts in ``scripts_dir``, filtered by name (with or without ``.py``)."""
     scripts = sorted(p for p in scripts_dir.glob("*.py")
-                     if not p.name.startswith("_") and p.name not in SKIP)
+                     if not p.name.startswith(("_", "peers")) and p.name not in SKIP)
     if only:
         wanted = {o.removesuffix(".py") for o in only}
         scripts = [p for p in scripts if p.stem in wanted]

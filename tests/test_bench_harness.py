@@ -39,6 +39,7 @@ def scripts(tmp_path: Path) -> Path:
     (d / "bad.py").write_text(BAD)
     (d / "_helper.py").write_text("raise SystemExit('helpers must not run')\n")
     (d / "peers.py").write_text("raise SystemExit('peers must not run')\n")
+    (d / "peers_torch_x.py").write_text("raise SystemExit('peer runners must not run')\n")
     return d
 
 
