@@ -60,12 +60,18 @@ def cmd_train(args) -> int:
         return 0
     import jax
 
+    from jaxps import groups
     from jaxps.job import build_data, build_model, dense_features
-    from jaxps.trainer import Trainer
-    train_ds, eval_ds, info = build_data(cfg.data)
     from jaxps.ps.client import from_env
+    from jaxps.trainer import Trainer
+    group = groups.from_env()  # one of several worker groups (`jaxps launch --groups`), if set
+    ps = from_env()            # servers started by `jaxps launch --servers`, if any
+    if group is not None and group.count > 1 and ps is None:
+        raise SystemExit(f"jaxps train: {groups.ENV_NUM_GROUPS}={group.count} needs PS servers "
+                         f"(JAXPS_PS_SERVERS unset); use jaxps launch local --servers M --groups G")
+    train_ds, eval_ds, info = build_data(cfg.data, group)
     trainer = Trainer(build_model(cfg.model, dense_features(cfg.data), cfg.data.max_nnz), cfg.mesh, cfg.train,
-                      ps=from_env())  # servers started by `jaxps launch --servers`, if any
+                      ps=ps, group=group)
     if jax.process_index() == 0:
         print(trainer.plan(), flush=True)
     report = {"data": {"train": train_ds.stats, "eval": eval_ds.stats if eval_ds else None},
@@ -73,7 +79,7 @@ def cmd_train(args) -> int:
     if info:
         report["synthetic"] = {k: info[k] for k in info if k.startswith(("bayes", "n_"))}
     result = trainer.fit(train_ds, eval_ds, total_examples=info.get("n_train"), report=report)
-    path = os.path.join(cfg.train.out_dir, "metrics.json")
+    path = os.path.join(trainer.config.out_dir, "metrics.json")
     if jax.process_index() != 0:  # one report per job
         return 0
     t = result["train"]
@@ -90,7 +96,7 @@ def cmd_train(args) -> int:
         print(line)
     print(f"metrics: {path}")
     if cfg.train.tensorboard:
-        print(f"tensorboard: {os.path.join(cfg.train.out_dir, 'tensorboard')}")
+        print(f"tensorboard: {os.path.join(trainer.config.out_dir, 'tensorboard')}")
     if "checkpoint" in result:
         print(f"checkpoint: {result['checkpoint']}")
     return 0

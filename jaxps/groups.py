@@ -40,9 +40,10 @@ class WorkerGroup:
 
 
 def from_env() -> WorkerGroup | None:
-    """The worker group this process belongs to (None when JAXPS_NUM_GROUPS is unset)."""
+    """The worker group this process belongs to (None when JAXPS_NUM_GROUPS is unset or 1:
+    a job of one group is an ordinary job)."""
     count = os.environ.get(ENV_NUM_GROUPS, "").strip()
-    if not count:
+    if not count or count == "1":
         return None
     try:
         return WorkerGroup(int(os.environ.get(ENV_GROUP, "0")), int(count), os.environ.get(ENV_SYNC, "bsp"))

@@ -15,6 +15,7 @@ from jaxps.data.dataset import FileDataset
 from jaxps.data.parse import CRITEO_INT_FIELDS
 from jaxps.data.readers import ReaderConfig
 from jaxps.data.synthetic import SyntheticConfig, generate_dataset
+from jaxps.groups import WorkerGroup
 from jaxps.mesh import MeshConfig
 from jaxps.optim import rowwise
 from jaxps.placement import parse as parse_placement
@@ -141,20 +142,28 @@ def _synthetic(cfg: DataConfig) -> dict:
     return info
 
 
-def _dataset(cfg: DataConfig, paths: list[str]) -> FileDataset:
+def _dataset(cfg: DataConfig, paths: list[str], group: WorkerGroup | None = None) -> FileDataset:
+    """This process's share of `paths`; with worker groups (training data), of its group's
+    share: every process of every group reads its own byte range."""
     reader = ReaderConfig(format=cfg.format, max_nnz=cfg.max_nnz, skip_bad_lines=cfg.skip_bad_lines)
     if cfg.batch_size % jax.process_count():
         raise ValueError(f"data.batch_size={cfg.batch_size} (the global batch) must divide by the "
                          f"{jax.process_count()} processes")
-    return FileDataset(paths, reader, cfg.batch_size // jax.process_count())  # this process's share
+    n, i = jax.process_count(), jax.process_index()
+    if group is not None and group.count > 1:
+        n, i = n * group.count, group.index * n + i
+    return FileDataset(paths, reader, cfg.batch_size // jax.process_count(),  # this process's share
+                       process_index=i, process_count=n)
 
 
-def build_data(cfg: DataConfig) -> tuple[FileDataset, FileDataset | None, dict]:
-    """Train/eval datasets; generates the synthetic set first when no files are given."""
+def build_data(cfg: DataConfig, group: WorkerGroup | None = None) -> tuple[FileDataset, FileDataset | None, dict]:
+    """Train/eval datasets; generates the synthetic set first when no files are given.
+    With worker groups each group trains on its share of the files and evaluates on all."""
     if cfg.train:
-        return _dataset(cfg, cfg.train), (_dataset(cfg, cfg.eval) if cfg.eval else None), {}
+        return _dataset(cfg, cfg.train, group), (_dataset(cfg, cfg.eval) if cfg.eval else None), {}
     info = _synthetic(cfg)
-    return _dataset(cfg, [info["paths"]["train"]]), _dataset(cfg, cfg.eval or [info["paths"]["test"]]), info
+    return (_dataset(cfg, [info["paths"]["train"]], group), _dataset(cfg, cfg.eval or [info["paths"]["test"]]),
+            info)
 
 
 def build_eval_data(cfg: DataConfig) -> FileDataset | None:

@@ -8,6 +8,7 @@ from typing import Sequence
 
 USAGE = ("jaxps launch local --workers 2 -- jaxps train data.train=a.svm,b.svm\n"
          "jaxps launch local --servers 2 -- jaxps train model.placement=host\n"
+         "jaxps launch local --servers 2 --groups 4 --sync ssp:3 -- jaxps train model.placement=host\n"
          "jaxps launch slurm --servers 2 --groups 1 --workers-per-group 4 --out job.sbatch -- jaxps train ...\n"
          "jaxps launch node ...   (what every task/pod/host of a cluster template runs)")
 
@@ -18,6 +19,9 @@ def add_parsers(la: argparse.ArgumentParser) -> None:
     lo = sub.add_parser("local", help="all processes on this machine, on loopback")
     lo.add_argument("--workers", type=int, default=1, help="worker processes (one jax.distributed process each)")
     lo.add_argument("--servers", type=int, default=0, help="PS server processes for the model's host tables")
+    lo.add_argument("--groups", type=int, default=1,
+                    help="worker groups sharing the model through the PS servers (each --workers processes)")
+    lo.add_argument("--sync", default="bsp", help="worker groups' consistency: bsp, ssp:N or asp")
     lo.add_argument("--partitions", type=int, default=256, help="PS key-space partitions")
     lo.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices per worker")
     lo.add_argument("--timeout", type=float, default=None, help="stop every worker after this many seconds")
@@ -46,7 +50,8 @@ def add_parsers(la: argparse.ArgumentParser) -> None:
 
 def _local(args: argparse.Namespace, command: Sequence[str]) -> int:
     from jaxps.launch.local import LocalJob, run
-    return run(list(command), LocalJob(workers=args.workers, servers=args.servers, partitions=args.partitions,
+    return run(list(command), LocalJob(workers=args.workers, servers=args.servers, groups=args.groups,
+                                       sync=args.sync, partitions=args.partitions,
                                        cpu_devices=args.cpu_devices, timeout=args.timeout))
 
 

@@ -23,10 +23,9 @@ from jaxps.ps.client import ENV_PARTITIONS, ENV_SERVERS, ENV_TOKEN
 from jaxps.runtime import (ENV_COORDINATOR, ENV_COORDINATOR_BIND, ENV_CPU_DEVICES, ENV_NUM_PROCESSES,
                            ENV_PROCESS_ID)
 
-# Worker groups: each group is its own jax.distributed job; the PS clocks relate them.
-ENV_GROUP = "JAXPS_GROUP"            # this process's worker group, 0-based
-ENV_NUM_GROUPS = "JAXPS_NUM_GROUPS"  # worker groups in the job
-ENV_SYNC = "JAXPS_SYNC"              # "bsp" | "ssp:N" | "asp": how groups relate through the PS
+# Worker groups: each group is its own jax.distributed job; the PS clocks relate them
+# (JAXPS_GROUP, JAXPS_NUM_GROUPS, JAXPS_SYNC: see jaxps.groups).
+from jaxps.groups import ENV_GROUP, ENV_NUM_GROUPS, ENV_SYNC  # noqa: E402
 ENV_MANAGER = "JAXPS_PS_MANAGER"     # host:port of the PS server manager (absent: none)
 
 _SYNC = re.compile(r"^(bsp|asp|ssp:\d+)$")

@@ -1,5 +1,6 @@
 """`jaxps launch local`: run the processes of one job on this machine, on loopback: M
-parameter-server processes (`--servers`) and N worker processes (`--workers`).
+parameter-server processes (`--servers`) and N worker processes (`--workers`), or G
+worker groups of N processes each (`--groups`, `--sync`: see jaxps.groups).
 
 Each worker gets the environment a cluster scheduler would give it (coordinator address,
 process count, process id; see jaxps.runtime) and calls `jax.distributed.initialize`
@@ -19,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from jaxps.groups import ENV_GROUP, ENV_NUM_GROUPS, ENV_SYNC
 from jaxps.ps.client import ENV_PARTITIONS, ENV_SERVERS, ENV_TOKEN
 from jaxps.runtime import (ENV_COORDINATOR, ENV_COORDINATOR_BIND, ENV_CPU_DEVICES, ENV_NUM_PROCESSES,
                            ENV_PROCESS_ID)
@@ -28,6 +30,8 @@ from jaxps.runtime import (ENV_COORDINATOR, ENV_COORDINATOR_BIND, ENV_CPU_DEVICE
 class LocalJob:
     workers: int = 1
     servers: int = 0                # PS server processes (0: none; host tables stay in-process)
+    groups: int = 1                 # worker groups (each its own jax.distributed job); > 1 needs servers
+    sync: str = "bsp"               # how worker groups relate through the PS clocks
     partitions: int = 256           # PS key-space partitions
     server_start_timeout: float = 60.0
     cpu_devices: int | None = None  # simulated CPU devices per worker (JAXPS_CPU_DEVICES)
@@ -101,27 +105,34 @@ def _start_servers(job: LocalJob, procs: list, pumps: list) -> dict[str, str]:
 def run(command: list[str], job: LocalJob) -> int:
     """Run `command` as `job.workers` processes (with `job.servers` PS servers beside them);
     returns the first non-zero exit code of a worker."""
-    if job.workers < 1:
-        raise ValueError(f"workers must be >= 1, got {job.workers}")
+    if job.workers < 1 or job.groups < 1:
+        raise ValueError(f"workers and groups must be >= 1, got {job.workers}, {job.groups}")
+    if job.groups > 1 and not job.servers:
+        raise ValueError("worker groups share the model through PS servers: give --servers")
     if not command:
         raise ValueError("no command to launch (put it after '--')")
-    # loopback only; a port taken between free_port() and the coordinator's bind makes
-    # worker 0 fail at start, which stops the job with its error
-    coordinator = f"127.0.0.1:{free_port()}"
     procs, pumps, servers = [], [], []
     try:
         ps_env = _start_servers(job, servers, pumps) if job.servers else {}
-        for i in range(job.workers):
-            env = dict(os.environ, **ps_env, **{ENV_COORDINATOR: coordinator, ENV_COORDINATOR_BIND: coordinator,
-                                                ENV_NUM_PROCESSES: str(job.workers), ENV_PROCESS_ID: str(i)})
-            if job.cpu_devices:
-                env[ENV_CPU_DEVICES] = str(job.cpu_devices)
-            p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-            procs.append(p)
-            t = threading.Thread(target=_pump, args=(p.stdout, f"[worker {i}] ", sys.stdout), daemon=True)
-            t.start()
-            pumps.append(t)
+        for g in range(job.groups):
+            # loopback only; a port taken between free_port() and the coordinator's bind
+            # makes the group's worker 0 fail at start, which stops the job with its error
+            coordinator = f"127.0.0.1:{free_port()}"
+            group_env = ({ENV_GROUP: str(g), ENV_NUM_GROUPS: str(job.groups), ENV_SYNC: job.sync}
+                         if job.groups > 1 else {})
+            for i in range(job.workers):
+                env = dict(os.environ, **ps_env, **group_env,
+                           **{ENV_COORDINATOR: coordinator, ENV_COORDINATOR_BIND: coordinator,
+                              ENV_NUM_PROCESSES: str(job.workers), ENV_PROCESS_ID: str(i)})
+                if job.cpu_devices:
+                    env[ENV_CPU_DEVICES] = str(job.cpu_devices)
+                p = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+                procs.append(p)
+                name = f"group {g} worker {i}" if job.groups > 1 else f"worker {i}"
+                t = threading.Thread(target=_pump, args=(p.stdout, f"[{name}] ", sys.stdout), daemon=True)
+                t.start()
+                pumps.append(t)
         deadline = None if job.timeout is None else time.monotonic() + job.timeout
         while True:
             codes = [p.poll() for p in procs]

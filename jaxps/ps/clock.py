@@ -129,7 +129,7 @@ class GroupClocks:
             self._check(group)
             s = self.sync.staleness
             slowest = min(self._clocks)
-            if slowest < DONE:
+            if slowest < DONE and clock < DONE:
                 self.max_gap = max(self.max_gap, clock - slowest)
             if s is None:
                 return 0.0
