@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from jaxps.memory import put_rows, take_rows
 from jaxps.ps.clock import Sync
 from jaxps.ps.ring import Ring, partition_of
-from jaxps.ps.server import PSServer, TableSpec
+from jaxps.ps.server import Frozen, PSServer, TableSpec, WrongOwner
 
 
 class Transport(Protocol):
@@ -30,10 +31,21 @@ class Transport(Protocol):
 
 
 class InProcessTransport:
-    """A server in this process: calls go straight to it, arrays are not copied."""
+    """A server in this process: calls go straight to it, arrays are not copied. `kill()`
+    makes every later call fail as a dead server's would (tests, benchmarks)."""
 
     def __init__(self, server: PSServer):
-        self.server = server
+        self._server = server
+        self.alive = True
+
+    @property
+    def server(self) -> PSServer:
+        if not self.alive:
+            raise ConnectionError(f"PS server {self._server.name} is down")
+        return self._server
+
+    def kill(self) -> None:
+        self.alive = False
 
     def pull(self, table, keys, group=-1, clock=0):
         return self.server.pull(table, keys, group, clock)
@@ -56,40 +68,99 @@ class InProcessTransport:
     def load(self, table, rows, only_missing=False):
         self.server.load(table, rows, only_missing)
 
+    # membership (the server manager's calls)
+    def ping(self) -> int:
+        return self.server.ring.version
+
+    def freeze(self):
+        self.server.freeze()
+
+    def unfreeze(self):
+        self.server.unfreeze()
+
+    def set_ring(self, ring):
+        self.server.set_ring(ring)
+
+    def export_partitions(self, parts):
+        return self.server.export_partitions(parts)
+
+    def load_partitions(self, data):
+        return self.server.load_partitions(data)
+
+
+RingView = tuple[Ring, Mapping[str, Transport]]
+
+
+def _retryable(e: BaseException) -> bool:
+    """A failure a newer ring may cure: a dead or frozen server, a moved partition."""
+    if isinstance(e, (Frozen, WrongOwner, ConnectionError)):
+        return True
+    code = getattr(e, "code", None)  # PSRPCError (gRPC) without importing grpc here
+    return getattr(code, "name", "") in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "FAILED_PRECONDITION")
+
 
 class PSClient:
     def __init__(self, ring: Ring, transports: Mapping[str, Transport], tables: Sequence[TableSpec],
-                 client_id: int | None = None):
+                 client_id: int | None = None, replicas: int = 0,
+                 ring_source: Callable[[], RingView] | None = None, retry_seconds: float = 120.0):
+        """replicas: backups per partition (hot standby): each push goes to a partition's
+        primary and its backups and returns once all applied it; pulls read the primary.
+        ring_source: where a newer ring (and transports for new servers) comes from when a
+        server dies, freezes or moves a partition (e.g. `ServerManager.view`); calls are
+        then retried with the same request id for up to `retry_seconds`."""
         missing = set(ring.servers) - set(transports)
         if missing:
             raise ValueError(f"no transport for servers {sorted(missing)}")
         self.ring, self.transports = ring, dict(transports)
+        self.replicas, self.ring_source, self.retry_seconds = replicas, ring_source, retry_seconds
         self.tables = {t.name: t for t in tables}
         self.client_id = int.from_bytes(os.urandom(8), "little") >> 1 if client_id is None else client_id
         self._seq = itertools.count()
+        self.retries = 0           # calls retried on a newer ring
         # Pulls of a worker group may wait at the servers for other groups (and for this
         # group's own clock): pushes and clocks get their own threads so they never queue
         # behind a waiting pull.
-        n = max(1, len(ring.servers))
+        n = 16 if ring_source is not None else max(1, len(ring.servers))
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="jaxps-ps-pull")
-        self._push_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="jaxps-ps-push")
+        self._push_pool = ThreadPoolExecutor(max_workers=n * (replicas + 1), thread_name_prefix="jaxps-ps-push")
 
-    def _route(self, keys: np.ndarray) -> tuple[np.ndarray | None, list[tuple[str, int, int]]]:
-        """(order grouping keys by server or None when there is one server, and
+    def _with_retries(self, what: str, call):
+        """Run `call()`; on a failure a newer ring may cure, refresh the ring and retry."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.02
+        while True:
+            try:
+                return call()
+            except Exception as e:  # noqa: BLE001
+                if self.ring_source is None or not _retryable(e) or time.monotonic() > deadline:
+                    raise
+                self.retries += 1
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                ring, transports = self.ring_source()
+                self.transports.update(transports)
+                self.ring = ring
+
+    def _route(self, keys: np.ndarray, ring: Ring) -> tuple[np.ndarray | None, list[tuple[str, int, int]]]:
+        """(order grouping keys by primary server or None when there is one server, and
         (server, lo, hi) runs of the grouped keys)."""
-        if len(self.ring.servers) == 1:
-            return None, [(self.ring.servers[0], 0, keys.shape[0])]
-        owners = self.ring.owners()[partition_of(keys, self.ring.num_partitions)].astype(np.uint16)
+        if len(ring.servers) == 1:
+            return None, [(ring.servers[0], 0, keys.shape[0])]
+        owners = ring.owners()[partition_of(keys, ring.num_partitions)].astype(np.uint16)
         order = np.argsort(owners, kind="stable")  # radix sort of 16-bit ids
-        bounds = np.searchsorted(owners[order], np.arange(len(self.ring.servers) + 1))
-        return order, [(name, int(bounds[i]), int(bounds[i + 1])) for i, name in enumerate(self.ring.servers)
+        bounds = np.searchsorted(owners[order], np.arange(len(ring.servers) + 1))
+        return order, [(name, int(bounds[i]), int(bounds[i + 1])) for i, name in enumerate(ring.servers)
                        if bounds[i + 1] > bounds[i]]
 
     def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0) -> np.ndarray:
         """Rows [n, dim] of unique uint64 `keys`, in order. A worker `group` (>= 0) pulls
         at its `clock`: the servers answer once the consistency model allows."""
         keys = np.ascontiguousarray(keys, np.uint64)
-        order, runs = self._route(keys)
+        return self._with_retries("pull", lambda: self._pull(table, keys, group, clock))
+
+    def _pull(self, table, keys, group, clock):
+        ring = self.ring
+        order, runs = self._route(keys, ring)
         grouped = keys if order is None else keys[order]
         futures = [(lo, hi, self._pool.submit(self.transports[s].pull, table, grouped[lo:hi], group, clock))
                    for s, lo, hi in runs]
@@ -104,49 +175,77 @@ class PSClient:
 
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, step: int, group: int = -1) -> None:
         """Send summed gradients of unique keys; returns once every server applied them
-        (under BSP, a worker group's push once every server holds it for its step)."""
+        (every replica of each key's partition; under BSP, a worker group's push once every
+        server holds it for its step). One request id for all of it, kept across retries."""
         keys = np.ascontiguousarray(keys, np.uint64)
         grads = np.ascontiguousarray(grads, np.float32)
-        order, runs = self._route(keys)
-        if order is not None:
-            keys, grads = keys[order], take_rows(grads, order)
-        futures = [self._push_pool.submit(self.transports[s].push, table, keys[lo:hi], grads[lo:hi],
-                                     (self.client_id, next(self._seq)), step, group)
-                   for s, lo, hi in runs]
+        request_id = (self.client_id, next(self._seq))
+        self._with_retries("push", lambda: self._push(table, keys, grads, request_id, step, group))
+
+    def _push(self, table, keys, grads, request_id, step, group):
+        ring = self.ring
+        if self.replicas == 0 or len(ring.servers) == 1:
+            order, runs = self._route(keys, ring)
+            k, g = (keys, grads) if order is None else (keys[order], take_rows(grads, order))
+            futures = [self._push_pool.submit(self.transports[s].push, table, k[lo:hi], g[lo:hi],
+                                              request_id, step, group) for s, lo, hi in runs]
+        else:  # each server gets the keys of every partition it replicates
+            sets = ring.replicas(self.replicas)[partition_of(keys, ring.num_partitions)]
+            futures = []
+            for i, name in enumerate(ring.servers):
+                sel = np.flatnonzero((sets == i).any(axis=1))
+                if sel.size:
+                    futures.append(self._push_pool.submit(self.transports[name].push, table, keys[sel],
+                                                          take_rows(grads, sel), request_id, step, group))
+        errors = []
         for f in futures:
-            f.result()
+            try:
+                f.result()
+            except Exception as e:  # noqa: BLE001 - wait for all; the retry skips what landed
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     def clock(self, group: int, clock: int, groups: int, sync: Sync) -> None:
         """Tell every server that worker `group` (of `groups`) completed `clock` steps
         (`jaxps.ps.clock.DONE`: it finished). Send it after that step's pushes returned."""
-        futures = [self._push_pool.submit(t.clock, group, clock, groups, sync) for t in self.transports.values()]
-        for f in futures:
-            f.result()
+        def call():
+            futures = [self._push_pool.submit(self.transports[s].clock, group, clock, groups, sync)
+                       for s in self.ring.servers]
+            for f in futures:
+                f.result()
+        self._with_retries("clock", call)
 
     def create_tables(self, specs: Sequence[TableSpec]) -> None:
         """Make every server serve these tables (idempotent; a conflicting spec fails)."""
         for spec in specs:
-            for t in self.transports.values():
-                t.create_table(spec)
+            for s in self.ring.servers:
+                self.transports[s].create_table(spec)
             self.tables[spec.name] = spec
 
     def export(self, table: str) -> dict[str, np.ndarray]:
-        """Every stored row of `table` across the group (keys, values, optimizer slots)."""
-        parts = [t.export(table) for t in self.transports.values()]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        """Every stored row of `table` across the group (keys, values, optimizer slots):
+        each server exports the partitions it is the primary of."""
+        def call():
+            parts = [self.transports[s].export(table) for s in self.ring.servers]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self._with_retries("export", call)
 
     def load(self, table: str, rows: dict[str, np.ndarray], only_missing: bool = False) -> None:
-        """Spread snapshot rows over this group by its ring (any number of servers);
-        `only_missing`: rows the servers already store keep their values."""
+        """Spread snapshot rows over this group by its ring (any number of servers; every
+        replica of a partition gets its rows); `only_missing`: rows the servers already
+        store keep their values."""
         keys = np.ascontiguousarray(rows["keys"], np.uint64)
-        order, runs = self._route(keys)
-        if order is not None:
-            rows = {k: (v[order] if v.ndim == 1 else take_rows(v, order)) for k, v in rows.items()}
-        for s, lo, hi in runs:
-            self.transports[s].load(table, {k: v[lo:hi] for k, v in rows.items()}, only_missing)
+        ring = self.ring
+        sets = ring.replicas(self.replicas)[partition_of(keys, ring.num_partitions)]
+        for i, name in enumerate(ring.servers):
+            sel = np.flatnonzero((sets == i).any(axis=1))
+            if sel.size:
+                self.transports[name].load(table, {k: (v[sel] if v.ndim == 1 else take_rows(v, sel))
+                                                   for k, v in rows.items()}, only_missing)
 
     def stats(self) -> dict:
-        return {name: t.stats() for name, t in self.transports.items()}
+        return {name: self.transports[name].stats() for name in self.ring.servers}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -171,8 +270,9 @@ def from_env(num_partitions: int = 256, vnodes: int = 64) -> PSClient | None:
 
 
 def embedded(tables: Sequence[TableSpec], servers: int = 1, num_partitions: int = 256,
-             vnodes: int = 64) -> PSClient:
+             vnodes: int = 64, replicas: int = 0) -> PSClient:
     """A server group inside this process (the default for `jaxps train` with host tables)."""
     names = [f"ps-{i}" for i in range(servers)]
     ring = Ring(num_partitions, vnodes, names)
-    return PSClient(ring, {n: InProcessTransport(PSServer(n, ring, tables)) for n in names}, tables)
+    return PSClient(ring, {n: InProcessTransport(PSServer(n, ring, tables, replicas)) for n in names}, tables,
+                    replicas=replicas)

@@ -11,6 +11,8 @@ byte pieces of at most `CHUNK_BYTES`, concatenated on the other side and decoded
     /jaxps.ps.PS/Clock  unary  -> unary    request: group, clock, groups, staleness  reply: settled (i64)
     /jaxps.ps.PS/Export unary  -> stream   request: table          reply: keys, values, slots (meta: names)
     /jaxps.ps.PS/Load   stream -> unary    request: keys, values, slots (meta: names, only_missing)
+    /jaxps.ps.PS/Admin  unary  -> unary    the manager's: {"op": ping | freeze | unfreeze | set_ring, ...}
+    /jaxps.ps.PS/ExportParts unary -> stream, /LoadParts stream -> unary: partition copies
 
 A pull or push carries its worker group and clock/step in the header (see `wire`); a
 pull may wait at the server for slower groups, so give `timeout` room for that.
@@ -33,11 +35,14 @@ import numpy as np
 
 from jaxps.ps import wire
 from jaxps.ps.clock import Sync, SyncTimeout
-from jaxps.ps.server import PSError, PSServer, TableSpec, WrongOwner
+from jaxps.ps.ring import Ring
+from jaxps.ps.server import Frozen, PSError, PSServer, TableSpec, WrongOwner
 
 SERVICE = "jaxps.ps.PS"
-PULL_METHOD, PUSH_METHOD, STATS_METHOD, CREATE_METHOD, CLOCK_METHOD, EXPORT_METHOD, LOAD_METHOD = (
-    f"/{SERVICE}/{m}" for m in ("Pull", "Push", "Stats", "CreateTable", "Clock", "Export", "Load"))
+(PULL_METHOD, PUSH_METHOD, STATS_METHOD, CREATE_METHOD, CLOCK_METHOD, EXPORT_METHOD, LOAD_METHOD, ADMIN_METHOD,
+ EXPORT_PARTS_METHOD, LOAD_PARTS_METHOD) = (
+    f"/{SERVICE}/{m}" for m in ("Pull", "Push", "Stats", "CreateTable", "Clock", "Export", "Load", "Admin",
+                                "ExportParts", "LoadParts"))
 LOAD_BATCH_BYTES = 64 << 20      # a snapshot is loaded in requests of at most about this size
 CHUNK_BYTES = 2 << 20            # one gRPC message carries at most this much of a wire message
 MAX_MESSAGE_BYTES = 4 << 20      # gRPC's per-message limit, set explicitly on both sides
@@ -92,6 +97,9 @@ class PSServicer:
             "Clock": grpc.unary_unary_rpc_method_handler(self._clock),
             "Export": grpc.unary_stream_rpc_method_handler(self._export),
             "Load": grpc.stream_unary_rpc_method_handler(self._load),
+            "Admin": grpc.unary_unary_rpc_method_handler(self._admin),
+            "ExportParts": grpc.unary_stream_rpc_method_handler(self._export_parts),
+            "LoadParts": grpc.stream_unary_rpc_method_handler(self._load_parts),
         })
 
     # ------------------------------------------------------------------ request intake
@@ -140,6 +148,8 @@ class PSServicer:
         level = logging.WARNING  # malformed, oversized, unauthenticated
         if isinstance(exc, _Reject):
             code, message = exc.code, exc.message
+        elif isinstance(exc, Frozen):  # a membership change: the client retries on the new ring
+            code, message, level = grpc.StatusCode.UNAVAILABLE, str(exc), logging.INFO
         elif isinstance(exc, (PSError, ValueError)):  # an ordinary refusal (e.g. an older ring)
             message, level = str(exc), logging.INFO
             code = (grpc.StatusCode.FAILED_PRECONDITION if isinstance(exc, WrongOwner)
@@ -224,6 +234,52 @@ class PSServicer:
         except Exception as e:  # noqa: BLE001
             self._fail(context, "load", e)
 
+    def _admin(self, request: bytes, context):
+        try:
+            msg = self._receive((request,), wire.ADMIN)
+            meta = msg.json()
+            op = meta.get("op") if isinstance(meta, dict) else None
+            if op == "ping":
+                pass
+            elif op == "freeze":
+                self.server.freeze()
+            elif op == "unfreeze":
+                self.server.unfreeze()
+            elif op == "set_ring":
+                self.server.set_ring(Ring(int(meta["partitions"]), int(meta["vnodes"]), list(meta["servers"]),
+                                          int(meta["version"])))
+            else:
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"malformed request: unknown admin op {op!r} (ping, freeze, unfreeze, set_ring)")
+            return wire.encode(wire.Message(wire.ADMIN_REPLY, meta=wire.json_meta({"version": self.server.ring.version})))
+        except Exception as e:  # noqa: BLE001
+            self._fail(context, "admin", e)
+
+    def _export_parts(self, request: bytes, context):
+        try:
+            msg = self._receive((request,), wire.EXPORT)
+            parts = msg.json().get("partitions")
+            if not isinstance(parts, list) or not all(isinstance(p, int) for p in parts):
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, 'malformed request: meta {"partitions": [int]}')
+            data = self.server.export_partitions(parts)
+            names = sorted(data)
+            reply = wire.encode(wire.Message(wire.EXPORT_REPLY, meta=wire.json_meta({"fields": names}),
+                                             arrays=tuple(data[k] for k in names)))
+        except Exception as e:  # noqa: BLE001
+            self._fail(context, "export-parts", e)
+        yield from wire.chunks(reply, self.chunk_bytes)
+
+    def _load_parts(self, pieces, context):
+        try:
+            msg = self._receive(pieces, wire.LOAD)
+            names = msg.json().get("fields")
+            if not isinstance(names, list) or len(names) != len(msg.arrays):
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, 'malformed request: meta {"fields": [names]}')
+            n = self.server.load_partitions(dict(zip(names, msg.arrays)))
+            return wire.encode(wire.Message(wire.LOAD_REPLY, arrays=(np.array(n, np.int64),)))
+        except Exception as e:  # noqa: BLE001
+            self._fail(context, "load-parts", e)
+
     def _create(self, request: bytes, context):
         try:
             msg = self._receive((request,), wire.CREATE)
@@ -281,6 +337,9 @@ class GrpcTransport:
         self._clock = self.channel.unary_unary(CLOCK_METHOD)
         self._export = self.channel.unary_stream(EXPORT_METHOD)
         self._load = self.channel.stream_unary(LOAD_METHOD)
+        self._admin = self.channel.unary_unary(ADMIN_METHOD)
+        self._export_parts = self.channel.unary_stream(EXPORT_PARTS_METHOD)
+        self._load_parts = self.channel.stream_unary(LOAD_PARTS_METHOD)
 
     def _call(self, method: str, fn):
         for attempt in range(self.attempts):
@@ -383,6 +442,47 @@ class GrpcTransport:
             self._reply("load", self._call("load", lambda: self._load(wire.chunks(data, self.chunk_bytes),
                                                                        timeout=self.timeout * 10)),
                         wire.LOAD_REPLY)
+
+    # ------------------------------------------------------------------ the manager's calls
+    def _admin_call(self, op: str, timeout: float | None = None, **args) -> dict:
+        data = wire.encode(wire.Message(wire.ADMIN, token=self.token, meta=wire.json_meta(dict(args, op=op))))
+        reply = self._reply("admin", self._call("admin", lambda: self._admin(data, timeout=timeout or self.timeout)),
+                            wire.ADMIN_REPLY)
+        return reply.json()
+
+    def ping(self, timeout: float = 1.0) -> int:
+        """The server's ring version; one attempt (a heartbeat: a dead server must fail fast)."""
+        data = wire.encode(wire.Message(wire.ADMIN, token=self.token, meta=wire.json_meta({"op": "ping"})))
+        try:
+            reply = self._admin(data, timeout=timeout)
+        except grpc.RpcError as e:
+            raise PSRPCError(self.address, "ping", e.code(), e.details() or "") from None
+        return int(self._reply("ping", reply, wire.ADMIN_REPLY).json()["version"])
+
+    def freeze(self) -> None:
+        self._admin_call("freeze", timeout=self.timeout * 4)
+
+    def unfreeze(self) -> None:
+        self._admin_call("unfreeze")
+
+    def set_ring(self, ring: Ring) -> None:
+        self._admin_call("set_ring", servers=list(ring.servers), version=ring.version,
+                         partitions=ring.num_partitions, vnodes=ring.vnodes)
+
+    def export_partitions(self, parts) -> dict[str, np.ndarray]:
+        data = wire.encode(wire.Message(wire.EXPORT, token=self.token,
+                                        meta=wire.json_meta({"partitions": [int(p) for p in parts]})))
+        buf = self._call("export-parts", lambda: bytearray().join(self._export_parts(data, timeout=self.timeout * 10)))
+        reply = self._reply("export-parts", buf, wire.EXPORT_REPLY)
+        return dict(zip(reply.json()["fields"], reply.arrays))
+
+    def load_partitions(self, data: dict[str, np.ndarray]) -> int:
+        names = sorted(data)
+        msg = wire.encode(wire.Message(wire.LOAD, token=self.token, meta=wire.json_meta({"fields": names}),
+                                       arrays=tuple(np.ascontiguousarray(data[k]) for k in names)))
+        reply = self._reply("load-parts", self._call("load-parts", lambda: self._load_parts(
+            wire.chunks(msg, self.chunk_bytes), timeout=self.timeout * 10)), wire.LOAD_REPLY)
+        return int(reply.arrays[0].reshape(()))
 
     def close(self) -> None:
         self.channel.close()

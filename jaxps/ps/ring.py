@@ -46,6 +46,7 @@ class Ring:
             raise ValueError("Ring: num_partitions and vnodes must be >= 1")
         if len(set(self.servers)) != len(self.servers):
             raise ValueError(f"Ring: duplicate server names in {self.servers}")
+        self._replicas: dict[int, np.ndarray] = {}
         self._owners = self._assign()
 
     def _assign(self) -> np.ndarray:
@@ -56,8 +57,30 @@ class Ring:
         order = np.argsort(points, kind="stable")
         points, owner = points[order], owner[order]
         part_points = mix64(np.arange(self.num_partitions, dtype=np.uint64) * GOLDEN + np.uint64(7))
-        idx = np.searchsorted(points, part_points, side="left") % len(points)
-        return owner[idx]
+        self._start = np.searchsorted(points, part_points, side="left") % len(points)
+        self._clockwise = owner
+        return owner[self._start]
+
+    def replicas(self, k: int) -> np.ndarray:
+        """Replica sets [num_partitions, min(k + 1, servers)]: a partition's primary, then
+        the next k distinct servers clockwise (hot standby). When the primary leaves, its
+        first backup becomes primary and already holds the rows."""
+        n = min(k + 1, len(self.servers))
+        if not self.servers:
+            return np.zeros((self.num_partitions, 0), np.int64)
+        if n not in self._replicas:
+            out = np.empty((self.num_partitions, n), np.int64)
+            for p, start in enumerate(self._start.tolist()):
+                seen: list[int] = []
+                i = start
+                while len(seen) < n:
+                    s = int(self._clockwise[i % len(self._clockwise)])
+                    if s not in seen:
+                        seen.append(s)
+                    i += 1
+                out[p] = seen
+            self._replicas[n] = out
+        return self._replicas[n]
 
     def owners(self) -> np.ndarray:
         """Server index of every partition, [num_partitions]."""

@@ -36,12 +36,12 @@ _FIELDS = {"name", "dim", "kind", "rows", "init_scale", "seed", "optimizer"}
 
 def serve(name: str, ring: Ring, tables: Sequence[TableSpec], host: str = "127.0.0.1", port: int = 0,
           token: str | bytes | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-          max_workers: int = 16) -> tuple[grpc.Server, int]:
+          max_workers: int = 16, replicas: int = 0) -> tuple[grpc.Server, int]:
     """Start serving server `name` of `ring` on host:port (0: a free port); returns the
     started gRPC server and the port it bound. Stop it with `server.stop(grace)`."""
     if name not in ring.servers:
         raise ValueError(f"server {name!r} is not on the ring {ring.servers}")
-    return make_server(PSServer(name, ring, tables), host, port, token, max_request_bytes, max_workers)
+    return make_server(PSServer(name, ring, tables, replicas), host, port, token, max_request_bytes, max_workers)
 
 
 def table_specs(entries) -> list[TableSpec]:
@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tables", default=None,
                    help="JSON file listing the tables (default: none; clients create their tables)")
     p.add_argument("--partitions", type=int, default=1024)
+    p.add_argument("--replicas", type=int, default=0,
+                   help="backups per partition (hot standby; the group's clients and manager must agree)")
     p.add_argument("--vnodes", type=int, default=64)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=0, help="port to bind (0: any free port)")
@@ -91,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tables = table_specs(json.load(f))
         ring = Ring(args.partitions, args.vnodes, servers)
         srv, port = serve(args.name, ring, tables, args.host, args.port, token, args.max_request_bytes,
-                          args.workers)
+                          args.workers, args.replicas)
     except (OSError, ValueError, TypeError, KeyError) as e:
         print(f"jaxps ps-server: {e}", file=sys.stderr)
         return 2

@@ -10,9 +10,9 @@ a snapshot or a migration copies.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,7 +21,7 @@ import numpy as np
 from jaxps.memory import put_rows, take_rows
 from jaxps.optim import rowwise
 from jaxps.optim.rowwise import RowOptimizer
-from jaxps.ps.clock import GroupClocks, Sync
+from jaxps.ps.clock import DONE, GroupClocks, Sync
 from jaxps.ps.keyindex import dedup
 from jaxps.ps.ring import Ring, partition_of
 from jaxps.ps.store import PartitionStore
@@ -95,27 +95,87 @@ def partition_runs(keys: np.ndarray, num_partitions: int) -> tuple[np.ndarray, n
 SYNC_STATS = "__sync__"   # the key of the worker-group clocks in `stats()`
 
 
+
+class Frozen(PSError):
+    """The server is frozen for a membership change: retry after refreshing the ring."""
+
+
 class PSServer:
-    def __init__(self, name: str, ring: Ring, tables: Sequence[TableSpec], dedup_window: int = 1 << 16,
+    def __init__(self, name: str, ring: Ring, tables: Sequence[TableSpec], replicas: int = 0,
                  wait_timeout: float | None = 600.0):
-        """dedup_window: how many recent push request ids are remembered for exactly-once
-        application under client retries. wait_timeout: seconds a pull may wait for a slow
-        worker group before it fails (naming the clocks), None = forever."""
-        self.name, self.ring = name, ring
+        """replicas: backups per partition (hot standby); the server stores every partition
+        whose replica set (`Ring.replicas`) names it, and serves pulls of those it is the
+        primary of. wait_timeout: seconds a pull may wait for a slow worker group before it
+        fails (naming the clocks), None = forever.
+
+        Exactly once: a client's pushes carry (client id, seq) with seq increasing per
+        client, and a client sends its next push only after the previous one was applied
+        everywhere; so each partition keeps the highest seq applied per client, and a
+        retry (seq not above it) is skipped. That mark travels with the partition when it
+        is copied to another server."""
+        self.name, self.ring, self.replicas = name, ring, replicas
         self.clocks = GroupClocks()
         self.wait_timeout = wait_timeout
-        self._held: dict[int, list[tuple[int, int, str, np.ndarray, np.ndarray]]] = {}  # BSP: step -> pushes
-        self._held_seq = 0
+        # BSP: step -> held pushes (group, table, partition, client id, seq, keys, grads)
+        self._held: dict[int, list[tuple[int, str, int, int, int, np.ndarray, np.ndarray]]] = {}
+        self._held_through = 0     # steps whose held pushes were taken for applying
+        self._held_lock = threading.Lock()    # a leaf lock (taken last)
         self._settle_lock = threading.Lock()
         self.tables = {t.name: t for t in tables}
         self._stores: dict[tuple[str, int], PartitionStore] = {}
         self._locks: dict[tuple[str, int], threading.Lock] = {}
+        self._marks: dict[tuple[str, int], dict[int, int]] = {}   # (table, part) -> client -> last seq
         self._meta_lock = threading.Lock()
-        # request id -> None once applied, or the Event its first attempt sets when done
-        self._applied: OrderedDict[tuple[int, int], threading.Event | None] = OrderedDict()
-        self._dedup_window = dedup_window
+        self._gate = threading.Condition()
+        self._frozen = False
+        self._writes = 0           # pushes and clocks in progress (a freeze waits for them)
         self._stats = {t: {"pulls": 0, "pushes": 0, "pulled_keys": 0, "pushed_keys": 0,
                            "duplicate_pushes": 0} for t in self.tables}
+
+    # ------------------------------------------------------------------ membership
+    def freeze(self, timeout: float = 60.0) -> None:
+        """Refuse new pushes and clocks (`Frozen`, which clients retry) and wait until those
+        in progress finish: partitions can then be copied consistently."""
+        with self._gate:
+            self._frozen = True
+            if not self._gate.wait_for(lambda: self._writes == 0, timeout):
+                raise TimeoutError(f"server {self.name}: writes still running after {timeout}s")
+
+    def unfreeze(self) -> None:
+        with self._gate:
+            self._frozen = False
+
+    @contextlib.contextmanager
+    def _writing(self):
+        with self._gate:
+            if self._frozen:
+                raise Frozen(f"server {self.name} is frozen for a membership change (ring version "
+                             f"{self.ring.version}): refresh the ring and retry")
+            self._writes += 1
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._writes -= 1
+                self._gate.notify_all()
+
+    def set_ring(self, ring: Ring) -> None:
+        """Adopt a new ring version; partitions this server no longer replicates are dropped."""
+        if ring.num_partitions != self.ring.num_partitions:
+            raise PSError(f"server {self.name}: a ring of {ring.num_partitions} partitions, this group has "
+                          f"{self.ring.num_partitions}")
+        with self._meta_lock:
+            self.ring = ring
+            mine = self._replicated_parts()
+            for key in [k for k in self._stores if k[1] not in mine]:
+                del self._stores[key], self._locks[key]
+                self._marks.pop(key, None)
+
+    def _replicated_parts(self) -> set[int]:
+        if self.name not in self.ring.servers:
+            return set()
+        i = self.ring.servers.index(self.name)
+        return set(np.flatnonzero((self.ring.replicas(self.replicas) == i).any(axis=1)).tolist())
 
     def create_table(self, spec: TableSpec) -> bool:
         """Serve a new table (servers can start empty and learn their tables from the
@@ -148,11 +208,16 @@ class PSServer:
                     self._stores[key] = store
         return store, self._locks[key]
 
-    def _check(self, table: str, keys: np.ndarray, part: int) -> None:
-        owner = self.ring.servers[self.ring.owners()[part]] if self.ring.servers else None
-        if owner != self.name:
+    def _check(self, table: str, part: int, write: bool = False) -> None:
+        """Pulls go to a partition's primary; writes (pushes, loads) to any of its replicas."""
+        if not self.ring.servers:
+            raise WrongOwner(f"server {self.name}: no ring")
+        sets = self.ring.replicas(self.replicas)[part]
+        names = [self.ring.servers[i] for i in sets]
+        if (self.name not in names) if write else (names[0] != self.name):
             raise WrongOwner(f"server {self.name}: partition {part} of table {table!r} belongs to "
-                          f"{owner} (ring version {self.ring.version})")
+                             f"{names[0]}{' with backups ' + ', '.join(names[1:]) if len(names) > 1 else ''} "
+                             f"(ring version {self.ring.version})")
 
     def _validate(self, table: str, keys: np.ndarray) -> TableSpec:
         spec = self.tables.get(table)
@@ -174,7 +239,7 @@ class PSServer:
             self.clocks.wait(group, clock, self.wait_timeout)
         order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
         for part in parts:
-            self._check(table, keys, int(part))
+            self._check(table, int(part))
         ordered_keys = keys[order]
         ordered = np.empty((keys.shape[0], spec.dim), np.float32)
         for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
@@ -198,83 +263,50 @@ class PSServer:
         if grads.shape != (keys.shape[0], spec.dim) or grads.dtype != np.float32:
             raise PSError(f"table {table!r}: grads must be float32 [{keys.shape[0]}, {spec.dim}], "
                           f"got {grads.dtype}{list(grads.shape)}")
-        while True:
-            with self._meta_lock:
-                if request_id not in self._applied:
-                    mine = self._applied[request_id] = threading.Event()
-                    while len(self._applied) > self._dedup_window:
-                        self._applied.popitem(last=False)
-                    break
-                running = self._applied[request_id]
-                if running is None:  # applied before: a client's retry
-                    self._stats[table]["duplicate_pushes"] += 1
-                    return False
-            # the first attempt is still applying: its outcome decides (if it fails, its
-            # id is removed and this retry applies the push itself)
-            running.wait()
-        try:
-            if group >= 0 and self.clocks.sync is not None and self.clocks.sync.bsp:
-                self._hold(table, keys, grads, step, group)
-            else:
-                self._apply(table, keys, grads, step)
-        except BaseException:
-            with self._meta_lock:  # not applied: a retry must be allowed through
-                self._applied.pop(request_id, None)
-            mine.set()
-            raise
-        with self._meta_lock:
-            if request_id in self._applied:
-                self._applied[request_id] = None
-        mine.set()
+        hold = group >= 0 and self.clocks.sync is not None and self.clocks.sync.bsp
+        if hold:
+            self.clocks._check(group)
+        cid, seq = request_id
+        applied = False
+        with self._writing():
+            order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
+            for part in parts:
+                self._check(table, int(part), write=True)
+            ordered_keys, ordered_grads = keys[order], take_rows(grads, order)
+            for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
+                store, lock = self._store(table, part)
+                with lock:
+                    marks = self._marks.setdefault((table, part), {})
+                    if seq <= marks.get(cid, -1):  # applied (or held) before: a retry
+                        continue
+                    if hold:  # BSP: kept until every group completed `step`
+                        with self._held_lock:
+                            if step <= self._held_through:
+                                raise PSError(f"server {self.name}: group {group} pushed step {step} of table "
+                                              f"{table!r} after it settled (at {self._held_through}): under "
+                                              f"BSP a group pushes a step before it advances its clock past it")
+                            self._held.setdefault(step, []).append(
+                                (group, table, part, cid, seq, ordered_keys[lo:hi].copy(),
+                                 ordered_grads[lo:hi].copy()))
+                    else:
+                        store.push(ordered_keys[lo:hi], ordered_grads[lo:hi], step)
+                    marks[cid] = seq
+                    applied = True
         s = self._stats[table]
+        if not applied and keys.shape[0]:
+            s["duplicate_pushes"] += 1
+            return False
         s["pushes"] += 1
         s["pushed_keys"] += keys.shape[0]
         return True
 
-    def _apply(self, table: str, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
-        order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
-        for part in parts:
-            self._check(table, keys, int(part))
-        ordered_keys, ordered_grads = keys[order], take_rows(grads, order)
-        for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
-            store, lock = self._store(table, part)
-            with lock:
-                store.push(ordered_keys[lo:hi], ordered_grads[lo:hi], step)
-
-    def _hold(self, table: str, keys: np.ndarray, grads: np.ndarray, step: int, group: int) -> None:
-        """Keep a BSP push until its step settles (ownership is checked now)."""
-        self.clocks._check(group)
-        order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
-        for part in parts:
-            self._check(table, keys, int(part))
-        with self._settle_lock:
-            if step <= self.clocks.settled:
-                raise PSError(f"server {self.name}: group {group} pushed step {step} of table {table!r} "
-                              f"after it settled (at {self.clocks.settled}): under BSP a group pushes a "
-                              f"step before it advances its clock past it")
-            self._held_seq += 1
-            self._held.setdefault(step, []).append((group, self._held_seq, table, np.array(keys),
-                                                    np.array(grads)))
-
-    # ------------------------------------------------------------------ worker groups
-    def clock(self, group: int, clock: int, groups: int, sync: Sync) -> int:
-        """Worker `group` (of `groups`, under `sync`) completed `clock` steps (`DONE`: it
-        finished). Under BSP, every step all groups have now completed is applied: each
-        table's held pushes summed per key (in group order, so every replica sums alike)
-        and applied once. Returns the steps settled."""
-        self.clocks.configure(groups, sync)
-        with self._settle_lock:
-            settled, slowest = self.clocks.advance(group, clock)
-            for step in sorted(s for s in self._held if s <= slowest):
-                self._settle(step, self._held.pop(step))
-            self.clocks.publish(slowest)
-            return self.clocks.settled
-
-    def _settle(self, step: int, held: list) -> None:
-        by_table: dict[str, list] = {}
-        for group, seq, table, keys, grads in sorted(held, key=lambda h: (h[0], h[1])):
-            by_table.setdefault(table, []).append((keys, grads))
-        for table, pushes in sorted(by_table.items()):
+    def _apply_held(self, step: int, held: list) -> None:
+        """Sum every group's held push of `step` per key (in group order, so all replicas sum
+        alike) and apply it once, partition by partition."""
+        runs: dict[tuple[str, int], list] = {}
+        for group, table, part, cid, seq, keys, grads in sorted(held, key=lambda h: (h[0], h[1], h[2], h[3], h[4])):
+            runs.setdefault((table, part), []).append((keys, grads))
+        for (table, part), pushes in sorted(runs.items()):
             keys = np.concatenate([k for k, _ in pushes])
             grads = np.concatenate([g for _, g in pushes])
             if len(pushes) > 1:
@@ -282,17 +314,39 @@ class PSServer:
                 summed = np.zeros((keys.shape[0], grads.shape[1]), np.float32)
                 np.add.at(summed, inverse, grads)
                 grads = summed
-            self._apply(table, keys, grads, step)
+            store, lock = self._store(table, part)
+            with lock:
+                store.push(keys, grads, step)
+
+    # ------------------------------------------------------------------ worker groups
+    def clock(self, group: int, clock: int, groups: int, sync: Sync) -> int:
+        """Worker `group` (of `groups`, under `sync`) completed `clock` steps (`DONE`: it
+        finished). Under BSP, every step all groups have now completed is applied: each
+        partition's held pushes summed per key and applied once. Returns the steps settled."""
+        self.clocks.configure(groups, sync)
+        with self._writing(), self._settle_lock:
+            _, slowest = self.clocks.advance(group, clock)
+            with self._held_lock:
+                steps = sorted(s for s in self._held if s <= slowest)
+                taken = [(s, self._held.pop(s)) for s in steps]
+                self._held_through = max(self._held_through, min(slowest, DONE - 1))
+            for step, held in taken:
+                self._apply_held(step, held)
+            self.clocks.publish(slowest)
+            return self.clocks.settled
 
     def export(self, table: str) -> dict[str, np.ndarray]:
-        """A snapshot of every row this server stores for `table`, partition by partition
-        under each partition's lock (a consistent cut when no push is in flight)."""
+        """A snapshot of every row of `table` in the partitions this server is the primary of
+        (backups hold copies), partition by partition under each partition's lock (a
+        consistent cut when no push is in flight)."""
         spec = self.tables.get(table)
         if spec is None:
             raise PSError(f"server {self.name}: unknown table {table!r}")
         parts = []
+        owners = self.ring.owners()
+        me = self.ring.servers.index(self.name) if self.name in self.ring.servers else -1
         for (t, part), store in list(self._stores.items()):
-            if t == table:
+            if t == table and owners[part] == me:
                 with self._locks[(t, part)]:
                     parts.append(store.export())
         if not parts:
@@ -308,12 +362,73 @@ class PSServer:
         self._validate(table, keys)
         order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
         for part in parts:
-            self._check(table, keys, int(part))
+            self._check(table, int(part), write=True)
         ordered = {k: (v[order] if v.ndim == 1 else take_rows(v, order)) for k, v in rows.items()}
         for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
             store, lock = self._store(table, part)
             with lock:
                 store.load({k: v[lo:hi] for k, v in ordered.items()}, only_missing)
+
+    # ------------------------------------------------------------------ partition copies
+    def export_partitions(self, parts: Sequence[int]) -> dict[str, np.ndarray]:
+        """Everything of `parts` (every table): rows with optimizer slots, the per-client
+        exactly-once marks and the held (BSP) pushes, as plain named arrays — what a new
+        replica needs to take over. Call it frozen, so nothing changes meanwhile."""
+        want = set(int(p) for p in parts)
+        out: dict[str, np.ndarray] = {}
+        for (table, part), store in sorted(self._stores.items()):
+            if part not in want:
+                continue
+            with self._locks[(table, part)]:
+                rows = store.export()
+                marks = self._marks.get((table, part), {})
+            prefix = f"rows/{table}/{part}/"
+            out.update({prefix + k: v for k, v in rows.items()})
+            out[f"marks/{table}/{part}"] = np.array(sorted(marks.items()), np.uint64).reshape(-1, 2)
+        with self._held_lock:
+            held = [(step, h) for step, hs in self._held.items() for h in hs if h[2] in want]
+        for table in sorted({h[1] for _, h in held}):
+            mine = [(step, h) for step, h in held if h[1] == table]
+            out[f"held/{table}/meta"] = np.array([[step, g, part, cid, seq, keys.shape[0]]
+                                                  for step, (g, _, part, cid, seq, keys, _) in mine], np.int64)
+            out[f"held/{table}/keys"] = np.concatenate([h[5] for _, h in mine])
+            out[f"held/{table}/grads"] = np.concatenate([h[6] for _, h in mine])
+        return out
+
+    def load_partitions(self, data: dict[str, np.ndarray]) -> int:
+        """Take over partitions exported by another replica (rows, marks, held pushes) during
+        a membership change (the ring that makes this server their replica comes next).
+        Returns the number of (table, partition) pieces loaded."""
+        pieces = 0
+        rows: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+        for key, value in data.items():
+            kind, *rest = key.split("/")
+            if kind == "rows":
+                table, part, field = rest[0], int(rest[1]), "/".join(rest[2:])
+                rows.setdefault((table, part), {})[field] = value
+            elif kind == "marks":
+                table, part = rest[0], int(rest[1])
+                with self._meta_lock:
+                    marks = self._marks.setdefault((table, part), {})
+                    for cid, seq in np.asarray(value, np.uint64).reshape(-1, 2).tolist():
+                        marks[cid] = max(marks.get(cid, -1), seq)
+        for (table, part), r in rows.items():  # the manager decides: it sets the new ring next
+            store, lock = self._store(table, part)
+            with lock:
+                store.load(r)
+            pieces += 1
+        for key in [k for k in data if k.startswith("held/") and k.endswith("/meta")]:
+            table = key[len("held/"):-len("/meta")]
+            meta = np.asarray(data[key], np.int64).reshape(-1, 6)
+            keys = np.asarray(data[f"held/{table}/keys"], np.uint64)
+            grads = np.asarray(data[f"held/{table}/grads"], np.float32)
+            o = 0
+            with self._held_lock:
+                for step, g, part, cid, seq, n in meta.tolist():
+                    self._held.setdefault(step, []).append((g, table, part, cid, seq, keys[o:o + n].copy(),
+                                                            grads[o:o + n].copy()))
+                    o += n
+        return pieces
 
     def stats(self) -> dict:
         """Per table: counters and sizes; under `SYNC_STATS`, the worker-group clocks

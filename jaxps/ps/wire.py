@@ -32,11 +32,11 @@ VERSION = 2
 
 # message kinds
 PULL, PULL_REPLY, PUSH, PUSH_REPLY, STATS, STATS_REPLY, CREATE, CREATE_REPLY = 1, 2, 3, 4, 5, 6, 7, 8
-EXPORT, EXPORT_REPLY, LOAD, LOAD_REPLY, CLOCK, CLOCK_REPLY = 9, 10, 11, 12, 13, 14
+EXPORT, EXPORT_REPLY, LOAD, LOAD_REPLY, CLOCK, CLOCK_REPLY, ADMIN, ADMIN_REPLY = 9, 10, 11, 12, 13, 14, 15, 16
 KINDS = {PULL: "pull", PULL_REPLY: "pull-reply", PUSH: "push", PUSH_REPLY: "push-reply",
          STATS: "stats", STATS_REPLY: "stats-reply", CREATE: "create-table", CREATE_REPLY: "create-reply",
          EXPORT: "export", EXPORT_REPLY: "export-reply", LOAD: "load", LOAD_REPLY: "load-reply",
-         CLOCK: "clock", CLOCK_REPLY: "clock-reply"}
+         CLOCK: "clock", CLOCK_REPLY: "clock-reply", ADMIN: "admin", ADMIN_REPLY: "admin-reply"}
 
 # the allow-list: code -> little-endian dtype
 DTYPES = {1: np.dtype("<u8"), 2: np.dtype("<f4"), 3: np.dtype("<i8"), 4: np.dtype("<i4"), 5: np.dtype("?")}
@@ -235,7 +235,7 @@ def json_meta(obj) -> bytes:
 
 
 __all__ = ["MAGIC", "VERSION", "DTYPES", "KINDS", "PULL", "PULL_REPLY", "PUSH", "PUSH_REPLY", "STATS",
-           "CREATE", "CREATE_REPLY", "EXPORT", "EXPORT_REPLY", "LOAD", "LOAD_REPLY", "CLOCK", "CLOCK_REPLY",
+           "CREATE", "CREATE_REPLY", "EXPORT", "EXPORT_REPLY", "LOAD", "LOAD_REPLY", "CLOCK", "CLOCK_REPLY", "ADMIN", "ADMIN_REPLY",
            "STATS_REPLY", "HEADER_BYTES", "Message", "Header", "WireError", "encode", "encode_parts",
            "decode", "decode_header", "chunks", "json_meta"]
 

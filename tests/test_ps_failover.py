@@ -1,0 +1,203 @@
+"""Hot standby: every partition has a primary and k backups; a push is acknowledged once
+all of them applied it, so when servers die the manager promotes backups, copies
+partitions to restore k, and training goes on to the same parameters as a fault-free run."""
+import numpy as np
+import pytest
+
+from jaxps.host_tables import table_spec
+from jaxps.mesh import MeshConfig
+from jaxps.models.sparse_lr import SparseLR, SparseLRConfig
+from jaxps.optim import rowwise
+from jaxps.placement import HostTable
+from jaxps.ps.client import PSClient, embedded
+from jaxps.ps.manager import ServerManager
+from jaxps.trainer import TrainConfig, Trainer
+from test_sparse_lr_exact import ROWS, make_batches
+
+
+def _model():
+    return SparseLR(SparseLRConfig(rows=ROWS, placement=HostTable("hashed"),
+                                   optimizer=rowwise.make("adagrad", learning_rate=0.05)))
+
+
+def _trainer(ps, tmp_path):
+    return Trainer(_model(), MeshConfig(), TrainConfig(progress=False, tensorboard=False, checkpoint=False,
+                                                       dense_optimizer="sgd", dense_learning_rate=0.01,
+                                                       compilation_cache="", out_dir=str(tmp_path)), ps=ps)
+
+
+def _killing(batches, after: int, kill):
+    for k, b in enumerate(batches):
+        if k == after:
+            kill()
+        yield b
+
+
+@pytest.mark.parametrize("killed", [1, 2])
+def test_killing_servers_mid_run_loses_nothing(tmp_path, killed):
+    """4 servers, k = 2 backups: kill `killed` servers at once (one of them the primary of
+    many partitions) mid-run; the manager fails over and the final table and bias equal a
+    fault-free run's exactly (retries are applied once)."""
+    batches = make_batches(8, seed=31)
+    ref = _trainer(embedded([table_spec(t) for t in _model().tables()]), tmp_path / "ref")
+    ref.fit(batches)
+
+    group = embedded([], servers=4, replicas=2)
+    manager = ServerManager(group.ring, group.transports, replicas=2, heartbeat=0.02, misses=2).start()
+    ps = PSClient(group.ring, group.transports, [], replicas=2, ring_source=manager.view)
+    t = _trainer(ps, tmp_path / "ha")
+    victims = group.ring.servers[:killed]
+    try:
+        t.fit(_killing(batches, 3, lambda: [group.transports[v].kill() for v in victims]))
+    finally:
+        manager.stop()
+    assert [c.kind for c in manager.changes] and all(c.kind == "failover" for c in manager.changes)
+    assert not any(c.lost for c in manager.changes)
+    assert set(victims).isdisjoint(manager.ring.servers) and len(manager.ring.servers) == 4 - killed
+    keys = np.arange(ROWS, dtype=np.uint64)
+    want = ref.steps.host.ps.pull("weights", keys)
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_array_equal(ps.pull("weights", keys), want)
+    np.testing.assert_array_equal(np.asarray(t.state["dense"]["bias"]), np.asarray(ref.state["dense"]["bias"]))
+    # every live partition is back to k + 1 = 3 copies (or all servers, when fewer remain)
+    copies = sum(s.server.stats()["weights"]["partitions"] for n, s in group.transports.items()
+                 if n in manager.ring.servers)
+    touched = sum(s.server.stats()["weights"]["partitions"] for n, s in group.transports.items()
+                  if n == manager.ring.servers[0])
+    assert copies >= touched
+    assert ps.retries > 0
+
+
+def test_join_and_leave_move_about_one_nth_of_the_partitions(tmp_path):
+    """A server joins and another leaves while training runs: equal final parameters, and
+    each change copies about 1/n of the (partition, replica) pairs."""
+    batches = make_batches(8, seed=32)
+    ref = _trainer(embedded([table_spec(t) for t in _model().tables()]), tmp_path / "ref")
+    ref.fit(batches)
+
+    group = embedded([], servers=4, replicas=1)
+    spare = embedded([], servers=5, replicas=1)  # its ps-4 joins later (same tables, fresh)
+    manager = ServerManager(group.ring, group.transports, replicas=1, heartbeat=0.05)
+    ps = PSClient(group.ring, group.transports, [], replicas=1, ring_source=manager.view)
+    t = _trainer(ps, tmp_path / "elastic")
+    joiner = spare.transports["ps-4"]
+    joiner.server.set_ring(group.ring)  # it learns the real ring from the manager on join
+
+    def changes():
+        joiner.server.create_table(table_spec(_model().tables()[0]))
+        for spec in ps.tables.values():
+            joiner.server.create_table(spec)
+        manager.join("ps-4", joiner)
+        manager.remove(["ps-1"])
+
+    t.fit(_killing(batches, 4, changes))
+    join, leave = manager.changes
+    assert (join.kind, leave.kind) == ("join", "leave")
+    for c, n in ((join, 5), (leave, 5)):
+        frac = c.copied / (group.ring.num_partitions * 2)
+        assert 0.3 / n < frac < 2.5 / n, (c.kind, frac)
+    keys = np.arange(ROWS, dtype=np.uint64)
+    np.testing.assert_array_equal(ps.pull("weights", keys), ref.steps.host.ps.pull("weights", keys))
+
+
+@pytest.mark.slow
+def test_sigkill_a_server_process_mid_run_over_grpc(tmp_path):
+    """Four real server processes (gRPC, loopback, token), k = 2: SIGKILL the primary of
+    most partitions mid-run. The manager's heartbeat notices, promotes backups and
+    re-replicates; the run ends with exactly the fault-free parameters."""
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    from jaxps.ps.grpc_transport import GrpcTransport
+    from jaxps.ps.ring import Ring
+
+    token, names = "failover-token", [f"ps-{i}" for i in range(4)]
+    procs, transports = {}, {}
+    env = dict(os.environ, JAXPS_PS_TOKEN=token)
+    try:
+        for name in names:
+            p = subprocess.Popen([sys.executable, "-m", "jaxps.ps.serve", "--name", name, "--servers", ",".join(names),
+                                  "--partitions", "64", "--replicas", "2", "--token-env", "JAXPS_PS_TOKEN",
+                                  "--grace", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 text=True)
+            procs[name] = p
+            ready, _, _ = select.select([p.stdout], [], [], 30)
+            line = p.stdout.readline() if ready else ""
+            assert " listening on " in line, line
+            transports[name] = GrpcTransport(line.rsplit(" ", 1)[1].strip(), token=token, timeout=10)
+        ring = Ring(64, 64, names)
+        manager = ServerManager(ring, transports, replicas=2, heartbeat=0.05, misses=2).start()
+        ps = PSClient(ring, transports, [], replicas=2, ring_source=manager.view)
+        batches = make_batches(8, seed=33)
+        victim = names[int(np.bincount(ring.owners()).argmax())]
+        t = _trainer(ps, tmp_path / "ha")
+        try:
+            t.fit(_killing(batches, 3, lambda: procs[victim].send_signal(signal.SIGKILL)))
+        finally:
+            manager.stop()
+        ref = _trainer(embedded([table_spec(tb) for tb in _model().tables()]), tmp_path / "ref")
+        ref.fit(batches)
+        (change,) = manager.changes
+        assert change.kind == "failover" and change.servers == [victim] and not change.lost
+        keys = np.arange(ROWS, dtype=np.uint64)
+        np.testing.assert_array_equal(ps.pull("weights", keys), ref.steps.host.ps.pull("weights", keys))
+        np.testing.assert_array_equal(np.asarray(t.state["dense"]["bias"]), np.asarray(ref.state["dense"]["bias"]))
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+
+
+def test_bsp_worker_groups_survive_a_killed_server(tmp_path):
+    """Two BSP worker groups; a server dies while pushes of a step are held (not yet
+    applied): the held pushes travel with the partitions, and the final model equals the
+    fault-free two-group run's."""
+    import threading
+
+    import jax
+
+    from jaxps.groups import WorkerGroup
+    from jaxps.mesh import make_mesh
+
+    shards = [make_batches(6, seed=41), make_batches(6, seed=42)]
+
+    def run(replicas, kill_at=None):
+        group = embedded([], servers=4, replicas=replicas)
+        manager = ServerManager(group.ring, group.transports, replicas=replicas, heartbeat=0.02,
+                                misses=2).start() if replicas else None
+        source = manager.view if manager else None
+        trainers = [Trainer(_model(), make_mesh(MeshConfig(), jax.devices()[4 * g:4 * g + 4]),
+                            TrainConfig(progress=False, tensorboard=False, checkpoint=False,
+                                        dense_optimizer="sgd", dense_learning_rate=0.01, compilation_cache="",
+                                        out_dir=str(tmp_path / f"r{replicas}")),
+                            ps=PSClient(group.ring, group.transports, [], replicas=replicas, ring_source=source),
+                            group=WorkerGroup(g, 2, "bsp")) for g in range(2)]
+        errors = []
+
+        def fit(g):
+            data = shards[g]
+            if g == 0 and kill_at is not None:
+                data = _killing(data, kill_at, lambda: group.transports["ps-2"].kill())
+            try:
+                trainers[g].fit(data)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=fit, args=(g,)) for g in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        if manager:
+            manager.stop()
+        assert not errors, errors
+        return trainers[1].steps.host.ps.pull("weights", np.arange(ROWS, dtype=np.uint64)), manager
+
+    want, _ = run(0)
+    got, manager = run(2, kill_at=3)
+    assert manager.changes and manager.changes[0].kind == "failover"
+    np.testing.assert_array_equal(got, want)
