@@ -376,15 +376,19 @@ class PSServer:
         replica needs to take over. Call it frozen, so nothing changes meanwhile."""
         want = set(int(p) for p in parts)
         out: dict[str, np.ndarray] = {}
+        rows: dict[str, list[dict[str, np.ndarray]]] = {}
+        marks: dict[str, list[tuple[int, int, int]]] = {}
         for (table, part), store in sorted(self._stores.items()):
             if part not in want:
                 continue
             with self._locks[(table, part)]:
-                rows = store.export()
-                marks = self._marks.get((table, part), {})
-            prefix = f"rows/{table}/{part}/"
-            out.update({prefix + k: v for k, v in rows.items()})
-            out[f"marks/{table}/{part}"] = np.array(sorted(marks.items()), np.uint64).reshape(-1, 2)
+                rows.setdefault(table, []).append(store.export())
+                marks.setdefault(table, []).extend(
+                    (part, cid, seq) for cid, seq in self._marks.get((table, part), {}).items())
+        for table, pieces in rows.items():  # one array per field: the receiver re-splits by key
+            for field in pieces[0]:
+                out[f"rows/{table}/{field}"] = np.concatenate([r[field] for r in pieces])
+            out[f"marks/{table}"] = np.array(marks.get(table, []), np.uint64).reshape(-1, 3)
         with self._held_lock:
             held = [(step, h) for step, hs in self._held.items() for h in hs if h[2] in want]
         for table in sorted({h[1] for _, h in held}):
@@ -400,23 +404,26 @@ class PSServer:
         a membership change (the ring that makes this server their replica comes next).
         Returns the number of (table, partition) pieces loaded."""
         pieces = 0
-        rows: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+        rows: dict[str, dict[str, np.ndarray]] = {}
         for key, value in data.items():
             kind, *rest = key.split("/")
             if kind == "rows":
-                table, part, field = rest[0], int(rest[1]), "/".join(rest[2:])
-                rows.setdefault((table, part), {})[field] = value
+                rows.setdefault(rest[0], {})["/".join(rest[1:])] = value
             elif kind == "marks":
-                table, part = rest[0], int(rest[1])
                 with self._meta_lock:
-                    marks = self._marks.setdefault((table, part), {})
-                    for cid, seq in np.asarray(value, np.uint64).reshape(-1, 2).tolist():
+                    for part, cid, seq in np.asarray(value, np.uint64).reshape(-1, 3).tolist():
+                        marks = self._marks.setdefault((rest[0], part), {})
                         marks[cid] = max(marks.get(cid, -1), seq)
-        for (table, part), r in rows.items():  # the manager decides: it sets the new ring next
-            store, lock = self._store(table, part)
-            with lock:
-                store.load(r)
-            pieces += 1
+        for table, r in rows.items():  # the manager decides: it sets the new ring next
+            keys = np.asarray(r["keys"], np.uint64)
+            order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
+            ordered = {k: (v[order] if v.ndim == 1 else take_rows(np.ascontiguousarray(v), order))
+                       for k, v in r.items()}
+            for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
+                store, lock = self._store(table, part)
+                with lock:
+                    store.load({k: v[lo:hi] for k, v in ordered.items()})
+                pieces += 1
         for key in [k for k in data if k.startswith("held/") and k.endswith("/meta")]:
             table = key[len("held/"):-len("/meta")]
             meta = np.asarray(data[key], np.int64).reshape(-1, 6)
