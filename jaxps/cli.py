@@ -1,4 +1,4 @@
-"""`jaxps` command line: train, evaluate, predict, plan, gen-data, launch, ps-server, schedule.
+"""`jaxps` command line: train, evaluate, predict, plan, gen-data, launch, ps-server, ps-manager, schedule.
 
 Every command takes an optional config file (TOML or JSON) and `key=value` overrides
 with dotted keys, e.g. `jaxps train model.optimizer.name=adagrad data.batch_size=8192`.
@@ -188,6 +188,11 @@ def cmd_ps_server(args) -> int:
     return serve_main(args.cmd)
 
 
+def cmd_ps_manager(args) -> int:
+    from jaxps.ps.manager import main as manager_main  # heartbeats, failover, the ring for clients
+    return manager_main(args.cmd)
+
+
 def cmd_launch(args) -> int:
     return args.launch(args, args.cmd)  # jaxps.launch.commands: local, node, slurm, k8s, tpu
 
@@ -236,9 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     ps = sub.add_parser("ps-server", add_help=False,
                         help="run one parameter-server process (jaxps ps-server --help)")
     ps.set_defaults(fn=cmd_ps_server)
+    pm = sub.add_parser("ps-manager", add_help=False,
+                        help="run the PS server manager: failover, join/leave (jaxps ps-manager --help)")
+    pm.set_defaults(fn=cmd_ps_manager)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ps-server"]:  # its own flags: see jaxps.ps.serve
         return cmd_ps_server(argparse.Namespace(cmd=argv[1:]))
+    if argv[:1] == ["ps-manager"]:  # its own flags: see jaxps.ps.manager
+        return cmd_ps_manager(argparse.Namespace(cmd=argv[1:]))
     command: list[str] = []
     if "--" in argv:  # everything after '--' is the workers' command, untouched
         cut = argv.index("--")

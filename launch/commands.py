@@ -19,6 +19,8 @@ def add_parsers(la: argparse.ArgumentParser) -> None:
     lo = sub.add_parser("local", help="all processes on this machine, on loopback")
     lo.add_argument("--workers", type=int, default=1, help="worker processes (one jax.distributed process each)")
     lo.add_argument("--servers", type=int, default=0, help="PS server processes for the model's host tables")
+    lo.add_argument("--replicas", type=int, default=0,
+                    help="backups per PS partition (hot standby); > 0 also runs a server manager for failover")
     lo.add_argument("--groups", type=int, default=1,
                     help="worker groups sharing the model through the PS servers (each --workers processes)")
     lo.add_argument("--sync", default="bsp", help="worker groups' consistency: bsp, ssp:N or asp")
@@ -50,7 +52,8 @@ def add_parsers(la: argparse.ArgumentParser) -> None:
 
 def _local(args: argparse.Namespace, command: Sequence[str]) -> int:
     from jaxps.launch.local import LocalJob, run
-    return run(list(command), LocalJob(workers=args.workers, servers=args.servers, groups=args.groups,
+    return run(list(command), LocalJob(workers=args.workers, servers=args.servers, replicas=args.replicas,
+                                       groups=args.groups,
                                        sync=args.sync, partitions=args.partitions,
                                        cpu_devices=args.cpu_devices, timeout=args.timeout))
 

@@ -26,7 +26,7 @@ from jaxps.runtime import (ENV_COORDINATOR, ENV_COORDINATOR_BIND, ENV_CPU_DEVICE
 # Worker groups: each group is its own jax.distributed job; the PS clocks relate them
 # (JAXPS_GROUP, JAXPS_NUM_GROUPS, JAXPS_SYNC: see jaxps.groups).
 from jaxps.groups import ENV_GROUP, ENV_NUM_GROUPS, ENV_SYNC  # noqa: E402
-ENV_MANAGER = "JAXPS_PS_MANAGER"     # host:port of the PS server manager (absent: none)
+from jaxps.ps.client import ENV_MANAGER, ENV_REPLICAS  # noqa: E402  (manager address, backups per partition)
 
 _SYNC = re.compile(r"^(bsp|asp|ssp:\d+)$")
 RoleKind = Literal["server", "worker", "manager"]
@@ -46,6 +46,7 @@ class Layout:
     sync: str = "bsp"
     bind: str = "0.0.0.0"            # address servers and coordinators listen on (tests: 127.0.0.1)
     cpu_devices: int | None = None   # simulated CPU devices per worker (CPU-only clusters, tests)
+    replicas: int = 0                # backups per PS partition (hot standby; failover needs the manager)
 
     def __post_init__(self) -> None:
         if self.servers < 0 or self.groups < 1 or self.workers_per_group < 1:
@@ -139,6 +140,7 @@ def environment(layout: Layout, role: Role, peers: Peers, token: str | None) -> 
     if layout.servers:
         env[ENV_SERVERS] = server_addresses(layout, peers)
         env[ENV_PARTITIONS] = str(layout.partitions)
+        env[ENV_REPLICAS] = str(layout.replicas)
     if role.kind == "manager":
         return env
     port = layout.coordinator_port + role.group
@@ -156,10 +158,12 @@ def server_argv(layout: Layout, index: int) -> list[str]:
     fast start). The token travels in JAXPS_PS_TOKEN, never on the command line."""
     return [sys.executable, "-m", "jaxps.ps.serve", "--name", f"ps-{index}",
             "--servers", ",".join(layout.server_names), "--partitions", str(layout.partitions),
-            "--host", layout.bind, "--port", str(layout.server_port + index), "--token-env", ENV_TOKEN]
+            "--host", layout.bind, "--port", str(layout.server_port + index), "--token-env", ENV_TOKEN,
+            "--replicas", str(layout.replicas)]
 
 
 def manager_argv(layout: Layout) -> list[str]:
-    """The server manager (jaxps.ps.manager, built with membership and heartbeats)."""
+    """The server manager (jaxps.ps.manager: heartbeats, failover, the ring for clients);
+    it finds the servers in JAXPS_PS_SERVERS."""
     return [sys.executable, "-m", "jaxps.ps.manager", "--host", layout.bind, "--port", str(layout.manager_port),
-            "--servers", ",".join(layout.server_names), "--token-env", ENV_TOKEN]
+            "--partitions", str(layout.partitions), "--replicas", str(layout.replicas), "--token-env", ENV_TOKEN]

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from jaxps.groups import ENV_GROUP, ENV_NUM_GROUPS, ENV_SYNC
-from jaxps.ps.client import ENV_PARTITIONS, ENV_SERVERS, ENV_TOKEN
+from jaxps.ps.client import ENV_MANAGER, ENV_PARTITIONS, ENV_REPLICAS, ENV_SERVERS, ENV_TOKEN
 from jaxps.runtime import (ENV_COORDINATOR, ENV_COORDINATOR_BIND, ENV_CPU_DEVICES, ENV_NUM_PROCESSES,
                            ENV_PROCESS_ID)
 
@@ -30,6 +30,7 @@ from jaxps.runtime import (ENV_COORDINATOR, ENV_COORDINATOR_BIND, ENV_CPU_DEVICE
 class LocalJob:
     workers: int = 1
     servers: int = 0                # PS server processes (0: none; host tables stay in-process)
+    replicas: int = 0               # backups per PS partition; > 0 also starts a server manager (failover)
     groups: int = 1                 # worker groups (each its own jax.distributed job); > 1 needs servers
     sync: str = "bsp"               # how worker groups relate through the PS clocks
     partitions: int = 256           # PS key-space partitions
@@ -77,7 +78,7 @@ def _start_servers(job: LocalJob, procs: list, pumps: list) -> dict[str, str]:
     lines: list[queue.Queue] = []
     for name in names:
         cmd = [sys.executable, "-m", "jaxps.ps.serve", "--name", name, "--servers", ",".join(names),
-               "--partitions", str(job.partitions), "--token-env", ENV_TOKEN]
+               "--partitions", str(job.partitions), "--token-env", ENV_TOKEN, "--replicas", str(job.replicas)]
         p = subprocess.Popen(cmd, env=dict(os.environ, **{ENV_TOKEN: token}), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(p)
@@ -98,8 +99,27 @@ def _start_servers(job: LocalJob, procs: list, pumps: list) -> dict[str, str]:
                 raise RuntimeError(f"PS server {name} exited at start")
             if " listening on " in line:
                 addresses[name] = line.rsplit(" listening on ", 1)[1].strip()
-    return {ENV_SERVERS: ",".join(f"{n}={a}" for n, a in addresses.items()),
-            ENV_PARTITIONS: str(job.partitions), ENV_TOKEN: token}
+    env = {ENV_SERVERS: ",".join(f"{n}={a}" for n, a in addresses.items()),
+           ENV_PARTITIONS: str(job.partitions), ENV_TOKEN: token, ENV_REPLICAS: str(job.replicas)}
+    if job.replicas:  # hot standby: a manager watches the servers and fails over
+        p = subprocess.Popen([sys.executable, "-m", "jaxps.ps.manager", "--token-env", ENV_TOKEN],
+                             env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        procs.append(p)
+        q = queue.Queue()
+        t = threading.Thread(target=_pump, args=(p.stdout, "[manager] ", sys.stdout, q), daemon=True)
+        t.start()
+        pumps.append(t)
+        while ENV_MANAGER not in env:
+            try:
+                line = q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"the PS manager did not start within {job.server_start_timeout}s") from None
+            if line is None:
+                raise RuntimeError("the PS manager exited at start")
+            if " listening on " in line:
+                env[ENV_MANAGER] = line.rsplit(" listening on ", 1)[1].strip()
+    return env
 
 
 def run(command: list[str], job: LocalJob) -> int:
@@ -137,7 +157,10 @@ def run(command: list[str], job: LocalJob) -> int:
         while True:
             codes = [p.poll() for p in procs]
             failed = [c for c in codes if c not in (None, 0)]
-            dead = [p.returncode for p in servers if p.poll() is not None]
+            # with backups the manager fails a dead server over; without, or when the
+            # manager itself died, the job cannot go on
+            watched = servers if not job.replicas else servers[-1:]
+            dead = [p.returncode for p in watched if p.poll() is not None]
             if failed or dead:
                 sys.stderr.write("jaxps launch: a PS server exited; stopping the job\n" if dead and not failed else "")
                 return failed[0] if failed else 1

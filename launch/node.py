@@ -218,8 +218,6 @@ def role_argv(layout: Layout, role: Role, command: Sequence[str]) -> list[str]:
     if role.kind == "server":
         return server_argv(layout, role.index)
     if role.kind == "manager":
-        if importlib.util.find_spec("jaxps.ps.manager") is None:
-            raise ValueError("the manager role needs jaxps.ps.manager, which this version does not have")
         return manager_argv(layout)
     if not command:
         raise ValueError("a worker needs the program to run after '--'")
@@ -289,6 +287,8 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manager-port", type=int, default=d.manager_port)
     p.add_argument("--partitions", type=int, default=d.partitions, help="PS key-space partitions")
     p.add_argument("--sync", default=d.sync, help="bsp | ssp:N | asp (how worker groups relate)")
+    p.add_argument("--replicas", type=int, default=d.replicas,
+                   help="backups per PS partition (hot standby; pair it with --manager for failover)")
     p.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices per worker")
 
 
@@ -296,7 +296,7 @@ def layout_from_args(args: argparse.Namespace, bind: str = Layout.bind) -> Layou
     return Layout(servers=args.servers, groups=args.groups, workers_per_group=args.workers_per_group,
                   manager=args.manager, server_port=args.server_port, coordinator_port=args.coordinator_port,
                   manager_port=args.manager_port, partitions=args.partitions, sync=args.sync, bind=bind,
-                  cpu_devices=args.cpu_devices)
+                  cpu_devices=args.cpu_devices, replicas=args.replicas)
 
 
 def add_node_args(p: argparse.ArgumentParser) -> None:

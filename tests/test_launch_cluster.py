@@ -82,7 +82,7 @@ def test_slurm_worker_environment():
     env = environment(lay, a.roles[0], a.peers, "tok")
     assert env == {
         "JAXPS_PS_TOKEN": "tok", "JAXPS_PS_SERVERS": "ps-0=node01:7000,ps-1=node02:7001",
-        "JAXPS_PS_PARTITIONS": "64",
+        "JAXPS_PS_PARTITIONS": "64", "JAXPS_PS_REPLICAS": "0",
         "JAXPS_COORDINATOR": "node05:9001", "JAXPS_COORDINATOR_BIND": "0.0.0.0:9001",  # group 1's process 0
         "JAXPS_NUM_PROCESSES": "2", "JAXPS_PROCESS_ID": "1",
         "JAXPS_GROUP": "1", "JAXPS_NUM_GROUPS": "2", "JAXPS_SYNC": "ssp:3"}

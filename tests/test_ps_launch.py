@@ -95,3 +95,26 @@ def test_worker_groups_in_processes_over_grpc_equal_in_process_groups(tmp_path):
 def dataclasses_replace(obj, **kw):
     import dataclasses
     return dataclasses.replace(obj, **kw)
+
+
+@pytest.mark.slow
+def test_replicated_servers_with_a_manager_train_like_the_embedded_ps(tmp_path):
+    """`jaxps launch local --servers 3 --replicas 1`: every partition on two servers, a
+    manager process watching them; the client learns the ring from the manager. Same model
+    as the embedded PS (backups change no number)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    jaxps = [sys.executable, "-m", "jaxps.cli"]
+    args = ARGS + ["data.synthetic.n_train=6000", "data.synthetic.n_test=2000", f"data.synthetic.dir={tmp_path / 'd'}"]
+    local = subprocess.run(jaxps + args + ["train.out_dir=local"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    remote = subprocess.run(jaxps + ["launch", "local", "--servers", "3", "--replicas", "1", "--timeout", "240",
+                                     "--"] + jaxps + args + ["train.out_dir=remote"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert remote.returncode == 0, remote.stdout[-3000:] + remote.stderr[-2000:]
+    assert "[manager] jaxps ps-manager listening on 127.0.0.1:" in remote.stdout
+    a = json.loads((tmp_path / "local/metrics.json").read_text())
+    b = json.loads((tmp_path / "remote/metrics.json").read_text())
+    assert b["eval"]["logloss"] == pytest.approx(a["eval"]["logloss"], rel=1e-5)
+    # each pushed key landed on two servers: stored keys add up to twice the embedded run's
+    assert b["ps"]["weights"]["keys"] == 2 * a["ps"]["weights"]["keys"]

@@ -255,6 +255,8 @@ class PSClient:
 ENV_SERVERS = "JAXPS_PS_SERVERS"        # "ps-0=host:port,ps-1=host:port" (set by jaxps launch)
 ENV_PARTITIONS = "JAXPS_PS_PARTITIONS"
 ENV_TOKEN = "JAXPS_PS_TOKEN"
+ENV_REPLICAS = "JAXPS_PS_REPLICAS"      # backups per partition the servers keep (default 0)
+ENV_MANAGER = "JAXPS_PS_MANAGER"        # host:port of `jaxps ps-manager` (failover, elastic servers)
 
 
 def from_env(num_partitions: int = 256, vnodes: int = 64) -> PSClient | None:
@@ -266,7 +268,12 @@ def from_env(num_partitions: int = 256, vnodes: int = 64) -> PSClient | None:
     addresses = dict(item.split("=", 1) for item in spec.split(",") if item)
     ring = Ring(int(os.environ.get(ENV_PARTITIONS, num_partitions)), vnodes, list(addresses))
     token = os.environ.get(ENV_TOKEN) or None
-    return PSClient(ring, {n: GrpcTransport(a, token=token) for n, a in addresses.items()}, [])
+    source = None
+    if os.environ.get(ENV_MANAGER, "").strip():
+        from jaxps.ps.manager import RemoteRing
+        source = RemoteRing(os.environ[ENV_MANAGER].strip(), token)
+    return PSClient(ring, {n: GrpcTransport(a, token=token) for n, a in addresses.items()}, [],
+                    replicas=int(os.environ.get(ENV_REPLICAS, "0")), ring_source=source)
 
 
 def embedded(tables: Sequence[TableSpec], servers: int = 1, num_partitions: int = 256,

@@ -164,3 +164,123 @@ class ServerManager:
     def moved_fraction(self, change: Change) -> float:
         """Copied (partition, replica) pairs over all of them: ~1/n for one of n servers."""
         return change.copied / float(self.ring.num_partitions * min(self.replicas + 1, len(self.ring.servers)))
+
+
+# ---------------------------------------------------------------------------------- process
+MANAGER_SERVICE = "jaxps.ps.Manager"
+RING_METHOD = f"/{MANAGER_SERVICE}/Ring"
+
+
+def _ring_json(manager: ServerManager, addresses: Mapping[str, str]) -> dict:
+    ring, _ = manager.view()
+    return {"servers": list(ring.servers), "addresses": {s: addresses[s] for s in ring.servers},
+            "version": ring.version, "partitions": ring.num_partitions, "vnodes": ring.vnodes,
+            "replicas": manager.replicas}
+
+
+def serve_manager(manager: ServerManager, addresses: Mapping[str, str], host: str = "127.0.0.1", port: int = 0,
+                  token: str | None = None):
+    """Serve the manager's ring to clients over gRPC (`/jaxps.ps.Manager/Ring`: JSON of the
+    servers, their addresses and the ring version). Returns (grpc server, port)."""
+    import hmac
+
+    import grpc
+
+    from jaxps.ps import wire
+
+    want = token.encode("utf-8") if token else None
+
+    def ring(request: bytes, context):
+        try:
+            msg = wire.decode(request, wire.ADMIN)
+        except wire.WireError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {e}")
+        if want is not None and not hmac.compare_digest(msg.token, want):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad token")
+        return wire.encode(wire.Message(wire.ADMIN_REPLY, meta=wire.json_meta(_ring_json(manager, addresses))))
+
+    from concurrent.futures import ThreadPoolExecutor
+    srv = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="jaxps-manager"))
+    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        MANAGER_SERVICE, {"Ring": grpc.unary_unary_rpc_method_handler(ring)}),))
+    bound = srv.add_insecure_port(f"{host}:{port}")
+    if not bound:
+        raise OSError(f"PS manager: cannot bind {host}:{port}")
+    srv.start()
+    return srv, bound
+
+
+class RemoteRing:
+    """A `PSClient` ring source that asks a manager process (JAXPS_PS_MANAGER) for the
+    current ring, and connects to servers it has not seen yet."""
+
+    def __init__(self, address: str, token: str | None = None, timeout: float = 10.0):
+        import grpc
+        self.address, self.token, self.timeout = address, token, timeout
+        self.channel = grpc.insecure_channel(address)
+        self._call = self.channel.unary_unary(RING_METHOD)
+        self._transports: dict[str, object] = {}
+
+    def fetch(self) -> dict:
+        from jaxps.ps import wire
+        data = wire.encode(wire.Message(wire.ADMIN, token=(self.token or "").encode("utf-8")))
+        return wire.decode(self._call(data, timeout=self.timeout), wire.ADMIN_REPLY).json()
+
+    def __call__(self) -> tuple[Ring, dict[str, object]]:
+        from jaxps.ps.grpc_transport import GrpcTransport
+        info = self.fetch()
+        for name, address in info["addresses"].items():
+            t = self._transports.get(name)
+            if t is None or t.address != address:
+                self._transports[name] = GrpcTransport(address, token=self.token)
+        ring = Ring(info["partitions"], info["vnodes"], info["servers"], info["version"])
+        return ring, {s: self._transports[s] for s in ring.servers}
+
+
+def main(argv=None) -> int:
+    """`jaxps ps-manager`: watch a server group, fail over, serve the ring to clients."""
+    import argparse
+    import os
+    import signal
+    import sys
+
+    from jaxps.ps.grpc_transport import GrpcTransport
+
+    p = argparse.ArgumentParser(prog="jaxps ps-manager", description=main.__doc__)
+    p.add_argument("--servers", default=os.environ.get("JAXPS_PS_SERVERS"),
+                   help="name=host:port,... of every server of the group (default: $JAXPS_PS_SERVERS)")
+    p.add_argument("--replicas", type=int, default=int(os.environ.get("JAXPS_PS_REPLICAS", "2")))
+    p.add_argument("--partitions", type=int, default=int(os.environ.get("JAXPS_PS_PARTITIONS", "1024")))
+    p.add_argument("--vnodes", type=int, default=64)
+    p.add_argument("--heartbeat", type=float, default=0.5, help="seconds between pings")
+    p.add_argument("--misses", type=int, default=3, help="missed pings before a server is declared dead")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--token-env", default=None, help="environment variable holding the group's token")
+    args = p.parse_args(argv)
+    if not args.servers:
+        p.error("--servers (or JAXPS_PS_SERVERS) is required")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    token = os.environ.get(args.token_env) if args.token_env else None
+    addresses = dict(item.split("=", 1) for item in args.servers.split(",") if item)
+    ring = Ring(args.partitions, args.vnodes, list(addresses))
+    manager = ServerManager(ring, {n: GrpcTransport(a, token=token, timeout=10) for n, a in addresses.items()},
+                            args.replicas, args.heartbeat, args.misses).start()
+    try:
+        srv, port = serve_manager(manager, addresses, args.host, args.port, token)
+    except OSError as e:
+        print(f"jaxps ps-manager: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"jaxps ps-manager listening on {args.host}:{port}", flush=True)
+    while not stop.wait(1.0):
+        pass
+    manager.stop()
+    srv.stop(1).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
