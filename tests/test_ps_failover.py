@@ -201,3 +201,79 @@ def test_bsp_worker_groups_survive_a_killed_server(tmp_path):
     got, manager = run(2, kill_at=3)
     assert manager.changes and manager.changes[0].kind == "failover"
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_server_processes_join_and_leave_through_the_manager_process(tmp_path):
+    """Three server processes (k = 1) and a `jaxps ps-manager` process; the trainer learns
+    the ring from the manager. Mid-run a fourth server process joins and the first leaves
+    (`jaxps ps-manager join|leave`): training never stops and ends with exactly the
+    fault-free parameters."""
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    from jaxps.ps.grpc_transport import GrpcTransport
+    from jaxps.ps.manager import RemoteRing
+
+    token = "elastic-token"
+    env = dict(os.environ, JAXPS_PS_TOKEN=token)
+    procs = []
+
+    def start(args, marker):
+        p = subprocess.Popen([sys.executable, "-m"] + args, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+        procs.append(p)
+        ready, _, _ = select.select([p.stdout], [], [], 30)
+        line = p.stdout.readline() if ready else ""
+        assert marker in line, line
+        return line.rsplit(" ", 1)[1].strip()
+
+    def server(name, members):
+        return start(["jaxps.ps.serve", "--name", name, "--servers", members, "--partitions", "64",
+                      "--replicas", "1", "--token-env", "JAXPS_PS_TOKEN", "--grace", "1"], " listening on ")
+
+    try:
+        names = ["ps-0", "ps-1", "ps-2"]
+        addresses = {n: server(n, ",".join(names)) for n in names}
+        manager = start(["jaxps.ps.manager", "--servers", ",".join(f"{n}={a}" for n, a in addresses.items()),
+                         "--partitions", "64", "--replicas", "1", "--heartbeat", "0.1",
+                         "--token-env", "JAXPS_PS_TOKEN"], "listening on")
+        source = RemoteRing(manager, token)
+        ring, transports = source()
+        ps = PSClient(ring, transports, [], replicas=1, ring_source=source)
+
+        def change():
+            joiner = server("ps-3", "ps-3")
+            subprocess.run([sys.executable, "-m", "jaxps.ps.manager", "join", "--manager", manager, "--name",
+                            "ps-3", "--address", joiner, "--token-env", "JAXPS_PS_TOKEN"], env=env, check=True,
+                           timeout=60, capture_output=True)
+            subprocess.run([sys.executable, "-m", "jaxps.ps.manager", "leave", "--manager", manager, "--name",
+                            "ps-0", "--token-env", "JAXPS_PS_TOKEN"], env=env, check=True, timeout=60,
+                           capture_output=True)
+
+        batches = make_batches(8, seed=34)
+        t = _trainer(ps, tmp_path / "elastic")
+        t.fit(_killing(batches, 3, change))
+        ref = _trainer(embedded([table_spec(tb) for tb in _model().tables()]), tmp_path / "ref")
+        ref.fit(batches)
+        final = source.fetch()
+        assert final["servers"] == ["ps-1", "ps-2", "ps-3"] and final["version"] == 2
+        keys = np.arange(ROWS, dtype=np.uint64)
+        np.testing.assert_array_equal(ps.pull("weights", keys), ref.steps.host.ps.pull("weights", keys))
+        np.testing.assert_array_equal(np.asarray(t.state["dense"]["bias"]), np.asarray(ref.state["dense"]["bias"]))
+        # the leaver refuses writes routed by an old ring
+        with pytest.raises(Exception, match="ring version|belongs to"):
+            GrpcTransport(addresses["ps-0"], token=token).push("weights", keys[:4], np.ones((4, 1), np.float32),
+                                                               (1, 1), 1, -1, 0)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()

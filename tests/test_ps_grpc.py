@@ -317,14 +317,14 @@ def test_wire_decode_errors():
     def patch(at, new):
         return good[:at] + new + good[at + len(new):]
 
-    bad_head = wire._HEAD.pack(wire.MAGIC, wire.VERSION, wire.PULL, 0, 0, 0, 0, -1, 1, 0, 0, 0)
+    bad_head = wire._HEAD.pack(wire.MAGIC, wire.VERSION, wire.PULL, 0, 0, 0, 0, -1, -1, 1, 0, 0, 0)
     cases = [
         (good[:10], "truncated header"),
         (patch(0, b"XXXX"), "bad magic"),
         (patch(4, b"\x07"), "unsupported version"),
         (patch(5, b"\x63"), "unknown message kind"),
         (patch(6, b"\x01"), "unknown flags"),
-        (patch(32, struct.pack("<i", -2)), "group -2 out of range"),
+        (patch(32, struct.pack("<i", -2)), "group -2 or ring -1 out of range"),
         (good[:H + 1], "truncated header strings"),
         (bad_head + b"\xff", "not UTF-8"),
         (patch(H - 2, struct.pack("<H", 65)), "arrays (limit"),

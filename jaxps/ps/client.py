@@ -22,9 +22,10 @@ from jaxps.ps.server import Frozen, PSServer, TableSpec, WrongOwner
 
 
 class Transport(Protocol):
-    def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0) -> np.ndarray: ...
+    def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0,
+             ring_version: int = -1) -> np.ndarray: ...
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, request_id: tuple[int, int],
-             step: int, group: int = -1) -> bool: ...
+             step: int, group: int = -1, ring_version: int = -1) -> bool: ...
     def clock(self, group: int, clock: int, groups: int, sync: Sync) -> int: ...
     def stats(self) -> dict: ...
     def create_table(self, spec: TableSpec) -> bool: ...
@@ -47,11 +48,11 @@ class InProcessTransport:
     def kill(self) -> None:
         self.alive = False
 
-    def pull(self, table, keys, group=-1, clock=0):
-        return self.server.pull(table, keys, group, clock)
+    def pull(self, table, keys, group=-1, clock=0, ring_version=-1):
+        return self.server.pull(table, keys, group, clock, ring_version)
 
-    def push(self, table, keys, grads, request_id, step, group=-1):
-        return self.server.push(table, keys, grads, request_id, step, group)
+    def push(self, table, keys, grads, request_id, step, group=-1, ring_version=-1):
+        return self.server.push(table, keys, grads, request_id, step, group, ring_version)
 
     def clock(self, group, clock, groups, sync):
         return self.server.clock(group, clock, groups, sync)
@@ -83,6 +84,9 @@ class InProcessTransport:
 
     def export_partitions(self, parts):
         return self.server.export_partitions(parts)
+
+    def table_specs(self):
+        return self.server.table_specs()
 
     def load_partitions(self, data):
         return self.server.load_partitions(data)
@@ -162,7 +166,8 @@ class PSClient:
         ring = self.ring
         order, runs = self._route(keys, ring)
         grouped = keys if order is None else keys[order]
-        futures = [(lo, hi, self._pool.submit(self.transports[s].pull, table, grouped[lo:hi], group, clock))
+        v = ring.version if self.ring_source is not None else -1  # checked where rings change
+        futures = [(lo, hi, self._pool.submit(self.transports[s].pull, table, grouped[lo:hi], group, clock, v))
                    for s, lo, hi in runs]
         if order is None:  # one server: its reply is the answer
             return futures[0][2].result() if futures else np.zeros((0, self.tables[table].dim), np.float32)
@@ -184,11 +189,12 @@ class PSClient:
 
     def _push(self, table, keys, grads, request_id, step, group):
         ring = self.ring
+        v = ring.version if self.ring_source is not None else -1
         if self.replicas == 0 or len(ring.servers) == 1:
             order, runs = self._route(keys, ring)
             k, g = (keys, grads) if order is None else (keys[order], take_rows(grads, order))
             futures = [self._push_pool.submit(self.transports[s].push, table, k[lo:hi], g[lo:hi],
-                                              request_id, step, group) for s, lo, hi in runs]
+                                              request_id, step, group, v) for s, lo, hi in runs]
         else:  # each server gets the keys of every partition it replicates
             sets = ring.replicas(self.replicas)[partition_of(keys, ring.num_partitions)]
             futures = []
@@ -196,7 +202,7 @@ class PSClient:
                 sel = np.flatnonzero((sets == i).any(axis=1))
                 if sel.size:
                     futures.append(self._push_pool.submit(self.transports[name].push, table, keys[sel],
-                                                          take_rows(grads, sel), request_id, step, group))
+                                                          take_rows(grads, sel), request_id, step, group, v))
         errors = []
         for f in futures:
             try:

@@ -167,7 +167,7 @@ class PSServicer:
         try:
             msg = self._receive(pieces, wire.PULL)
             (keys,) = self._arrays(msg, ("keys",))
-            rows = self.server.pull(msg.table, keys, msg.group, msg.step)
+            rows = self.server.pull(msg.table, keys, msg.group, msg.step, msg.ring)
             reply = wire.encode(wire.Message(wire.PULL_REPLY, msg.table, msg.client_id, msg.seq,
                                              arrays=(rows,)))
         except Exception as e:  # noqa: BLE001 - every failure becomes a status
@@ -178,7 +178,7 @@ class PSServicer:
         try:
             msg = self._receive(pieces, wire.PUSH)
             keys, grads = self._arrays(msg, ("keys", "grads"))
-            applied = self.server.push(msg.table, keys, grads, msg.request_id, msg.step, msg.group)
+            applied = self.server.push(msg.table, keys, grads, msg.request_id, msg.step, msg.group, msg.ring)
             return wire.encode(wire.Message(wire.PUSH_REPLY, msg.table, msg.client_id, msg.seq,
                                             arrays=(np.array(applied),)))
         except Exception as e:  # noqa: BLE001
@@ -245,12 +245,15 @@ class PSServicer:
                 self.server.freeze()
             elif op == "unfreeze":
                 self.server.unfreeze()
+            elif op == "tables":
+                return wire.encode(wire.Message(wire.ADMIN_REPLY, meta=wire.json_meta(
+                    {"tables": [t.to_json() for t in self.server.table_specs()]})))
             elif op == "set_ring":
                 self.server.set_ring(Ring(int(meta["partitions"]), int(meta["vnodes"]), list(meta["servers"]),
                                           int(meta["version"])))
             else:
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"malformed request: unknown admin op {op!r} (ping, freeze, unfreeze, set_ring)")
+                              f"malformed request: unknown admin op {op!r} (ping, freeze, unfreeze, set_ring, tables)")
             return wire.encode(wire.Message(wire.ADMIN_REPLY, meta=wire.json_meta({"version": self.server.ring.version})))
         except Exception as e:  # noqa: BLE001
             self._fail(context, "admin", e)
@@ -362,10 +365,11 @@ class GrpcTransport:
         except wire.WireError as e:
             raise PSRPCError(self.address, method, grpc.StatusCode.DATA_LOSS, f"malformed reply: {e}") from None
 
-    def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0) -> np.ndarray:
+    def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0,
+             ring_version: int = -1) -> np.ndarray:
         keys = np.asarray(keys)
         data = wire.encode(wire.Message(wire.PULL, table, step=clock, token=self.token, arrays=(keys,),
-                                        group=group))
+                                        group=group, ring=ring_version))
 
         limit = self.timeout + (self.wait_timeout if group >= 0 else 0.0)
 
@@ -380,10 +384,10 @@ class GrpcTransport:
         return out
 
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, request_id: tuple[int, int],
-             step: int, group: int = -1) -> bool:
+             step: int, group: int = -1, ring_version: int = -1) -> bool:
         cid, seq = request_id
         data = wire.encode(wire.Message(wire.PUSH, table, cid, seq, step, self.token, (keys, grads),
-                                        group=group))
+                                        group=group, ring=ring_version))
         reply = self._reply("push", self._call(
             "push", lambda: self._push(wire.chunks(data, self.chunk_bytes), timeout=self.timeout)),
             wire.PUSH_REPLY)
@@ -461,6 +465,10 @@ class GrpcTransport:
 
     def freeze(self) -> None:
         self._admin_call("freeze", timeout=self.timeout * 4)
+
+    def table_specs(self) -> list[TableSpec]:
+        return [TableSpec.from_json(t, f"{self.address} tables[{i}]")
+                for i, t in enumerate(self._admin_call("tables")["tables"])]
 
     def unfreeze(self) -> None:
         self._admin_call("unfreeze")

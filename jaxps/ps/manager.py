@@ -18,6 +18,7 @@ acknowledged only after every replica applied (or, under BSP, held) it.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -110,7 +111,10 @@ class ServerManager:
         with self._lock:
             if name in self.ring.servers:
                 raise ValueError(f"server {name} is already in the group")
-            self.transports[name] = transport if transport is not None else self.connect(name)
+            transport = transport if transport is not None else self.connect(name)
+            for spec in self.transports[self.ring.servers[0]].table_specs():  # it starts empty
+                transport.create_table(spec)
+            self.transports[name] = transport
             self._missed[name] = 0
             return self._reconfigure(self.ring.servers + [name], "join", [name], set())
 
@@ -139,7 +143,7 @@ class ServerManager:
                 data = self.transports[source].export_partitions(parts)
                 self.transports[target].load_partitions(data)
                 change.copied += len(parts)
-            for s in servers:
+            for s in live:  # members, and leavers too: they must refuse stale clients' writes
                 self.transports[s].set_ring(new)
             self.ring = new
             for s in who:
@@ -169,6 +173,7 @@ class ServerManager:
 # ---------------------------------------------------------------------------------- process
 MANAGER_SERVICE = "jaxps.ps.Manager"
 RING_METHOD = f"/{MANAGER_SERVICE}/Ring"
+CHANGE_METHOD = f"/{MANAGER_SERVICE}/Change"   # {"op": "join" | "leave", "name": ..., "address": ...}
 
 
 def _ring_json(manager: ServerManager, addresses: Mapping[str, str]) -> dict:
@@ -189,20 +194,47 @@ def serve_manager(manager: ServerManager, addresses: Mapping[str, str], host: st
     from jaxps.ps import wire
 
     want = token.encode("utf-8") if token else None
+    addresses = dict(addresses)
 
-    def ring(request: bytes, context):
+    def receive(request: bytes, context):
         try:
             msg = wire.decode(request, wire.ADMIN)
         except wire.WireError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {e}")
         if want is not None and not hmac.compare_digest(msg.token, want):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad token")
+        return msg
+
+    def ring(request: bytes, context):
+        receive(request, context)
         return wire.encode(wire.Message(wire.ADMIN_REPLY, meta=wire.json_meta(_ring_json(manager, addresses))))
+
+    def change(request: bytes, context):
+        """A server joins (name, address: started, empty) or leaves (name) while training runs."""
+        from jaxps.ps.grpc_transport import GrpcTransport
+        msg = receive(request, context)
+        try:
+            req = msg.json()
+            op, name = req["op"], req["name"]
+            if op == "join":
+                addresses[name] = req["address"]
+                done = manager.join(name, GrpcTransport(req["address"], token=token, timeout=10))
+            elif op == "leave":
+                done = manager.remove([name])
+            else:
+                raise ValueError(f"unknown op {op!r} (join, leave)")
+        except (KeyError, ValueError, TypeError, wire.WireError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad change request: {e}")
+        except Exception as e:  # noqa: BLE001 - the change failed; the group keeps its ring
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        return wire.encode(wire.Message(wire.ADMIN_REPLY, meta=wire.json_meta(
+            {"version": done.version, "copied": done.copied, "seconds": done.seconds})))
 
     from concurrent.futures import ThreadPoolExecutor
     srv = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="jaxps-manager"))
     srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        MANAGER_SERVICE, {"Ring": grpc.unary_unary_rpc_method_handler(ring)}),))
+        MANAGER_SERVICE, {"Ring": grpc.unary_unary_rpc_method_handler(ring),
+                          "Change": grpc.unary_unary_rpc_method_handler(change)}),))
     bound = srv.add_insecure_port(f"{host}:{port}")
     if not bound:
         raise OSError(f"PS manager: cannot bind {host}:{port}")
@@ -237,14 +269,43 @@ class RemoteRing:
         return ring, {s: self._transports[s] for s in ring.servers}
 
 
+def request_change(manager: str, op: str, name: str, address: str | None = None, token: str | None = None,
+                   timeout: float = 120.0) -> dict:
+    """Ask a manager process to let server `name` join (at `address`) or leave."""
+    import grpc
+
+    from jaxps.ps import wire
+    with grpc.insecure_channel(manager) as channel:
+        data = wire.encode(wire.Message(wire.ADMIN, token=(token or "").encode("utf-8"), meta=wire.json_meta(
+            {"op": op, "name": name, **({"address": address} if address else {})})))
+        reply = channel.unary_unary(CHANGE_METHOD)(data, timeout=timeout)
+    return wire.decode(reply, wire.ADMIN_REPLY).json()
+
+
 def main(argv=None) -> int:
-    """`jaxps ps-manager`: watch a server group, fail over, serve the ring to clients."""
+    """`jaxps ps-manager`: watch a server group, fail over, serve the ring to clients.
+    `jaxps ps-manager join|leave --manager HOST:PORT --name NAME [--address HOST:PORT]`
+    asks a running manager to add or retire a server while training runs."""
     import argparse
     import os
     import signal
     import sys
 
     from jaxps.ps.grpc_transport import GrpcTransport
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["join"], ["leave"]):
+        c = argparse.ArgumentParser(prog=f"jaxps ps-manager {argv[0]}")
+        c.add_argument("--manager", required=True, help="host:port of the running manager")
+        c.add_argument("--name", required=True)
+        c.add_argument("--address", default=None, help="host:port of the joining server")
+        c.add_argument("--token-env", default=None)
+        a = c.parse_args(argv[1:])
+        if argv[0] == "join" and not a.address:
+            c.error("join needs --address")
+        token = os.environ.get(a.token_env) if a.token_env else None
+        print(json.dumps(request_change(a.manager, argv[0], a.name, a.address, token)))
+        return 0
 
     p = argparse.ArgumentParser(prog="jaxps ps-manager", description=main.__doc__)
     p.add_argument("--servers", default=os.environ.get("JAXPS_PS_SERVERS"),

@@ -159,6 +159,11 @@ class PSServer:
                 self._writes -= 1
                 self._gate.notify_all()
 
+    def table_specs(self) -> list[TableSpec]:
+        """The tables this server serves (a joining server learns them from a member)."""
+        with self._meta_lock:
+            return list(self.tables.values())
+
     def set_ring(self, ring: Ring) -> None:
         """Adopt a new ring version; partitions this server no longer replicates are dropped."""
         if ring.num_partitions != self.ring.num_partitions:
@@ -230,13 +235,20 @@ class PSServer:
         return spec
 
     # ------------------------------------------------------------------ requests
-    def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0) -> np.ndarray:
+    def _fresh(self, ring_version: int) -> None:
+        if 0 <= ring_version < self.ring.version:
+            raise WrongOwner(f"server {self.name}: the request was routed by ring version {ring_version}, "
+                             f"the group is at {self.ring.version}: refresh the ring")
+
+    def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0,
+             ring_version: int = -1) -> np.ndarray:
         """Rows [n, dim] float32 of `keys` (all in partitions this server owns). With a
         worker `group` (>= 0), first wait as the consistency model requires of a pull at
         `clock` (the steps that group completed)."""
         spec = self._validate(table, keys)
         if group >= 0:
             self.clocks.wait(group, clock, self.wait_timeout)
+        self._fresh(ring_version)
         order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
         for part in parts:
             self._check(table, int(part))
@@ -254,7 +266,7 @@ class PSServer:
         return out
 
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, request_id: tuple[int, int],
-             step: int, group: int = -1) -> bool:
+             step: int, group: int = -1, ring_version: int = -1) -> bool:
         """Apply summed gradients of unique keys once per request id. Returns False (and
         changes nothing) for a request id already applied: a client's retry. Under BSP a
         worker group's push (group >= 0) of `step` is held and applied, summed with every
@@ -269,6 +281,7 @@ class PSServer:
         cid, seq = request_id
         applied = False
         with self._writing():
+            self._fresh(ring_version)
             order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
             for part in parts:
                 self._check(table, int(part), write=True)
@@ -397,6 +410,11 @@ class PSServer:
                                                   for step, (g, _, part, cid, seq, keys, _) in mine], np.int64)
             out[f"held/{table}/keys"] = np.concatenate([h[5] for _, h in mine])
             out[f"held/{table}/grads"] = np.concatenate([h[6] for _, h in mine])
+        if self.clocks.groups is not None:  # a new replica must gate pulls as the others do
+            st = self.clocks.sync.staleness
+            out["clocks/config"] = np.array([self.clocks.groups, -1 if st is None else st, self.clocks.settled],
+                                            np.int64)
+            out["clocks/values"] = np.array(self.clocks.clocks(), np.int64)
         return out
 
     def load_partitions(self, data: dict[str, np.ndarray]) -> int:
@@ -404,6 +422,14 @@ class PSServer:
         a membership change (the ring that makes this server their replica comes next).
         Returns the number of (table, partition) pieces loaded."""
         pieces = 0
+        if "clocks/config" in data:
+            groups, staleness, settled = np.asarray(data["clocks/config"]).tolist()
+            self.clocks.configure(groups, Sync(None if staleness < 0 else staleness))
+            for g, c in enumerate(np.asarray(data["clocks/values"]).tolist()):
+                self.clocks.advance(g, c)
+            self.clocks.publish(settled)
+            with self._held_lock:
+                self._held_through = max(self._held_through, settled)
         rows: dict[str, dict[str, np.ndarray]] = {}
         for key, value in data.items():
             kind, *rest = key.split("/")

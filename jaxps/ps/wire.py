@@ -3,8 +3,8 @@
 A message is
 
     header   magic b"JXPS" | version u8 | kind u8 | flags u16 (0) | client id u64 | seq u64
-             | step i64 | group i32 | table length u16 | token length u16 | meta length u32
-             | arrays u16
+             | step i64 | group i32 | ring i32 | table length u16 | token length u16
+             | meta length u32 | arrays u16
     strings  table (UTF-8) | token (bytes) | meta (UTF-8 JSON, replies only, e.g. stats)
     arrays   per array: dtype code u8 | ndim u8 | shape (ndim x u64) | zero padding to a
              multiple of 8 bytes from the message start | the raw little-endian bytes
@@ -13,6 +13,9 @@ A message is
 for the consistency model (step = the group's clock: steps it completed); a push with a
 group is one step's gradients (step = that step, 1-based); a clock message says the group
 completed `step` steps (seq = the number of groups, meta = {"staleness": s | null}).
+`ring` is the ring version the sender routed by (-1: unchecked): a server on a newer ring
+refuses pulls and pushes routed by an older one, so a stale client cannot write to a
+replica set that has changed.
 
 Only the dtypes in `DTYPES` travel. `decode` checks everything (magic, version, kind,
 lengths, dtype codes, shape against the bytes, zero padding, no trailing bytes) and raises
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MAGIC = b"JXPS"
-VERSION = 2
+VERSION = 3
 
 # message kinds
 PULL, PULL_REPLY, PUSH, PUSH_REPLY, STATS, STATS_REPLY, CREATE, CREATE_REPLY = 1, 2, 3, 4, 5, 6, 7, 8
@@ -48,7 +51,7 @@ MAX_META = 16 << 20      # bytes of JSON meta
 MAX_ARRAYS = 64
 MAX_NDIM = 8
 
-_HEAD = struct.Struct("<4sBBHQQqiHHIH")
+_HEAD = struct.Struct("<4sBBHQQqiiHHIH")
 HEADER_BYTES = _HEAD.size
 _DIM = struct.Struct("<Q")
 
@@ -68,6 +71,7 @@ class Message:
     arrays: tuple[np.ndarray, ...] = ()
     meta: bytes = b""
     group: int = -1
+    ring: int = -1
 
     @property
     def request_id(self) -> tuple[int, int]:
@@ -101,11 +105,11 @@ def encode_parts(msg: Message) -> list:
     if len(msg.arrays) > MAX_ARRAYS:
         raise WireError(f"{len(msg.arrays)} arrays (limit {MAX_ARRAYS})")
     for name, v, lo, hi in (("client id", msg.client_id, 0, 2**64), ("seq", msg.seq, 0, 2**64),
-                            ("step", msg.step, -2**63, 2**63), ("group", msg.group, -1, 2**31)):
+                            ("step", msg.step, -2**63, 2**63), ("group", msg.group, -1, 2**31), ("ring", msg.ring, -1, 2**31)):
         if not lo <= int(v) < hi:
             raise WireError(f"{name} {v} does not fit its field")
     head = _HEAD.pack(MAGIC, VERSION, msg.kind, 0, int(msg.client_id), int(msg.seq), int(msg.step),
-                      int(msg.group), len(table), len(token), len(meta), len(msg.arrays))
+                      int(msg.group), int(msg.ring), len(table), len(token), len(meta), len(msg.arrays))
     parts: list = [head, table, token, meta]
     n = len(head) + len(table) + len(token) + len(meta)
     for i, a in enumerate(msg.arrays):
@@ -136,6 +140,7 @@ class Header:
     seq: int
     step: int
     group: int
+    ring: int
     table: str
     token: bytes
     meta: bytes
@@ -148,7 +153,7 @@ def decode_header(buf) -> Header:
     mv = memoryview(buf).cast("B")
     if len(mv) < HEADER_BYTES:
         raise WireError(f"truncated header: {len(mv)} bytes, need {HEADER_BYTES}")
-    magic, version, kind, flags, cid, seq, step, group, lt, lk, lm, na = _HEAD.unpack_from(mv, 0)
+    magic, version, kind, flags, cid, seq, step, group, ring, lt, lk, lm, na = _HEAD.unpack_from(mv, 0)
     if magic != MAGIC:
         raise WireError(f"bad magic {bytes(magic)!r} (expected {MAGIC!r})")
     if version != VERSION:
@@ -157,8 +162,8 @@ def decode_header(buf) -> Header:
         raise WireError(f"unknown message kind {kind}")
     if flags:
         raise WireError(f"unknown flags {flags:#x}")
-    if group < -1:
-        raise WireError(f"group {group} out of range (-1: none)")
+    if group < -1 or ring < -1:
+        raise WireError(f"group {group} or ring {ring} out of range (-1: none)")
     if lt > MAX_TABLE or lk > MAX_TOKEN or lm > MAX_META:
         raise WireError(f"string lengths out of range (table {lt}, token {lk}, meta {lm})")
     if na > MAX_ARRAYS:
@@ -173,7 +178,7 @@ def decode_header(buf) -> Header:
         raise WireError("table name is not UTF-8") from None
     token = bytes(mv[o + lt:o + lt + lk])
     meta = bytes(mv[o + lt + lk:end])
-    return Header(kind, cid, seq, step, group, table, token, meta, na, end)
+    return Header(kind, cid, seq, step, group, ring, table, token, meta, na, end)
 
 
 def decode(buf, expect_kind: int | None = None) -> Message:
@@ -217,7 +222,7 @@ def decode(buf, expect_kind: int | None = None) -> Message:
         o += nbytes
     if o != total:
         raise WireError(f"{total - o} trailing bytes after {h.num_arrays} arrays")
-    return Message(h.kind, h.table, h.client_id, h.seq, h.step, h.token, tuple(arrays), h.meta, h.group)
+    return Message(h.kind, h.table, h.client_id, h.seq, h.step, h.token, tuple(arrays), h.meta, h.group, h.ring)
 
 
 def chunks(data: bytes, size: int):
