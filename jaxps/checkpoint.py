@@ -8,6 +8,8 @@ pickled.
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from typing import Any
 
 import jax
@@ -16,6 +18,12 @@ import orbax.checkpoint as ocp
 from jaxps.snapshot import SnapshotRestore, SnapshotSave, Snapshot, flatten, unflatten
 
 PS_ITEM = "ps"
+
+# Orbax numbers the async saves of a process with one global operation id, so two managers
+# saving at once in one process (worker groups run as threads) mix up each other's commit
+# signals. A save here first waits for every other manager's save in this process.
+_SAVE_LOCK = threading.Lock()
+_LIVE: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
 
 
 class Checkpointer:
@@ -31,6 +39,7 @@ class Checkpointer:
                 # a step a killed run was writing is left as a temporary directory: drop it
                 cleanup_tmp_directories=not read_only),
         )
+        _LIVE.add(self)
 
     def save(self, step: int, state: Any, meta: dict | None = None, ps: Snapshot | None = None) -> None:
         """Start writing `state` (returns once the device arrays are copied) and `ps`, the
@@ -38,7 +47,11 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
         if ps is not None:
             items[PS_ITEM] = SnapshotSave(flatten(ps))
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        with _SAVE_LOCK:
+            for other in list(_LIVE):
+                if other is not self:
+                    other.manager.wait_until_finished()
+            self.manager.save(step, args=ocp.args.Composite(**items))
 
     def steps(self) -> list[int]:
         """Steps whose every item is written (a step still being written is not listed)."""
