@@ -1,33 +1,71 @@
 """Checkpoints through Orbax `CheckpointManager`: asynchronous (training goes on while
 it writes), keep-N retention, and restore onto any mesh by handing Orbax the target
-shardings. Metadata (step, logical shapes, bucket capacities) is JSON; nothing is pickled.
-(The data position is not saved yet: resuming mid-pass comes with hot checkpoints.)
+shardings. Metadata (step, logical shapes, bucket capacities, data position) is JSON; the
+PS snapshot, when there is one, is a third item of the same step (jaxps.snapshot), so a
+step is on disk only once the device state and the PS rows are both written. Nothing is
+pickled.
 """
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxps.snapshot import SnapshotRestore, SnapshotSave, Snapshot, flatten, unflatten
+
+PS_ITEM = "ps"
+
+# Orbax numbers the async saves of a process with one global operation id, so two managers
+# saving at once in one process (worker groups run as threads) mix up each other's commit
+# signals. A save here first waits for every other manager's save in this process.
+_SAVE_LOCK = threading.Lock()
+_LIVE: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
 
 class Checkpointer:
-    def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = True):
+    def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = True,
+                 read_only: bool = False):
+        """read_only: look at another writer's checkpoints (e.g. group 0's) without
+        creating, saving or cleaning anything."""
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                                 enable_async_checkpointing=asynchronous),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, enable_async_checkpointing=asynchronous, read_only=read_only,
+                # a step a killed run was writing is left as a temporary directory: drop it
+                cleanup_tmp_directories=not read_only),
         )
+        _LIVE.add(self)
 
-    def save(self, step: int, state: Any, meta: dict | None = None) -> None:
-        """Start writing `state` (returns once the device arrays are copied)."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})))
+    def save(self, step: int, state: Any, meta: dict | None = None, ps: Snapshot | None = None) -> None:
+        """Start writing `state` (returns once the device arrays are copied) and `ps`, the
+        host tables' rows (written on Orbax's commit thread)."""
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
+        if ps is not None:
+            items[PS_ITEM] = SnapshotSave(flatten(ps))
+        with _SAVE_LOCK:
+            for other in list(_LIVE):
+                if other is not self:
+                    other.manager.wait_until_finished()
+            self.manager.save(step, args=ocp.args.Composite(**items))
+
+    def steps(self) -> list[int]:
+        """Steps whose every item is written (a step still being written is not listed)."""
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def has_ps(self, step: int) -> bool:
+        return os.path.isdir(os.path.join(self.directory, str(step), PS_ITEM))
+
+    def ps_snapshot(self, step: int) -> Snapshot:
+        out = self.manager.restore(step, args=ocp.args.Composite(**{PS_ITEM: SnapshotRestore()}))
+        return unflatten(out[PS_ITEM])
 
     def meta(self, step: int | None = None) -> dict:
         """The JSON metadata saved with a step (the latest by default)."""
@@ -48,6 +86,9 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract, strict=not pad_rows), meta=ocp.args.JsonRestore()))
         return out["state"], dict(out["meta"] or {})
+
+    def delete(self, step: int) -> None:
+        self.manager.delete(step)
 
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step

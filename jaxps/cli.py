@@ -25,6 +25,7 @@ examples:
   jaxps train                                   # generated Criteo-like data, 8 CPU devices
   jaxps train data.train=day0.svm data.eval=day1.svm model.optimizer.l1=1.0
   jaxps train job.toml data.format=criteo data.train=train.txt data.eval=test.txt
+  jaxps train --resume train.checkpoint_every=1000   # after a crash: continue where it stopped
   jaxps evaluate job.toml                       # restore train.out_dir's checkpoint
   jaxps predict data.eval=new.svm --out p.txt   # probabilities, one per example, in order
 """
@@ -74,6 +75,11 @@ def cmd_train(args) -> int:
                       ps=ps, group=group)
     if jax.process_index() == 0:
         print(trainer.plan(), flush=True)
+    if args.resume:  # the latest complete checkpoint of train.out_dir, data position included
+        step = trainer.resume()
+        if jax.process_index() == 0:
+            print(f"resumed from {trainer.checkpointer.directory}/{step}" if step is not None else
+                  f"no complete checkpoint in {trainer.checkpointer.directory}: starting fresh", flush=True)
     report = {"data": {"train": train_ds.stats, "eval": eval_ds.stats if eval_ds else None},
               "config": dataclasses.asdict(cfg)}
     if info:
@@ -211,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(fn=fn)
         if name == "train":
             p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the latest complete checkpoint of train.out_dir (if any)")
         if name == "plan":
             p.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "predict":

@@ -215,10 +215,32 @@ class HostTables:
                                    group_pull_seconds=self.pull_seconds)
         return out
 
-    def snapshot(self) -> dict[str, dict[str, np.ndarray]]:
-        """Every table's stored rows, once every queued push has landed."""
+    def snapshot(self, step: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """Every table's stored rows, once every queued push has landed. A worker group
+        passes the `step` it completed: the rows are read once every server settled it.
+        Under BSP that is a consistent cut of the whole job: every group's pushes of steps
+        <= step are applied, and none of step + 1 (they wait for this group's)."""
         self.flush()
+        if self.group is not None and step is not None:
+            self.wait_clock(step)
         return {name: self.ps.export(name) for name in self.names}
+
+    def wait_clock(self, clock: int) -> None:
+        """A worker group: block until every server would answer this group's pull at
+        `clock` (an empty pull at each server: the wait is all it does)."""
+        empty = np.zeros(0, np.uint64)
+        for transport in self.ps.transports.values():
+            transport.pull(DENSE_TABLE, empty, self.group.index, clock)
+
+    def wait_for_restore(self, step: int) -> None:
+        """A resumed worker group other than group 0: wait until group 0 joined the clocks
+        at `step`, which it does only after loading the PS snapshot (`begin`) -- so no group
+        pulls rows the snapshot is about to overwrite. Needs a bound on staleness."""
+        s = self.group.policy.staleness
+        if s is None:
+            raise ValueError(f"resuming {self.group.count} worker groups under asp: nothing makes the "
+                             f"others wait for group 0 to load the PS snapshot; resume under bsp or ssp:N")
+        self.wait_clock(step + s)  # ready once the slowest group (group 0, last) reached `step`
 
     def load(self, snapshot: dict[str, dict[str, np.ndarray]]) -> None:
         """Put snapshot rows back (onto any number of servers: rows go where the ring says)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxps.checkpoint import Checkpointer
+from jaxps.snapshot import read_npz, unflatten
 from jaxps.data.batch import Batch
 from jaxps.data.readers import prefetch
 from jaxps.groups import WorkerGroup
@@ -90,6 +92,12 @@ class Trainer:
         each group writes its metrics and checkpoints under out_dir/group-<i>."""
         self.model = model
         self.config = config or TrainConfig()
+        self._group_root = self.config.out_dir  # where every group's out_dir lies
+        if group is not None and group.count > 1 and self.config.checkpoint_every and not group.policy.bsp:
+            raise ValueError(f"train.checkpoint_every={self.config.checkpoint_every} with "
+                             f"JAXPS_SYNC={group.sync} ({group.count} worker groups): a periodic checkpoint "
+                             f"needs a consistent cut of the PS, which only bsp gives; use JAXPS_SYNC=bsp "
+                             f"(jaxps launch --sync bsp) or train.checkpoint_every=0 (final checkpoint only)")
         if group is not None and group.count > 1:
             self.config = dataclasses.replace(self.config,
                                               out_dir=os.path.join(self.config.out_dir, f"group-{group.index}"))
@@ -103,6 +111,8 @@ class Trainer:
         self.state = self.steps.init_state(self.config.seed)
         self.history: list[dict] = []
         self._checkpointer: Checkpointer | None = None
+        self._position = (0, 0)               # (epoch, batches of it trained): the data position
+        self._resume_at: tuple[int, int] | None = None  # set by resume(): where fit() continues
 
     # ------------------------------------------------------------------ info
     def plan(self) -> str:
@@ -154,14 +164,23 @@ class Trainer:
         running: list[float] = []
         host_step = self.step  # counted on the host: reading state["step"] would sync
         host = self.steps.host
+        start_epoch, skip = self._resume_at or (0, 0)
         if host is not None:
             host.begin(host_step)
+            if self._resume_at is not None and self.group is not None and self.group.index > 0:
+                host.wait_for_restore(host_step)  # group 0 loads the PS snapshot first
+        self._resume_at = None
         try:
-            for _ in range(cfg.epochs):
-                with contextlib.closing(self._prepared(train, training=True)) as batches:
+            for epoch in range(start_epoch, cfg.epochs):
+                done = skip if epoch == start_epoch else 0
+                self._position = (epoch, done)
+                data = itertools.islice(train, done, None) if done else train  # already trained
+                with contextlib.closing(self._prepared(data, training=True)) as batches:
                     for batch, plans, dev in batches:
                         self.state, m = self.steps.train_step(self.state, dev)
                         host_step += 1
+                        done += 1
+                        self._position = (epoch, done)
                         if self.steps.host is not None:  # servers apply the row gradients
                             self.steps.host.push(plans_of(self.steps.host, plans), m["host_grads"], host_step)
                         pending.append((host_step, m["loss"]))
@@ -181,6 +200,7 @@ class Trainer:
                             running = self._flush(pending, writer, examples, t0, bar)
                         if cfg.checkpoint_every and host_step % cfg.checkpoint_every == 0:
                             self.save()
+            self._position = (cfg.epochs, 0)
             jax.block_until_ready(self.state)
             if host is not None:
                 host.finish()
@@ -208,7 +228,7 @@ class Trainer:
                     for k in ("logloss", "auc"):
                         writer.add_scalar(f"eval/{k}", result["eval"][k], self.step)
             if cfg.checkpoint:
-                self.save()
+                self._save_final()
                 result["checkpoint"] = os.path.join(self.checkpointer.directory, str(self.step))
         finally:
             if self.steps.host is not None and sys.exc_info()[0] is not None:
@@ -279,37 +299,80 @@ class Trainer:
                   for p, a in jax.tree_util.tree_leaves_with_path(rest)}
         return {"tables": tables, "shapes": shapes}
 
-    def _ps_snapshot_path(self, step: int) -> str:
-        return os.path.join(self.config.out_dir, "ps_snapshots", f"{step}.npz")
+    def _writes_ps(self) -> bool:
+        """This trainer writes the PS snapshot: one writer per job (group 0's process 0)."""
+        return (self.steps.host is not None and jax.process_index() == 0
+                and (self.group is None or self.group.index == 0))
 
     def save(self) -> None:
-        """Start an asynchronous checkpoint of the whole train state at the current step.
-        Host tables are snapshotted at the same step (after their queued pushes land: the
-        rows match the device state) into ps_snapshots/<step>.npz, plain arrays."""
-        meta = {"step": self.step, "routers": {n: r.capacity for n, r in self.steps.routers.items()},
+        """Start a hot checkpoint of the whole train state at the current step. The host
+        tables' rows are read here, once this trainer's queued pushes landed (for worker
+        groups: once every group's pushes of this step are applied), so they match the
+        device state; Orbax writes both in the background, as one step (jaxps.snapshot)."""
+        step = self.step
+        meta = {"step": step, "routers": {n: r.capacity for n, r in self.steps.routers.items()},
+                "data": {"epoch": self._position[0], "batches": self._position[1]},
                 **self._layout_meta()}
-        if self.steps.host is not None and jax.process_index() == 0:
-            snap = self.steps.host.snapshot()
-            path = self._ps_snapshot_path(self.step)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "wb") as f:
-                np.savez(f, **{f"{t}/{k}": v for t, rows in snap.items() for k, v in rows.items()})
-            os.replace(path + ".tmp", path)
-            meta["ps_snapshot"] = os.path.basename(path)
-        self.checkpointer.save(self.step, self.state, meta)
-        if self.steps.host is not None and jax.process_index() == 0:  # keep-N, as Orbax does
-            kept = set(self.checkpointer.manager.all_steps()) | {self.step}
-            folder = os.path.dirname(self._ps_snapshot_path(self.step))
-            for name in os.listdir(folder):
-                if name.endswith(".npz") and name[:-4].isdigit() and int(name[:-4]) not in kept:
-                    os.remove(os.path.join(folder, name))
+        ps = self.steps.host.snapshot(step) if self._writes_ps() else None
+        if ps is not None:
+            meta["ps_tables"] = sorted(ps)
+        self.checkpointer.save(step, self.state, meta, ps=ps)
+
+    def _save_final(self) -> None:
+        """The checkpoint at the end of fit(); a periodic one may already hold this step
+        (worker groups replace it: their dense parameters were only now pulled whole)."""
+        self.checkpointer.wait()
+        if self.step in self.checkpointer.steps():
+            if self.group is None:
+                return
+            self.checkpointer.delete(self.step)
+        self.save()
+
+    def _legacy_ps_path(self, step: int) -> str:
+        """Where checkpoints written before hot checkpoints kept the PS rows."""
+        return os.path.join(self.config.out_dir, "ps_snapshots", f"{step}.npz")
+
+    def _complete(self, ckpt: Checkpointer, step: int) -> bool:
+        return ckpt.has_ps(step) or os.path.exists(self._legacy_ps_path(step))
+
+    def latest_complete_step(self) -> int | None:
+        """The latest step a resume can start from: its device state is written and, with
+        host tables, the PS snapshot too; with worker groups, every group's state at that
+        step (each group saved its own under <out_dir>/group-<i>) and group 0's snapshot."""
+        if self.group is None or self.group.count == 1:
+            steps = self.checkpointer.steps()
+            if self.steps.host is not None:
+                steps = [s for s in steps if self._complete(self.checkpointer, s)]
+            return max(steps, default=None)
+        common: set[int] | None = None
+        first: Checkpointer | None = None
+        for g in range(self.group.count):
+            folder = os.path.join(self._group_root, f"group-{g}", "checkpoints")
+            if not os.path.isdir(folder):
+                return None
+            ckpt = self.checkpointer if g == self.group.index else Checkpointer(folder, read_only=True)
+            first = ckpt if g == 0 else first
+            common = set(ckpt.steps()) if common is None else common & set(ckpt.steps())
+        return max((s for s in common if first.has_ps(s)), default=None)
+
+    def resume(self) -> int | None:
+        """Restore the latest complete checkpoint (`latest_complete_step`) so that the next
+        fit() continues where it stopped, data position included. Returns the step, or
+        None (and changes nothing) when there is no checkpoint yet."""
+        step = self.latest_complete_step()
+        if step is None:
+            return None
+        self.restore(step)
+        self._resume_at = self._position
+        return step
 
     def restore(self, step: int | None = None) -> int:
         """Restore the latest (or given) checkpoint onto this trainer's mesh, which may have
-        another shape than the one that wrote it."""
-        step = self.checkpointer.latest_step() if step is None else step
+        another shape than the one that wrote it, and its PS snapshot onto this trainer's
+        servers, however many (worker groups: group 0 loads it)."""
+        step = self.latest_complete_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.checkpointer.directory}")
+            raise FileNotFoundError(f"no complete checkpoint in {self.checkpointer.directory}")
         saved, mine = self.checkpointer.meta(step), self._layout_meta()
         for kind in ("tables", "shapes"):
             for name, want in mine[kind].items():
@@ -322,21 +385,22 @@ class Trainer:
         # state first: restoring next to it would need twice the largest namespace.
         like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                             self.state)
-        if self.steps.host is not None:
-            if not saved.get("ps_snapshot"):
+        if self.steps.host is not None and (self.group is None or self.group.index == 0):
+            if self.checkpointer.has_ps(step):
+                snap = self.checkpointer.ps_snapshot(step)
+            elif os.path.exists(self._legacy_ps_path(step)):
+                snap = unflatten(read_npz(self._legacy_ps_path(step)))
+            else:
                 raise ValueError(f"checkpoint {self.checkpointer.directory}/{step} has no snapshot of the "
-                                 f"host tables {sorted(self.steps.host.tables)}")
-            with np.load(self._ps_snapshot_path(step), allow_pickle=False) as z:
-                snap: dict[str, dict[str, np.ndarray]] = {}
-                for key in z.files:
-                    table, field = key.split("/", 1)
-                    snap.setdefault(table, {})[field] = z[key]
+                                 f"host tables {sorted(self.steps.host.names)}")
             self.steps.host.load(snap)
         self.state = None
         self.state, meta = self.checkpointer.restore(like, step, pad_rows="tables" in saved)
         for name, cap in (meta.get("routers") or {}).items():
             if name in self.steps.routers and cap:
                 self.steps.routers[name].capacity = int(cap)
+        data = meta.get("data") or {}
+        self._position = (int(data.get("epoch", 0)), int(data.get("batches", 0)))
         return self.step
 
     def write_metrics(self, result: dict) -> str:

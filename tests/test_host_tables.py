@@ -132,7 +132,7 @@ def test_checkpoint_restores_host_tables_onto_another_server_count(tmp_path):
     batches = make_batches(3, seed=16)
     first = Trainer(model, MeshConfig(), cfg)
     first.fit(batches)
-    assert (tmp_path / "ps_snapshots" / f"{first.step}.npz").exists()
+    assert (tmp_path / "checkpoints" / str(first.step) / "ps" / "rows.npz").exists()
     spec = [table_spec(t) for t in model.tables()]
     second = Trainer(model, MeshConfig(), cfg, ps=embedded(spec, servers=3))
     assert second.restore() == first.step
@@ -152,6 +152,6 @@ def test_ps_snapshots_follow_checkpoint_retention(tmp_path):
     cfg = TrainConfig(progress=False, tensorboard=False, out_dir=str(tmp_path), compilation_cache="",
                       checkpoint_every=1, keep_checkpoints=2)
     Trainer(model, MeshConfig(), cfg).fit(make_batches(5, seed=17))
-    snaps = sorted(int(p.stem) for p in (tmp_path / "ps_snapshots").glob("*.npz"))
     ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert snaps == ckpts == [4, 5]
+    snaps = sorted(int(p.parent.parent.name) for p in (tmp_path / "checkpoints").glob("*/ps/rows.npz"))
+    assert snaps == ckpts == [4, 5]  # the PS rows are an item of each step: kept and dropped with it

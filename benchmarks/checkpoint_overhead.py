@@ -1,0 +1,105 @@
+"""Step time of Wide&Deep with a HostTable, with hot checkpoints every N steps vs none.
+
+One trainer (one model, one embedded PS) runs interleaved rounds of `--every` steps: a
+round with a checkpoint in its middle (the PS rows read on the training thread once the
+queued pushes landed, then Orbax writes the device state and the PS snapshot in the
+background), then a round without, and so on. Each round's time includes waiting for its
+checkpoint to finish at the round's end, so a writer slower than half a round shows up.
+Reported: median seconds per step of each kind and `ratio` = with / without (target <= 1.05),
+the time a checkpoint holds the training thread (`blocking_ms_per_checkpoint`: flush the
+pushes, copy the PS rows out, hand Orbax the state) and the checkpoint's size. On a small
+CPU machine the background writes share the cores with the step, so the ratio falls with
+the interval: checkpoint less often than every few seconds of training for <= 1.05.
+
+Usage: python benchmarks/checkpoint_overhead.py [--quick] [--batch 4096] [--every 50] [--rounds 5]
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+
+from _common import emit, machine_info, parser  # noqa: E402
+from jaxps.data import PlantedModel, SyntheticConfig  # noqa: E402
+from jaxps.mesh import MeshConfig, make_mesh  # noqa: E402
+from jaxps.models import WideDeep, WideDeepConfig  # noqa: E402
+from jaxps.placement import HostTable  # noqa: E402
+from jaxps.trainer import TrainConfig, Trainer  # noqa: E402
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--rows", type=int, default=1 << 20, help="hashed rows of the embedding and wide tables")
+    p.add_argument("--every", type=int, default=50, help="steps between checkpoints (= steps per round)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of each kind")
+    p.add_argument("--devices", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.every, args.rounds = 1024, 10, 3
+    if args.every % 2:
+        raise SystemExit("--every must be even: the checkpoint falls in the middle of a round")
+    planted = PlantedModel(SyntheticConfig(num_fields=39, vocab_size=10_000, seed=0))
+    data, _ = planted.sample(args.batch * args.every, seed=1)
+    batches = [data.slice(i, i + args.batch) for i in range(0, data.size, args.batch)]
+    model = WideDeep(WideDeepConfig(num_slots=39, embed_rows=args.rows, embed_dim=args.dim, wide_rows=args.rows,
+                                    hidden=(256, 128), embed_placement=HostTable("hashed")))
+    mesh = make_mesh(MeshConfig(data=args.devices), jax.devices()[:args.devices])
+    with tempfile.TemporaryDirectory(prefix="jaxps_ckpt_bench_") as out:
+        base = TrainConfig(progress=False, tensorboard=False, checkpoint=False, log_every=10_000,
+                           dense_optimizer="adam", dense_learning_rate=1e-3, compilation_cache="",
+                           out_dir=out, keep_checkpoints=2)
+        t = Trainer(model, mesh, base)
+        blocking: list[float] = []
+        save = t.save
+
+        def timed_save():  # the part of a checkpoint the training thread waits for
+            t0 = time.perf_counter()
+            save()
+            blocking.append(time.perf_counter() - t0)
+
+        t.save = timed_save
+        # warm up (compile, fill the PS) and shift the step count by half a round, so that
+        # every checkpoint falls in the middle of its round
+        t.fit(batches + batches[:args.every // 2])
+        times: dict[str, list[float]] = {"with": [], "without": []}
+        for _ in range(args.rounds):
+            for kind in ("with", "without"):
+                t.config = dataclasses.replace(base, checkpoint_every=args.every if kind == "with" else 0)
+                t0 = time.perf_counter()
+                t.fit(batches)  # waits for its checkpoint's writes at the end
+                times[kind].append((time.perf_counter() - t0) / len(batches))
+        last = t.checkpointer.steps()[-1]
+        step_dir = os.path.join(t.checkpointer.directory, str(last))
+        ps_bytes, total_bytes = _dir_bytes(os.path.join(step_dir, "ps")), _dir_bytes(step_dir)
+        ps_rows = sum(s["embed"]["keys"] for s in t.steps.host.ps.stats().values())
+    with_s, without_s = statistics.median(times["with"]), statistics.median(times["without"])
+    emit("checkpoint_overhead", {
+        "batch_size": args.batch, "embed_dim": args.dim, "rows": args.rows, "every": args.every,
+        "rounds": args.rounds, "devices": args.devices,
+        "seconds_per_step_with_checkpoints": with_s, "seconds_per_step_without": without_s,
+        "ratio": with_s / without_s,
+        "blocking_ms_per_checkpoint": 1000 * statistics.median(blocking), "checkpoints": len(blocking),
+        "seconds_between_checkpoints": args.every * without_s,
+        "rounds_with": times["with"], "rounds_without": times["without"],
+        "checkpoint_bytes": total_bytes, "ps_snapshot_bytes": ps_bytes, "ps_rows": ps_rows,
+        "machine": machine_info(),
+    }, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

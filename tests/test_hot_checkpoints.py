@@ -1,0 +1,184 @@
+"""Hot checkpoints: the PS snapshot is written off the training thread, as an item of the
+same Orbax step; a crashed run resumed from its latest complete checkpoint (data position
+included) trains exactly like an uninterrupted one, for one trainer and for two worker
+groups under BSP (consistent cut; group 0 loads the snapshot before anyone pulls)."""
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxps import snapshot
+from jaxps.groups import WorkerGroup
+from jaxps.mesh import MeshConfig, make_mesh
+from jaxps.models.sparse_lr import SparseLR, SparseLRConfig
+from jaxps.optim import rowwise
+from jaxps.placement import HostTable
+from jaxps.ps.client import PSClient, embedded
+from jaxps.trainer import TrainConfig, Trainer
+from test_sparse_lr_exact import ROWS, make_batches
+
+KEYS = np.arange(ROWS, dtype=np.uint64)
+
+
+def _model(opt="adam"):  # Adam: its bias correction reads the step, which must come back too
+    return SparseLR(SparseLRConfig(rows=ROWS, placement=HostTable("hashed"),
+                                   optimizer=rowwise.make(opt, learning_rate=0.05)))
+
+
+def _config(out_dir, **kw):
+    base = dict(progress=False, tensorboard=False, dense_optimizer="adam", dense_learning_rate=0.01,
+                compilation_cache="", out_dir=str(out_dir), log_every=1)
+    return TrainConfig(**dict(base, **kw))
+
+
+class Crashing:
+    """A dataset that fails instead of producing batch `crash_at` (0-based) of pass
+    `crash_pass` (1-based): the run dies there, as a killed one would."""
+
+    def __init__(self, batches, crash_at, crash_pass=1):
+        self.batches, self.crash_at, self.crash_pass, self.passes = batches, crash_at, crash_pass, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i, b in enumerate(self.batches):
+            if self.passes == self.crash_pass and i == self.crash_at:
+                raise RuntimeError("crash")
+            yield b
+
+
+def test_a_crashed_run_resumes_from_its_latest_complete_checkpoint_like_an_uninterrupted_one(tmp_path):
+    batches = make_batches(5, seed=31)
+    whole = Trainer(_model(), MeshConfig(), _config(tmp_path / "whole", epochs=2, checkpoint=False))
+    whole.fit(batches)
+    # a run of 2 epochs x 5 batches that dies before step 9 (the second pass's 4th batch):
+    # the last complete checkpoint is step 8, three batches into the second pass
+    cfg = _config(tmp_path / "split", epochs=2, checkpoint_every=4)
+    first = Trainer(_model(), MeshConfig(), cfg)
+    with pytest.raises(RuntimeError, match="crash"):
+        first.fit(Crashing(batches, crash_at=3, crash_pass=2))
+    assert first.checkpointer.steps()[-1] == 8
+    second = Trainer(_model(), MeshConfig(), cfg)  # a fresh embedded PS: rows come from the snapshot
+    assert second.resume() == 8 and second._resume_at == (1, 3)
+    second.fit(batches)
+    assert second.step == whole.step == 10
+    np.testing.assert_allclose([h["loss"] for h in second.history], [h["loss"] for h in whole.history[8:]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(second.steps.host.ps.pull("weights", KEYS), whole.steps.host.ps.pull("weights", KEYS),
+                               rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(second.state["dense"]["bias"]), np.asarray(whole.state["dense"]["bias"]),
+                               rtol=1e-6)
+    # resuming a finished run trains nothing and keeps its final checkpoint
+    third = Trainer(_model(), MeshConfig(), cfg)
+    assert third.resume() == 10 and third._resume_at == (2, 0)
+    third.fit(batches)
+    assert third.step == 10 and third.history == []
+
+
+def test_the_ps_snapshot_is_written_off_the_training_thread(tmp_path, monkeypatch):
+    """A writer that cannot finish until training has gone two steps past the checkpoint:
+    if the snapshot were written on the training thread, it would never be released (the
+    wait has a generous limit so that a regression fails instead of hanging)."""
+    steps_done = threading.Semaphore(0)
+    seen = {}
+    write = snapshot.write_npz
+
+    def slow_write(path, arrays):
+        if "thread" not in seen:  # the step-2 snapshot (the step-4 one is written normally)
+            seen["thread"] = threading.current_thread()
+            seen["released"] = all(steps_done.acquire(timeout=60) for _ in range(2))
+            seen["step_on_disk_while_writing"] = (tmp_path / "checkpoints" / "2").exists()
+        write(path, arrays)
+
+    monkeypatch.setattr(snapshot, "write_npz", slow_write)
+    t = Trainer(_model(), MeshConfig(), _config(tmp_path, checkpoint_every=2, checkpoint=False))
+    push = t.steps.host.push
+
+    def counting_push(plans, grads, step):
+        push(plans, grads, step)
+        if step > 2:
+            steps_done.release()
+
+    t.steps.host.push = counting_push
+    t.fit(make_batches(4, seed=32))
+    assert seen["released"] and seen["thread"] is not threading.main_thread()
+    assert not seen["step_on_disk_while_writing"]  # the step appears only once the PS rows are written
+    assert t.checkpointer.steps() == [2, 4] and t.checkpointer.has_ps(2) and t.checkpointer.has_ps(4)
+
+
+def _group_trainers(out_dir, ps, count=2, **kw):
+    return [Trainer(_model("adagrad"), make_mesh(MeshConfig(), jax.devices()[4 * g:4 * g + 4]),
+                    _config(out_dir, dense_optimizer="sgd", **kw), ps=PSClient(ps.ring, ps.transports, []),
+                    group=WorkerGroup(g, count, "bsp"))
+            for g in range(count)]
+
+
+def _run(threads_fns, timeout=120):
+    errors = []
+
+    def wrap(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(fn,)) for fn in threads_fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads)
+    return errors
+
+
+def test_worker_groups_resume_from_a_consistent_cut(tmp_path):
+    """Two groups under BSP checkpoint every 2 steps and both die at step 5; a fresh pair
+    of trainers on a fresh PS of another size resumes from step 4 and finishes. Group 1
+    starts first and must wait for group 0 to load the snapshot. The final table and
+    dense parameters equal an uninterrupted two-group run's."""
+    shards = [make_batches(7, seed=41), make_batches(7, seed=42)]
+    ref_ps = embedded([], servers=2)
+    ref = _group_trainers(tmp_path / "ref", ref_ps, checkpoint=False)
+    assert not _run([lambda g=g: ref[g].fit(shards[g]) for g in range(2)])
+
+    ps = embedded([], servers=2)
+    first = _group_trainers(tmp_path / "run", ps, checkpoint_every=2)
+    errors = _run([lambda g=g: first[g].fit(Crashing(shards[g], crash_at=5)) for g in range(2)])
+    assert len(errors) == 2 and all("crash" in str(e) for e in errors)
+    for g in range(2):
+        assert (tmp_path / "run" / f"group-{g}" / "checkpoints" / "4").is_dir()
+    assert first[0].checkpointer.has_ps(4) and not first[1].checkpointer.has_ps(4)  # group 0 writes it
+
+    fresh = embedded([], servers=3)
+    second = _group_trainers(tmp_path / "run", fresh, checkpoint_every=2)
+    server = fresh.transports["ps-0"].server
+
+    def group1():
+        assert second[1].resume() == 4
+        second[1].fit(shards[1])
+
+    def group0():
+        deadline = time.monotonic() + 60  # start once group 1 joined the clocks at 4 (and waits)
+        while server.clocks.groups is None or server.clocks.clocks()[1] < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert server.clocks.clocks()[0] == 0  # group 1 is held at the gate
+        assert second[0].resume() == 4
+        second[0].fit(shards[0])
+
+    assert not _run([group1, group0])
+    want = ref[0].steps.host.ps.pull("weights", KEYS)
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(second[0].steps.host.ps.pull("weights", KEYS), want, rtol=1e-6, atol=1e-8)
+    for g in range(2):
+        np.testing.assert_allclose(np.asarray(second[g].state["dense"]["bias"]),
+                                   np.asarray(ref[g].state["dense"]["bias"]), rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose([h["loss"] for h in second[g].history],
+                                   [h["loss"] for h in ref[g].history[4:]], rtol=1e-6)
+
+
+def test_periodic_checkpoints_of_ssp_groups_are_refused_with_the_setting_named(tmp_path):
+    with pytest.raises(ValueError, match=r"train.checkpoint_every=2 with JAXPS_SYNC=ssp:2"):
+        Trainer(_model(), MeshConfig(), _config(tmp_path, checkpoint_every=2), ps=embedded([]),
+                group=WorkerGroup(0, 2, "ssp:2"))
