@@ -69,6 +69,8 @@ class HostTables:
         # servers may start empty: they learn the model's tables from this client
         self.ps.create_tables(specs)
         self._clock = 0                                    # steps this group completed (pull side)
+        # SSP/ASP worker groups with periodic checkpoints: the servers cut every this many steps
+        self.cut_every = 0
         self.pull_seconds = 0.0                            # a group's training pulls, waits included
         self.capacity = {t.name: t.capacity for t in tables}
         self.strict, self.max_inflight_pushes = strict, max_inflight_pushes
@@ -89,13 +91,13 @@ class HostTables:
         """A worker group (re)starts at `step`: join the servers' clocks there."""
         self._clock = step
         if self.group is not None:
-            self.ps.clock(self.group.index, step, self.group.count, self.group.policy)
+            self.ps.clock(self.group.index, step, self.group.count, self.group.policy, self.cut_every)
 
     def finish(self) -> None:
         """A worker group is done: its pushes land and it stops holding the others back."""
         self.flush()
         if self.group is not None:
-            self.ps.clock(self.group.index, DONE, self.group.count, self.group.policy)
+            self.ps.clock(self.group.index, DONE, self.group.count, self.group.policy, self.cut_every)
 
     def plan(self, batch) -> dict[str, HostPlan]:
         plans = {}
@@ -184,7 +186,7 @@ class HostTables:
             for name, p in plans.items():
                 self.ps.push(name, p.keys, np.asarray(grads[name])[:p.keys.shape[0]], step, group)
             if group >= 0:  # this step is complete: the servers may release the next pulls
-                self.ps.clock(group, step, self.group.count, self.group.policy)
+                self.ps.clock(group, step, self.group.count, self.group.policy, self.cut_every)
             with self._lock:
                 self._applied += 1
 
@@ -222,15 +224,15 @@ class HostTables:
         <= step are applied, and none of step + 1 (they wait for this group's)."""
         self.flush()
         if self.group is not None and step is not None:
+            if self.cut_every and step % self.cut_every == 0:  # SSP/ASP: the servers' cut at `step`
+                return {name: self.ps.export(name, at=step) for name in self.names}
             self.wait_clock(step)
         return {name: self.ps.export(name) for name in self.names}
 
     def wait_clock(self, clock: int) -> None:
         """A worker group: block until every server would answer this group's pull at
-        `clock` (an empty pull at each server: the wait is all it does)."""
-        empty = np.zeros(0, np.uint64)
-        for transport in self.ps.transports.values():
-            transport.pull(DENSE_TABLE, empty, self.group.index, clock)
+        `clock`."""
+        self.ps.wait_clock(self.group.index, clock)
 
     def wait_for_restore(self, step: int) -> None:
         """A resumed worker group other than group 0: wait until group 0 joined the clocks
@@ -243,10 +245,13 @@ class HostTables:
         self.wait_clock(step + s)  # ready once the slowest group (group 0, last) reached `step`
 
     def load(self, snapshot: dict[str, dict[str, np.ndarray]]) -> None:
-        """Put snapshot rows back (onto any number of servers: rows go where the ring says)."""
-        for name, rows in snapshot.items():
+        """Make the servers hold exactly the snapshot's rows (onto any number of servers:
+        rows go where the ring says; rows stored since the snapshot are dropped first)."""
+        for name in snapshot:
             if name not in self.names:
                 raise ValueError(f"the snapshot has table {name!r}, the model does not")
+        for name, rows in snapshot.items():
+            self.ps.clear(name)
             self.ps.load(name, rows)
 
     def flush(self) -> None:

@@ -93,11 +93,6 @@ class Trainer:
         self.model = model
         self.config = config or TrainConfig()
         self._group_root = self.config.out_dir  # where every group's out_dir lies
-        if group is not None and group.count > 1 and self.config.checkpoint_every and not group.policy.bsp:
-            raise ValueError(f"train.checkpoint_every={self.config.checkpoint_every} with "
-                             f"JAXPS_SYNC={group.sync} ({group.count} worker groups): a periodic checkpoint "
-                             f"needs a consistent cut of the PS, which only bsp gives; use JAXPS_SYNC=bsp "
-                             f"(jaxps launch --sync bsp) or train.checkpoint_every=0 (final checkpoint only)")
         if group is not None and group.count > 1:
             self.config = dataclasses.replace(self.config,
                                               out_dir=os.path.join(self.config.out_dir, f"group-{group.index}"))
@@ -108,6 +103,10 @@ class Trainer:
             self.config.dense_optimizer, self.config.dense_learning_rate), self.config.loss_reduction, ps,
             self.config.ps_strict, self.config.ps_max_inflight_pushes, group,
             (self.config.dense_optimizer, self.config.dense_learning_rate))
+        if group is not None and group.count > 1 and not group.policy.bsp and self.steps.host is not None:
+            # SSP/ASP: periodic checkpoints read cuts the servers copy at those steps (BSP
+            # needs none: its steps settle one at a time)
+            self.steps.host.cut_every = self.config.checkpoint_every
         self.state = self.steps.init_state(self.config.seed)
         self.history: list[dict] = []
         self._checkpointer: Checkpointer | None = None

@@ -178,7 +178,72 @@ def test_worker_groups_resume_from_a_consistent_cut(tmp_path):
                                    [h["loss"] for h in ref[g].history[4:]], rtol=1e-6)
 
 
-def test_periodic_checkpoints_of_ssp_groups_are_refused_with_the_setting_named(tmp_path):
-    with pytest.raises(ValueError, match=r"train.checkpoint_every=2 with JAXPS_SYNC=ssp:2"):
-        Trainer(_model(), MeshConfig(), _config(tmp_path, checkpoint_every=2), ps=embedded([]),
-                group=WorkerGroup(0, 2, "ssp:2"))
+def test_ssp_servers_cut_at_checkpoint_steps_while_groups_run_ahead(tmp_path):
+    """SSP(3), cuts every 3 steps: a fast group may push steps past a cut before the slow
+    one reaches it; those pushes are held until the cut is copied. SGD with learning rate 1
+    and gradients of 1 makes every row count the pushes applied to it: the cut at step c
+    holds exactly c pushes of each group, whatever the timing; nothing is lost after."""
+    import threading
+    import time
+
+    from jaxps.optim import rowwise
+    from jaxps.ps.clock import DONE, Sync
+    from jaxps.ps.ring import Ring
+    from jaxps.ps.server import PSServer, TableSpec
+
+    sync = Sync(3)
+    spec = TableSpec("t", 2, rowwise.SGD(learning_rate=1.0), kind="hashed", rows=16)
+    server = PSServer("ps-0", Ring(8, 8, ["ps-0"]), [spec], wait_timeout=20)
+    keys = np.arange(16, dtype=np.uint64)
+    for g in range(2):
+        server.clock(g, 0, 2, sync, cut_every=3)
+    held_seen = []
+
+    def group(g, delay):
+        for c in range(9):
+            server.pull("t", keys, g, c)
+            time.sleep(delay)
+            server.push("t", keys, np.ones((16, 2), np.float32), (g, c), c + 1, g)
+            held_seen.append(len(server._cut_held))
+            server.clock(g, c + 1, 2, sync, cut_every=3)
+        server.clock(g, DONE, 2, sync, cut_every=3)
+
+    threads = [threading.Thread(target=group, args=(g, d)) for g, d in ((0, 0.0), (1, 0.01))]
+    for t in threads:
+        t.start()
+    cuts = {at: server.export_cut("t", at) for at in (3, 6)}
+    for t in threads:
+        t.join(30)
+    assert max(held_seen) > 0  # the fast group did run past a cut before the slow one got there
+    for at, rows in cuts.items():
+        np.testing.assert_array_equal(rows["values"], np.full((16, 2), -2.0 * at, np.float32))
+    np.testing.assert_array_equal(server.pull("t", keys), np.full((16, 2), -18.0, np.float32))
+
+
+def test_ssp_groups_write_periodic_checkpoints_from_the_servers_cuts(tmp_path):
+    """Two SSP worker groups with train.checkpoint_every: group 0's PS snapshot at step k
+    is the servers' cut at k (every group's pushes of steps <= k, none later)."""
+    import threading
+
+    ps = embedded([], servers=2)
+    trainers = [Trainer(_model(), make_mesh(MeshConfig(), jax.devices()[4 * g:4 * g + 4]),
+                        _config(tmp_path, checkpoint_every=2), ps=PSClient(ps.ring, ps.transports, []),
+                        group=WorkerGroup(g, 2, "ssp:2")) for g in range(2)]
+    errors = []
+
+    def fit(g):
+        try:
+            trainers[g].fit(make_batches(6, seed=50 + g))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=fit, args=(g,)) for g in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    steps = trainers[0].checkpointer.steps()
+    assert {2, 4}.issubset(set(steps))
+    snap = trainers[0].checkpointer.ps_snapshot(4)
+    assert set(snap) == {"weights", "__dense__"} and snap["weights"]["keys"].size > 0

@@ -26,7 +26,7 @@ class Transport(Protocol):
              ring_version: int = -1) -> np.ndarray: ...
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, request_id: tuple[int, int],
              step: int, group: int = -1, ring_version: int = -1) -> bool: ...
-    def clock(self, group: int, clock: int, groups: int, sync: Sync) -> int: ...
+    def clock(self, group: int, clock: int, groups: int, sync: Sync, cut_every: int = 0) -> int: ...
     def stats(self) -> dict: ...
     def create_table(self, spec: TableSpec) -> bool: ...
 
@@ -54,8 +54,8 @@ class InProcessTransport:
     def push(self, table, keys, grads, request_id, step, group=-1, ring_version=-1):
         return self.server.push(table, keys, grads, request_id, step, group, ring_version)
 
-    def clock(self, group, clock, groups, sync):
-        return self.server.clock(group, clock, groups, sync)
+    def clock(self, group, clock, groups, sync, cut_every=0):
+        return self.server.clock(group, clock, groups, sync, cut_every)
 
     def stats(self):
         return self.server.stats()
@@ -63,8 +63,8 @@ class InProcessTransport:
     def create_table(self, spec):
         return self.server.create_table(spec)
 
-    def export(self, table):
-        return self.server.export(table)
+    def export(self, table, at=None):
+        return self.server.export(table) if at is None else self.server.export_cut(table, at)
 
     def load(self, table, rows, only_missing=False):
         self.server.load(table, rows, only_missing)
@@ -87,6 +87,9 @@ class InProcessTransport:
 
     def table_specs(self):
         return self.server.table_specs()
+
+    def clear(self, table):
+        self.server.clear(table)
 
     def load_partitions(self, data):
         return self.server.load_partitions(data)
@@ -212,15 +215,32 @@ class PSClient:
         if errors:
             raise errors[0]
 
-    def clock(self, group: int, clock: int, groups: int, sync: Sync) -> None:
+    def clock(self, group: int, clock: int, groups: int, sync: Sync, cut_every: int = 0) -> None:
         """Tell every server that worker `group` (of `groups`) completed `clock` steps
-        (`jaxps.ps.clock.DONE`: it finished). Send it after that step's pushes returned."""
+        (`jaxps.ps.clock.DONE`: it finished). Send it after that step's pushes returned.
+        cut_every: under SSP/ASP, the servers copy the rows at every multiple of it that
+        all groups completed (consistent cuts for hot checkpoints; 0: none)."""
         def call():
-            futures = [self._push_pool.submit(self.transports[s].clock, group, clock, groups, sync)
+            futures = [self._push_pool.submit(self.transports[s].clock, group, clock, groups, sync, cut_every)
                        for s in self.ring.servers]
             for f in futures:
                 f.result()
         self._with_retries("clock", call)
+
+    def wait_clock(self, group: int, clock: int) -> None:
+        """Block until every server would answer worker `group`'s pull at `clock` (an empty
+        pull at each: the wait is all it does)."""
+        empty = np.zeros(0, np.uint64)
+        table = next(iter(self.tables), "")
+
+        def call():
+            for s in self.ring.servers:
+                self.transports[s].pull(table, empty, group, clock)
+        self._with_retries("wait-clock", call)
+
+    def clear(self, table: str) -> None:
+        """Drop every stored row of `table` on every server (before loading a snapshot)."""
+        self._with_retries("clear", lambda: [self.transports[s].clear(table) for s in self.ring.servers])
 
     def create_tables(self, specs: Sequence[TableSpec]) -> None:
         """Make every server serve these tables (idempotent; a conflicting spec fails)."""
@@ -229,11 +249,13 @@ class PSClient:
                 self.transports[s].create_table(spec)
             self.tables[spec.name] = spec
 
-    def export(self, table: str) -> dict[str, np.ndarray]:
+    def export(self, table: str, at: int | None = None) -> dict[str, np.ndarray]:
         """Every stored row of `table` across the group (keys, values, optimizer slots):
-        each server exports the partitions it is the primary of."""
+        each server exports the partitions it is the primary of. `at`: the rows at that cut
+        step (worker groups under SSP/ASP with cuts; waits until every group completed it)."""
         def call():
-            parts = [self.transports[s].export(table) for s in self.ring.servers]
+            parts = [self.transports[s].export(table) if at is None else self.transports[s].export(table, at)
+                     for s in self.ring.servers]
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return self._with_retries("export", call)
 

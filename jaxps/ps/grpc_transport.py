@@ -200,7 +200,10 @@ class PSServicer:
                     staleness is None or isinstance(staleness, int)):
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
                               'malformed request: a clock message carries meta {"staleness": int | null}')
-            settled = self.server.clock(msg.group, msg.step, msg.seq, Sync(staleness))
+            cut_every = meta.get("cut_every", 0)
+            if not isinstance(cut_every, int) or cut_every < 0:
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "malformed request: cut_every must be an int >= 0")
+            settled = self.server.clock(msg.group, msg.step, msg.seq, Sync(staleness), cut_every)
             return wire.encode(wire.Message(wire.CLOCK_REPLY, arrays=(np.array(settled, np.int64),)))
         except Exception as e:  # noqa: BLE001
             self._fail(context, "clock", e)
@@ -208,7 +211,8 @@ class PSServicer:
     def _export(self, request: bytes, context):
         try:
             msg = self._receive((request,), wire.EXPORT)
-            rows = self.server.export(msg.table)
+            at = msg.json().get("at") if msg.meta else None
+            rows = self.server.export(msg.table) if at is None else self.server.export_cut(msg.table, int(at))
             names = sorted(rows, key=lambda k: (k != "keys", k != "values", k))
             reply = wire.encode(wire.Message(wire.EXPORT_REPLY, msg.table, meta=wire.json_meta({"fields": names}),
                                              arrays=tuple(rows[k] for k in names)))
@@ -245,6 +249,8 @@ class PSServicer:
                 self.server.freeze()
             elif op == "unfreeze":
                 self.server.unfreeze()
+            elif op == "clear":
+                self.server.clear(str(meta.get("table")))
             elif op == "tables":
                 return wire.encode(wire.Message(wire.ADMIN_REPLY, meta=wire.json_meta(
                     {"tables": [t.to_json() for t in self.server.table_specs()]})))
@@ -253,7 +259,7 @@ class PSServicer:
                                           int(meta["version"])))
             else:
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"malformed request: unknown admin op {op!r} (ping, freeze, unfreeze, set_ring, tables)")
+                              f"malformed request: unknown admin op {op!r} (ping, freeze, unfreeze, set_ring, tables, clear)")
             return wire.encode(wire.Message(wire.ADMIN_REPLY, meta=wire.json_meta({"version": self.server.ring.version})))
         except Exception as e:  # noqa: BLE001
             self._fail(context, "admin", e)
@@ -411,18 +417,21 @@ class GrpcTransport:
                             wire.CREATE_REPLY)
         return bool(reply.arrays[0].reshape(()))
 
-    def clock(self, group: int, clock: int, groups: int, sync: Sync) -> int:
+    def clock(self, group: int, clock: int, groups: int, sync: Sync, cut_every: int = 0) -> int:
         data = wire.encode(wire.Message(wire.CLOCK, seq=groups, step=clock, token=self.token, group=group,
-                                        meta=wire.json_meta({"staleness": sync.staleness})))
+                                        meta=wire.json_meta({"staleness": sync.staleness,
+                                                             "cut_every": int(cut_every)})))
         reply = self._reply("clock", self._call("clock", lambda: self._clock(data, timeout=self.timeout)),
                             wire.CLOCK_REPLY)
         if len(reply.arrays) != 1 or reply.arrays[0].dtype != np.int64 or reply.arrays[0].size != 1:
             raise PSRPCError(self.address, "clock", grpc.StatusCode.DATA_LOSS, "reply does not hold an int64")
         return int(reply.arrays[0].reshape(()))
 
-    def export(self, table: str) -> dict[str, np.ndarray]:
-        """Every row this server stores for `table` (keys, values, optimizer slots)."""
-        data = wire.encode(wire.Message(wire.EXPORT, table, token=self.token))
+    def export(self, table: str, at: int | None = None) -> dict[str, np.ndarray]:
+        """Every row this server stores for `table` (keys, values, optimizer slots); `at`:
+        the rows of the cut at that step."""
+        data = wire.encode(wire.Message(wire.EXPORT, table, token=self.token,
+                                        meta=wire.json_meta({"at": at}) if at is not None else b""))
         buf = self._call("export", lambda: bytearray().join(self._export(data, timeout=self.timeout * 10)))
         reply = self._reply("export", buf, wire.EXPORT_REPLY)
         try:
@@ -465,6 +474,9 @@ class GrpcTransport:
 
     def freeze(self) -> None:
         self._admin_call("freeze", timeout=self.timeout * 4)
+
+    def clear(self, table: str) -> None:
+        self._admin_call("clear", table=table)
 
     def table_specs(self) -> list[TableSpec]:
         return [TableSpec.from_json(t, f"{self.address} tables[{i}]")

@@ -21,7 +21,7 @@ import numpy as np
 from jaxps.memory import put_rows, take_rows
 from jaxps.optim import rowwise
 from jaxps.optim.rowwise import RowOptimizer
-from jaxps.ps.clock import DONE, GroupClocks, Sync
+from jaxps.ps.clock import DONE, GroupClocks, Sync, SyncTimeout
 from jaxps.ps.keyindex import dedup
 from jaxps.ps.ring import Ring, partition_of
 from jaxps.ps.store import PartitionStore
@@ -119,6 +119,14 @@ class PSServer:
         # BSP: step -> held pushes (group, table, partition, client id, seq, keys, grads)
         self._held: dict[int, list[tuple[int, str, int, int, int, np.ndarray, np.ndarray]]] = {}
         self._held_through = 0     # steps whose held pushes were taken for applying
+        # SSP/ASP consistent cuts every `cut_every` steps: pushes of later steps are held (in
+        # arrival order) until every group completed the cut step and its rows were copied
+        self.cut_every = 0
+        self._cut_taken = 0
+        self._last_clock = 0       # the highest real (not DONE) clock any group reported
+        self._cut_held: list[tuple[int, int, str, int, int, int, np.ndarray, np.ndarray]] = []
+        self._cuts: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+        self._cut_cond = threading.Condition()
         self._held_lock = threading.Lock()    # a leaf lock (taken last)
         self._settle_lock = threading.Lock()
         self.tables = {t.name: t for t in tables}
@@ -158,6 +166,16 @@ class PSServer:
             with self._gate:
                 self._writes -= 1
                 self._gate.notify_all()
+
+    def clear(self, table: str) -> None:
+        """Drop every row of `table` (its spec stays): a restore then holds exactly the
+        snapshot's rows, not also rows pushed after it."""
+        if table not in self.tables:
+            raise PSError(f"server {self.name}: unknown table {table!r}")
+        with self._meta_lock:
+            for key in [k for k in self._stores if k[0] == table]:
+                del self._stores[key], self._locks[key]
+                self._marks.pop(key, None)
 
     def table_specs(self) -> list[TableSpec]:
         """The tables this server serves (a joining server learns them from a member)."""
@@ -292,7 +310,10 @@ class PSServer:
                     marks = self._marks.setdefault((table, part), {})
                     if seq <= marks.get(cid, -1):  # applied (or held) before: a retry
                         continue
-                    if hold:  # BSP: kept until every group completed `step`
+                    if not hold and group >= 0 and self.cut_every and self._held_for_cut(
+                            (step, group, table, part, cid, seq), ordered_keys[lo:hi], ordered_grads[lo:hi]):
+                        pass  # SSP/ASP: kept until the pending cut is taken
+                    elif hold:  # BSP: kept until every group completed `step`
                         with self._held_lock:
                             if step <= self._held_through:
                                 raise PSError(f"server {self.name}: group {group} pushed step {step} of table "
@@ -313,6 +334,50 @@ class PSServer:
         s["pushed_keys"] += keys.shape[0]
         return True
 
+    def _held_for_cut(self, head: tuple, keys: np.ndarray, grads: np.ndarray) -> bool:
+        """Hold a push of a step past the next cut (a copy of the rows at a step every group
+        completed) until that cut is taken; False: apply it now."""
+        with self._held_lock:
+            if head[0] <= self._cut_taken + self.cut_every:
+                return False
+            self._cut_held.append(head + (keys.copy(), grads.copy()))
+            return True
+
+    def _take_cuts(self, slowest: int) -> None:
+        """Every cut step all groups have completed: copy the rows (the cut), then apply the
+        pushes held for it, in arrival order (called with the settle lock)."""
+        slowest = min(slowest, self._last_clock)  # all done: no cuts past the last real step
+        while self.cut_every and slowest >= self._cut_taken + self.cut_every:
+            at = self._cut_taken + self.cut_every
+            cut = {table: self.export(table) for table in list(self.tables)}
+            with self._cut_cond:
+                self._cuts[at] = cut
+                for old in sorted(self._cuts)[:-2]:  # the latest two are kept for readers
+                    del self._cuts[old]
+                self._cut_cond.notify_all()
+            with self._held_lock:
+                self._cut_taken = at
+                release = [h for h in self._cut_held if h[0] <= at + self.cut_every]
+                self._cut_held = [h for h in self._cut_held if h[0] > at + self.cut_every]
+            for step, _, table, part, _, _, keys, grads in release:
+                store, lock = self._store(table, part)
+                with lock:
+                    store.push(keys, grads, step)
+
+    def export_cut(self, table: str, at: int) -> dict[str, np.ndarray]:
+        """The rows of `table` (primary partitions) at cut step `at`: once every group
+        completed it, without any push of a later step (SSP/ASP hot checkpoints)."""
+        if not self.cut_every or at % self.cut_every:
+            raise PSError(f"server {self.name}: no cut at step {at} (cuts every {self.cut_every} steps)")
+        with self._cut_cond:
+            if not self._cut_cond.wait_for(lambda: at in self._cuts or self._cut_taken > at + self.cut_every,
+                                           self.wait_timeout):
+                raise SyncTimeout(f"server {self.name}: the cut at step {at} waited {self.wait_timeout}s for the "
+                                  f"slowest group; clocks {self.clocks.clocks()}")
+            if at not in self._cuts:
+                raise PSError(f"server {self.name}: the cut at step {at} is gone (cuts kept: {sorted(self._cuts)})")
+            return self._cuts[at][table]
+
     def _apply_held(self, step: int, held: list) -> None:
         """Sum every group's held push of `step` per key (in group order, so all replicas sum
         alike) and apply it once, partition by partition."""
@@ -332,19 +397,29 @@ class PSServer:
                 store.push(keys, grads, step)
 
     # ------------------------------------------------------------------ worker groups
-    def clock(self, group: int, clock: int, groups: int, sync: Sync) -> int:
+    def clock(self, group: int, clock: int, groups: int, sync: Sync, cut_every: int = 0) -> int:
         """Worker `group` (of `groups`, under `sync`) completed `clock` steps (`DONE`: it
         finished). Under BSP, every step all groups have now completed is applied: each
-        partition's held pushes summed per key and applied once. Returns the steps settled."""
+        partition's held pushes summed per key and applied once. Under SSP/ASP with
+        `cut_every`, the rows are copied at every multiple of it all groups completed.
+        Returns the steps settled."""
         self.clocks.configure(groups, sync)
+        if cut_every != self.cut_every:
+            if self.cut_every and cut_every:
+                raise PSError(f"server {self.name}: cuts every {self.cut_every} steps, a client asked for "
+                              f"every {cut_every}")
+            self.cut_every = self.cut_every or cut_every
         with self._writing(), self._settle_lock:
             _, slowest = self.clocks.advance(group, clock)
+            if clock < DONE:
+                self._last_clock = max(self._last_clock, clock)
             with self._held_lock:
                 steps = sorted(s for s in self._held if s <= slowest)
                 taken = [(s, self._held.pop(s)) for s in steps]
                 self._held_through = max(self._held_through, min(slowest, DONE - 1))
             for step, held in taken:
                 self._apply_held(step, held)
+            self._take_cuts(slowest)
             self.clocks.publish(slowest)
             return self.clocks.settled
 
@@ -412,9 +487,17 @@ class PSServer:
             out[f"held/{table}/grads"] = np.concatenate([h[6] for _, h in mine])
         if self.clocks.groups is not None:  # a new replica must gate pulls as the others do
             st = self.clocks.sync.staleness
-            out["clocks/config"] = np.array([self.clocks.groups, -1 if st is None else st, self.clocks.settled],
-                                            np.int64)
+            out["clocks/config"] = np.array([self.clocks.groups, -1 if st is None else st, self.clocks.settled,
+                                             self.cut_every, self._cut_taken], np.int64)
             out["clocks/values"] = np.array(self.clocks.clocks(), np.int64)
+        with self._held_lock:
+            cut_held = [h for h in self._cut_held if h[3] in want]
+        for table in sorted({h[2] for h in cut_held}):
+            mine = [h for h in cut_held if h[2] == table]
+            out[f"cutheld/{table}/meta"] = np.array([[h[0], h[1], h[3], h[4], h[5], h[6].shape[0]] for h in mine],
+                                                    np.int64)
+            out[f"cutheld/{table}/keys"] = np.concatenate([h[6] for h in mine])
+            out[f"cutheld/{table}/grads"] = np.concatenate([h[7] for h in mine])
         return out
 
     def load_partitions(self, data: dict[str, np.ndarray]) -> int:
@@ -423,13 +506,27 @@ class PSServer:
         Returns the number of (table, partition) pieces loaded."""
         pieces = 0
         if "clocks/config" in data:
-            groups, staleness, settled = np.asarray(data["clocks/config"]).tolist()
+            groups, staleness, settled, cut_every, cut_taken = np.asarray(data["clocks/config"]).tolist()
             self.clocks.configure(groups, Sync(None if staleness < 0 else staleness))
+            self.cut_every = self.cut_every or cut_every
+            with self._held_lock:
+                self._cut_taken = max(self._cut_taken, cut_taken)
             for g, c in enumerate(np.asarray(data["clocks/values"]).tolist()):
                 self.clocks.advance(g, c)
             self.clocks.publish(settled)
             with self._held_lock:
                 self._held_through = max(self._held_through, settled)
+        for key in [k for k in data if k.startswith("cutheld/") and k.endswith("/meta")]:
+            table = key[len("cutheld/"):-len("/meta")]
+            keys = np.asarray(data[f"cutheld/{table}/keys"], np.uint64)
+            grads = np.asarray(data[f"cutheld/{table}/grads"], np.float32)
+            o = 0
+            with self._held_lock:
+                for step, g, part, cid, seq, n in np.asarray(data[key], np.int64).tolist():
+                    self._cut_held.append((step, g, table, part, cid, seq, keys[o:o + n].copy(),
+                                           grads[o:o + n].copy()))
+                    o += n
+            self._cut_held.sort(key=lambda h: h[0])
         rows: dict[str, dict[str, np.ndarray]] = {}
         for key, value in data.items():
             kind, *rest = key.split("/")
@@ -461,7 +558,27 @@ class PSServer:
                     self._held.setdefault(step, []).append((g, table, part, cid, seq, keys[o:o + n].copy(),
                                                             grads[o:o + n].copy()))
                     o += n
+        self._apply_overdue()
         return pieces
+
+    def _apply_overdue(self) -> None:
+        """Held pushes copied in from a replica whose steps this server already settled (its
+        clock messages arrived here before the source's): apply them now, before any pull
+        of the next step can read these partitions."""
+        with self._settle_lock:
+            with self._held_lock:
+                due = sorted(s for s in self._held if s <= self.clocks.settled)
+                taken = [(s, self._held.pop(s)) for s in due]
+                release = []
+                if self.cut_every:
+                    release = [h for h in self._cut_held if h[0] <= self._cut_taken + self.cut_every]
+                    self._cut_held = [h for h in self._cut_held if h[0] > self._cut_taken + self.cut_every]
+            for step, held in taken:
+                self._apply_held(step, held)
+            for step, _, table, part, _, _, keys, grads in release:
+                store, lock = self._store(table, part)
+                with lock:
+                    store.push(keys, grads, step)
 
     def stats(self) -> dict:
         """Per table: counters and sizes; under `SYNC_STATS`, the worker-group clocks
