@@ -18,12 +18,14 @@ config keys (defaults in jaxps.job.JobConfig; `jaxps train --print-config` shows
   data.train, data.eval        comma-separated libsvm/Criteo files (empty: generated data)
   data.format                  libsvm | criteo;   data.skip_bad_lines=true counts bad lines
   data.batch_size, data.max_nnz
-  model.name                   sparse_lr | mlp;   model.rows, model.placement
+  model.name                   sparse_lr | mlp | wide_deep;   model.rows
+  model.placement              replicated | row_sharded[:axis] | blocked[:axis] | host | auto
   model.optimizer.name         ftrl | adagrad | adam | sgd  (+ learning_rate, l1, l2, ...)
   train.epochs, train.out_dir, train.checkpoint, train.log_every
 examples:
   jaxps train                                   # generated Criteo-like data, 8 CPU devices
   jaxps train data.train=day0.svm data.eval=day1.svm model.optimizer.l1=1.0
+  jaxps train model.placement=blocked mesh.model=4   # realm 3: examples split over `model`
   jaxps train job.toml data.format=criteo data.train=train.txt data.eval=test.txt
   jaxps evaluate job.toml                       # restore train.out_dir's checkpoint
   jaxps predict data.eval=new.svm --out p.txt   # probabilities, one per example, in order

@@ -82,6 +82,7 @@ class ModelConfig:
     name: str = "sparse_lr"                 # "sparse_lr" (realm 2), "mlp" (realm 1), "wide_deep"
     rows: int | None = None                 # hash buckets of the table (None: the model's default)
     placement: str | None = None            # "replicated", "row_sharded[:axis[+axis]]",
+                                            # "blocked[:axis]" (sparse_lr, mlp: realm 3),
                                             # "host[:collisionless|hashed]" (None: the model's
                                             # default). wide_deep: the embedding table's
     capacity: int | None = None             # unique rows per shard per step; None = from data

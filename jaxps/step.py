@@ -3,8 +3,10 @@
 Data path of one train step (see DESIGN.md):
   host: ids -> rows (hash) -> LookupPlan per table (dedup, bucket by owner shard);
         HostTable namespaces: dedup -> rows pulled from the PS (jaxps.host_tables)
+        Blocked namespaces: the same plan, and each example's nonzeros split by owner block
   device: gather planned unique rows per shard (or take the pulled block) -> occurrence
-          gather in the global view -> forward/backward w.r.t. (dense params, unique rows)
+          gather in the global view (Blocked: a per-block partial sum, psum'd over its axis)
+          -> forward/backward w.r.t. (dense params, unique rows)
           -> optax on dense, row-wise optimizer on exactly the unique rows of each mesh
           table; a HostTable's unique-row gradients go back to the host to be pushed.
 A gradient of a whole table never exists: differentiation is w.r.t. the unique rows only.
@@ -28,7 +30,8 @@ from jaxps.dense_table import DENSE_TABLE, DenseTable
 from jaxps.groups import WorkerGroup
 from jaxps.model import Model
 from jaxps.host_tables import HostTables
-from jaxps.placement import HostTable, row_axes, row_shards, sharding_for
+from jaxps.placement import Blocked, HostTable, row_axes, row_shards, sharding_for
+from jaxps.parallel.blocked import BlockedBatch, blocked_pool, split_by_block
 from jaxps.parallel.tensor import dense_shardings
 from jaxps.plan import resolve
 from jaxps.ps.client import PSClient
@@ -54,6 +57,7 @@ class TableLayout:
     shards: int
     rows_per_shard: int
     axis: Any
+    blocked: bool = False  # realm 3: examples reach it split by owner block (jaxps.parallel.blocked)
 
 
 class StepBuilder:
@@ -95,10 +99,12 @@ class StepBuilder:
             if rows_per_shard >= 2**31:  # plans index a shard's rows with int32
                 raise ValueError(f"table {t.name!r}: {rows_per_shard} rows per shard exceed int32 "
                                  f"indexing; split it over more shards")
-            self.layouts[t.name] = TableLayout(t, s, rows_per_shard, row_axes(t.placement))
+            self.layouts[t.name] = TableLayout(t, s, rows_per_shard, row_axes(t.placement),
+                                               isinstance(t.placement, Blocked))
         self.routers = {n: Router(l.rows_per_shard, l.shards, l.table.capacity,
                                   num_rows=l.table.rows, salt=l.table.salt)
                         for n, l in self.layouts.items()}
+        self.block_widths: dict[str, int] = {}  # Blocked tables: nonzeros per (block, example), grown
         if (host or group is not None) and jax.process_count() > 1:
             raise NotImplementedError("HostTable namespaces with several processes per program: run "
                                       "one process per worker group (jaxps launch local --groups N)")
@@ -192,16 +198,25 @@ class StepBuilder:
         mask = self._global_rows(batch.mask) if multi else batch.mask
         gathered: dict[str, np.ndarray] = {}  # tables reading the same feature share one gather
         plans = {}
+        lo = self._process_rows(batch.size)[1] * batch.size if multi else 0
         for name, lay in self.layouts.items():
             keys = getattr(batch, lay.table.feature)
             if multi:
                 if lay.table.feature not in gathered:
                     gathered[lay.table.feature] = self._global_rows(keys)
                 keys = gathered[lay.table.feature]
-            plan = self.routers[name].plan(keys, mask)
-            if multi:
-                lo = self._process_rows(batch.size)[1] * batch.size
-                plan.inverse = plan.inverse[lo:lo + batch.size]
+            if lay.blocked:
+                vals = self._global_rows(batch.vals) if multi else batch.vals
+                plan = split_by_block(keys, vals, mask, lay.rows_per_shard, lay.shards, self.routers[name],
+                                      self.block_widths.get(name))
+                self.block_widths[name] = plan.width
+                if multi:
+                    plan.inverse = plan.inverse[:, lo:lo + batch.size]
+                    plan.vals = plan.vals[:, lo:lo + batch.size]
+            else:
+                plan = self.routers[name].plan(keys, mask)
+                if multi:
+                    plan.inverse = plan.inverse[lo:lo + batch.size]
             plans[name] = plan
         if self.host is not None:
             plans.update(self.host.plan(batch))
@@ -242,11 +257,9 @@ class StepBuilder:
                                 "vals": batch.vals, "mask": batch.mask}
         if batch.dense is not None:
             host["dense"] = batch.dense
-        host["plans"] = {name: {"owner_rows": p.owner_rows, "inverse": p.inverse}
-                         for name, p in plans.items() if name in self.layouts}
+        host["plans"] = {name: _plan_arrays(plans[name]) for name in self.layouts}
         shardings = {k: self.batch_sharding for k in host if k != "plans"}
-        shardings["plans"] = {name: {"owner_rows": self.table_sharding(name),
-                                     "inverse": self.batch_sharding} for name in host["plans"]}
+        shardings["plans"] = {name: self._plan_shardings(name) for name in self.layouts}
         for name in (self.host.tables if self.host is not None else ()):
             host["plans"][name] = {"inverse": plans[name].inverse}
             shardings["plans"][name] = {"inverse": self.batch_sharding}
@@ -258,9 +271,22 @@ class StepBuilder:
         # this process holds its rows of the global batch, and the whole (identical) plans
         put = lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x)  # noqa: E731
         dev = {k: put(v) for k, v in host.items() if k != "plans"}
-        dev["plans"] = {name: {"owner_rows": _replicated_input(p.owner_rows, self.table_sharding(name)),
-                               "inverse": put(p.inverse)} for name, p in plans.items()}
+        dev["plans"] = {}
+        for name in self.layouts:
+            arrays, sh = _plan_arrays(plans[name]), self._plan_shardings(name)
+            dev["plans"][name] = {k: _replicated_input(a, sh[k]) if k == "owner_rows" else
+                                  jax.make_array_from_process_local_data(sh[k], a) for k, a in arrays.items()}
         return dev
+
+    def _plan_shardings(self, name: str) -> dict[str, NamedSharding]:
+        """owner_rows split like the table; the per-example arrays over `data` (a Blocked
+        table's [blocks, B, W] also over its axis: device b gets block b of each example)."""
+        lay = self.layouts[name]
+        per_example = NamedSharding(self.mesh, P(lay.axis, "data")) if lay.blocked else self.batch_sharding
+        out = {"owner_rows": self.table_sharding(name), "inverse": per_example}
+        if lay.blocked:
+            out["vals"] = per_example
+        return out
 
     @functools.lru_cache(maxsize=8)  # noqa: B019 - one StepBuilder per trainer; keyed by batch size
     def _local_data_shards(self, local_rows: int) -> int:
@@ -287,8 +313,13 @@ class StepBuilder:
         emb = {}
         mask = batch["mask"].astype(jnp.float32)[..., None]
         for name, u in unique.items():
+            plan = batch["plans"][name]
+            lay = self.layouts.get(name)
+            if lay is not None and lay.blocked:  # [B, dim], summed over the blocks
+                emb[name] = blocked_pool(u, plan["inverse"], plan["vals"], self.mesh, lay.axis)
+                continue
             flat = u.reshape(-1, u.shape[-1])
-            emb[name] = jnp.take(flat, batch["plans"][name]["inverse"], axis=0) * mask
+            emb[name] = jnp.take(flat, plan["inverse"], axis=0) * mask
         module = nnx.merge(self.graphdef, dense)
         return self.model.logits(module, emb, batch)
 
@@ -346,6 +377,13 @@ class StepBuilder:
         with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
             logits = self._forward(state["dense"], self._gather(state, batch), batch)
         return jax.nn.sigmoid(logits)
+
+
+def _plan_arrays(plan: Any) -> dict[str, np.ndarray]:
+    """The arrays of a table's lookup plan that the device step reads."""
+    if isinstance(plan, BlockedBatch):
+        return {"owner_rows": plan.rows, "inverse": plan.inverse, "vals": plan.vals}
+    return {"owner_rows": plan.owner_rows, "inverse": plan.inverse}
 
 
 def _replicated_input(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
