@@ -310,6 +310,31 @@ class StepBuilder:
 
     # ---------------------------------------------------------------- device side
     def _forward(self, dense, unique, batch):
+        module, emb = self._inputs(dense, unique, batch)
+        return self.model.logits(module, emb, batch)
+
+    def _summed_loss(self, dense, unique, batch) -> jax.Array:
+        """Weighted logloss summed over the batch; the model's own `summed_loss` when it has
+        one (a pipelined tower computes it on its last stage), else from its logits."""
+        module, emb = self._inputs(dense, unique, batch)
+        if hasattr(self.model, "summed_loss"):
+            return self.model.summed_loss(module, emb, batch, logloss_terms)
+        return jnp.sum(batch["weights"] * logloss_terms(self.model.logits(module, emb, batch), batch["labels"]))
+
+    def loss_and_grads(self, dense, unique, batch) -> tuple[jax.Array, tuple[Any, Any]]:
+        """(mean loss, (dense gradients, unique-row gradients)) of one batch: the step's
+        differentiation, callable on its own (tests compare placements with it)."""
+
+        def loss_fn(dense, unique):
+            total = self._summed_loss(dense, unique, batch)
+            mean = total / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+            return (total if self.loss_reduction == "sum" else mean), mean
+
+        (_, loss), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(dense, unique)
+        return loss, grads
+
+    def _inputs(self, dense, unique, batch):
+        """The dense module and each table's rows per example, as the model reads them."""
         emb = {}
         mask = batch["mask"].astype(jnp.float32)[..., None]
         for name, u in unique.items():
@@ -320,8 +345,7 @@ class StepBuilder:
                 continue
             flat = u.reshape(-1, u.shape[-1])
             emb[name] = jnp.take(flat, plan["inverse"], axis=0) * mask
-        module = nnx.merge(self.graphdef, dense)
-        return self.model.logits(module, emb, batch)
+        return nnx.merge(self.graphdef, dense), emb
 
     def _gather(self, state, batch):
         """Each table's unique rows: gathered per shard, or pulled from the PS by the host."""
@@ -338,20 +362,11 @@ class StepBuilder:
 
     def _train_step_body(self, state: State, batch: State) -> tuple[State, dict]:
         unique = self._gather(state, batch)
-
-        def loss_fn(dense, unique):
-            logits = self._forward(dense, unique, batch)
-            w = batch["weights"]
-            total = jnp.sum(w * logloss_terms(logits, batch["labels"]))
-            mean = total / jnp.maximum(jnp.sum(w), 1.0)
-            return (total if self.loss_reduction == "sum" else mean), mean
-
         if self.dense_table is not None:  # worker groups: this step's dense parameters from the PS
             current = self.dense_table.unflatten(batch["plans"][DENSE_TABLE]["rows"])
         else:
             current = state["dense"]
-        (_, loss), (g_dense, g_unique) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-            current, unique)
+        loss, (g_dense, g_unique) = self.loss_and_grads(current, unique, batch)
         step = state["step"] + 1
         if self.dense_table is not None:  # the servers apply it
             dense, dense_opt = current, state["dense_opt"]
