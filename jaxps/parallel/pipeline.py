@@ -5,12 +5,15 @@ Every device of the `stage` axis runs the same program: a `lax.scan` over the ta
 ticks. At tick t, stage s looks up its op in the table and runs it through `lax.switch`
 (idle / forward / backward; a conditional each device evaluates on its own), then two
 `ppermute`s move the tick's activations one stage down and its input-gradients one stage
-up (collectives stay outside the branches). A forward keeps only its stage input; a
+up (collectives stay outside the per-stage branches; a direction nobody sends in at a tick,
+known from the table, skips its ppermute on every device alike). A forward keeps only its stage input; a
 backward recomputes the stage from that input under `jax.vjp` and accumulates the
-parameter gradients, so a stage holds at most `max_stash` inputs: S for 1F1B, M for
-GPipe, which is 1F1B's memory advantage. Microbatch inputs live in a ring buffer of that
-size, indexed by microbatch modulo the bound (1F1B's live microbatches form a contiguous
-range, so the slots never collide).
+parameter gradients, so a stage holds about S inputs under 1F1B and M under GPipe,
+which is 1F1B's memory advantage. Inputs and arriving gradients live in ring buffers
+indexed by microbatch modulo a bound read off the table (`Schedule.buffer_slots`: the
+widest span of microbatches live at once, so the slots never collide): S and M input
+slots, one gradient slot (a gradient is used the tick after it arrives). Buffers are
+updated one slot per tick, in place.
 
 Interleaved schedules hold V chunks per stage ([s, c] is global stage c*S + s); the
 activations of stage S-1's chunk c wrap to stage 0's chunk c+1 through a ring ppermute.
@@ -31,6 +34,18 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxps.parallel.schedule import Schedule
 
 IDLE, FWD, BWD = 0, 1, 2
+
+
+def _shift_if(pred: jax.Array, x: jax.Array, perm: list[tuple[int, int]]) -> jax.Array:
+    """ppermute over `stage` on the ticks that send (pred: uniform across devices), zeros
+    otherwise: GPipe's forward half sends no gradients and its backward half no activations."""
+    return jax.lax.cond(pred, lambda v: jax.lax.ppermute(v, "stage", perm), jnp.zeros_like, x)
+
+
+def _put_if(buf: jax.Array, index: tuple, cond: jax.Array, value: jax.Array) -> jax.Array:
+    """buf with buf[index] = value where cond: a one-slot update XLA does in place (a
+    `where` over the whole buffer would copy it every tick)."""
+    return buf.at[index].set(jnp.where(cond, value, buf[index]))
 
 
 def _table_arrays(sched: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -83,7 +98,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
         raise ValueError(f"expected {M} microbatches, got xs {xs.shape[0]} and ys "
                          f"{[y.shape[0] for y in jax.tree.leaves(ys)]}")
     kind_np, mb_np, chunk_np = _table_arrays(sched)
-    K = max(sched.max_stash())  # input/gradient buffer slots per stage and chunk
+    KA, KG = sched.buffer_slots()  # activation / gradient slots per stage and chunk (m -> m % K)
     # ring neighbours: with virtual chunks, stage S-1's chunk c feeds stage 0's chunk c+1
     up = [(s, (s + 1) % S) for s in range(S if V > 1 else S - 1)]    # activations
     down = [((s + 1) % S, s) for s in range(S if V > 1 else S - 1)]  # input-gradients
@@ -92,6 +107,9 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
         p = jax.tree.map(lambda a: a[0], p)  # this stage's parameters ([V, ...] if virtual)
         s = jax.lax.axis_index("stage")
         kinds, mbs, chunks = jnp.asarray(kind_np), jnp.asarray(mb_np), jnp.asarray(chunk_np)
+        # ticks on which some stage runs a forward (backward): only then is there anything
+        # to shift; the same on every device, so skipping the collective is safe
+        sends_fwd, sends_bwd = jnp.asarray((kind_np == FWD).any(1)), jnp.asarray((kind_np == BWD).any(1))
         x0 = xs[0]
         prev, nxt = (s - 1) % S, (s + 1) % S
 
@@ -104,7 +122,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
             y_m = jax.tree.map(lambda a: a[m], ys)
             first = (s == 0) & (c == 0)
             last = (s == S - 1) & (c == V - 1)
-            x_in = jnp.where(first, xs[m], acts[c, m % K])
+            x_in = jnp.where(first, xs[m], acts[c, m % KA])
             pc = chunk_params(c)
 
             zeros = functools.partial(jax.tree.map, jnp.zeros_like)
@@ -122,7 +140,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                 h, pullback = jax.vjp(block, pc, x_in)
                 g = jax.grad(loss_fn, argnums=(0, 1, 2) if target_grads else (0, 1))(hp, h, y_m)
                 g_head, g_loss, g_y = g if target_grads else g + ((),)
-                g_h = jnp.where(last, g_loss, grads_in[c, m % K])
+                g_h = jnp.where(last, g_loss, grads_in[c, m % KG])
                 dp, dx = pullback(g_h)
                 only_last = functools.partial(jax.tree.map, lambda g: jnp.where(last, g, jnp.zeros_like(g)))
                 return jnp.zeros_like(x0), dx, dp, 0.0, only_last(g_head), only_last(g_y) if target_grads else ()
@@ -130,30 +148,28 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
             h, dx, dp, l_m, dh, dy = jax.lax.switch(k, (idle, fwd, bwd), None)
             hsum = jax.tree.map(jnp.add, hsum, dh)
             if target_grads:  # the last global stage's backward of microbatch m: d loss / d ys[m]
-                dys = jax.tree.map(lambda d, g: jnp.where(last & (k == BWD), d.at[m].set(g), d), dys, dy)
+                dys = jax.tree.map(lambda d, g: _put_if(d, (m,), last & (k == BWD), g), dys, dy)
             # what arrives here this tick, for which microbatch and chunk (from the table):
             # from stage s-1's chunk c (or stage S-1's chunk c-1 when s == 0), and back from
             # stage s+1's chunk c (or stage 0's chunk c+1 when s == S-1)
-            h_in = jax.lax.ppermute(h, "stage", up)
-            dx_in = jax.lax.ppermute(dx, "stage", down)
+            h_in = _shift_if(sends_fwd[t], h, up)
+            dx_in = _shift_if(sends_bwd[t], dx, down)
             c_up = chunks[t, prev] + jnp.where(s == 0, 1, 0)
             c_down = chunks[t, nxt] - jnp.where(s == S - 1, 1, 0)
             got_act = (kinds[t, prev] == FWD) & ((s > 0) | (c_up < V)) & (S > 1)
             got_grad = (kinds[t, nxt] == BWD) & ((s < S - 1) | (c_down >= 0)) & (S > 1)
-            acts = jnp.where(got_act, acts.at[jnp.clip(c_up, 0, V - 1), mbs[t, prev] % K].set(h_in), acts)
-            grads_in = jnp.where(got_grad, grads_in.at[jnp.clip(c_down, 0, V - 1), mbs[t, nxt] % K].set(dx_in),
-                                 grads_in)
+            acts = _put_if(acts, (jnp.clip(c_up, 0, V - 1), mbs[t, prev] % KA), got_act, h_in)
+            grads_in = _put_if(grads_in, (jnp.clip(c_down, 0, V - 1), mbs[t, nxt] % KG), got_grad, dx_in)
             if V > 1:
                 gsum = jax.tree.map(lambda g, d: g.at[c].add(d), gsum, dp)
             else:
                 gsum = jax.tree.map(jnp.add, gsum, dp)
             # the first global stage's input gradient is d loss / d xs[m]
             if input_grads:
-                dxs = jnp.where(first & (k == BWD), dxs.at[m].set(dx), dxs)
+                dxs = _put_if(dxs, (m,), first & (k == BWD), dx)
             return (acts, grads_in, gsum, lsum + l_m, dxs, hsum, dys), None
 
-        buf = jnp.zeros((V, K) + x0.shape, x0.dtype)
-        init = (buf, buf, jax.tree.map(jnp.zeros_like, p), jnp.zeros((), jnp.float32),
+        init = (jnp.zeros((V, KA) + x0.shape, x0.dtype), jnp.zeros((V, KG) + x0.shape, x0.dtype), jax.tree.map(jnp.zeros_like, p), jnp.zeros((), jnp.float32),
                 jnp.zeros_like(xs) if input_grads else jnp.zeros((), xs.dtype),
                 jax.tree.map(jnp.zeros_like, hp), jax.tree.map(jnp.zeros_like, ys) if target_grads else ())
         (_, _, gsum, lsum, dxs, hsum, dys), _ = jax.lax.scan(tick, init, jnp.arange(kind_np.shape[0]))
