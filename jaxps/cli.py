@@ -26,6 +26,7 @@ examples:
   jaxps train                                   # generated Criteo-like data, 8 CPU devices
   jaxps train data.train=day0.svm data.eval=day1.svm model.optimizer.l1=1.0
   jaxps train model.placement=blocked mesh.model=4   # realm 3: examples split over `model`
+  jaxps train model.name=wide_deep model.deep_blocks=4 model.deep_placement=staged:4:1f1b mesh.stage=4
   jaxps train job.toml data.format=criteo data.train=train.txt data.eval=test.txt
   jaxps evaluate job.toml                       # restore train.out_dir's checkpoint
   jaxps predict data.eval=new.svm --out p.txt   # probabilities, one per example, in order

@@ -88,6 +88,10 @@ class ModelConfig:
     capacity: int | None = None             # unique rows per shard per step; None = from data
     embed_dim: int = 8                      # mlp, wide_deep
     hidden: list[int] = field(default_factory=lambda: [64, 32])  # mlp, wide_deep
+    deep_blocks: int = 0                    # wide_deep: residual blocks instead of `hidden` (0: none)
+    deep_width: int = 128                   # wide_deep: their width
+    deep_placement: str = "replicated"      # wide_deep: "replicated" or "staged[:microbatches[:schedule]]"
+                                            # (one block per stage: deep_blocks = mesh.stage)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 
@@ -120,8 +124,13 @@ def build_model(cfg: ModelConfig, dense_features: int = 0, num_slots: int = 39):
             wd["embed_rows"] = wd["wide_rows"] = common["rows"]
         if "placement" in common:
             wd["embed_placement"] = common["placement"]
+        try:
+            wd["deep_placement"] = parse_placement(cfg.deep_placement)
+        except ValueError as e:
+            raise ValueError(f"model.deep_placement: {e}") from None
         return WideDeep(WideDeepConfig(num_slots=num_slots, embed_dim=cfg.embed_dim,
-                                       hidden=tuple(cfg.hidden), dense_features=dense_features, **wd))
+                                       hidden=tuple(cfg.hidden), dense_features=dense_features,
+                                       deep_blocks=cfg.deep_blocks, deep_width=cfg.deep_width, **wd))
     raise ValueError(f"model.name={cfg.name!r}: choose 'sparse_lr', 'mlp' or 'wide_deep'")
 
 

@@ -164,7 +164,8 @@ def row_axes(placement: Placement) -> AxisNames | None:
 
 def parse(text: str) -> Placement:
     """Placement from config text: 'replicated', 'row_sharded', 'row_sharded:model',
-    'row_sharded:data+model', 'blocked', 'blocked:stage'."""
+    'row_sharded:data+model', 'blocked', 'blocked:stage', and for a dense tower
+    'staged[:microbatches[:schedule]]' (e.g. 'staged:8:1f1b')."""
     kind, _, arg = text.partition(":")
     kind = kind.strip().lower()
     if kind == "replicated":
@@ -173,6 +174,12 @@ def parse(text: str) -> Placement:
         return HostTable(arg or "collisionless")
     if kind == "auto":
         return Auto(arg or "data")
+    if kind == "staged":
+        m, _, schedule = arg.partition(":")
+        try:
+            return Staged(microbatches=int(m) if m else 4, schedule=schedule or "1f1b")
+        except ValueError as e:
+            raise ValueError(f"placement {text!r}: {e}") from None
     if kind == "blocked":
         placement = Blocked(arg or "model")
         validate(placement)

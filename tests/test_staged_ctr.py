@@ -59,6 +59,27 @@ def test_staged_tower_step_equals_replicated(schedule, monkeypatch):
                                    err_msg=name)
 
 
-def test_staged_schedule_is_checked():
+def test_staged_schedule_is_checked_and_parsed():
+    from jaxps.placement import parse
     with pytest.raises(ValueError, match="schedule"):
         Staged(schedule="interleaved")
+    assert parse("staged") == Staged() and parse("staged:8:gpipe") == Staged(microbatches=8, schedule="gpipe")
+
+
+def test_cli_trains_wide_deep_with_a_1f1b_staged_tower(tmp_path):
+    import json
+    from test_end_to_end import _jaxps
+    common = ["train", "model.name=wide_deep", "model.placement=row_sharded", "model.rows=65536",
+              "model.embed_dim=4", "model.deep_blocks=4", "model.deep_width=16", "data.synthetic.n_train=4000",
+              "data.synthetic.n_test=1000", "data.batch_size=512", "train.progress=false", "train.checkpoint=false",
+              "train.tensorboard=false", "train.dense_optimizer=adam", "train.dense_learning_rate=0.003"]
+    staged = _jaxps(common + ["model.deep_placement=staged:4:1f1b", "mesh.stage=4"], tmp_path)
+    assert staged.returncode == 0, staged.stderr[-3000:]
+    assert "Staged(stage)" in staged.stdout and "'stage': 4" in staged.stdout
+    got = json.loads((tmp_path / "runs/jaxps/metrics.json").read_text())["eval"]["logloss"]
+    plain = _jaxps(common, tmp_path)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    want = json.loads((tmp_path / "runs/jaxps/metrics.json").read_text())["eval"]["logloss"]
+    assert got == pytest.approx(want, rel=1e-4)
+    bad = _jaxps(common + ["model.deep_placement=staged:4:1f1b", "mesh.stage=2"], tmp_path)
+    assert bad.returncode != 0 and "stacked per stage" in bad.stderr

@@ -36,6 +36,15 @@ from jaxps.parallel.schedule import Schedule
 IDLE, FWD, BWD = 0, 1, 2
 
 
+def _check_stacked(params: Any, stages: int) -> None:
+    """One entry per stage along every leaf's first axis (else a stage would silently run
+    only the first of its several layers)."""
+    for leaf in jax.tree.leaves(params):
+        if leaf.shape[0] != stages:
+            raise ValueError(f"pipelined parameters are stacked per stage: leading axis {leaf.shape[0]} "
+                             f"!= {stages} stages (one block per stage)")
+
+
 def _shift_if(pred: jax.Array, x: jax.Array, perm: list[tuple[int, int]]) -> jax.Array:
     """ppermute over `stage` on the ticks that send (pred: uniform across devices), zeros
     otherwise: GPipe's forward half sends no gradients and its backward half no activations."""
@@ -97,6 +106,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
     if xs.shape[0] != M or any(y.shape[0] != M for y in jax.tree.leaves(ys)):
         raise ValueError(f"expected {M} microbatches, got xs {xs.shape[0]} and ys "
                          f"{[y.shape[0] for y in jax.tree.leaves(ys)]}")
+    _check_stacked(params, S)
     kind_np, mb_np, chunk_np = _table_arrays(sched)
     KA, KG = sched.buffer_slots()  # activation / gradient slots per stage and chunk (m -> m % K)
     # ring neighbours: with virtual chunks, stage S-1's chunk c feeds stage 0's chunk c+1
@@ -237,6 +247,7 @@ def pipeline_forward(block: Callable[[Any, jax.Array], jax.Array], params: Any, 
     defaults to the ambient one (`jax.sharding.use_abstract_mesh`; the trainer's step sets it)."""
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
     S, M = mesh.shape["stage"], xs.shape[0]
+    _check_stacked(params, S)
     up = [(s, s + 1) for s in range(S - 1)]
 
     def run(p, xs):
