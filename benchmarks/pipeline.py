@@ -4,8 +4,10 @@ Bubble, measured by the step-time slope: for M in a few microbatch counts, time 
 pipelined value-and-grad step of an MLP stack (S stages of Linear+tanh, residual); fit
 T(M) = a + b*M; the bubble at M is a / T(M) (time not proportional to the work), compared
 with (S-1)/(V*M+S-1). Memory: compiled temporaries of 1F1B over GPipe at M = 4S.
-8 simulated devices share 2 cores here: stages do not run concurrently, so the step times
-show the schedule's tick count.
+8 simulated devices share 2 cores here: stages do not run concurrently, so an idle cell
+costs only the tick's overhead (its switch, its ppermutes) and the measured "bubble" is
+per-step and per-tick overhead, not the schedule's idle time; on a loaded box it varies
+by +-0.5x of theory between identical runs (use several runs, or real devices).
 
 Peer: torch.distributed.pipelining (peers_torch_pipeline.py under torchrun, one gloo
 process per stage) trains L x (Linear(D) + ReLU) on the same sizes as jaxps on S devices,
@@ -101,7 +103,11 @@ def main(argv=None) -> int:
         temp[kind] = fn.lower(params_for(S, 1, D), xs, ys).compile().memory_analysis().temp_size_in_bytes
     result.update(
         bubble_ratio_vs_theory=max(r["bubble_ratio"] for r in result["schedules"].values()),
-        memory_1f1b_vs_gpipe=temp["1f1b"] / temp["gpipe"], temp_bytes=temp)
+        memory_1f1b_vs_gpipe=temp["1f1b"] / temp["gpipe"], temp_bytes=temp,
+        # (stage-input slots, gradient slots) per stage: the part of the temporaries the
+        # schedule decides; the rest (a stage's parameter-gradient accumulator, one tick's
+        # working set of a few microbatch activations) is the same under both
+        buffer_slots={kind: build(kind, S, M).buffer_slots() for kind in ("gpipe", "1f1b")})
     spec = MLPSpec(stages=args.torch_stages, layers=args.torch_layers, width=args.torch_width,
                    batch=args.torch_batch, microbatches=args.torch_microbatches)
     rounds = args.torch_rounds or (3 if args.quick else 5)

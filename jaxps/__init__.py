@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Trainer": "jaxps.trainer", "TrainConfig": "jaxps.trainer",
     "MeshConfig": "jaxps.mesh", "make_mesh": "jaxps.mesh",
-    "Replicated": "jaxps.placement", "RowSharded": "jaxps.placement",
+    "Replicated": "jaxps.placement", "RowSharded": "jaxps.placement", "Blocked": "jaxps.placement",
+    "HostTable": "jaxps.placement", "Staged": "jaxps.placement",
     "Table": "jaxps.tables.table",
     "optim": "jaxps.optim", "data": "jaxps.data", "models": "jaxps.models",
 }

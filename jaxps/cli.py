@@ -18,12 +18,15 @@ config keys (defaults in jaxps.job.JobConfig; `jaxps train --print-config` shows
   data.train, data.eval        comma-separated libsvm/Criteo files (empty: generated data)
   data.format                  libsvm | criteo;   data.skip_bad_lines=true counts bad lines
   data.batch_size, data.max_nnz
-  model.name                   sparse_lr | mlp;   model.rows, model.placement
+  model.name                   sparse_lr | mlp | wide_deep;   model.rows
+  model.placement              replicated | row_sharded[:axis] | blocked[:axis] | host | auto
   model.optimizer.name         ftrl | adagrad | adam | sgd  (+ learning_rate, l1, l2, ...)
   train.epochs, train.out_dir, train.checkpoint, train.log_every
 examples:
   jaxps train                                   # generated Criteo-like data, 8 CPU devices
   jaxps train data.train=day0.svm data.eval=day1.svm model.optimizer.l1=1.0
+  jaxps train model.placement=blocked mesh.model=4   # realm 3: examples split over `model`
+  jaxps train model.name=wide_deep model.deep_blocks=4 model.deep_placement=staged:4:1f1b mesh.stage=4
   jaxps train job.toml data.format=criteo data.train=train.txt data.eval=test.txt
   jaxps train --resume train.checkpoint_every=1000   # after a crash: continue where it stopped
   jaxps evaluate job.toml                       # restore train.out_dir's checkpoint

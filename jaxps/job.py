@@ -82,11 +82,16 @@ class ModelConfig:
     name: str = "sparse_lr"                 # "sparse_lr" (realm 2), "mlp" (realm 1), "wide_deep"
     rows: int | None = None                 # hash buckets of the table (None: the model's default)
     placement: str | None = None            # "replicated", "row_sharded[:axis[+axis]]",
+                                            # "blocked[:axis]" (sparse_lr, mlp: realm 3),
                                             # "host[:collisionless|hashed]" (None: the model's
                                             # default). wide_deep: the embedding table's
     capacity: int | None = None             # unique rows per shard per step; None = from data
     embed_dim: int = 8                      # mlp, wide_deep
     hidden: list[int] = field(default_factory=lambda: [64, 32])  # mlp, wide_deep
+    deep_blocks: int = 0                    # wide_deep: residual blocks instead of `hidden` (0: none)
+    deep_width: int = 128                   # wide_deep: their width
+    deep_placement: str = "replicated"      # wide_deep: "replicated" or "staged[:microbatches[:schedule]]"
+                                            # (one block per stage: deep_blocks = mesh.stage)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
 
@@ -119,8 +124,13 @@ def build_model(cfg: ModelConfig, dense_features: int = 0, num_slots: int = 39):
             wd["embed_rows"] = wd["wide_rows"] = common["rows"]
         if "placement" in common:
             wd["embed_placement"] = common["placement"]
+        try:
+            wd["deep_placement"] = parse_placement(cfg.deep_placement)
+        except ValueError as e:
+            raise ValueError(f"model.deep_placement: {e}") from None
         return WideDeep(WideDeepConfig(num_slots=num_slots, embed_dim=cfg.embed_dim,
-                                       hidden=tuple(cfg.hidden), dense_features=dense_features, **wd))
+                                       hidden=tuple(cfg.hidden), dense_features=dense_features,
+                                       deep_blocks=cfg.deep_blocks, deep_width=cfg.deep_width, **wd))
     raise ValueError(f"model.name={cfg.name!r}: choose 'sparse_lr', 'mlp' or 'wide_deep'")
 
 

@@ -1,10 +1,11 @@
 """Placements: where a parameter namespace lives, and the one function that turns a
 placement into a sharding.
 
-Realm 1 is `Replicated` (data parallel), realm 2 is `RowSharded` on the mesh. The
-later placements (`Blocked` for realm 3, `Staged` for realm 4, `HostTable` for tables in
-the host parameter server) add a class here and a case in `partition_spec`; the step
-builder tells device tables from host tables, nothing else dispatches on the type.
+Realm 1 is `Replicated` (data parallel), realm 2 is `RowSharded` on the mesh (or
+`HostTable` in the host parameter server), realm 3 is `Blocked`, realm 4 is `Staged`. Each
+adds a class here and a case in `partition_spec`; the step builder tells device tables
+from host tables and blocked tables from row-sharded ones (how a batch reaches them),
+nothing else dispatches on the type.
 """
 from __future__ import annotations
 
@@ -39,6 +40,22 @@ class RowSharded:
 
 
 @dataclass(frozen=True)
+class Blocked:
+    """Realm 3: examples too wide for one device. The rows (the feature dimension) are cut
+    into blocks over `axis` as `RowSharded` cuts them, and so is every example: the host
+    splits each example's nonzeros by owner block, device b sees only block b's features
+    of every example, its partial sum (val-weighted rows) is summed over `axis` with one
+    `psum`, and each block's row gradients never leave its device. A table read this way
+    reaches the model sum-pooled: [B, dim] per example (`jaxps.model.sum_pool`)."""
+
+    axis: str = "model"
+    realm: ClassVar[int] = 3
+
+    def axes(self) -> tuple[str, ...]:
+        return (self.axis,)
+
+
+@dataclass(frozen=True)
 class HostTable:
     """Rows live in host RAM of the parameter-server group: tables larger than the
     accelerators' memory. Each step pulls the rows its batch touches and pushes their
@@ -70,7 +87,12 @@ class Staged:
 
     axis: str = "stage"
     microbatches: int = 4
+    schedule: str = "1f1b"   # "gpipe" or "1f1b" (jaxps.parallel.schedule), run with the loss inside
     realm: ClassVar[int] = 4
+
+    def __post_init__(self):
+        if self.schedule not in ("gpipe", "1f1b"):
+            raise ValueError(f"Staged schedule must be 'gpipe' or '1f1b', got {self.schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -85,7 +107,7 @@ class Auto:
     realm: ClassVar[int] = 2
 
 
-Placement = Replicated | RowSharded | HostTable | Staged | Auto
+Placement = Replicated | RowSharded | Blocked | HostTable | Staged | Auto
 
 
 def validate(placement: Placement, mesh: Mesh | None = None) -> None:
@@ -96,6 +118,10 @@ def validate(placement: Placement, mesh: Mesh | None = None) -> None:
                 raise ValueError(f"RowSharded axis {a!r} is not a mesh axis {AXES}")
         if len(set(axes)) != len(axes):
             raise ValueError(f"RowSharded axes {axes} name an axis twice")
+    if isinstance(placement, Blocked):
+        if placement.axis not in AXES or placement.axis == "data":
+            raise ValueError(f"Blocked axis must be 'stage' or 'model' (the batch is split over 'data'), "
+                             f"got {placement.axis!r}")
 
 
 def partition_spec(placement: Placement, ndim: int) -> PartitionSpec:
@@ -104,7 +130,7 @@ def partition_spec(placement: Placement, ndim: int) -> PartitionSpec:
 
     if isinstance(placement, Replicated):
         return P()
-    if isinstance(placement, RowSharded):
+    if isinstance(placement, (RowSharded, Blocked)):
         axes = placement.axes()
         return P(axes if len(axes) > 1 else axes[0], *([None] * (ndim - 1)))
     if isinstance(placement, HostTable):
@@ -125,12 +151,12 @@ def row_shards(placement: Placement, mesh: Mesh) -> int:
     """How many pieces the rows of a table are cut into."""
     if isinstance(placement, Auto):
         return axis_size(mesh, placement.axis)
-    return axis_size(mesh, placement.axes()) if isinstance(placement, RowSharded) else 1
+    return axis_size(mesh, placement.axes()) if isinstance(placement, (RowSharded, Blocked)) else 1
 
 
 def row_axes(placement: Placement) -> AxisNames | None:
     """Mesh axes the rows are split over (None when not split)."""
-    if isinstance(placement, RowSharded):
+    if isinstance(placement, (RowSharded, Blocked)):
         axes = placement.axes()
         return axes if len(axes) > 1 else axes[0]
     return None
@@ -138,7 +164,8 @@ def row_axes(placement: Placement) -> AxisNames | None:
 
 def parse(text: str) -> Placement:
     """Placement from config text: 'replicated', 'row_sharded', 'row_sharded:model',
-    'row_sharded:data+model'."""
+    'row_sharded:data+model', 'blocked', 'blocked:stage', and for a dense tower
+    'staged[:microbatches[:schedule]]' (e.g. 'staged:8:1f1b')."""
     kind, _, arg = text.partition(":")
     kind = kind.strip().lower()
     if kind == "replicated":
@@ -147,10 +174,20 @@ def parse(text: str) -> Placement:
         return HostTable(arg or "collisionless")
     if kind == "auto":
         return Auto(arg or "data")
+    if kind == "staged":
+        m, _, schedule = arg.partition(":")
+        try:
+            return Staged(microbatches=int(m) if m else 4, schedule=schedule or "1f1b")
+        except ValueError as e:
+            raise ValueError(f"placement {text!r}: {e}") from None
+    if kind == "blocked":
+        placement = Blocked(arg or "model")
+        validate(placement)
+        return placement
     if kind in ("row_sharded", "rowsharded"):
         axes = tuple(a for a in arg.split("+") if a) or ("data",)
         placement = RowSharded(axes[0] if len(axes) == 1 else axes)
         validate(placement)
         return placement
     raise ValueError(f"unknown placement {text!r}; use 'replicated', 'row_sharded[:axis[+axis]]', "
-                     "'host[:collisionless|hashed]' or 'auto[:axis]'")
+                     "'blocked[:axis]', 'host[:collisionless|hashed]' or 'auto[:axis]'")

@@ -3,8 +3,10 @@
 Data path of one train step (see DESIGN.md):
   host: ids -> rows (hash) -> LookupPlan per table (dedup, bucket by owner shard);
         HostTable namespaces: dedup -> rows pulled from the PS (jaxps.host_tables)
+        Blocked namespaces: the same plan, and each example's nonzeros split by owner block
   device: gather planned unique rows per shard (or take the pulled block) -> occurrence
-          gather in the global view -> forward/backward w.r.t. (dense params, unique rows)
+          gather in the global view (Blocked: a per-block partial sum, psum'd over its axis)
+          -> forward/backward w.r.t. (dense params, unique rows)
           -> optax on dense, row-wise optimizer on exactly the unique rows of each mesh
           table; a HostTable's unique-row gradients go back to the host to be pushed.
 A gradient of a whole table never exists: differentiation is w.r.t. the unique rows only.
@@ -28,7 +30,8 @@ from jaxps.dense_table import DENSE_TABLE, DenseTable
 from jaxps.groups import WorkerGroup
 from jaxps.model import Model
 from jaxps.host_tables import HostTables
-from jaxps.placement import HostTable, row_axes, row_shards, sharding_for
+from jaxps.placement import Blocked, HostTable, row_axes, row_shards, sharding_for
+from jaxps.parallel.blocked import BlockedBatch, blocked_pool, split_by_block
 from jaxps.parallel.tensor import dense_shardings
 from jaxps.plan import resolve
 from jaxps.ps.client import PSClient
@@ -54,6 +57,7 @@ class TableLayout:
     shards: int
     rows_per_shard: int
     axis: Any
+    blocked: bool = False  # realm 3: examples reach it split by owner block (jaxps.parallel.blocked)
 
 
 class StepBuilder:
@@ -95,10 +99,12 @@ class StepBuilder:
             if rows_per_shard >= 2**31:  # plans index a shard's rows with int32
                 raise ValueError(f"table {t.name!r}: {rows_per_shard} rows per shard exceed int32 "
                                  f"indexing; split it over more shards")
-            self.layouts[t.name] = TableLayout(t, s, rows_per_shard, row_axes(t.placement))
+            self.layouts[t.name] = TableLayout(t, s, rows_per_shard, row_axes(t.placement),
+                                               isinstance(t.placement, Blocked))
         self.routers = {n: Router(l.rows_per_shard, l.shards, l.table.capacity,
                                   num_rows=l.table.rows, salt=l.table.salt)
                         for n, l in self.layouts.items()}
+        self.block_widths: dict[str, int] = {}  # Blocked tables: nonzeros per (block, example), grown
         if (host or group is not None) and jax.process_count() > 1:
             raise NotImplementedError("HostTable namespaces with several processes per program: run "
                                       "one process per worker group (jaxps launch local --groups N)")
@@ -192,16 +198,25 @@ class StepBuilder:
         mask = self._global_rows(batch.mask) if multi else batch.mask
         gathered: dict[str, np.ndarray] = {}  # tables reading the same feature share one gather
         plans = {}
+        lo = self._process_rows(batch.size)[1] * batch.size if multi else 0
         for name, lay in self.layouts.items():
             keys = getattr(batch, lay.table.feature)
             if multi:
                 if lay.table.feature not in gathered:
                     gathered[lay.table.feature] = self._global_rows(keys)
                 keys = gathered[lay.table.feature]
-            plan = self.routers[name].plan(keys, mask)
-            if multi:
-                lo = self._process_rows(batch.size)[1] * batch.size
-                plan.inverse = plan.inverse[lo:lo + batch.size]
+            if lay.blocked:
+                vals = self._global_rows(batch.vals) if multi else batch.vals
+                plan = split_by_block(keys, vals, mask, lay.rows_per_shard, lay.shards, self.routers[name],
+                                      self.block_widths.get(name))
+                self.block_widths[name] = plan.width
+                if multi:
+                    plan.inverse = plan.inverse[:, lo:lo + batch.size]
+                    plan.vals = plan.vals[:, lo:lo + batch.size]
+            else:
+                plan = self.routers[name].plan(keys, mask)
+                if multi:
+                    plan.inverse = plan.inverse[lo:lo + batch.size]
             plans[name] = plan
         if self.host is not None:
             plans.update(self.host.plan(batch))
@@ -242,11 +257,9 @@ class StepBuilder:
                                 "vals": batch.vals, "mask": batch.mask}
         if batch.dense is not None:
             host["dense"] = batch.dense
-        host["plans"] = {name: {"owner_rows": p.owner_rows, "inverse": p.inverse}
-                         for name, p in plans.items() if name in self.layouts}
+        host["plans"] = {name: _plan_arrays(plans[name]) for name in self.layouts}
         shardings = {k: self.batch_sharding for k in host if k != "plans"}
-        shardings["plans"] = {name: {"owner_rows": self.table_sharding(name),
-                                     "inverse": self.batch_sharding} for name in host["plans"]}
+        shardings["plans"] = {name: self._plan_shardings(name) for name in self.layouts}
         for name in (self.host.tables if self.host is not None else ()):
             host["plans"][name] = {"inverse": plans[name].inverse}
             shardings["plans"][name] = {"inverse": self.batch_sharding}
@@ -258,9 +271,22 @@ class StepBuilder:
         # this process holds its rows of the global batch, and the whole (identical) plans
         put = lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x)  # noqa: E731
         dev = {k: put(v) for k, v in host.items() if k != "plans"}
-        dev["plans"] = {name: {"owner_rows": _replicated_input(p.owner_rows, self.table_sharding(name)),
-                               "inverse": put(p.inverse)} for name, p in plans.items()}
+        dev["plans"] = {}
+        for name in self.layouts:
+            arrays, sh = _plan_arrays(plans[name]), self._plan_shardings(name)
+            dev["plans"][name] = {k: _replicated_input(a, sh[k]) if k == "owner_rows" else
+                                  jax.make_array_from_process_local_data(sh[k], a) for k, a in arrays.items()}
         return dev
+
+    def _plan_shardings(self, name: str) -> dict[str, NamedSharding]:
+        """owner_rows split like the table; the per-example arrays over `data` (a Blocked
+        table's [blocks, B, W] also over its axis: device b gets block b of each example)."""
+        lay = self.layouts[name]
+        per_example = NamedSharding(self.mesh, P(lay.axis, "data")) if lay.blocked else self.batch_sharding
+        out = {"owner_rows": self.table_sharding(name), "inverse": per_example}
+        if lay.blocked:
+            out["vals"] = per_example
+        return out
 
     @functools.lru_cache(maxsize=8)  # noqa: B019 - one StepBuilder per trainer; keyed by batch size
     def _local_data_shards(self, local_rows: int) -> int:
@@ -284,13 +310,42 @@ class StepBuilder:
 
     # ---------------------------------------------------------------- device side
     def _forward(self, dense, unique, batch):
+        module, emb = self._inputs(dense, unique, batch)
+        return self.model.logits(module, emb, batch)
+
+    def _summed_loss(self, dense, unique, batch) -> jax.Array:
+        """Weighted logloss summed over the batch; the model's own `summed_loss` when it has
+        one (a pipelined tower computes it on its last stage), else from its logits."""
+        module, emb = self._inputs(dense, unique, batch)
+        if hasattr(self.model, "summed_loss"):
+            return self.model.summed_loss(module, emb, batch, logloss_terms)
+        return jnp.sum(batch["weights"] * logloss_terms(self.model.logits(module, emb, batch), batch["labels"]))
+
+    def loss_and_grads(self, dense, unique, batch) -> tuple[jax.Array, tuple[Any, Any]]:
+        """(mean loss, (dense gradients, unique-row gradients)) of one batch: the step's
+        differentiation, callable on its own (tests compare placements with it)."""
+
+        def loss_fn(dense, unique):
+            total = self._summed_loss(dense, unique, batch)
+            mean = total / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+            return (total if self.loss_reduction == "sum" else mean), mean
+
+        (_, loss), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(dense, unique)
+        return loss, grads
+
+    def _inputs(self, dense, unique, batch):
+        """The dense module and each table's rows per example, as the model reads them."""
         emb = {}
         mask = batch["mask"].astype(jnp.float32)[..., None]
         for name, u in unique.items():
+            plan = batch["plans"][name]
+            lay = self.layouts.get(name)
+            if lay is not None and lay.blocked:  # [B, dim], summed over the blocks
+                emb[name] = blocked_pool(u, plan["inverse"], plan["vals"], self.mesh, lay.axis)
+                continue
             flat = u.reshape(-1, u.shape[-1])
-            emb[name] = jnp.take(flat, batch["plans"][name]["inverse"], axis=0) * mask
-        module = nnx.merge(self.graphdef, dense)
-        return self.model.logits(module, emb, batch)
+            emb[name] = jnp.take(flat, plan["inverse"], axis=0) * mask
+        return nnx.merge(self.graphdef, dense), emb
 
     def _gather(self, state, batch):
         """Each table's unique rows: gathered per shard, or pulled from the PS by the host."""
@@ -307,20 +362,11 @@ class StepBuilder:
 
     def _train_step_body(self, state: State, batch: State) -> tuple[State, dict]:
         unique = self._gather(state, batch)
-
-        def loss_fn(dense, unique):
-            logits = self._forward(dense, unique, batch)
-            w = batch["weights"]
-            total = jnp.sum(w * logloss_terms(logits, batch["labels"]))
-            mean = total / jnp.maximum(jnp.sum(w), 1.0)
-            return (total if self.loss_reduction == "sum" else mean), mean
-
         if self.dense_table is not None:  # worker groups: this step's dense parameters from the PS
             current = self.dense_table.unflatten(batch["plans"][DENSE_TABLE]["rows"])
         else:
             current = state["dense"]
-        (_, loss), (g_dense, g_unique) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
-            current, unique)
+        loss, (g_dense, g_unique) = self.loss_and_grads(current, unique, batch)
         step = state["step"] + 1
         if self.dense_table is not None:  # the servers apply it
             dense, dense_opt = current, state["dense_opt"]
@@ -346,6 +392,13 @@ class StepBuilder:
         with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
             logits = self._forward(state["dense"], self._gather(state, batch), batch)
         return jax.nn.sigmoid(logits)
+
+
+def _plan_arrays(plan: Any) -> dict[str, np.ndarray]:
+    """The arrays of a table's lookup plan that the device step reads."""
+    if isinstance(plan, BlockedBatch):
+        return {"owner_rows": plan.rows, "inverse": plan.inverse, "vals": plan.vals}
+    return {"owner_rows": plan.owner_rows, "inverse": plan.inverse}
 
 
 def _replicated_input(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxps.model import sum_pool
 from jaxps.optim.rowwise import Adagrad, RowOptimizer
 from jaxps.placement import Placement, Replicated
 from jaxps.tables.table import Table
@@ -79,7 +80,7 @@ class MLPClassifier:
     def logits(self, dense: nnx.Module, emb: Mapping[str, jax.Array],
                batch: Mapping[str, jax.Array]) -> jax.Array:
         # sum pooling: a mean would shrink each field's signal by the number of fields
-        pooled = jnp.sum(emb["embed"] * batch["vals"][..., None], axis=1)
+        pooled = sum_pool(emb["embed"], batch["vals"])  # a Blocked table arrives pooled
         x = pooled
         if self.config.dense_features:
             x = jnp.concatenate([pooled, batch["dense"]], axis=-1)

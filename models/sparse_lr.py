@@ -1,7 +1,8 @@
 """Sparse logistic regression (realm 2): one weight per hashed feature id, a dense bias.
 
 logit(x) = bias + sum_f w[row(id_f)] * val_f. The weight table is the model's only
-large namespace; its placement (row-sharded on the mesh by default) decides where it lives.
+large namespace; its placement (row-sharded on the mesh by default) decides where it lives:
+`Blocked("model")` splits every example's features over `model` as well (realm 3).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxps.model import sum_pool
 from jaxps.optim.rowwise import FTRL, RowOptimizer
 from jaxps.placement import Placement, RowSharded
 from jaxps.tables.table import Table
@@ -45,4 +47,4 @@ class SparseLR:
 
     def logits(self, dense: nnx.Module, emb: Mapping[str, jax.Array],
                batch: Mapping[str, jax.Array]) -> jax.Array:
-        return jnp.sum(emb["weights"][..., 0] * batch["vals"], axis=-1) + dense.bias[...]
+        return sum_pool(emb["weights"], batch["vals"])[:, 0] + dense.bias[...]

@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxps.model import sum_pool
 from jaxps.models.mlp import _Tower
 from jaxps.optim.rowwise import FTRL, Adagrad, RowOptimizer
-from jaxps.parallel.pipeline import pipeline_forward
-from jaxps.placement import HostTable, Placement, Replicated, RowSharded, Staged
+from jaxps.parallel.pipeline import pipeline_forward, pipelined_loss
+from jaxps.parallel.schedule import build
+from jaxps.placement import Blocked, HostTable, Placement, Replicated, RowSharded, Staged
 from jaxps.tables.table import Table
 
 
@@ -39,8 +41,9 @@ class WideDeepConfig:
     hidden: tuple[int, ...] = (256, 128)
     # A deep tower of `deep_blocks` residual blocks of width `deep_width` instead of
     # `hidden` (0: the plain tower). Its placement: Replicated runs the blocks in turn on
-    # every device; Staged(microbatches=M) pipelines them over the `stage` axis (one block
-    # per stage: deep_blocks must equal the stage axis size). Same numbers either way.
+    # every device; Staged(microbatches=M, schedule=...) pipelines them over the `stage`
+    # axis (one block per stage: deep_blocks must equal the stage axis size) with the
+    # schedule table it names, the loss head on the last stage. Same numbers either way.
     deep_blocks: int = 0
     deep_width: int = 128
     deep_placement: Placement = field(default_factory=Replicated)
@@ -48,6 +51,16 @@ class WideDeepConfig:
 
 def _residual(p, x):
     return x + jax.nn.relu(x @ p["w"] + p["b"])
+
+
+def _to_microbatches(a: jax.Array, m: int) -> jax.Array:
+    """[B, ...] -> [M, B/M, ...], example i in microbatch i % M: each `data` shard's rows
+    stay on it (a contiguous split would move rows between shards)."""
+    return jnp.swapaxes(a.reshape((a.shape[0] // m, m) + a.shape[1:]), 0, 1)
+
+
+def _from_microbatches(a: jax.Array) -> jax.Array:
+    return jnp.swapaxes(a, 0, 1).reshape((-1,) + a.shape[2:])
 
 
 class _Deep(nnx.Module):
@@ -68,6 +81,9 @@ class _Deep(nnx.Module):
 class WideDeep:
     def __init__(self, config: WideDeepConfig | None = None):
         self.config = config or WideDeepConfig()
+        if isinstance(self.config.embed_placement, Blocked):
+            raise ValueError("Wide&Deep concatenates its embeddings slot by slot; a Blocked table reaches "
+                             "the model sum-pooled: place the embeddings row_sharded, host or replicated")
 
     def tables(self) -> list[Table]:
         c = self.config
@@ -81,23 +97,55 @@ class WideDeep:
 
     def logits(self, dense: nnx.Module, emb: Mapping[str, jax.Array],
                batch: Mapping[str, jax.Array]) -> jax.Array:
+        return self._wide(dense, emb, batch) + self._deep(dense, self._deep_input(emb, batch))
+
+    def summed_loss(self, dense: nnx.Module, emb: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
+                    per_example) -> jax.Array:
+        """sum_i w_i * per_example(logit_i, y_i). A staged tower runs its placement's schedule
+        (1F1B interleaves forwards and backwards, so no logits exist before the loss): the
+        output layer and the loss are the pipeline's head on the last stage, and the wide
+        part's logits (with the bias) enter it as an input it differentiates."""
         c = self.config
-        wide = jnp.sum(emb["wide"][..., 0] * batch["vals"], axis=-1)
+        if not (c.deep_blocks and isinstance(c.deep_placement, Staged)):
+            return jnp.sum(batch["weights"] * per_example(self.logits(dense, emb, batch), batch["labels"]))
+        m = c.deep_placement.microbatches
+
+        def head_loss(head, h, y):
+            logits = (h @ head["kernel"] + head["bias"])[..., 0] + y["offset"]
+            return jnp.sum(y["weights"] * per_example(logits, y["labels"]))
+
+        stages = jax.sharding.get_abstract_mesh().shape[c.deep_placement.axis]
+        tower = pipelined_loss(_residual, head_loss, build(c.deep_placement.schedule, stages, m))
+        side = {"offset": self._wide(dense, emb, batch), "labels": batch["labels"], "weights": batch["weights"]}
+        return tower(self._blocks(dense), {"kernel": dense.out.kernel[...], "bias": dense.out.bias[...]},
+                     _to_microbatches(dense.proj(self._deep_input(emb, batch)), m),
+                     jax.tree.map(lambda a: _to_microbatches(a, m), side))
+
+    def _wide(self, dense: nnx.Module, emb: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> jax.Array:
+        """The wide logits plus the shared bias."""
+        return sum_pool(emb["wide"], batch["vals"])[:, 0] + dense.bias[...]
+
+    def _deep_input(self, emb: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> jax.Array:
+        c = self.config
         e = emb["embed"] * batch["vals"][..., None]          # [B, slots, dim], zero where padded
         x = e.reshape(e.shape[0], c.num_slots * c.embed_dim)
         if c.dense_features:
             x = jnp.concatenate([x, batch["dense"]], axis=-1)
-        return wide + self._deep(dense, x) + dense.bias[...]
+        return x
+
+    @staticmethod
+    def _blocks(dense: nnx.Module) -> dict[str, jax.Array]:
+        return {"w": dense.blocks_w[...], "b": dense.blocks_b[...]}
 
     def _deep(self, dense: nnx.Module, x: jax.Array) -> jax.Array:
         c = self.config
         if not c.deep_blocks:
             return dense.tower(x)
         h = dense.proj(x)
-        blocks = {"w": dense.blocks_w[...], "b": dense.blocks_b[...]}
-        if isinstance(c.deep_placement, Staged):
+        blocks = self._blocks(dense)
+        if isinstance(c.deep_placement, Staged):  # forward only here (eval); training: summed_loss
             m = c.deep_placement.microbatches
-            h = pipeline_forward(_residual, blocks, h.reshape((m, h.shape[0] // m) + h.shape[1:])).reshape(h.shape)
+            h = _from_microbatches(pipeline_forward(_residual, blocks, _to_microbatches(h, m)))
         else:
             for i in range(c.deep_blocks):
                 h = _residual(jax.tree.map(lambda a: a[i], blocks), h)

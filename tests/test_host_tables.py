@@ -98,9 +98,11 @@ def test_wide_deep_embeddings_move_between_mesh_and_ps_by_placement_only():
                                np.asarray(dev.state["tables"]["embed"]["params"]), rtol=1e-4, atol=1e-6)
 
 
-def test_wide_deep_tower_staged_over_the_pipeline_equals_replicated():
-    """The deep tower's placement (Replicated vs Staged over 4 stages, GPipe by autodiff
-    through the pipelined forward) changes where it runs, not the numbers."""
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+def test_wide_deep_tower_staged_over_the_pipeline_equals_replicated(schedule):
+    """The deep tower's placement (Replicated vs Staged over 4 stages, run by the schedule
+    table it names with the loss head on the last stage) changes where it runs, not the
+    numbers; evaluation runs the forward-only GPipe loop."""
     from jaxps.models import WideDeep, WideDeepConfig
     from jaxps.placement import Replicated, Staged
     batches = make_batches(3, seed=15)
@@ -115,12 +117,13 @@ def test_wide_deep_tower_staged_over_the_pipeline_equals_replicated():
         t.fit(batches)
         return t
 
-    staged = train(Staged(microbatches=4), make_mesh(MeshConfig(data=2, stage=4)))
+    staged = train(Staged(microbatches=4, schedule=schedule), make_mesh(MeshConfig(data=2, stage=4)))
     plain = train(Replicated(), make_mesh(MeshConfig(data=8)))
     assert staged.state["dense"]["blocks_w"].sharding.spec[0] == "stage"
     np.testing.assert_allclose([h["loss"] for h in staged.history], [h["loss"] for h in plain.history], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(staged.state["dense"]["blocks_w"]),
                                np.asarray(plain.state["dense"]["blocks_w"]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(staged.predict(batches), plain.predict(batches), rtol=1e-5, atol=1e-7)
 
 
 def test_checkpoint_restores_host_tables_onto_another_server_count(tmp_path):

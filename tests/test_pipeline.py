@@ -41,7 +41,7 @@ def test_pipeline_equals_unpipelined(kind, S, M, data):
     ys = jnp.asarray(rng.normal(size=(M, 4 * data, D)), jnp.float32)
     mesh = make_mesh(MeshConfig(data=data, stage=S, model=8 // (data * S)))
     sched = build(kind, S, M)
-    l, g, dx, _ = jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh,
+    l, g, dx, *_ = jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh,
                                                                  input_grads=True))(params, xs, ys)
     l_ref, g_ref = reference(params, xs, ys)
     dx_ref = jax.grad(lambda x: reference(params, x, ys)[0])(xs)
@@ -77,7 +77,7 @@ def test_interleaved_pipeline_equals_unpipelined(S, M, V, data):
     ys = jnp.asarray(rng.normal(size=(M, 2 * data, D)), jnp.float32)
     mesh = make_mesh(MeshConfig(data=data, stage=S, model=8 // (data * S)))
     sched = build("interleaved", S, M, V)
-    l, g, _, _ = jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh))(params, xs, ys)
+    l, g, *_ = jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh))(params, xs, ys)
     # reference over global stages g = c*S + s, in order
     flat = {k: jnp.swapaxes(v, 0, 1).reshape((S * V,) + v.shape[2:]) for k, v in params.items()}
     l_ref, g_ref = reference(flat, xs, ys)
@@ -105,7 +105,7 @@ def test_pipeline_composes_with_tensor_parallel_blocks():
     xs = jnp.asarray(rng.normal(size=(M, 4, D)), jnp.float32)
     ys = jnp.asarray(rng.normal(size=(M, 4, D)), jnp.float32)
     sched = build("1f1b", S, M)
-    l, g, _, _ = jax.jit(lambda p, x, y: pipeline_value_and_grad(mlp_block, loss, p, x, y, sched, mesh))(placed, xs, ys)
+    l, g, *_ = jax.jit(lambda p, x, y: pipeline_value_and_grad(mlp_block, loss, p, x, y, sched, mesh))(placed, xs, ys)
 
     def total(p):
         out = 0.0
@@ -173,3 +173,41 @@ def test_differentiable_gpipe_forward_equals_sequential():
     np.testing.assert_allclose(float(l), float(l_ref), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(g["w"]), np.asarray(g_ref["w"]), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["1f1b", "gpipe"])
+def test_pipelined_loss_is_differentiable_in_all_inputs(kind):
+    """`pipelined_loss`: the schedule computes every gradient, JAX sees an ordinary scalar
+    loss of (params, head, xs, ys) -- what lets a staged tower sit inside a CTR model with
+    layers before it (xs) and a wide part added in its head (ys)."""
+    from jaxps.parallel.pipeline import pipelined_loss
+    S, M = 2, 4
+    rng = np.random.default_rng(6)
+    params = {"w": jnp.asarray(rng.normal(0, 0.3, (S, D, D)), jnp.float32),
+              "b": jnp.asarray(rng.normal(0, 0.1, (S, D)), jnp.float32)}
+    head = {"v": jnp.asarray(rng.normal(size=(D,)), jnp.float32)}
+    xs = jnp.asarray(rng.normal(size=(M, 4, D)), jnp.float32)
+    ys = {"offset": jnp.asarray(rng.normal(size=(M, 4)), jnp.float32),
+          "target": jnp.asarray(rng.normal(size=(M, 4)), jnp.float32)}
+
+    def head_loss(hd, h, y):
+        return 0.5 * jnp.sum((h @ hd["v"] + y["offset"] - y["target"]) ** 2)
+
+    def total(p, hd, x, y):  # unpipelined reference
+        out = 0.0
+        for m in range(M):
+            h = x[m]
+            for s in range(S):
+                h = block(jax.tree.map(lambda a: a[s], p), h)
+            out = out + head_loss(hd, h, jax.tree.map(lambda a: a[m], y))
+        return out
+
+    mesh = make_mesh(MeshConfig(data=2, stage=S, model=2))
+    f = pipelined_loss(block, head_loss, build(kind, S, M), mesh)
+    outer = lambda fn: lambda p, hd, x, y: 3.0 * fn(p, hd, x, y)  # noqa: E731 - a cotangent != 1
+    got = jax.jit(jax.value_and_grad(outer(f), argnums=(0, 1, 2, 3)))(params, head, xs, ys)
+    want = jax.value_and_grad(outer(total), argnums=(0, 1, 2, 3))(params, head, xs, ys)
+    np.testing.assert_allclose(float(jax.jit(f)(params, head, xs, ys)), float(want[0]) / 3, rtol=1e-5)
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)

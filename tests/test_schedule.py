@@ -64,3 +64,16 @@ def test_cli_prints_table_and_draws_png(tmp_path):
     out = tmp_path / "s.png"
     assert main(["schedule", "--kind", "1f1b", "--stages", "4", "--microbatches", "8", "--png", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("kind,S,M,V", [("gpipe", 4, 16, 1), ("1f1b", 4, 16, 1), ("1f1b", 2, 6, 1),
+                                        ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 3)])
+def test_buffer_slots_bound_the_pipeline_buffers(kind, S, M, V):
+    """The executor sizes its activation and gradient buffers by `buffer_slots` (entry m in
+    slot m % slots): 1F1B keeps at most S stage inputs, GPipe all M; a gradient is used
+    the tick after it arrives in these tables, so one or two slots hold them."""
+    acts, grads = build(kind, S, M, V).buffer_slots()
+    assert acts <= {"gpipe": M, "1f1b": S, "interleaved": 2 * S * V}[kind]
+    assert grads <= 2
+    if kind == "gpipe":
+        assert acts == M

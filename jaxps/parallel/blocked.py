@@ -3,8 +3,10 @@ blocks over a mesh axis; each device holds its block of the weights *and of ever
 example*, computes a partial product, and one `psum` of the partials (a [batch] vector,
 not rows or gradients) gives the full result. Each block's gradient stays on its device.
 
-Sparse LR: the host splits each example's nonzeros by owner block (`split_by_block`) and
-dedups each block's rows, so device b receives only block b's ids of every example.
+Sparse LR (and any sum-pooled table): the host splits each example's nonzeros by owner
+block (`split_by_block`) and dedups each block's rows, so device b receives only block b's
+ids of every example; `blocked_pool` is the device half, which the trainer runs for a
+table placed `Blocked(axis)` (jaxps.step).
 Dense: `blocked_dense` contracts x[:, block] with w[block, :] and sums the partials.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxps.optim.rowwise import RowOptimizer
 from jaxps.tables.routing import Router, grown_capacity
+from jaxps.tables.sharded import apply_rows, gather_unique
 
 
 @dataclass
@@ -73,48 +76,43 @@ def split_by_block(rows: np.ndarray, vals: np.ndarray, mask: np.ndarray, rows_pe
     return BlockedBatch(plan.owner_rows, inverse, out_vals, width)
 
 
+def blocked_pool(unique: jax.Array, inverse: jax.Array, vals: jax.Array, mesh: Mesh, axis: str) -> jax.Array:
+    """[B, dim]: each example's val-weighted sum of its rows. unique [Bk, U, dim] holds
+    each block's gathered rows (split over `axis`), inverse/vals [Bk, B, W] each block's
+    share of every example (over `axis`, the batch over `data`). Device b sums its share
+    into a [B, dim] partial; one psum over `axis` adds the blocks. Differentiable: the
+    gradient of block b's rows is computed on device b."""
+
+    def local(u, inv, v):
+        part = jnp.sum(jnp.take(u[0], inv[0], axis=0) * v[0][..., None], axis=1)  # [B, dim]
+        return jax.lax.psum(part, axis)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(axis, "data"), P(axis, "data")),
+                         out_specs=P("data"))(unique, inverse, vals)
+
+
 def blocked_logits(table: jax.Array, rows: jax.Array, inverse: jax.Array, vals: jax.Array,
                    mesh: Mesh, axis: str) -> jax.Array:
     """[B] sum over blocks of each block's w[rows] . vals (table [R, 1] split by rows)."""
-
-    def local(t, r, inv, v):
-        u = jnp.take(t, r[0], axis=0, mode="fill", fill_value=0)[:, 0]   # this block's unique rows
-        partial = jnp.sum(jnp.take(u, inv[0], axis=0) * v[0], axis=-1)    # [B]
-        return jax.lax.psum(partial, axis)
-
-    spec = P(axis)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec), out_specs=P(),
-                         check_vma=False)(table, rows, inverse, vals)
+    return blocked_pool(gather_unique(table, rows, mesh, axis), inverse, vals, mesh, axis)[:, 0]
 
 
 def blocked_lr_step(optimizer: RowOptimizer, table: jax.Array, slots: dict, bias: jax.Array,
                     rows: jax.Array, inverse: jax.Array, vals: jax.Array, labels: jax.Array,
                     weights: jax.Array, step: jax.Array, bias_lr: float, mesh: Mesh, axis: str):
-    """One sparse-LR step on a blocked table: partial logits summed across blocks, then
-    each block updates its own touched rows with the row-wise optimizer (no gradient
-    leaves its device). Summed logloss; SGD on the bias."""
-    names = tuple(sorted(slots))
+    """One sparse-LR step on a blocked table, by the trainer's path for a `Blocked` table:
+    gather each block's planned rows, partial logits summed across blocks (`blocked_pool`),
+    the gradient w.r.t. the gathered rows, then each block updates its own touched rows
+    with the row-wise optimizer (`apply_rows`). Summed logloss; SGD on the bias."""
+    unique = gather_unique(table, rows, mesh, axis)
 
-    def local(t, r, inv, v, y, w, b, step, *slot_arrays):
-        u = jnp.take(t, r[0], axis=0, mode="fill", fill_value=0)          # [U, 1]
-        z = jax.lax.psum(jnp.sum(jnp.take(u[:, 0], inv[0], axis=0) * v[0], axis=-1), axis) + b
-        dz = w * (jax.nn.sigmoid(z) - y)                                  # d(summed logloss)/dz
-        g_occ = dz[:, None] * v[0]                                        # [B, W]
-        g_u = jnp.zeros(u.shape[0], u.dtype).at[inv[0].reshape(-1)].add(g_occ.reshape(-1))[:, None]
-        take = lambda a: jnp.take(a, r[0], axis=0, mode="fill", fill_value=0)  # noqa: E731
-        new_u, new_slots = optimizer.update(jnp, u, {n: take(a) for n, a in zip(names, slot_arrays)},
-                                            g_u, step)
-        put = lambda a, x: a.at[r[0]].set(x, mode="drop")  # noqa: E731
-        loss = jnp.sum(w * (jax.nn.softplus(z) - z * y))
-        return ((put(t, new_u),) + tuple(put(a, new_slots[n]) for n, a in zip(names, slot_arrays))
-                + (b - bias_lr * jnp.sum(dz), loss))
+    def loss_fn(u, b):
+        z = blocked_pool(u, inverse, vals, mesh, axis)[:, 0] + b
+        return jnp.sum(weights * (jax.nn.softplus(z) - z * labels))
 
-    spec = P(axis)
-    out = jax.shard_map(local, mesh=mesh,
-                        in_specs=(spec, spec, spec, spec, P(), P(), P(), P()) + (spec,) * len(names),
-                        out_specs=(spec,) * (1 + len(names)) + (P(), P()), check_vma=False)(
-        table, rows, inverse, vals, labels, weights, bias, step, *(slots[n] for n in names))
-    return out[0], dict(zip(names, out[1:1 + len(names)])), out[-2], out[-1]
+    loss, (g_u, g_b) = jax.value_and_grad(loss_fn, argnums=(0, 1))(unique, bias)
+    table, slots = apply_rows(optimizer, table, slots, rows, g_u, step, mesh, axis)
+    return table, slots, bias - bias_lr * g_b, loss
 
 
 def blocked_dense(x: jax.Array, w: jax.Array, mesh: Mesh, axis: str) -> jax.Array:

@@ -5,12 +5,15 @@ Every device of the `stage` axis runs the same program: a `lax.scan` over the ta
 ticks. At tick t, stage s looks up its op in the table and runs it through `lax.switch`
 (idle / forward / backward; a conditional each device evaluates on its own), then two
 `ppermute`s move the tick's activations one stage down and its input-gradients one stage
-up (collectives stay outside the branches). A forward keeps only its stage input; a
+up (collectives stay outside the per-stage branches; a direction nobody sends in at a tick,
+known from the table, skips its ppermute on every device alike). A forward keeps only its stage input; a
 backward recomputes the stage from that input under `jax.vjp` and accumulates the
-parameter gradients, so a stage holds at most `max_stash` inputs: S for 1F1B, M for
-GPipe, which is 1F1B's memory advantage. Microbatch inputs live in a ring buffer of that
-size, indexed by microbatch modulo the bound (1F1B's live microbatches form a contiguous
-range, so the slots never collide).
+parameter gradients, so a stage holds about S inputs under 1F1B and M under GPipe,
+which is 1F1B's memory advantage. Inputs and arriving gradients live in ring buffers
+indexed by microbatch modulo a bound read off the table (`Schedule.buffer_slots`: the
+widest span of microbatches live at once, so the slots never collide): S and M input
+slots, one gradient slot (a gradient is used the tick after it arrives). Buffers are
+updated one slot per tick, in place.
 
 Interleaved schedules hold V chunks per stage ([s, c] is global stage c*S + s); the
 activations of stage S-1's chunk c wrap to stage 0's chunk c+1 through a ring ppermute.
@@ -20,6 +23,7 @@ pipeline is not differentiated by JAX, it is the differentiation.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -30,6 +34,27 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxps.parallel.schedule import Schedule
 
 IDLE, FWD, BWD = 0, 1, 2
+
+
+def _check_stacked(params: Any, stages: int) -> None:
+    """One entry per stage along every leaf's first axis (else a stage would silently run
+    only the first of its several layers)."""
+    for leaf in jax.tree.leaves(params):
+        if leaf.shape[0] != stages:
+            raise ValueError(f"pipelined parameters are stacked per stage: leading axis {leaf.shape[0]} "
+                             f"!= {stages} stages (one block per stage)")
+
+
+def _shift_if(pred: jax.Array, x: jax.Array, perm: list[tuple[int, int]]) -> jax.Array:
+    """ppermute over `stage` on the ticks that send (pred: uniform across devices), zeros
+    otherwise: GPipe's forward half sends no gradients and its backward half no activations."""
+    return jax.lax.cond(pred, lambda v: jax.lax.ppermute(v, "stage", perm), jnp.zeros_like, x)
+
+
+def _put_if(buf: jax.Array, index: tuple, cond: jax.Array, value: jax.Array) -> jax.Array:
+    """buf with buf[index] = value where cond: a one-slot update XLA does in place (a
+    `where` over the whole buffer would copy it every tick)."""
+    return buf.at[index].set(jnp.where(cond, value, buf[index]))
 
 
 def _table_arrays(sched: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -51,20 +76,24 @@ class PipelineGrads(NamedTuple):
     params: Any                # gradient of the stage-stacked block parameters
     inputs: jax.Array | None   # gradient w.r.t. xs (with input_grads)
     head: Any                  # gradient of the loss head's parameters (with head)
+    targets: Any = None        # gradient w.r.t. ys (with target_grads)
 
 
 def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: Callable[..., jax.Array],
                             params: Any, xs: jax.Array, ys: jax.Array, sched: Schedule,
-                            mesh: Mesh, input_grads: bool = False, head: Any = None) -> PipelineGrads:
+                            mesh: Mesh, input_grads: bool = False, head: Any = None,
+                            target_grads: bool = False) -> PipelineGrads:
     """Sum over microbatches of loss(block_{G-1}(...block_0(x))), and its gradient w.r.t.
     the stacked `params`: every leaf [S, ...] (sharded over `stage`), or [S, V, ...] for an
     interleaved schedule, where [s, c] is global stage c*S + s.
 
     block(p, x) -> h keeps x's shape (a stage's layers); loss(h, y) -> scalar, or
     loss(head, h, y) when `head` (parameters of a loss head, e.g. an LM's output layer,
-    replicated) is given. xs: [M, batch, ...], ys: [M, batch, ...], the batch over `data`.
-    With input_grads, whatever produced xs (embeddings, a layer before the pipeline) can be
-    trained through it, at the cost of an xs-sized buffer on every stage.
+    replicated) is given. xs: [M, batch, ...]; ys: a pytree of [M, batch, ...] float arrays;
+    the batch over `data`. With input_grads, whatever produced xs (embeddings, a layer before
+    the pipeline) can be trained through it, at the cost of an xs-sized buffer on every
+    stage; with target_grads, whatever produced ys too (e.g. a wide part's logits the head
+    adds to the tower's), for a ys-sized buffer.
     """
     if head is None:
         def loss_fn(_, h, y):
@@ -74,10 +103,12 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
     S, M, V = sched.stages, sched.microbatches, sched.virtual
     if mesh.shape["stage"] != S:
         raise ValueError(f"the schedule has {S} stages, the mesh's stage axis {mesh.shape['stage']}")
-    if xs.shape[0] != M or ys.shape[0] != M:
-        raise ValueError(f"expected {M} microbatches, got xs {xs.shape[0]} and ys {ys.shape[0]}")
+    if xs.shape[0] != M or any(y.shape[0] != M for y in jax.tree.leaves(ys)):
+        raise ValueError(f"expected {M} microbatches, got xs {xs.shape[0]} and ys "
+                         f"{[y.shape[0] for y in jax.tree.leaves(ys)]}")
+    _check_stacked(params, S)
     kind_np, mb_np, chunk_np = _table_arrays(sched)
-    K = max(sched.max_stash())  # input/gradient buffer slots per stage and chunk
+    KA, KG = sched.buffer_slots()  # activation / gradient slots per stage and chunk (m -> m % K)
     # ring neighbours: with virtual chunks, stage S-1's chunk c feeds stage 0's chunk c+1
     up = [(s, (s + 1) % S) for s in range(S if V > 1 else S - 1)]    # activations
     down = [((s + 1) % S, s) for s in range(S if V > 1 else S - 1)]  # input-gradients
@@ -86,6 +117,9 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
         p = jax.tree.map(lambda a: a[0], p)  # this stage's parameters ([V, ...] if virtual)
         s = jax.lax.axis_index("stage")
         kinds, mbs, chunks = jnp.asarray(kind_np), jnp.asarray(mb_np), jnp.asarray(chunk_np)
+        # ticks on which some stage runs a forward (backward): only then is there anything
+        # to shift; the same on every device, so skipping the collective is safe
+        sends_fwd, sends_bwd = jnp.asarray((kind_np == FWD).any(1)), jnp.asarray((kind_np == BWD).any(1))
         x0 = xs[0]
         prev, nxt = (s - 1) % S, (s + 1) % S
 
@@ -93,75 +127,114 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
             return jax.tree.map(lambda a: a[c], p) if V > 1 else p
 
         def tick(carry, t):
-            acts, grads_in, gsum, lsum, dxs, hsum = carry
+            acts, grads_in, gsum, lsum, dxs, hsum, dys = carry
             k, m, c = kinds[t, s], mbs[t, s], chunks[t, s]
+            y_m = jax.tree.map(lambda a: a[m], ys)
             first = (s == 0) & (c == 0)
             last = (s == S - 1) & (c == V - 1)
-            x_in = jnp.where(first, xs[m], acts[c, m % K])
+            x_in = jnp.where(first, xs[m], acts[c, m % KA])
             pc = chunk_params(c)
 
-            no_head = jax.tree.map(jnp.zeros_like, hp)
+            zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+            no_y = zeros(y_m) if target_grads else ()
 
             def idle(_):
-                return jnp.zeros_like(x0), jnp.zeros_like(x0), jax.tree.map(jnp.zeros_like, pc), 0.0, no_head
+                return jnp.zeros_like(x0), jnp.zeros_like(x0), zeros(pc), 0.0, zeros(hp), no_y
 
             def fwd(_):
                 h = block(pc, x_in)
-                l_m = jnp.where(last, loss_fn(hp, h, ys[m]), 0.0)
-                return h, jnp.zeros_like(x0), jax.tree.map(jnp.zeros_like, pc), l_m, no_head
+                l_m = jnp.where(last, loss_fn(hp, h, y_m), 0.0)
+                return h, jnp.zeros_like(x0), zeros(pc), l_m, zeros(hp), no_y
 
             def bwd(_):
                 h, pullback = jax.vjp(block, pc, x_in)
-                g_head, g_loss = jax.grad(loss_fn, argnums=(0, 1))(hp, h, ys[m])
-                g_h = jnp.where(last, g_loss, grads_in[c, m % K])
+                g = jax.grad(loss_fn, argnums=(0, 1, 2) if target_grads else (0, 1))(hp, h, y_m)
+                g_head, g_loss, g_y = g if target_grads else g + ((),)
+                g_h = jnp.where(last, g_loss, grads_in[c, m % KG])
                 dp, dx = pullback(g_h)
-                g_head = jax.tree.map(lambda g: jnp.where(last, g, jnp.zeros_like(g)), g_head)
-                return jnp.zeros_like(x0), dx, dp, 0.0, g_head
+                only_last = functools.partial(jax.tree.map, lambda g: jnp.where(last, g, jnp.zeros_like(g)))
+                return jnp.zeros_like(x0), dx, dp, 0.0, only_last(g_head), only_last(g_y) if target_grads else ()
 
-            h, dx, dp, l_m, dh = jax.lax.switch(k, (idle, fwd, bwd), None)
+            h, dx, dp, l_m, dh, dy = jax.lax.switch(k, (idle, fwd, bwd), None)
             hsum = jax.tree.map(jnp.add, hsum, dh)
+            if target_grads:  # the last global stage's backward of microbatch m: d loss / d ys[m]
+                dys = jax.tree.map(lambda d, g: _put_if(d, (m,), last & (k == BWD), g), dys, dy)
             # what arrives here this tick, for which microbatch and chunk (from the table):
             # from stage s-1's chunk c (or stage S-1's chunk c-1 when s == 0), and back from
             # stage s+1's chunk c (or stage 0's chunk c+1 when s == S-1)
-            h_in = jax.lax.ppermute(h, "stage", up)
-            dx_in = jax.lax.ppermute(dx, "stage", down)
+            h_in = _shift_if(sends_fwd[t], h, up)
+            dx_in = _shift_if(sends_bwd[t], dx, down)
             c_up = chunks[t, prev] + jnp.where(s == 0, 1, 0)
             c_down = chunks[t, nxt] - jnp.where(s == S - 1, 1, 0)
             got_act = (kinds[t, prev] == FWD) & ((s > 0) | (c_up < V)) & (S > 1)
             got_grad = (kinds[t, nxt] == BWD) & ((s < S - 1) | (c_down >= 0)) & (S > 1)
-            acts = jnp.where(got_act, acts.at[jnp.clip(c_up, 0, V - 1), mbs[t, prev] % K].set(h_in), acts)
-            grads_in = jnp.where(got_grad, grads_in.at[jnp.clip(c_down, 0, V - 1), mbs[t, nxt] % K].set(dx_in),
-                                 grads_in)
+            acts = _put_if(acts, (jnp.clip(c_up, 0, V - 1), mbs[t, prev] % KA), got_act, h_in)
+            grads_in = _put_if(grads_in, (jnp.clip(c_down, 0, V - 1), mbs[t, nxt] % KG), got_grad, dx_in)
             if V > 1:
                 gsum = jax.tree.map(lambda g, d: g.at[c].add(d), gsum, dp)
             else:
                 gsum = jax.tree.map(jnp.add, gsum, dp)
             # the first global stage's input gradient is d loss / d xs[m]
             if input_grads:
-                dxs = jnp.where(first & (k == BWD), dxs.at[m].set(dx), dxs)
-            return (acts, grads_in, gsum, lsum + l_m, dxs, hsum), None
+                dxs = _put_if(dxs, (m,), first & (k == BWD), dx)
+            return (acts, grads_in, gsum, lsum + l_m, dxs, hsum, dys), None
 
-        buf = jnp.zeros((V, K) + x0.shape, x0.dtype)
-        init = (buf, buf, jax.tree.map(jnp.zeros_like, p), jnp.zeros((), jnp.float32),
+        init = (jnp.zeros((V, KA) + x0.shape, x0.dtype), jnp.zeros((V, KG) + x0.shape, x0.dtype), jax.tree.map(jnp.zeros_like, p), jnp.zeros((), jnp.float32),
                 jnp.zeros_like(xs) if input_grads else jnp.zeros((), xs.dtype),
-                jax.tree.map(jnp.zeros_like, hp))
-        (_, _, gsum, lsum, dxs, hsum), _ = jax.lax.scan(tick, init, jnp.arange(kind_np.shape[0]))
+                jax.tree.map(jnp.zeros_like, hp), jax.tree.map(jnp.zeros_like, ys) if target_grads else ())
+        (_, _, gsum, lsum, dxs, hsum, dys), _ = jax.lax.scan(tick, init, jnp.arange(kind_np.shape[0]))
         hsum = jax.tree.map(lambda g: jax.lax.psum(g, ("stage", "data")), hsum)  # last stage only
         lsum = jax.lax.psum(lsum, ("stage", "data"))          # only the last stage holds loss
         gsum = jax.tree.map(lambda g: jax.lax.psum(g, "data")[None], gsum)
         dxs = jax.lax.psum(dxs, "stage") if input_grads else dxs  # held by stage 0 only
-        return lsum, gsum, dxs, hsum
+        dys = jax.tree.map(lambda d: jax.lax.psum(d, "stage"), dys)  # held by the last stage only
+        return lsum, gsum, dxs, hsum, dys
 
     stage_spec = jax.tree.map(lambda _: P("stage"), params)
     data_spec = P(None, "data")
+    ys_spec = jax.tree.map(lambda _: data_spec, ys)
     head_tree = head if head is not None else jnp.zeros(())
     head_spec = jax.tree.map(lambda _: P(), head_tree)
-    loss_sum, grads, dxs, head_grads = jax.shard_map(
-        run, mesh=mesh, in_specs=(stage_spec, head_spec, data_spec, data_spec),
-        out_specs=(P(), stage_spec, data_spec if input_grads else P(), head_spec),
+    loss_sum, grads, dxs, head_grads, dys = jax.shard_map(
+        run, mesh=mesh, in_specs=(stage_spec, head_spec, data_spec, ys_spec),
+        out_specs=(P(), stage_spec, data_spec if input_grads else P(), head_spec,
+                   ys_spec if target_grads else ()),
         axis_names={"stage", "data"}, check_vma=False)(params, head_tree, xs, ys)
     return PipelineGrads(loss_sum, grads, dxs if input_grads else None,
-                         head_grads if head is not None else None)
+                         head_grads if head is not None else None, dys if target_grads else None)
+
+
+def pipelined_loss(block: Callable[[Any, jax.Array], jax.Array], loss: Callable[[Any, jax.Array, Any], jax.Array],
+                   sched: Schedule, mesh: Mesh | None = None) -> Callable[[Any, Any, jax.Array, Any], jax.Array]:
+    """f(params, head, xs, ys) = sum over microbatches m of loss(head, tower(xs[m]), ys[m]),
+    a scalar JAX can differentiate w.r.t. all four arguments, so a pipelined tower sits
+    inside an ordinary loss (embeddings before it, a wide part added in its head).
+
+    Its gradient is not autodiff's: differentiating runs `sched` (GPipe or 1F1B) as one SPMD
+    program that computes the loss and every gradient at once (`pipeline_value_and_grad`),
+    and the backward pass only scales those by the incoming cotangent. This works because
+    f is the loss: the cotangent is a scalar. Evaluated without a gradient, f runs the
+    forward-only GPipe loop (`pipeline_forward`). `mesh` defaults to the ambient one."""
+
+    def value_and_grads(params, head, xs, ys):
+        m = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+        return pipeline_value_and_grad(block, loss, params, xs, ys, sched, m, input_grads=True,
+                                       head=head, target_grads=True)
+
+    @jax.custom_vjp
+    def f(params, head, xs, ys):
+        outs = pipeline_forward(block, params, xs, mesh)
+        return jnp.sum(jax.vmap(loss, in_axes=(None, 0, 0))(head, outs, ys))
+
+    def f_fwd(params, head, xs, ys):
+        r = value_and_grads(params, head, xs, ys)
+        return r.loss, (r.params, r.head, r.inputs, r.targets)
+
+    def f_bwd(grads, g):
+        return jax.tree.map(lambda a: (g * a).astype(a.dtype), grads)
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
 
 
 def pipeline_forward(block: Callable[[Any, jax.Array], jax.Array], params: Any, xs: jax.Array,
@@ -174,6 +247,7 @@ def pipeline_forward(block: Callable[[Any, jax.Array], jax.Array], params: Any, 
     defaults to the ambient one (`jax.sharding.use_abstract_mesh`; the trainer's step sets it)."""
     mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
     S, M = mesh.shape["stage"], xs.shape[0]
+    _check_stacked(params, S)
     up = [(s, s + 1) for s in range(S - 1)]
 
     def run(p, xs):

@@ -67,6 +67,37 @@ class Schedule:
                 peak[s] = max(peak[s], live[s])
         return peak
 
+    def buffer_slots(self) -> tuple[int, int]:
+        """(activation slots, gradient slots) a stage needs per chunk when an entry for
+        microbatch m lives in slot m % slots: the widest span of microbatches live at once
+        on any (stage, chunk). An activation lives from its arrival (end of the tick the
+        previous global stage ran its forward) until this stage's backward of it (which
+        recomputes from it); a gradient from its arrival (the next global stage's backward)
+        until this stage's backward. The first global stage reads its inputs from xs and
+        the last makes its own gradient, so they hold none of either."""
+        S, G = self.stages, self.stages * self.virtual
+        acts: dict[tuple[int, int], set[int]] = {}
+        grads: dict[tuple[int, int], set[int]] = {}
+        widest = [1, 1]
+        for row in self.table:
+            for s, op in enumerate(row):  # this tick's backwards consume their entries...
+                if op is not None and op.kind == "B":
+                    acts.get((s, op.chunk), set()).discard(op.microbatch)
+                    grads.get((s, op.chunk), set()).discard(op.microbatch)
+            for s, op in enumerate(row):  # ...then what this tick sent arrives
+                if op is None:
+                    continue
+                g = self.global_stage(s, op.chunk)
+                if op.kind == "F" and g < G - 1:
+                    acts.setdefault(((g + 1) % S, (g + 1) // S), set()).add(op.microbatch)
+                elif op.kind == "B" and g > 0:
+                    grads.setdefault(((g - 1) % S, (g - 1) // S), set()).add(op.microbatch)
+            for i, live in enumerate((acts, grads)):
+                for ms in live.values():
+                    if ms:
+                        widest[i] = max(widest[i], max(ms) - min(ms) + 1)
+        return widest[0], widest[1]
+
     def render(self) -> str:
         """The table as text: one line per stage, one column per tick."""
         width = max((len(str(op)) for row in self.table for op in row if op), default=1)
