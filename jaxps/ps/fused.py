@@ -25,14 +25,16 @@ from jaxps.optim.rowwise import SGD, Adagrad, RowOptimizer
 
 @numba.njit(cache=True, nogil=True)
 def _touch(values, slots):
-    """Read one element of each row: independent loads whose cache misses overlap."""
+    """Read each row's first and last element (a row may straddle two cache lines):
+    independent loads whose cache misses overlap, before the update reads the rows."""
     t = np.float32(0)
+    last = values.shape[1] - 1
     for i in range(slots.shape[0]):
-        t += values[slots[i], 0]
+        t += values[slots[i], 0] + values[slots[i], last]
     return t
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")  # inf/nan as numpy, no raise branch
 def _adagrad(values, acc, slots, grads, grows, lr, eps, tmp_p, tmp_a):
     """Adagrad (rowwise.Adagrad.update) on rows `slots` with grads[grows[i]], in place."""
     n, dim = slots.shape[0], values.shape[1]
@@ -52,7 +54,7 @@ def _adagrad(values, acc, slots, grads, grows, lr, eps, tmp_p, tmp_a):
     return t
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _sgd(values, slots, grads, grows, lr, tmp_p):
     """SGD (rowwise.SGD.update) on rows `slots` with grads[grows[i]], in place."""
     n, dim = slots.shape[0], values.shape[1]
