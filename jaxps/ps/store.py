@@ -39,8 +39,11 @@ def init_rows(keys: np.ndarray, dim: int, scale: float, seed: int) -> np.ndarray
 class PartitionStore:
     """Rows `values[:size]` and optimizer slots `slots[name][:size]` ([capacity, dim]
     float32, capacity grown by 1.25x so at most a quarter is headroom), by the index's
-    slot. Gathers and scatters go through np.take / np.put on one-void-per-row views of
-    the arrays (3-10x faster than 2-D fancy indexing, PS_NOTES.md)."""
+    slot. A pull's index lookup and row gather are one numba call writing straight into
+    the reply; a push with Adagrad or SGD updates its rows in place in one numba pass
+    (`jaxps.ps.fused`, bit-identical to the optimizer's numpy update); other optimizers
+    gather and scatter through np.take / np.put on one-void-per-row views of the arrays
+    (3-10x faster than 2-D fancy indexing, PS_NOTES.md)."""
 
     dim: int
     optimizer: RowOptimizer
