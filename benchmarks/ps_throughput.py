@@ -6,7 +6,8 @@ random existing keys: one pull and one push (find, gather values + accumulator, 
 Adagrad, scatter both back) per batch. The floor, measured in the same run on a flat table
 of the same rows: numpy gather + scatter of the same number of random rows of every array
 the update touches (values and accumulator), with the fastest idiom (np.take / np.put on
-void row views, PS_NOTES.md). ratio_vs_floor = PS rows/s / floor rows/s.
+void row views, PS_NOTES.md), timed in rounds interleaved with the PS's (one floor batch,
+then one PS batch of the same rows). ratio_vs_floor = PS rows/s / floor rows/s.
 
 If a gRPC transport exists (jaxps/ps/grpc_transport.py), 2 server processes over gRPC are
 measured the same way and compared with in-process (grpc_ratio_vs_inprocess).
@@ -46,33 +47,40 @@ def batches_of_rows(n_rows: int, batch: int, count: int, seed: int) -> list[np.n
     return [rng.choice(n_rows, batch, replace=False) for _ in range(count)]
 
 
-def measure_floor(n_rows: int, dim: int, row_batches: list[np.ndarray]) -> dict:
-    """Gather + scatter of values and accumulator rows (np.take / np.put on void row views)."""
-    values = np.empty((n_rows, dim), np.float32)
-    acc = np.empty((n_rows, dim), np.float32)
-    values.fill(0.5)  # touch every page: untouched zero pages would read unrealistically fast
-    acc.fill(0.1)
-    row = np.dtype((np.void, 4 * dim))
-    vv, av = values.view(row).reshape(-1), acc.view(row).reshape(-1)
-    b = row_batches[0].shape[0]
-    vbuf, abuf = np.empty((b, dim), np.float32), np.empty((b, dim), np.float32)
-    vbv, abv = vbuf.view(row).reshape(-1), abuf.view(row).reshape(-1)
-    np.take(vv, row_batches[0], out=vbv)  # warm
-    t0 = time.perf_counter()
-    for rows in row_batches:
-        np.take(vv, rows, out=vbv)
-        np.take(av, rows, out=abv)
-        np.put(vv, rows, vbv)
-        np.put(av, rows, abv)
-    s = time.perf_counter() - t0
-    n = sum(r.shape[0] for r in row_batches)
-    del values, acc
-    gc.collect()
-    return {"rows_per_sec": n / s, "ns_per_row": 1e9 * s / n, "seconds": s}
+class Floor:
+    """Gather + scatter of values and accumulator rows (np.take / np.put on void row views)
+    on a flat table of n_rows, one batch per `round`: timed in rounds interleaved with the
+    PS's, so both see the same machine (these VMs drift by 1.5x between minutes)."""
+
+    def __init__(self, n_rows: int, dim: int, batch: int):
+        self.values = np.empty((n_rows, dim), np.float32)
+        self.acc = np.empty((n_rows, dim), np.float32)
+        self.values.fill(0.5)  # touch every page: untouched zero pages would read unrealistically fast
+        self.acc.fill(0.1)
+        row = np.dtype((np.void, 4 * dim))
+        self.vv, self.av = self.values.view(row).reshape(-1), self.acc.view(row).reshape(-1)
+        self.vbuf, self.abuf = np.empty(batch, row), np.empty(batch, row)
+        self.seconds, self.rows = 0.0, 0
+
+    def round(self, rows: np.ndarray, timed: bool = True) -> None:
+        t0 = time.perf_counter()
+        np.take(self.vv, rows, out=self.vbuf)
+        np.take(self.av, rows, out=self.abuf)
+        np.put(self.vv, rows, self.vbuf)
+        np.put(self.av, rows, self.abuf)
+        if timed:
+            self.seconds += time.perf_counter() - t0
+            self.rows += rows.shape[0]
+
+    def result(self) -> dict:
+        return {"rows_per_sec": self.rows / self.seconds, "ns_per_row": 1e9 * self.seconds / self.rows,
+                "seconds": self.seconds}
 
 
 def run_ps(client, keys_all: np.ndarray, key_batches: list[np.ndarray], dim: int, prepop_batch: int,
-           table: str = "t") -> dict:
+           table: str = "t", between=None) -> dict:
+    """Prepopulate, then time pull + push of each batch; `between(i)` (untimed here) runs
+    before batch i: the floor's interleaved round."""
     rng = np.random.default_rng(1)
     t0 = time.perf_counter()
     zeros = np.zeros((prepop_batch, dim), np.float32)
@@ -84,6 +92,8 @@ def run_ps(client, keys_all: np.ndarray, key_batches: list[np.ndarray], dim: int
     client.pull(table, key_batches[0])  # warm (compiles nothing new, touches code paths)
     pull_s = push_s = 0.0
     for step, keys in enumerate(key_batches, start=2):
+        if between is not None:
+            between(step - 2)
         t0 = time.perf_counter()
         client.pull(table, keys)
         t1 = time.perf_counter()
@@ -174,7 +184,8 @@ def main(argv=None) -> int:
 
     row_batches = batches_of_rows(n_rows, batch, nb, seed=0)
     rss0 = rss_bytes()
-    floor = measure_floor(n_rows, dim, row_batches)
+    floor = Floor(n_rows, dim, batch)
+    floor.round(row_batches[0], timed=False)  # warm
 
     from jaxps.ps.client import embedded
     from jaxps.ps.server import TableSpec
@@ -184,13 +195,16 @@ def main(argv=None) -> int:
     spec = TableSpec("t", dim, opt)
     client = embedded([spec], servers=1, num_partitions=args.partitions)
     rss1 = rss_bytes()
-    ps = run_ps(client, keys_all, key_batches, dim, args.prepop_batch)
+    ps = run_ps(client, keys_all, key_batches, dim, args.prepop_batch,
+                between=lambda i: floor.round(row_batches[i]))
     stats = next(iter(client.stats().values()))["t"]
     ps["rss_growth_bytes"] = rss_bytes() - rss1
     ps["store_bytes"] = stats["bytes"]
     assert stats["keys"] == n_rows, stats
     client.close()
     del client
+    floor_res = floor.result()
+    del floor
     gc.collect()
 
     raw = n_rows * (8 + 2 * 4 * dim)
@@ -202,14 +216,15 @@ def main(argv=None) -> int:
         "table_bytes_values_and_accumulator": n_rows * 2 * 4 * dim,
         "raw_bytes_keys_values_accumulator": raw,
         "store_bytes": ps["store_bytes"], "store_bytes_per_raw": ps["store_bytes"] / raw,
-        "ps_rows_per_sec": ps["rows_per_sec"], "floor_rows_per_sec": floor["rows_per_sec"],
-        "ratio_vs_floor": ps["rows_per_sec"] / floor["rows_per_sec"],
+        "ps_rows_per_sec": ps["rows_per_sec"], "floor_rows_per_sec": floor_res["rows_per_sec"],
+        "ratio_vs_floor": ps["rows_per_sec"] / floor_res["rows_per_sec"],
         "ps_pull_rows_per_sec": ps["pull_rows_per_sec"], "ps_push_rows_per_sec": ps["push_rows_per_sec"],
-        "floor_ns_per_row": floor["ns_per_row"], "ps_ns_per_row": 1e9 / ps["rows_per_sec"],
+        "floor_ns_per_row": floor_res["ns_per_row"], "ps_ns_per_row": 1e9 / ps["rows_per_sec"],
         "prepopulate_seconds": ps["prepopulate_seconds"],
         "prepopulate_rows_per_sec": ps["prepopulate_rows_per_sec"],
         "ps_rss_growth_bytes": ps["rss_growth_bytes"], "rss_before_bytes": rss0,
         "floor_definition": "np.take + np.put on void row views of values and accumulator, same row count",
+        "floor_timing": "one floor batch before each PS batch (interleaved rounds, same rows)",
     }
     g = None
     if args.no_grpc:

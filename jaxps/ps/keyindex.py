@@ -132,6 +132,28 @@ def _rebuild(buckets, kbits, shift, tshift, skeys, size):
         buckets[h] = (tag << kbits) | np.uint64(s + 1)
 
 
+@numba.njit(cache=True, nogil=True)
+def _find_gather(buckets, kbits, shift, tshift, skeys, keys, values, out, pos, slots, sink):
+    """A pull's partition in one call: slots[i] = slot of keys[i] or -1, and
+    out[pos[i]] = values[slots[i]] for the stored ones (absent rows are left to the
+    caller). A touch pass over the rows first overlaps their cache misses. Returns the
+    number of absent keys."""
+    missing = _find(buckets, kbits, shift, tshift, skeys, keys, slots, sink)
+    dim = values.shape[1]
+    t = np.float32(0)
+    for i in range(keys.shape[0]):
+        if slots[i] >= 0:
+            t += values[slots[i], 0]
+    for i in range(keys.shape[0]):
+        s = slots[i]
+        if s >= 0:
+            p = pos[i]
+            for j in range(dim):
+                out[p, j] = values[s, j]
+    sink[0] = np.uint64(t != 0)
+    return missing
+
+
 class KeyIndex:
     """Maps uint64 keys to slots 0..size-1 in insertion order. Not thread-safe: one
     index per partition, guarded by the partition's lock."""
@@ -197,6 +219,16 @@ class KeyIndex:
                 if self.size >= self._skeys.shape[0]:
                     self._grow_keys(self.size + 1)
         return out, is_new
+
+    def find_gather(self, keys: np.ndarray, values: np.ndarray, out: np.ndarray,
+                    pos: np.ndarray) -> tuple[np.ndarray, int]:
+        """out[pos[i]] = values[slot of keys[i]] for every stored key, in one numba call;
+        returns (slot of each key or -1, number of absent keys: their rows are not written)."""
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        slots = np.empty(keys.shape[0], np.int64)
+        missing = _find_gather(self._buckets, self._kbits, self._shift, self._tshift, self._skeys, keys,
+                               values, out, pos, slots, self._sink)
+        return slots, int(missing)
 
     def keys(self) -> np.ndarray:
         """Every key, ordered by slot."""

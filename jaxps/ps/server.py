@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxps.memory import put_rows, take_rows
+from jaxps.memory import take_rows
 from jaxps.optim import rowwise
 from jaxps.optim.rowwise import RowOptimizer
 from jaxps.ps.clock import DONE, GroupClocks, Sync, SyncTimeout
@@ -271,13 +271,11 @@ class PSServer:
         for part in parts:
             self._check(table, int(part))
         ordered_keys = keys[order]
-        ordered = np.empty((keys.shape[0], spec.dim), np.float32)
+        out = np.empty((keys.shape[0], spec.dim), np.float32)
         for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
             store, lock = self._store(table, part)
-            with lock:
-                ordered[lo:hi] = store.pull(ordered_keys[lo:hi])
-        out = np.empty_like(ordered)
-        put_rows(out, order, ordered)
+            with lock:  # rows land at their request positions: no un-permuting copy
+                store.pull_into(ordered_keys[lo:hi], out, order[lo:hi])
         s = self._stats[table]
         s["pulls"] += 1
         s["pulled_keys"] += keys.shape[0]
@@ -303,7 +301,7 @@ class PSServer:
             order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
             for part in parts:
                 self._check(table, int(part), write=True)
-            ordered_keys, ordered_grads = keys[order], take_rows(grads, order)
+            ordered_keys = keys[order]
             for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
                 store, lock = self._store(table, part)
                 with lock:
@@ -321,9 +319,9 @@ class PSServer:
                                               f"BSP a group pushes a step before it advances its clock past it")
                             self._held.setdefault(step, []).append(
                                 (group, table, part, cid, seq, ordered_keys[lo:hi].copy(),
-                                 ordered_grads[lo:hi].copy()))
-                    else:
-                        store.push(ordered_keys[lo:hi], ordered_grads[lo:hi], step)
+                                 take_rows(grads, order[lo:hi])))
+                    else:  # grads stay where they are: the store reads rows order[lo:hi]
+                        store.push(ordered_keys[lo:hi], grads, step, order[lo:hi])
                     marks[cid] = seq
                     applied = True
         s = self._stats[table]

@@ -15,7 +15,10 @@ import numpy as np
 from jaxps.hashing import GOLDEN, mix64
 from jaxps.optim.rowwise import RowOptimizer
 from jaxps.memory import row_view, take_rows
+from jaxps.ps.fused import fused_update
 from jaxps.ps.keyindex import KeyIndex, grown_capacity
+
+FUSED = True  # use jaxps.ps.fused kernels where they equal the numpy update (tests turn it off)
 
 
 def init_rows(keys: np.ndarray, dim: int, scale: float, seed: int) -> np.ndarray:
@@ -36,8 +39,11 @@ def init_rows(keys: np.ndarray, dim: int, scale: float, seed: int) -> np.ndarray
 class PartitionStore:
     """Rows `values[:size]` and optimizer slots `slots[name][:size]` ([capacity, dim]
     float32, capacity grown by 1.25x so at most a quarter is headroom), by the index's
-    slot. Gathers and scatters go through np.take / np.put on one-void-per-row views of
-    the arrays (3-10x faster than 2-D fancy indexing, PS_NOTES.md)."""
+    slot. A pull's index lookup and row gather are one numba call writing straight into
+    the reply; a push with Adagrad or SGD updates its rows in place in one numba pass
+    (`jaxps.ps.fused`, bit-identical to the optimizer's numpy update); other optimizers
+    gather and scatter through np.take / np.put on one-void-per-row views of the arrays
+    (3-10x faster than 2-D fancy indexing, PS_NOTES.md)."""
 
     dim: int
     optimizer: RowOptimizer
@@ -64,6 +70,7 @@ class PartitionStore:
         self.rejected = 0   # key pushes dropped while below min_count
         self.evicted = 0    # rows removed by the row budget
         self._views()
+        self._fused = fused_update(self.optimizer) if FUSED else None
 
     def _views(self) -> None:
         self._vview = self._rows(self.values)
@@ -93,15 +100,18 @@ class PartitionStore:
 
     def pull(self, keys: np.ndarray) -> np.ndarray:
         """Rows of `keys` [n, dim]; unseen keys read as their initial rows."""
-        slots, n_missing = self.index.find_count(keys)
-        if n_missing == slots.shape[0]:
-            return init_rows(np.asarray(keys, np.uint64), self.dim, self.init_scale, self.seed)
-        if not n_missing:
-            return self._gather(self._vview, slots)
-        missing = slots < 0
-        out = self._gather(self._vview, np.where(missing, 0, slots))
-        out[missing] = init_rows(np.asarray(keys, np.uint64)[missing], self.dim, self.init_scale, self.seed)
+        out = np.empty((keys.shape[0], self.dim), np.float32)
+        self.pull_into(keys, out, np.arange(keys.shape[0]))
         return out
+
+    def pull_into(self, keys: np.ndarray, out: np.ndarray, pos: np.ndarray) -> None:
+        """out[pos[i]] = row of keys[i] (its initial row when unseen): index lookup and row
+        gather in one numba call, straight into the caller's [N, dim] float32 buffer."""
+        slots, n_missing = self.index.find_gather(keys, self.values, out, pos)
+        if n_missing:
+            missing = np.flatnonzero(slots < 0)
+            out[pos[missing]] = init_rows(np.asarray(keys, np.uint64)[missing], self.dim, self.init_scale,
+                                          self.seed)
 
     def _admit(self, keys: np.ndarray) -> np.ndarray | None:
         """Positions of the keys that may be stored now (None: all of them). A key not yet
@@ -124,20 +134,26 @@ class PartitionStore:
         keep[missing[~admit]] = False
         return np.flatnonzero(keep)
 
-    def push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
-        """Apply summed gradients [n, dim] of unique `keys` with the row-wise optimizer."""
+    def push(self, keys: np.ndarray, grads: np.ndarray, step: int, grad_rows: np.ndarray | None = None) -> None:
+        """Apply summed gradients of unique `keys` with the row-wise optimizer: key i's is
+        grads[i], or grads[grad_rows[i]] when given (a server passes its whole request's
+        grads and the partition's positions in it, saving a permuted copy)."""
         keys = np.asarray(keys, np.uint64)
         if self.min_count > 1:
             keep = self._admit(keys)
             if keep is not None:
-                keys, grads = keys[keep], take_rows(grads, keep)
+                keys = keys[keep]
+                if grad_rows is None:
+                    grads = take_rows(grads, keep)
+                else:
+                    grad_rows = grad_rows[keep]
                 if not keys.size:
                     return
-        self._push(keys, grads, step)
+        self._push(keys, grads, step, grad_rows)
         if self.max_rows is not None and self.size > self.max_rows:
             self._evict()
 
-    def _push(self, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
+    def _push(self, keys: np.ndarray, grads: np.ndarray, step: int, grad_rows: np.ndarray | None) -> None:
         slots, is_new = self.index.find_or_insert(keys)
         self._reserve(self.index.size)
         fresh = np.flatnonzero(is_new)
@@ -148,6 +164,17 @@ class PartitionStore:
             for name, view in self._sviews.items():
                 fill = np.full((rows.shape[0], self.dim), self.optimizer.slot_init(name), np.float32)
                 np.put(view, rows, self._rows(fill))
+        if self._fused is not None:  # bit-identical to the numpy path below (jaxps.ps.fused)
+            grads = np.ascontiguousarray(grads, np.float32)
+            self._fused(self.values, self.slots, slots, grads,
+                        np.arange(slots.shape[0]) if grad_rows is None else grad_rows)
+        else:
+            self._update_numpy(slots, grads if grad_rows is None else take_rows(grads, grad_rows), step)
+        if self.max_rows is not None:  # only eviction reads it: a random write per row saved
+            self.last_step[slots] = step
+
+    def _update_numpy(self, slots: np.ndarray, grads: np.ndarray, step: int) -> None:
+        """Gather rows and slots, `optimizer.update(numpy, ...)`, scatter them back."""
         params = self._gather(self._vview, slots)
         state = {name: self._gather(view, slots) for name, view in self._sviews.items()}
         new_params, new_state = self.optimizer.update(np, params, state, grads.astype(np.float32, copy=False),
@@ -155,8 +182,6 @@ class PartitionStore:
         np.put(self._vview, slots, self._rows(np.ascontiguousarray(new_params, np.float32)))
         for name, view in self._sviews.items():
             np.put(view, slots, self._rows(np.ascontiguousarray(new_state[name], np.float32)))
-        if self.max_rows is not None:  # only eviction reads it: a random write per row saved
-            self.last_step[slots] = step
 
     def export(self) -> dict[str, np.ndarray]:
         """Every stored row: keys [n], values [n, dim], each optimizer slot [n, dim]."""
