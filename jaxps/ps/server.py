@@ -309,7 +309,7 @@ class PSServer:
                     if seq <= marks.get(cid, -1):  # applied (or held) before: a retry
                         continue
                     if not hold and group >= 0 and self.cut_every and self._held_for_cut(
-                            (step, group, table, part, cid, seq), ordered_keys[lo:hi], ordered_grads[lo:hi]):
+                            (step, group, table, part, cid, seq), ordered_keys[lo:hi], grads, order[lo:hi]):
                         pass  # SSP/ASP: kept until the pending cut is taken
                     elif hold:  # BSP: kept until every group completed `step`
                         with self._held_lock:
@@ -332,13 +332,13 @@ class PSServer:
         s["pushed_keys"] += keys.shape[0]
         return True
 
-    def _held_for_cut(self, head: tuple, keys: np.ndarray, grads: np.ndarray) -> bool:
-        """Hold a push of a step past the next cut (a copy of the rows at a step every group
-        completed) until that cut is taken; False: apply it now."""
+    def _held_for_cut(self, head: tuple, keys: np.ndarray, grads: np.ndarray, rows: np.ndarray) -> bool:
+        """Hold a push (its `rows` of `grads`) of a step past the next cut (a copy of the
+        rows at a step every group completed) until that cut is taken; False: apply it now."""
         with self._held_lock:
             if head[0] <= self._cut_taken + self.cut_every:
                 return False
-            self._cut_held.append(head + (keys.copy(), grads.copy()))
+            self._cut_held.append(head + (keys.copy(), take_rows(grads, rows)))
             return True
 
     def _take_cuts(self, slowest: int) -> None:
