@@ -208,7 +208,7 @@ def test_ssp_servers_cut_at_checkpoint_steps_while_groups_run_ahead(tmp_path):
             server.clock(g, c + 1, 2, sync, cut_every=3)
         server.clock(g, DONE, 2, sync, cut_every=3)
 
-    threads = [threading.Thread(target=group, args=(g, d)) for g, d in ((0, 0.0), (1, 0.01))]
+    threads = [threading.Thread(target=group, args=(g, d)) for g, d in ((0, 0.0), (1, 0.03))]
     for t in threads:
         t.start()
     cuts = {at: server.export_cut("t", at) for at in (3, 6)}

@@ -78,7 +78,7 @@ def test_initial_rows_are_deterministic_and_unseen_keys_are_not_stored():
 
 def test_a_retry_waits_for_the_first_attempt_in_flight():
     """A retry arriving while the first attempt still applies must not report success
-    early; if the first attempt fails, the retry applies the push."""
+    early: both wait on the partition, and exactly one of them applies the push."""
     import threading
     ring = Ring(16, 8, ["a"])
     server = PSServer("a", ring, [TableSpec("t", 1, rowwise.SGD(1.0))])
@@ -96,7 +96,7 @@ def test_a_retry_waits_for_the_first_attempt_in_flight():
     lock.release()
     first.join(timeout=5)
     retry.join(timeout=5)
-    assert results == {"first": True, "retry": False}
+    assert sorted(results.values()) == [False, True]  # whichever got the partition first applied it
     np.testing.assert_array_equal(server.pull("t", keys), [[-1.0]])
 
 
