@@ -70,56 +70,50 @@ def _stop(procs: list[subprocess.Popen], grace: float) -> None:
             p.wait()
 
 
+def _spawn(cmd: list[str], env: dict, name: str, procs: list, pumps: list) -> queue.Queue:
+    """Start a PS-side process (its own session, output prefixed); returns its line queue."""
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    procs.append(p)
+    q: queue.Queue = queue.Queue()
+    t = threading.Thread(target=_pump, args=(p.stdout, f"[{name}] ", sys.stdout, q), daemon=True)
+    t.start()
+    pumps.append(t)
+    return q
+
+
+def _address(q: queue.Queue, what: str, deadline: float, timeout: float) -> str:
+    """The host:port a started process prints as `... listening on HOST:PORT`."""
+    while True:
+        try:
+            line = q.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise RuntimeError(f"{what} did not start within {timeout}s") from None
+        if line is None:
+            raise RuntimeError(f"{what} exited at start")
+        if " listening on " in line:
+            return line.rsplit(" listening on ", 1)[1].strip()
+
+
 def _start_servers(job: LocalJob, procs: list, pumps: list) -> dict[str, str]:
-    """Start the PS server processes (loopback, a fresh shared token) and wait until each
-    says where it listens. Returns the environment workers need to reach them."""
+    """Start the PS server processes (loopback, a fresh shared token) and, with replicas,
+    their manager, and wait until each says where it listens. Returns the environment
+    workers need to reach them."""
     token = secrets.token_hex(16)
     names = [f"ps-{i}" for i in range(job.servers)]
-    lines: list[queue.Queue] = []
-    for name in names:
-        cmd = [sys.executable, "-m", "jaxps.ps.serve", "--name", name, "--servers", ",".join(names),
-               "--partitions", str(job.partitions), "--token-env", ENV_TOKEN, "--replicas", str(job.replicas)]
-        p = subprocess.Popen(cmd, env=dict(os.environ, **{ENV_TOKEN: token}), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(p)
-        q: queue.Queue = queue.Queue()
-        t = threading.Thread(target=_pump, args=(p.stdout, f"[{name}] ", sys.stdout, q), daemon=True)
-        t.start()
-        pumps.append(t)
-        lines.append(q)
-    addresses = {}
+    env = dict(os.environ, **{ENV_TOKEN: token})
+    lines = [_spawn([sys.executable, "-m", "jaxps.ps.serve", "--name", name, "--servers", ",".join(names),
+                     "--partitions", str(job.partitions), "--token-env", ENV_TOKEN, "--replicas", str(job.replicas)],
+                    env, name, procs, pumps) for name in names]
     deadline = time.monotonic() + job.server_start_timeout
-    for name, q in zip(names, lines):
-        while name not in addresses:
-            try:
-                line = q.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"PS server {name} did not start within {job.server_start_timeout}s") from None
-            if line is None:
-                raise RuntimeError(f"PS server {name} exited at start")
-            if " listening on " in line:
-                addresses[name] = line.rsplit(" listening on ", 1)[1].strip()
-    env = {ENV_SERVERS: ",".join(f"{n}={a}" for n, a in addresses.items()),
+    addresses = {name: _address(q, f"PS server {name}", deadline, job.server_start_timeout)
+                 for name, q in zip(names, lines)}
+    out = {ENV_SERVERS: ",".join(f"{n}={a}" for n, a in addresses.items()),
            ENV_PARTITIONS: str(job.partitions), ENV_TOKEN: token, ENV_REPLICAS: str(job.replicas)}
     if job.replicas:  # hot standby: a manager watches the servers and fails over
-        p = subprocess.Popen([sys.executable, "-m", "jaxps.ps.manager", "--token-env", ENV_TOKEN],
-                             env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-        procs.append(p)
-        q = queue.Queue()
-        t = threading.Thread(target=_pump, args=(p.stdout, "[manager] ", sys.stdout, q), daemon=True)
-        t.start()
-        pumps.append(t)
-        while ENV_MANAGER not in env:
-            try:
-                line = q.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise RuntimeError(f"the PS manager did not start within {job.server_start_timeout}s") from None
-            if line is None:
-                raise RuntimeError("the PS manager exited at start")
-            if " listening on " in line:
-                env[ENV_MANAGER] = line.rsplit(" listening on ", 1)[1].strip()
-    return env
+        q = _spawn([sys.executable, "-m", "jaxps.ps.manager", "--token-env", ENV_TOKEN], dict(env, **out),
+                   "manager", procs, pumps)
+        out[ENV_MANAGER] = _address(q, "the PS manager", deadline, job.server_start_timeout)
+    return out
 
 
 def run(command: list[str], job: LocalJob) -> int:

@@ -104,16 +104,15 @@ class GroupClocks:
     def settled(self) -> int:
         return self._settled
 
-    def advance(self, group: int, clock: int) -> tuple[int, int]:
+    def advance(self, group: int, clock: int) -> int:
         """Record that `group` completed `clock` steps (clocks only move forward). Returns
-        (settled, slowest): the steps already published and the steps every group has now
-        completed (`DONE` when every group finished); the server applies the aggregated
-        pushes of the steps in between, then calls `publish(slowest)`."""
+        the steps every group has now completed (`DONE` when every group finished); the
+        server applies the held pushes up to there, then calls `publish` with it."""
         with self._cond:
             self._check(group)
             if clock > self._clocks[group]:
                 self._clocks[group] = clock
-            return self._settled, min(self._clocks)
+            return min(self._clocks)
 
     def publish(self, settled: int) -> None:
         """Every group's pushes of steps <= settled are applied: release waiting pulls."""

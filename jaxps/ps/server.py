@@ -355,12 +355,22 @@ class PSServer:
                 self._cut_cond.notify_all()
             with self._held_lock:
                 self._cut_taken = at
-                release = [h for h in self._cut_held if h[0] <= at + self.cut_every]
-                self._cut_held = [h for h in self._cut_held if h[0] > at + self.cut_every]
-            for step, _, table, part, _, _, keys, grads in release:
-                store, lock = self._store(table, part)
-                with lock:
-                    store.push(keys, grads, step)
+                release = self._released_for_cut()
+            self._apply_each(release)
+
+    def _released_for_cut(self) -> list:
+        """Take the cut-held pushes the last cut taken lets through (call with the held lock)."""
+        bound = self._cut_taken + self.cut_every
+        release = [h for h in self._cut_held if h[0] <= bound]
+        self._cut_held = [h for h in self._cut_held if h[0] > bound]
+        return release
+
+    def _apply_each(self, held: list) -> None:
+        """Apply cut-held pushes one by one, in the order given (SSP/ASP: no summing)."""
+        for step, _, table, part, _, _, keys, grads in held:
+            store, lock = self._store(table, part)
+            with lock:
+                store.push(keys, grads, step)
 
     def export_cut(self, table: str, at: int) -> dict[str, np.ndarray]:
         """The rows of `table` (primary partitions) at cut step `at`: once every group
@@ -408,7 +418,7 @@ class PSServer:
                               f"every {cut_every}")
             self.cut_every = self.cut_every or cut_every
         with self._writing(), self._settle_lock:
-            _, slowest = self.clocks.advance(group, clock)
+            slowest = self.clocks.advance(group, clock)
             if clock < DONE:
                 self._last_clock = max(self._last_clock, clock)
             with self._held_lock:
@@ -567,16 +577,10 @@ class PSServer:
             with self._held_lock:
                 due = sorted(s for s in self._held if s <= self.clocks.settled)
                 taken = [(s, self._held.pop(s)) for s in due]
-                release = []
-                if self.cut_every:
-                    release = [h for h in self._cut_held if h[0] <= self._cut_taken + self.cut_every]
-                    self._cut_held = [h for h in self._cut_held if h[0] > self._cut_taken + self.cut_every]
+                release = self._released_for_cut() if self.cut_every else []
             for step, held in taken:
                 self._apply_held(step, held)
-            for step, _, table, part, _, _, keys, grads in release:
-                store, lock = self._store(table, part)
-                with lock:
-                    store.push(keys, grads, step)
+            self._apply_each(release)
 
     def stats(self) -> dict:
         """Per table: counters and sizes; under `SYNC_STATS`, the worker-group clocks
