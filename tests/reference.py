@@ -1,7 +1,29 @@
 """Plain numpy implementations used as independent references in tests (float64)."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
+
+
+def run_concurrently(fns, timeout: float = 120.0) -> tuple[list, list]:
+    """Run each callable on its own thread (worker groups, in one process); returns
+    (results, errors), after checking every thread ended within `timeout` seconds."""
+    results, errors = [None] * len(fns), []
+
+    def wrap(i, fn):
+        try:
+            results[i] = fn()
+        except Exception as e:  # noqa: BLE001 - the caller asserts on them
+            errors.append(e)
+
+    threads = [threading.Thread(target=wrap, args=(i, fn)) for i, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish in time"
+    return results, errors
 
 
 def sigmoid(x):

@@ -17,6 +17,7 @@ from jaxps.optim import rowwise
 from jaxps.placement import HostTable
 from jaxps.ps.client import PSClient, embedded
 from jaxps.trainer import TrainConfig, Trainer
+from reference import run_concurrently
 from test_sparse_lr_exact import ROWS, make_batches
 
 KEYS = np.arange(ROWS, dtype=np.uint64)
@@ -114,22 +115,8 @@ def _group_trainers(out_dir, ps, count=2, **kw):
             for g in range(count)]
 
 
-def _run(threads_fns, timeout=120):
-    errors = []
-
-    def wrap(fn):
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrap, args=(fn,)) for fn in threads_fns]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads)
-    return errors
+def _run(fns, timeout=120):
+    return run_concurrently(fns, timeout)[1]
 
 
 def test_worker_groups_resume_from_a_consistent_cut(tmp_path):
@@ -229,19 +216,7 @@ def test_ssp_groups_write_periodic_checkpoints_from_the_servers_cuts(tmp_path):
     trainers = [Trainer(_model(), make_mesh(MeshConfig(), jax.devices()[4 * g:4 * g + 4]),
                         _config(tmp_path, checkpoint_every=2), ps=PSClient(ps.ring, ps.transports, []),
                         group=WorkerGroup(g, 2, "ssp:2")) for g in range(2)]
-    errors = []
-
-    def fit(g):
-        try:
-            trainers[g].fit(make_batches(6, seed=50 + g))
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=fit, args=(g,)) for g in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = _run([lambda g=g: trainers[g].fit(make_batches(6, seed=50 + g)) for g in range(2)])
     assert not errors, errors
     steps = trainers[0].checkpointer.steps()
     assert {2, 4}.issubset(set(steps))

@@ -12,6 +12,7 @@ from jaxps.placement import HostTable
 from jaxps.ps.client import PSClient, embedded
 from jaxps.ps.manager import ServerManager
 from jaxps.trainer import TrainConfig, Trainer
+from reference import run_concurrently
 from test_sparse_lr_exact import ROWS, make_batches
 
 
@@ -156,8 +157,6 @@ def test_bsp_worker_groups_survive_a_killed_server(tmp_path):
     """Two BSP worker groups; a server dies while pushes of a step are held (not yet
     applied): the held pushes travel with the partitions, and the final model equals the
     fault-free two-group run's."""
-    import threading
-
     import jax
 
     from jaxps.groups import WorkerGroup
@@ -176,22 +175,9 @@ def test_bsp_worker_groups_survive_a_killed_server(tmp_path):
                                         out_dir=str(tmp_path / f"r{replicas}")),
                             ps=PSClient(group.ring, group.transports, [], replicas=replicas, ring_source=source),
                             group=WorkerGroup(g, 2, "bsp")) for g in range(2)]
-        errors = []
-
-        def fit(g):
-            data = shards[g]
-            if g == 0 and kill_at is not None:
-                data = _killing(data, kill_at, lambda: group.transports["ps-2"].kill())
-            try:
-                trainers[g].fit(data)
-            except Exception as e:  # noqa: BLE001
-                errors.append(e)
-
-        threads = [threading.Thread(target=fit, args=(g,)) for g in range(2)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(120)
+        data = [shards[0] if kill_at is None else
+                _killing(shards[0], kill_at, lambda: group.transports["ps-2"].kill()), shards[1]]
+        _, errors = run_concurrently([lambda g=g: trainers[g].fit(data[g]) for g in range(2)])
         if manager:
             manager.stop()
         assert not errors, errors

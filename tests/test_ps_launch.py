@@ -38,9 +38,8 @@ def test_worker_groups_in_processes_over_grpc_equal_in_process_groups(tmp_path):
     one worker group reading its half of the data, share two gRPC servers. Both groups end
     with the same model, and it equals two in-process groups (threads, embedded PS) on the
     same shards."""
-    import threading
-
     from jaxps.cli import _load
+    from reference import run_concurrently
     from jaxps.groups import WorkerGroup
     from jaxps.job import build_data, build_model, dense_features
     from jaxps.ps.client import PSClient, embedded
@@ -74,19 +73,7 @@ def test_worker_groups_in_processes_over_grpc_equal_in_process_groups(tmp_path):
                                 dataclasses_replace(cfg.train, out_dir=str(tmp_path / "local")),
                                 ps=PSClient(ps.ring, ps.transports, []), group=group))
         data.append((train_ds, eval_ds))
-    results, errors = [None, None], []
-
-    def run(g):
-        try:
-            results[g] = trainers[g].fit(*data[g])
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(g,)) for g in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(240)
+    results, errors = run_concurrently([lambda g=g: trainers[g].fit(*data[g]) for g in range(2)], 240)
     assert not errors, errors
     assert results[0]["train"]["steps"] == runs[0]["train"]["steps"]
     assert runs[0]["eval"]["logloss"] == pytest.approx(results[0]["eval"]["logloss"], rel=1e-5)

@@ -20,6 +20,7 @@ from jaxps.ps.clock import DONE, Sync, SyncTimeout
 from jaxps.ps.ring import Ring
 from jaxps.ps.server import PSServer, TableSpec
 from jaxps.trainer import TrainConfig, Trainer
+from reference import run_concurrently
 from test_sparse_lr_exact import ROWS, make_batches
 
 
@@ -147,19 +148,7 @@ def test_bsp_groups_equal_one_group_on_the_combined_batch(tmp_path, opt):
                         _config(tmp_path / "groups"), ps=PSClient(ps.ring, ps.transports, []),
                         group=WorkerGroup(g, 2, "bsp"))
                 for g in range(2)]
-    results, errors = [None, None], []
-
-    def run(g):
-        try:
-            results[g] = trainers[g].fit(shards[g])
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(g,)) for g in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results, errors = run_concurrently([lambda g=g: trainers[g].fit(shards[g]) for g in range(2)])
     assert not errors, errors
     keys = np.arange(ROWS, dtype=np.uint64)
     want = ref.steps.host.ps.pull("weights", keys)
