@@ -35,7 +35,7 @@ from jaxps.parallel.blocked import BlockedBatch, blocked_pool, split_by_block
 from jaxps.parallel.tensor import dense_shardings
 from jaxps.plan import resolve
 from jaxps.ps.client import PSClient
-from jaxps.ps.store import init_rows
+from jaxps.ps.initrows import init_rows
 from jaxps.runtime import allgather_host
 from jaxps.tables.routing import Router
 from jaxps.tables.routing import warm_up as routing_warm_up

@@ -3,11 +3,12 @@ group of servers, deterministic initial rows."""
 import numpy as np
 import pytest
 
+from jaxps.hashing import GOLDEN, mix64
 from jaxps.optim import rowwise
 from jaxps.ps.client import embedded
 from jaxps.ps.ring import Ring, partition_of
+from jaxps.ps.initrows import init_rows
 from jaxps.ps.server import PSError, PSServer, TableSpec
-from jaxps.ps.store import init_rows
 from reference import NumpyRowOptimizer
 
 HP = {"sgd": dict(learning_rate=0.5), "adagrad": dict(learning_rate=0.3),
@@ -74,6 +75,23 @@ def test_initial_rows_are_deterministic_and_unseen_keys_are_not_stored():
     client = embedded([TableSpec("e", 8, rowwise.Adagrad(), init_scale=0.1, seed=1)], servers=2)
     np.testing.assert_array_equal(client.pull("e", keys), a)
     assert sum(s["e"]["keys"] for s in client.stats().values()) == 0
+
+
+def _numpy_init_rows(keys, dim, scale, seed):
+    """The definition, in plain numpy: Box-Muller on splitmix64 bits of (seed, key, column)."""
+    base = mix64(np.asarray(keys, np.uint64) ^ mix64(np.array([seed], np.uint64) * GOLDEN))
+    bits = mix64(base[:, None] + np.arange(2 * dim, dtype=np.uint64)[None, :] * GOLDEN)
+    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+    return (scale * np.sqrt(-2.0 * np.log(u[:, :dim])) * np.cos(2.0 * np.pi * u[:, dim:])).astype(np.float32)
+
+
+def test_initial_rows_kernel_equals_the_numpy_definition():
+    keys = np.concatenate([np.random.default_rng(0).integers(0, 2**63, 5000, dtype=np.uint64),
+                           np.array([0, 1, 2**64 - 1, 2**63], np.uint64)])
+    for dim, scale, seed in ((16, 0.05, 3), (7, 1.0, 0)):
+        np.testing.assert_allclose(init_rows(keys, dim, scale, seed), _numpy_init_rows(keys, dim, scale, seed),
+                                   rtol=2e-6, atol=1e-7)
+    assert not init_rows(keys[:3], 4, 0.0, 1).any()
 
 
 def test_a_retry_waits_for_the_first_attempt_in_flight():

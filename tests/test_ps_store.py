@@ -6,7 +6,8 @@ import pytest
 from jaxps.optim import rowwise
 from jaxps.ps import keyindex
 from jaxps.ps.keyindex import KeyIndex, grown_capacity
-from jaxps.ps.store import PartitionStore, init_rows
+from jaxps.ps.initrows import init_rows
+from jaxps.ps.store import PartitionStore
 
 
 def _keys(n, seed=0):

@@ -12,27 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jaxps.hashing import GOLDEN, mix64
 from jaxps.optim.rowwise import RowOptimizer
 from jaxps.memory import row_view, take_rows
 from jaxps.ps.fused import fused_update
+from jaxps.ps.initrows import init_rows
 from jaxps.ps.keyindex import KeyIndex, grown_capacity
 
 FUSED = True  # use jaxps.ps.fused kernels where they equal the numpy update (tests turn it off)
-
-
-def init_rows(keys: np.ndarray, dim: int, scale: float, seed: int) -> np.ndarray:
-    """Initial rows [n, dim] float32: N(0, scale^2) from a counter-based hash of
-    (seed, key, column), zeros when scale is 0 (a linear model's weights)."""
-    if not scale:
-        return np.zeros((keys.shape[0], dim), np.float32)
-    base = mix64(np.asarray(keys, np.uint64) ^ mix64(np.array([seed], np.uint64) * GOLDEN))
-    cols = np.arange(2 * dim, dtype=np.uint64)
-    bits = mix64(base[:, None] + cols[None, :] * GOLDEN)
-    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)  # (0, 1)
-    u1, u2 = u[:, :dim], u[:, dim:]
-    z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)  # Box-Muller
-    return (scale * z).astype(np.float32)
 
 
 @dataclass
