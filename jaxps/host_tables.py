@@ -47,6 +47,9 @@ def table_spec(t: Table) -> TableSpec:
                      init_scale=t.init_scale, seed=t.seed, min_count=p.min_count, max_rows=p.max_rows)
 
 
+CLIENT_STATS = "__client__"  # the key of this client's time split in `stats()`
+
+
 @dataclass
 class HostPlan:
     keys: np.ndarray      # [U] unique uint64 keys (raw ids, or rows of a hashed table)
@@ -72,6 +75,13 @@ class HostTables:
         # SSP/ASP worker groups with periodic checkpoints: the servers cut every this many steps
         self.cut_every = 0
         self.pull_seconds = 0.0                            # a group's training pulls, waits included
+        # Where the host path's time goes (seconds, summed; `stats()["__client__"]`). On a
+        # fast accelerator these, not the device step, set the step time of a HostTable model:
+        # pull (input thread), repair_wait/repair_pull (training thread, strict), push_blocked
+        # (training thread, at the in-flight bound), grads_wait (push thread: the step's
+        # gradients come off the device) and push (push thread: the servers apply them).
+        self.seconds = dict.fromkeys(("pull", "repair_wait", "repair_pull", "push_blocked", "grads_wait", "push"),
+                                     0.0)
         self.capacity = {t.name: t.capacity for t in tables}
         self.strict, self.max_inflight_pushes = strict, max_inflight_pushes
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxps-push")  # in order
@@ -136,8 +146,10 @@ class HostTables:
             block[:p.keys.shape[0]] = self.ps.pull(name, p.keys, group, clock)
             block[p.keys.shape[0]:] = 0
             out[name] = block
+        took = time.perf_counter() - t0
+        self.seconds["pull"] += took
         if group >= 0:
-            self.pull_seconds += time.perf_counter() - t0
+            self.pull_seconds += took
         return out, mark
 
     def pull_dense(self, final: bool = False) -> np.ndarray:
@@ -166,25 +178,36 @@ class HostTables:
                 for done, keys in since:
                     hit = np.isin(p.keys, keys[name], assume_unique=True)
                     if hit.any():
+                        t0 = time.perf_counter()
                         done.result()  # pushes run in order: earlier ones are applied too
+                        self.seconds["repair_wait"] += time.perf_counter() - t0
                         shared |= hit
             if shared.any():
+                t0 = time.perf_counter()
                 idx = np.flatnonzero(shared)
                 rows[name][idx] = self.ps.pull(name, p.keys[idx])
                 self.repaired_rows += idx.size
+                self.seconds["repair_pull"] += time.perf_counter() - t0
 
     def push(self, plans: dict[str, HostPlan], grads: dict, step: int) -> None:
         """Queue the push of this step's row gradients (device arrays are read on the push
         thread, so the caller does not wait for the step). Blocks only while
         `max_inflight_pushes` pushes are queued."""
+        t0 = time.perf_counter()
         while len(self._inflight) >= self.max_inflight_pushes:
             self._inflight.popleft().result()
+        self.seconds["push_blocked"] += time.perf_counter() - t0
 
         group = self.group.index if self.group is not None else -1
 
         def send():
+            t0 = time.perf_counter()
+            host_grads = {name: np.asarray(grads[name]) for name in plans}  # waits for the step
+            t1 = time.perf_counter()
             for name, p in plans.items():
-                self.ps.push(name, p.keys, np.asarray(grads[name])[:p.keys.shape[0]], step, group)
+                self.ps.push(name, p.keys, host_grads[name][:p.keys.shape[0]], step, group)
+            self.seconds["grads_wait"] += t1 - t0
+            self.seconds["push"] += time.perf_counter() - t1
             if group >= 0:  # this step is complete: the servers may release the next pulls
                 self.ps.clock(group, step, self.group.count, self.group.policy, self.cut_every)
             with self._lock:
@@ -210,6 +233,7 @@ class HostTables:
                     agg[k] = agg.get(k, 0) + v
         for table in out:
             out[table]["repaired_rows"] = self.repaired_rows
+        out[CLIENT_STATS] = {f"{k}_seconds": v for k, v in self.seconds.items()}
         if sync:  # worker groups: clocks from the first server; waits summed over all
             out[SYNC_STATS] = dict(sync[0], waits=sum(s["waits"] for s in sync),
                                    wait_seconds=sum(s["wait_seconds"] for s in sync),

@@ -72,6 +72,11 @@ def test_prefetch_is_repaired_in_strict_mode_and_stale_without():
     assert strict.steps.host.repaired_rows > 0  # Zipf batches share hot ids
     loose, _ = _train(HostTable("hashed"), "adagrad", batches, strict=False, hp=hp)
     assert loose.steps.host.repaired_rows == 0
+    # the client's time split: strict waits for pushes and pulls again, non-strict never does
+    split = {run: run.steps.host.stats()["__client__"] for run in (strict, loose)}
+    assert split[strict]["repair_pull_seconds"] > 0 and split[strict]["pull_seconds"] > 0
+    assert split[loose]["repair_wait_seconds"] == split[loose]["repair_pull_seconds"] == 0
+    assert split[loose]["push_seconds"] > 0 and split[loose]["grads_wait_seconds"] >= 0
     s_loss = np.mean([h["loss"] for h in strict.history[-4:]])
     l_loss = np.mean([h["loss"] for h in loose.history[-4:]])
     assert abs(l_loss - s_loss) < 0.05 * s_loss
