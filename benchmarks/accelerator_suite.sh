@@ -4,20 +4,21 @@
 #   on the accelerator: host_vs_device (HostTable vs on-mesh step), checkpoint_overhead;
 #   on the host CPUs (JAX_PLATFORMS=cpu): pipeline (bubble fraction needs a core per
 #   simulated device), ps_throughput (full 50M rows), ssp_straggler.
-# Usage: bash benchmarks/accelerator_suite.sh OUT_DIR [SECONDS_PER_BENCHMARK]
-# Each benchmark runs under its own timeout, so one hang costs only its slot; results are
+#   ps_scaling at its full sizes (100M keys) needs ~10 GB of host RAM.
+# Usage: bash benchmarks/accelerator_suite.sh OUT_DIR [SCALE]
+# Each benchmark runs under its own timeout (seconds x SCALE), so one hang costs only its slot; results are
 # OUT_DIR/<name>.json (the last stdout line of each script) and OUT_DIR/suite.log.
 set -uo pipefail
-out=${1:?usage: accelerator_suite.sh OUT_DIR [SECONDS]}
-limit=${2:-150}
+out=${1:?usage: accelerator_suite.sh OUT_DIR [SCALE]}
+scale=${2:-1}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 work=$(mktemp -d)
 log="$out/suite.log"
 export PYTHONUNBUFFERED=1
 
-run() {  # run NAME PLATFORM ARGS...
-  local name=$1 platform=$2; shift 2
+run() {  # run NAME PLATFORM SECONDS ARGS...
+  local name=$1 platform=$2 limit; limit=$(python3 -c "print(int($3 * $scale))"); shift 3
   echo "=== $name ($platform) $*" | tee -a "$log"
   local t0=$SECONDS
   if [ "$platform" = cpu ]; then
@@ -33,9 +34,10 @@ run() {  # run NAME PLATFORM ARGS...
 }
 
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tail -1 | tee -a "$log"
-run host_vs_device accel
-run checkpoint_overhead accel --rounds 4
-run pipeline cpu --quick
-run ps_throughput cpu
-run ssp_straggler cpu --quick
+run host_vs_device accel 90
+run pipeline cpu 180 --quick
+run checkpoint_overhead accel 80 --rounds 4
+run ps_throughput cpu 150
+run ps_scaling cpu 150
+run ssp_straggler cpu 120 --quick
 rm -rf "$work"
