@@ -1,22 +1,28 @@
 """Pipeline schedules executed as one SPMD program: bubble vs theory, 1F1B vs GPipe memory.
 
-Bubble, by the step-time slope in the number of microbatches: for M in a few counts, time
-a pipelined value-and-grad step of an MLP stack (S stages of Linear+tanh, residual) and
-fit T(M) = a + b*M. Work proportional to M is the slope; the intercept a is what does not
-shrink with more microbatches: the (S-1) fill and drain ticks, plus the step's fixed
-cost. The bubble at M is a / T(M), compared with (S-1)/(M+S-1) (GPipe, 1F1B) and the
-circular form (S-1)/(V*M+S-1) (interleaved, V virtual chunks). Timings are the minimum
-over rounds that interleave every (schedule, M), so a busy neighbour only makes a round
-slower, never the figure. The tick is synchronous (one tick lasts as long as its slowest
-op on any stage), so 1F1B's steady state, where a stage's forward runs beside another's
-backward, costs a backward per tick: its measured bubble can come out below theory.
+Bubble, from per-stage busy time: for M in a few counts, time a pipelined value-and-grad
+step of an MLP stack (S stages of Linear+tanh, residual). A stage's busy time per
+microbatch u (one block's forward and backward, with the executor's per-op costs) is the
+slope of GPipe's step time in M: GPipe's ticks are all-forward or all-backward, so
+T(M) = (M + S - 1) * u + fixed, exactly linear. Every schedule runs the same ops, so its
+bubble at M is 1 - V*M*u / T(M) (V virtual chunks, each one block here), compared with
+(S-1)/(M+S-1) (GPipe, 1F1B) and the circular form (S-1)/(V*M+S-1) (interleaved). (A
+slope fit of each schedule's own T(M) would hide idle time that grows with M in the
+slope.) Timings are the minimum over rounds that interleave every (schedule, M), so a
+busy neighbour only makes a round slower, never the figure.
+
+`bubble_lockstep_model` is what the table predicts for this executor: its ticks are
+synchronous (a ppermute ends each), so a tick lasts as long as its slowest op on any
+stage, and where 1F1B and interleaved run a forward beside a backward the forward's
+stage waits (`Schedule.lockstep_bubble`, backward = 2 forwards, the pullback's matmuls).
+GPipe's equals theory; 1F1B's and interleaved's exceed it, and the measurement shows it.
 
 This is only a measurement when the stages run concurrently. On a CPU backend, the
 simulated devices (XLA_FLAGS=--xla_force_host_platform_device_count=8) are threads of
 one process: with fewer cores than devices, stages take turns, an idle cell costs only
-its tick's overhead, and the fit measures overhead, not the schedule. There the JSON
-says `bubble_measurable: false` with the reason and reports no bubble figures (the step
-times are still there). Run it on a machine with at least as many cores as devices.
+its tick's overhead, and the step times measure overhead, not the schedule. There the
+JSON says `bubble_measurable: false` with the reason and reports no bubble figures (the
+step times are still there). Run it on a machine with at least as many cores as devices.
 
 Memory: compiled temporaries (`memory_analysis().temp_size_in_bytes`, per device) of the
 same step under 1F1B and GPipe at M = 4S (the headline) and 8S, with the default stash
@@ -107,15 +113,21 @@ def time_rounds(fns: dict[Any, tuple[Callable, tuple]], rounds: int, reps: int) 
     return best
 
 
-def fit_bubble(kind: str, S: int, V: int, times: dict[int, float]) -> dict[str, float]:
-    """Fit T(M) = a + b*M; the bubble at the largest M is a / T(M)."""
-    counts = sorted(times)
-    b, a = np.polyfit(np.array(counts, float), np.array([times[m] for m in counts]), 1)
-    M = counts[-1]
-    measured = float(a / times[M])
-    theory = build(kind, S, M, V).theory_bubble()
-    return {"intercept_s": float(a), "slope_s_per_microbatch": float(b), "bubble_measured": measured,
-            "bubble_theory": theory, "bubble_ratio": measured / theory}
+def busy_per_microbatch(S: int, gpipe_times: dict[int, float]) -> dict[str, float]:
+    """A stage's busy time per microbatch u: the slope of GPipe's T(M) = (M + S - 1) u + c."""
+    counts = sorted(gpipe_times)
+    u, a = np.polyfit(np.array(counts, float), np.array([gpipe_times[m] for m in counts]), 1)
+    return {"busy_s_per_microbatch": float(u), "fixed_s": float(a - (S - 1) * u)}
+
+
+def bubble(kind: str, S: int, V: int, times: dict[int, float], u: float) -> dict[str, float]:
+    """Measured bubble at the largest M: step time not spent busy, over step time."""
+    M = max(times)
+    sched = build(kind, S, M, V)
+    measured = 1.0 - V * M * u / times[M]
+    return {"bubble_measured": measured, "bubble_theory": sched.theory_bubble(),
+            "bubble_ratio": measured / sched.theory_bubble(),
+            "bubble_lockstep_model": sched.lockstep_bubble(2.0)}
 
 
 def memory(S: int, D: int, B: int, mesh) -> dict[str, Any]:
@@ -149,12 +161,12 @@ def main(argv=None) -> int:
     p.add_argument("--torch-rounds", type=int, default=None, help="interleaved rounds (3 quick, 5 full)")
     args = p.parse_args(argv)
     S, D, B = args.stages, args.width, args.batch
-    rounds = args.rounds or (5 if args.quick else 9)
+    rounds = args.rounds or (7 if args.quick else 11)
     reps = 2 if args.quick else 4
     mesh = make_mesh(MeshConfig(data=2, stage=S, model=8 // (2 * S)))
     devices = mesh.devices.size
     measurable, why_not = bubble_measurability(devices)
-    counts = (S, 2 * S, 4 * S) if args.quick else (S, 2 * S, 3 * S, 4 * S, 6 * S)
+    counts = (S, 2 * S, 3 * S, 4 * S) if args.quick else (S, 2 * S, 3 * S, 4 * S, 6 * S)
     fns = {}
     for kind, V in SCHEDULES:
         for M in counts:
@@ -167,13 +179,16 @@ def main(argv=None) -> int:
         "backend": jax.default_backend(), "cores": usable_cores(), "timing_rounds": rounds,
         "timing_seconds": time.perf_counter() - t0,
         "bubble_measurable": measurable, "bubble_note": why_not, "schedules": {}}
+    if measurable:
+        fit = busy_per_microbatch(S, {M: times["gpipe", M] for M in counts})
+        result.update(fit)
     for kind, V in SCHEDULES:
         steps = {M: times[kind, M] for M in counts}
         entry: dict[str, Any] = {"virtual": V, "step_seconds": steps,
                                  "ticks": {M: build(kind, S, M, V).ticks for M in counts},
                                  "samples_per_sec": counts[-1] * B / steps[counts[-1]]}
         if measurable:
-            entry.update(fit_bubble(kind, S, V, steps))
+            entry.update(bubble(kind, S, V, steps, fit["busy_s_per_microbatch"]))
         result["schedules"][kind] = entry
     mem = memory(S, D, B, mesh)
     result.update(

@@ -127,3 +127,15 @@ def test_buffer_slots_never_collide():
                 elif g > 0:
                     put("grads", g - 1, op.microbatch)
         assert not any(rings.values())
+
+
+@pytest.mark.parametrize("S,M", [(4, 16), (3, 5)])
+def test_lockstep_bubble(S, M):
+    """With equal op costs the lockstep bubble is the table's idle-cell fraction; with a
+    costlier backward GPipe's still equals theory and 1F1B's exceeds it (a forward waits
+    for a neighbour's backward in the same tick). Closed form for GPipe: (S-1)/(M+S-1)."""
+    gpipe, f1b1 = build("gpipe", S, M), build("1f1b", S, M)
+    for sched in (gpipe, f1b1, build("interleaved", 2, 4, 2)):
+        assert sched.lockstep_bubble(1.0) == pytest.approx(sched.bubble_fraction())
+    assert gpipe.lockstep_bubble(2.0) == pytest.approx((S - 1) / (M + S - 1))
+    assert f1b1.lockstep_bubble(2.0) > f1b1.theory_bubble() + 0.01

@@ -63,6 +63,17 @@ class Schedule:
         s, m, v = self.stages, self.microbatches, self.virtual
         return (s - 1) / (v * m + s - 1)
 
+    def lockstep_bubble(self, backward_cost: float = 2.0) -> float:
+        """Idle time over all stage-time when every tick lasts as long as its slowest op (a
+        forward costs 1, a backward `backward_cost`): the SPMD executor's ticks are
+        synchronous (a ppermute ends each), so a stage's forward beside another's backward
+        waits. Equals `theory_bubble` for GPipe (its ticks are all-forward or all-backward);
+        exceeds it for 1F1B and interleaved, whose steady state mixes them."""
+        cost = {"F": 1.0, "B": backward_cost}
+        span = sum(max((cost[op.kind] for op in row if op), default=0.0) for row in self.table)
+        busy = sum(cost[op.kind] for row in self.table for op in row if op)
+        return 1.0 - busy / (span * self.stages)
+
     def max_stash(self) -> list[int]:
         """Per stage, the most microbatch-chunks whose forward ran and backward did not:
         the activations that stage must hold at once."""
