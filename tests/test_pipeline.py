@@ -55,10 +55,10 @@ def test_pipeline_equals_unpipelined(kind, S, M, data, remat):
 
 
 def test_1f1b_holds_fewer_activations_than_gpipe():
-    """The compiled step's temporaries: 1F1B's stash is S entries whatever M, GPipe's is M,
-    so GPipe's grow by one stash entry (the block's residuals, here its input and two
-    tanh-derived arrays, plus the last stage's loss gradient) per microbatch and 1F1B's do
-    not grow at all; at M = 4S 1F1B needs about a third."""
+    """The compiled step's temporaries: 1F1B keeps S microbatches' entries whatever M,
+    GPipe M, so GPipe's grow by one entry per microbatch (the block's input in its arrival
+    slot, its two tanh-derived residuals in the stash, the last stage's loss gradient) and
+    1F1B's do not grow at all; at M = 4S 1F1B needs about a third."""
     S, B, W = 4, 256, 64
     params = {"w": jnp.zeros((S, W, W)), "b": jnp.zeros((S, W))}
     mesh = make_mesh(MeshConfig(data=2, stage=S, model=1))

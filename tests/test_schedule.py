@@ -77,6 +77,7 @@ def test_buffer_slots_bound_the_pipeline_buffers(kind, S, M, V):
     sched = build(kind, S, M, V)
     for loss_at_forward in (False, True):
         slots = sched.buffer_slots(loss_at_forward)
+        assert sched.buffer_slots(loss_at_forward, input_until_backward=True).arrivals == slots.stash
         assert slots.stash <= {"gpipe": M, "1f1b": S, "interleaved": 2 * S * V}[kind]
         assert slots.stash <= max(sched.max_stash())
         assert slots.arrivals <= 2 and slots.grads <= 2
@@ -92,11 +93,12 @@ def test_buffer_slots_bound_the_pipeline_buffers(kind, S, M, V):
 def test_buffer_slots_never_collide():
     """Replaying a table with every buffer as a ring of `buffer_slots` slots: no entry is
     overwritten before it is consumed (an independent check of the spans)."""
-    for kind, S, M, V in [("gpipe", 4, 16, 1), ("1f1b", 4, 16, 1), ("1f1b", 3, 7, 1),
-                          ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 3)]:
+    for (kind, S, M, V), until_bwd in itertools.product(
+            [("gpipe", 4, 16, 1), ("1f1b", 4, 16, 1), ("1f1b", 3, 7, 1), ("interleaved", 4, 8, 2),
+             ("interleaved", 2, 4, 3)], (False, True)):
         sched = build(kind, S, M, V)
         G = S * V
-        slots = sched.buffer_slots(True)
+        slots = sched.buffer_slots(True, input_until_backward=until_bwd)
         rings = {name: {} for name in ("arrivals", "grads", "stash", "loss_grads")}
 
         def put(name, g, m):
@@ -112,9 +114,11 @@ def test_buffer_slots_never_collide():
                 if op is None:
                     continue
                 g = sched.global_stage(s, op.chunk)
-                if op.kind == "F" and g > 0:
+                if op.kind == "F" and g > 0 and not until_bwd:
                     take("arrivals", g, op.microbatch)
                 elif op.kind == "B":
+                    if g > 0 and until_bwd:
+                        take("arrivals", g, op.microbatch)
                     take("stash", g, op.microbatch)
                     take("loss_grads" if g == G - 1 else "grads", g, op.microbatch)
             for s, op in enumerate(row):

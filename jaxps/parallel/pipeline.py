@@ -9,18 +9,19 @@ one stage up (collectives stay outside the per-stage branches; a direction nobod
 in at a tick, known from the table, skips its ppermute on every device alike).
 
 A forward stashes what its backward needs: by default the stage's `jax.vjp` residuals
-that depend on its input (activations, not parameters), so a backward only runs the
-pullback; with `remat`, only the stage input, and the backward recomputes the stage.
-A stage holds at most S stash entries under 1F1B and M under GPipe: 1F1B's memory
-advantage. The last global stage evaluates the loss and its gradient at its forward
-and keeps that gradient until its backward (as autodiff keeps a loss's residuals).
-Every buffer is a ring indexed by microbatch modulo a bound read off the table
-(`Schedule.buffer_slots`: the widest span of microbatches live at once, so slots never
-collide) and is updated one slot per tick, in place: arrivals (one or two slots), the
-stash (S or M), gradients (one or two; M for GPipe's last stage with its own). Measured
-at M = 4S (benchmarks/pipeline.py), 1F1B's compiled temporaries are 0.35 of GPipe's;
-what is left besides the stash is the parameter-gradient accumulator and one tick's
-working set (a few activations), the same under both schedules.
+computed from its input (activations, not parameters; `_residual_roles`), so a backward
+only runs the pullback; the input itself stays in its arrival slot until the backward.
+With `remat` only the input is kept and the backward recomputes the stage. A stage holds
+at most S stash entries under 1F1B and M under GPipe: 1F1B's memory advantage. The last
+global stage evaluates the loss and its gradient at its forward and keeps that gradient
+until its backward (as autodiff keeps a loss's residuals). Every buffer is a ring
+indexed by microbatch modulo a bound read off the table (`Schedule.buffer_slots`: the
+widest span of microbatches live at once, so slots never collide) and is updated one
+slot per tick, in place; a slot a conditional reads is read before it, since XLA copies
+a whole buffer that a conditional reads and the tick then updates. Measured at M = 4S
+(benchmarks/pipeline.py), 1F1B's compiled temporaries are 0.34 of GPipe's; what is left
+besides the stash is the parameter-gradient accumulator and one tick's working set (a
+few activations), the same under both schedules.
 
 Interleaved schedules hold V chunks per stage ([s, c] is global stage c*S + s); the
 activations of stage S-1's chunk c wrap to stage 0's chunk c+1 through a ring ppermute.
@@ -90,21 +91,22 @@ class PipelineGrads(NamedTuple):
     targets: Any = None        # gradient w.r.t. ys (with target_grads)
 
 
-def _input_dependent_residuals(block: Callable[[Any, jax.Array], jax.Array], p: Any, x: Any) -> list[bool]:
-    """Per leaf of block's `jax.vjp` pullback at (p, x): whether it depends on x. Only those
-    need a stash entry per microbatch; the others (the parameters, slices and casts of
-    them, constants such as a causal mask) are recomputed from p at the backward.
-    Dataflow over the traced program's top-level equations; an equation with any input
-    that depends on x counts as depending on x in all its outputs (conservative: nested
-    calls are not looked into, so in doubt a leaf is stashed)."""
-    closed = jax.make_jaxpr(lambda p, x: jax.tree.leaves(jax.vjp(block, p, x)[1]))(p, x)
-    jaxpr = closed.jaxpr
-    n_x = len(jax.tree.leaves(x))
-    dependent = set(jaxpr.invars[len(jaxpr.invars) - n_x:])
+def _residual_roles(block: Callable[[Any, jax.Array], jax.Array], p: Any, x: jax.Array) -> list[str]:
+    """Per leaf of block's `jax.vjp` pullback at (p, x): "input" (x itself: the stage keeps
+    its input until the backward anyway), "stash" (computed from x: one stash entry per
+    microbatch) or "recompute" (the parameters, slices and casts of them, constants such
+    as a causal mask: the backward recomputes them from p). Dataflow over the traced
+    program's top-level equations; an equation with any input that depends on x counts as
+    depending on x in all its outputs (conservative: nested calls are not looked into, so
+    in doubt a leaf is stashed)."""
+    jaxpr = jax.make_jaxpr(lambda p, x: jax.tree.leaves(jax.vjp(block, p, x)[1]))(p, x).jaxpr
+    x_var = jaxpr.invars[-1]
+    dependent = {x_var}
     for eqn in jaxpr.eqns:
         if any(not isinstance(v, Literal) and v in dependent for v in eqn.invars):
             dependent.update(eqn.outvars)
-    return [not isinstance(v, Literal) and v in dependent for v in jaxpr.outvars]
+    return ["input" if v is x_var else "stash" if not isinstance(v, Literal) and v in dependent
+            else "recompute" for v in jaxpr.outvars]
 
 
 def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: Callable[..., jax.Array],
@@ -123,11 +125,11 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
     stage; with target_grads, whatever produced ys too (e.g. a wide part's logits the head
     adds to the tower's), for a ys-sized buffer.
 
-    What a forward keeps for its backward (the stash, one entry per microbatch in flight):
-    by default the block's residuals from `jax.vjp` (its activations, not its parameters),
-    so a backward runs only the pullback; with `remat`, only the stage input, and the
-    backward recomputes the stage (one more forward per backward, a stash entry one
-    activation wide instead of the block's residuals).
+    What a forward keeps for its backward (one entry per microbatch in flight): by default
+    the block's `jax.vjp` residuals computed from its input (its activations, not its
+    parameters) and the input, so a backward runs only the pullback; with `remat`, only
+    the stage input, and the backward recomputes the stage (one more forward per
+    backward; an entry one activation wide instead of the block's residuals).
     """
     if head is None:
         def loss_fn(_, h, y):
@@ -146,14 +148,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
     # (its residuals do not include its output h) and keeps that gradient until its backward,
     # in its gradient buffer; with remat it recomputes h at its backward.
     loss_at_forward = not remat
-    slots = sched.buffer_slots(loss_at_forward)  # per stage and chunk; microbatch m -> slot m % K
-    KA, KG, KS, KL = slots
-    # With V = 1 the last stage never receives a gradient: its own loss gradients can use
-    # its gradient buffer (one buffer, one write per tick); with virtual chunks it also
-    # receives gradients for its other chunks, so they get their own.
-    own_loss_grads = loss_at_forward and V > 1
-    if loss_at_forward and not own_loss_grads:
-        KG, KL = max(KG, KL), 1
+    own_loss_grads = loss_at_forward and V > 1  # the last stage's loss gradients: see run
     # ring neighbours: with virtual chunks, stage S-1's chunk c feeds stage 0's chunk c+1
     up = [(s, (s + 1) % S) for s in range(S if V > 1 else S - 1)]    # activations
     down = [((s + 1) % S, s) for s in range(S if V > 1 else S - 1)]  # input-gradients
@@ -172,26 +167,37 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
         def chunk_params(c):
             return jax.tree.map(lambda a: a[c], p) if V > 1 else p
 
-        def forward(pc, x):
-            """(h, what the backward needs: a tuple of arrays)."""
-            if remat:
-                return block(pc, x), (x,)
-            h, pullback = jax.vjp(block, pc, x)
-            return h, tuple(leaf for leaf, k in zip(jax.tree.leaves(pullback), keep) if k)
+        roles = None if remat else _residual_roles(block, chunk_params(0), x0)
+        # the stage input stays in its arrival slot until the backward when the backward
+        # needs it (remat, or a block whose residuals include its input)
+        input_until_backward = remat or "input" in roles
+        KA, KG, KS, KL = sched.buffer_slots(loss_at_forward, input_until_backward)  # m -> slot m % K
+        # With V = 1 the last stage never receives a gradient: its own loss gradients can
+        # use its gradient buffer (one buffer, one write per tick); with virtual chunks it
+        # also receives gradients for its other chunks, so they get their own.
+        if loss_at_forward and not own_loss_grads:
+            KG, KL = max(KG, KL), 1
 
-        def pullback_of(pc, saved):
-            """(h under remat else None, the stage's pullback) from a stash entry."""
+        def forward(pc, x):
+            """(h, its stash entry: a tuple of arrays)."""
             if remat:
-                return jax.vjp(block, pc, saved[0])
-            # a pullback traced on zeros: its residuals that do not depend on x are right
-            # (recomputed from pc); the stash replaces the others, whose computation is then
-            # dead code (XLA removes it)
-            _, template = jax.vjp(block, pc, jnp.zeros_like(x0))
+                return block(pc, x), ()
+            h, pullback = jax.vjp(block, pc, x)
+            return h, tuple(leaf for leaf, r in zip(jax.tree.leaves(pullback), roles) if r == "stash")
+
+        def pullback_of(pc, x, saved):
+            """(h, the stage's pullback) from the stage input and its stash entry."""
+            if remat:
+                return jax.vjp(block, pc, x)
+            # the pullback traced anew has the input and the recomputed residuals right; the
+            # stash replaces the others, whose computation (and h's) is then dead code
+            # that XLA removes
+            h, template = jax.vjp(block, pc, x)
             leaves, treedef = jax.tree.flatten(template)
             it = iter(saved)
-            return None, jax.tree.unflatten(treedef, [next(it) if k else leaf for leaf, k in zip(leaves, keep)])
+            return h, jax.tree.unflatten(treedef, [next(it) if r == "stash" else leaf
+                                                   for leaf, r in zip(leaves, roles)])
 
-        keep = [] if remat else _input_dependent_residuals(block, chunk_params(0), x0)
         saved_shapes = jax.eval_shape(forward, chunk_params(0), x0)[1]
         zeros = functools.partial(jax.tree.map, jnp.zeros_like)
 
@@ -205,8 +211,11 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
             no_y = zeros(y_m) if target_grads else ()
             no_saved = tuple(jnp.zeros(a.shape, a.dtype) for a in saved_shapes)
 
+            x_cur = jnp.where(first, xs[m], arrived[c, m % KA])  # read once, outside the
+            #   conditionals: a buffer a conditional reads is copied before its update
+
             def x_in():
-                return jnp.where(first, xs[m], arrived[c, m % KA])
+                return x_cur
 
             def head_grads(h):
                 """Loss and (d head, d h, d y) of the last global stage at microbatch m."""
@@ -231,7 +240,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                 return tuple(a[c, m % KS] for a in stash)
 
             def bwd(_):
-                _, pullback = pullback_of(pc, stashed())
+                _, pullback = pullback_of(pc, x_in(), stashed())
                 g_h = jnp.where(last, loss_grads[m % KL], grads_in[c, m % KG]) if own_loss_grads \
                     else grads_in[c, m % KG]
                 dp, dx = pullback(g_h)
@@ -243,7 +252,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                 return g_h, saved, l_m, g_head, g_y
 
             def bwd_loss(_):  # the last stage's backward under remat, recomputing h
-                h, pullback = pullback_of(pc, stashed())
+                h, pullback = pullback_of(pc, x_in(), stashed())
                 l_m, (g_head, g_h, g_y) = head_grads(h)
                 dp, dx = pullback(g_h)
                 return dx, dp, l_m, g_head, g_y

@@ -32,7 +32,7 @@ class Op:
 
 class BufferSlots(NamedTuple):
     """Ring-buffer slots per stage and chunk (see `Schedule.buffer_slots`)."""
-    arrivals: int  # activations received, waiting for this stage's forward
+    arrivals: int  # activations received, kept until this stage's forward (or backward)
     grads: int     # input-gradients received, waiting for this stage's backward
     stash: int     # what a forward keeps for its backward (stage input or residuals)
     loss_grads: int  # the last global stage's d loss / d h, from its forward to its backward
@@ -87,11 +87,12 @@ class Schedule:
                 peak[s] = max(peak[s], live[s])
         return peak
 
-    def buffer_slots(self, loss_at_forward: bool = False) -> BufferSlots:
+    def buffer_slots(self, loss_at_forward: bool = False, input_until_backward: bool = False) -> BufferSlots:
         """Slots a stage needs per chunk in each of its buffers when an entry for microbatch
         m lives in slot m % slots: the widest span of microbatches live at once on any
         (stage, chunk), so entries never collide. An arrival lives from the end of the tick
-        the previous global stage ran its forward until this stage's forward; a stash entry
+        the previous global stage ran its forward until this stage's forward (or backward,
+        with `input_until_backward`: the backward needs the stage input); a stash entry
         from this stage's forward until its backward; a gradient from its arrival (the next
         global stage's backward) until this stage's backward. The first global stage reads
         its inputs from xs and has no arrivals; the last one makes its own gradient: at its
@@ -110,7 +111,11 @@ class Schedule:
                 if op is None:
                     continue
                 key = (s, op.chunk)
-                for buf in ((ARR,) if op.kind == "F" else (GRAD, STASH, LOSS)):
+                if op.kind == "F":
+                    consumed = () if input_until_backward else (ARR,)
+                else:
+                    consumed = (GRAD, STASH, LOSS) + ((ARR,) if input_until_backward else ())
+                for buf in consumed:
                     live[buf].get(key, set()).discard(op.microbatch)
             for s, op in enumerate(row):  # ...then what this tick made is there
                 if op is None:
