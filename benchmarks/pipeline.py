@@ -142,8 +142,10 @@ def memory(S: int, D: int, B: int, mesh) -> dict[str, Any]:
                 temp[kind] = fn.lower(params_for(S, 1, D), xs, ys).compile().memory_analysis().temp_size_in_bytes
             out[f"M={M}" + (" remat" if remat else "")] = {
                 "temp_bytes": temp, "ratio_1f1b_vs_gpipe": temp["1f1b"] / temp["gpipe"],
-                # ring slots per stage (arrivals, gradients, stash, last stage's loss gradients)
-                "buffer_slots": {k: build(k, S, M).buffer_slots(not remat)._asdict() for k in temp}}
+                # the table's ring spans per stage (inputs kept until the backward, gradients,
+                # stash, last stage's loss gradients: with V = 1 the executor holds these in
+                # its gradient ring)
+                "buffer_slots": {k: build(k, S, M).buffer_slots(not remat, True)._asdict() for k in temp}}
     return out
 
 
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--stages", type=int, default=4)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--batch", type=int, default=128, help="examples per microbatch (over data=2)")
-    p.add_argument("--rounds", type=int, default=None, help="timing rounds (5 quick, 9 full)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (12 quick, 15 full)")
     p.add_argument("--torch-stages", type=int, default=2, help="torchrun processes = jaxps stages")
     p.add_argument("--torch-layers", type=int, default=8)
     p.add_argument("--torch-width", type=int, default=1024)
@@ -161,8 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--torch-rounds", type=int, default=None, help="interleaved rounds (3 quick, 5 full)")
     args = p.parse_args(argv)
     S, D, B = args.stages, args.width, args.batch
-    rounds = args.rounds or (7 if args.quick else 11)
-    reps = 2 if args.quick else 4
+    rounds = args.rounds or (12 if args.quick else 15)
+    reps = 3 if args.quick else 4
     mesh = make_mesh(MeshConfig(data=2, stage=S, model=8 // (2 * S)))
     devices = mesh.devices.size
     measurable, why_not = bubble_measurability(devices)
