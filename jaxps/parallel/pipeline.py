@@ -211,11 +211,9 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
             no_y = zeros(y_m) if target_grads else ()
             no_saved = tuple(jnp.zeros(a.shape, a.dtype) for a in saved_shapes)
 
-            x_cur = jnp.where(first, xs[m], arrived[c, m % KA])  # read once, outside the
-            #   conditionals: a buffer a conditional reads is copied before its update
-
-            def x_in():
-                return x_cur
+            # the stage input, read once outside the conditionals (XLA copies a whole buffer
+            # that a conditional reads and the tick then updates)
+            x_in = jnp.where(first, xs[m], arrived[c, m % KA])
 
             def head_grads(h):
                 """Loss and (d head, d h, d y) of the last global stage at microbatch m."""
@@ -230,7 +228,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                 return jnp.zeros_like(x0), no_saved, 0.0, zeros(hp), no_y
 
             def fwd(_):
-                h, saved = forward(pc, x_in())
+                h, saved = forward(pc, x_in)
                 return h, saved, 0.0, zeros(hp), no_y
 
             def no_bwd(_):
@@ -240,34 +238,36 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                 return tuple(a[c, m % KS] for a in stash)
 
             def bwd(_):
-                _, pullback = pullback_of(pc, x_in(), stashed())
+                _, pullback = pullback_of(pc, x_in, stashed())
                 g_h = jnp.where(last, loss_grads[m % KL], grads_in[c, m % KG]) if own_loss_grads \
                     else grads_in[c, m % KG]
                 dp, dx = pullback(g_h)
                 return dx, dp, 0.0, zeros(hp), no_y
 
             def fwd_loss(_):  # the last stage's forward; it sends nothing: h is d loss / d h
-                h, saved = forward(pc, x_in())
+                h, saved = forward(pc, x_in)
                 l_m, (g_head, g_h, g_y) = head_grads(h)
                 return g_h, saved, l_m, g_head, g_y
 
             def bwd_loss(_):  # the last stage's backward under remat, recomputing h
-                h, pullback = pullback_of(pc, x_in(), stashed())
+                h, pullback = pullback_of(pc, x_in, stashed())
                 l_m, (g_head, g_h, g_y) = head_grads(h)
                 dp, dx = pullback(g_h)
                 return dx, dp, l_m, g_head, g_y
 
             is_f, is_b = k == FWD, k == BWD
             evaluates_loss = last & (is_f if loss_at_forward else is_b)
+            fwd_branches = (no_fwd, fwd, fwd_loss) if loss_at_forward else (no_fwd, fwd)
+            bwd_branches = (no_bwd, bwd) if loss_at_forward else (no_bwd, bwd, bwd_loss)
             h, saved, l_f, dh_f, dy_f = jax.lax.switch(
-                jnp.where(is_f, jnp.where(evaluates_loss, 2, 1), 0), (no_fwd, fwd, fwd_loss) if loss_at_forward else (no_fwd, fwd), None)
+                jnp.where(is_f, jnp.where(evaluates_loss, 2, 1), 0), fwd_branches, None)
             stash = tuple(_put_if(a, (c, m % KS), is_f, v) for a, v in zip(stash, saved))
             # the last stage keeps its own d loss / d h for its backward
             keep_own = evaluates_loss & loss_at_forward
             if own_loss_grads:
                 loss_grads = _put_if(loss_grads, (m % KL,), keep_own, h)
             dx, dp, l_b, dh_b, dy_b = jax.lax.switch(
-                jnp.where(is_b, jnp.where(evaluates_loss, 2, 1), 0), (no_bwd, bwd) if loss_at_forward else (no_bwd, bwd, bwd_loss), None)
+                jnp.where(is_b, jnp.where(evaluates_loss, 2, 1), 0), bwd_branches, None)
             l_m = l_f + l_b
             dh = jax.tree.map(jnp.add, dh_f, dh_b)
             dy = jax.tree.map(jnp.add, dy_f, dy_b)
