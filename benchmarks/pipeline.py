@@ -1,13 +1,32 @@
 """Pipeline schedules executed as one SPMD program: bubble vs theory, 1F1B vs GPipe memory.
 
-Bubble, measured by the step-time slope: for M in a few microbatch counts, time a
-pipelined value-and-grad step of an MLP stack (S stages of Linear+tanh, residual); fit
-T(M) = a + b*M; the bubble at M is a / T(M) (time not proportional to the work), compared
-with (S-1)/(V*M+S-1). Memory: compiled temporaries of 1F1B over GPipe at M = 4S.
-8 simulated devices share 2 cores here: stages do not run concurrently, so an idle cell
-costs only the tick's overhead (its switch, its ppermutes) and the measured "bubble" is
-per-step and per-tick overhead, not the schedule's idle time; on a loaded box it varies
-by +-0.5x of theory between identical runs (use several runs, or real devices).
+Bubble, from per-stage busy time: for M in a few counts, time a pipelined value-and-grad
+step of an MLP stack (S stages of Linear+tanh, residual). A stage's busy time per
+microbatch u (one block's forward and backward, with the executor's per-op costs) is the
+slope of GPipe's step time in M: GPipe's ticks are all-forward or all-backward, so
+T(M) = (M + S - 1) * u + fixed, exactly linear. Every schedule runs the same ops, so its
+bubble at M is 1 - V*M*u / T(M) (V virtual chunks, each one block here), compared with
+(S-1)/(M+S-1) (GPipe, 1F1B) and the circular form (S-1)/(V*M+S-1) (interleaved). (A
+slope fit of each schedule's own T(M) would hide idle time that grows with M in the
+slope.) Timings are the minimum over rounds that interleave every (schedule, M), so a
+busy neighbour only makes a round slower, never the figure.
+
+`bubble_lockstep_model` is what the table predicts for this executor: its ticks are
+synchronous (a ppermute ends each), so a tick lasts as long as its slowest op on any
+stage, and where 1F1B and interleaved run a forward beside a backward the forward's
+stage waits (`Schedule.lockstep_bubble`, backward = 2 forwards, the pullback's matmuls).
+GPipe's equals theory; 1F1B's and interleaved's exceed it, and the measurement shows it.
+
+This is only a measurement when the stages run concurrently. On a CPU backend, the
+simulated devices (XLA_FLAGS=--xla_force_host_platform_device_count=8) are threads of
+one process: with fewer cores than devices, stages take turns, an idle cell costs only
+its tick's overhead, and the step times measure overhead, not the schedule. There the
+JSON says `bubble_measurable: false` with the reason and reports no bubble figures (the
+step times are still there). Run it on a machine with at least as many cores as devices.
+
+Memory: compiled temporaries (`memory_analysis().temp_size_in_bytes`, per device) of the
+same step under 1F1B and GPipe at M = 4S (the headline) and 8S, with the default stash
+(the stage's input-dependent vjp residuals) and with remat (stage inputs, recomputed).
 
 Peer: torch.distributed.pipelining (peers_torch_pipeline.py under torchrun, one gloo
 process per stage) trains L x (Linear(D) + ReLU) on the same sizes as jaxps on S devices,
@@ -15,14 +34,15 @@ rounds interleaved (_pipeline_vs_torch.py); `ratio_vs_torch_pipelining` = best j
 schedule's samples/s over best torch schedule's, null with `torch_note` saying why when
 torch (optional: pip install torch==2.13.0) is missing or fails.
 
-Usage: python benchmarks/pipeline.py [--quick] [--stages 4] [--width 256] [--batch 64]
-       [--torch-stages 2] [--torch-layers 8] [--torch-width 1024] [--torch-batch 512]
+Usage: python benchmarks/pipeline.py [--quick] [--stages 4] [--width 512] [--batch 128]
+       [--rounds N] [--torch-stages 2] [--torch-layers 8] [--torch-width 1024] [--torch-batch 512]
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
+from typing import Any, Callable
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(__file__))
@@ -36,6 +56,8 @@ from _pipeline_vs_torch import MLPSpec, compare  # noqa: E402
 from jaxps.mesh import MeshConfig, make_mesh  # noqa: E402
 from jaxps.parallel.pipeline import pipeline_value_and_grad  # noqa: E402
 from jaxps.parallel.schedule import build  # noqa: E402
+
+SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2))
 
 
 def block(p, x):
@@ -51,24 +73,88 @@ def params_for(S, V, D):
     return {"w": jnp.full(shape + (D, D), 0.01, jnp.float32), "b": jnp.zeros(shape + (D,), jnp.float32)}
 
 
-def step_fn(kind, S, M, V, mesh):
+def step_fn(kind, S, M, V, mesh, remat=False):
     sched = build(kind, S, M, V)
-    return sched, jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh))
+    return sched, jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh, remat=remat))
 
 
-def time_step(fn, args, reps) -> float:
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - t0) / reps
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def bubble_measurability(devices: int) -> tuple[bool, str | None]:
+    """(measurable, why not): stages must run concurrently for idle ticks to cost time."""
+    cores = usable_cores()
+    if jax.default_backend() == "cpu" and cores < devices:
+        return False, (f"{devices} simulated CPU devices share {cores} cores: stages cannot run "
+                       "concurrently, so an idle tick costs only its overhead and the step-time "
+                       f"slope measures overhead, not the schedule's bubble (needs >= {devices} cores)")
+    return True, None
+
+
+def time_rounds(fns: dict[Any, tuple[Callable, tuple]], rounds: int, reps: int) -> dict[Any, float]:
+    """Seconds per call of each fn: the minimum over rounds, each round visiting every fn
+    in turn (reps calls each), so that load drift hits all alike."""
+    for fn, args in fns.values():  # compile and warm
+        for _ in range(2):
+            jax.block_until_ready(fn(*args))
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, (fn, args) in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            best[k] = min(best[k], (time.perf_counter() - t0) / reps)
+    return best
+
+
+def busy_per_microbatch(S: int, gpipe_times: dict[int, float]) -> dict[str, float]:
+    """A stage's busy time per microbatch u: the slope of GPipe's T(M) = (M + S - 1) u + c."""
+    counts = sorted(gpipe_times)
+    u, a = np.polyfit(np.array(counts, float), np.array([gpipe_times[m] for m in counts]), 1)
+    return {"busy_s_per_microbatch": float(u), "fixed_s": float(a - (S - 1) * u)}
+
+
+def bubble(kind: str, S: int, V: int, times: dict[int, float], u: float) -> dict[str, float]:
+    """Measured bubble at the largest M: step time not spent busy, over step time."""
+    M = max(times)
+    sched = build(kind, S, M, V)
+    measured = 1.0 - V * M * u / times[M]
+    return {"bubble_measured": measured, "bubble_theory": sched.theory_bubble(),
+            "bubble_ratio": measured / sched.theory_bubble(),
+            "bubble_lockstep_model": sched.lockstep_bubble(2.0)}
+
+
+def memory(S: int, D: int, B: int, mesh) -> dict[str, Any]:
+    """Compiled temporaries per device of 1F1B and GPipe at M = 4S and 8S, both stash policies."""
+    out: dict[str, Any] = {}
+    for M in (4 * S, 8 * S):
+        xs = ys = jnp.ones((M, B, D), jnp.float32)
+        for remat in (False, True):
+            temp = {}
+            for kind in ("gpipe", "1f1b"):
+                _, fn = step_fn(kind, S, M, 1, mesh, remat)
+                temp[kind] = fn.lower(params_for(S, 1, D), xs, ys).compile().memory_analysis().temp_size_in_bytes
+            out[f"M={M}" + (" remat" if remat else "")] = {
+                "temp_bytes": temp, "ratio_1f1b_vs_gpipe": temp["1f1b"] / temp["gpipe"],
+                # the table's ring spans per stage (inputs kept until the backward, gradients,
+                # stash, last stage's loss gradients: with V = 1 the executor holds these in
+                # its gradient ring)
+                "buffer_slots": {k: build(k, S, M).buffer_slots(not remat, True)._asdict() for k in temp}}
+    return out
 
 
 def main(argv=None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--stages", type=int, default=4)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--batch", type=int, default=64, help="examples per microbatch (over data=2)")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--batch", type=int, default=128, help="examples per microbatch (over data=2)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (12 quick, 15 full)")
     p.add_argument("--torch-stages", type=int, default=2, help="torchrun processes = jaxps stages")
     p.add_argument("--torch-layers", type=int, default=8)
     p.add_argument("--torch-width", type=int, default=1024)
@@ -77,41 +163,46 @@ def main(argv=None) -> int:
     p.add_argument("--torch-rounds", type=int, default=None, help="interleaved rounds (3 quick, 5 full)")
     args = p.parse_args(argv)
     S, D, B = args.stages, args.width, args.batch
-    reps = 3 if args.quick else 10
+    rounds = args.rounds or (12 if args.quick else 15)
+    reps = 3 if args.quick else 4
     mesh = make_mesh(MeshConfig(data=2, stage=S, model=8 // (2 * S)))
-    counts = (S, 2 * S, 4 * S)
-    result = {"stages": S, "width": D, "microbatch_size": B, "microbatch_counts": counts, "schedules": {}}
-    for kind, V in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
-        params = params_for(S, V, D)
-        times = {}
+    devices = mesh.devices.size
+    measurable, why_not = bubble_measurability(devices)
+    counts = (S, 2 * S, 3 * S, 4 * S) if args.quick else (S, 2 * S, 3 * S, 4 * S, 6 * S)
+    fns = {}
+    for kind, V in SCHEDULES:
         for M in counts:
             xs = ys = jnp.ones((M, B, D), jnp.float32)
-            _, fn = step_fn(kind, S, M, V, mesh)
-            times[M] = time_step(fn, (params, xs, ys), reps)
-        b, a = np.polyfit(np.array(counts, float), np.array([times[m] for m in counts]), 1)
-        M = counts[-1]
-        measured = a / times[M]
-        theory = build(kind, S, M, V).theory_bubble()
-        result["schedules"][kind] = {"virtual": V, "step_seconds": times, "bubble_measured": measured,
-                                     "bubble_theory": theory, "bubble_ratio": measured / theory,
-                                     "samples_per_sec": M * B / times[M]}
-    M = 4 * S
-    xs = ys = jnp.ones((M, B, D), jnp.float32)
-    temp = {}
-    for kind in ("gpipe", "1f1b"):
-        _, fn = step_fn(kind, S, M, 1, mesh)
-        temp[kind] = fn.lower(params_for(S, 1, D), xs, ys).compile().memory_analysis().temp_size_in_bytes
+            fns[kind, M] = (step_fn(kind, S, M, V, mesh)[1], (params_for(S, V, D), xs, ys))
+    t0 = time.perf_counter()
+    times = time_rounds(fns, rounds, reps)
+    result: dict[str, Any] = {
+        "stages": S, "width": D, "microbatch_size": B, "microbatch_counts": counts, "devices": devices,
+        "backend": jax.default_backend(), "cores": usable_cores(), "timing_rounds": rounds,
+        "timing_seconds": time.perf_counter() - t0,
+        "bubble_measurable": measurable, "bubble_note": why_not, "schedules": {}}
+    if measurable:
+        fit = busy_per_microbatch(S, {M: times["gpipe", M] for M in counts})
+        result.update(fit)
+    for kind, V in SCHEDULES:
+        steps = {M: times[kind, M] for M in counts}
+        entry: dict[str, Any] = {"virtual": V, "step_seconds": steps,
+                                 "ticks": {M: build(kind, S, M, V).ticks for M in counts},
+                                 "samples_per_sec": counts[-1] * B / steps[counts[-1]]}
+        if measurable:
+            entry.update(bubble(kind, S, V, steps, fit["busy_s_per_microbatch"]))
+        result["schedules"][kind] = entry
+    mem = memory(S, D, B, mesh)
     result.update(
-        bubble_ratio_vs_theory=max(r["bubble_ratio"] for r in result["schedules"].values()),
-        memory_1f1b_vs_gpipe=temp["1f1b"] / temp["gpipe"], temp_bytes=temp,
-        # (stage-input slots, gradient slots) per stage: the part of the temporaries the
-        # schedule decides; the rest (a stage's parameter-gradient accumulator, one tick's
-        # working set of a few microbatch activations) is the same under both
-        buffer_slots={kind: build(kind, S, M).buffer_slots() for kind in ("gpipe", "1f1b")})
+        bubble_ratio_vs_theory=(max(r["bubble_ratio"] for r in result["schedules"].values())
+                                if measurable else None),
+        memory_1f1b_vs_gpipe=mem[f"M={4 * S}"]["ratio_1f1b_vs_gpipe"],
+        memory_1f1b_vs_gpipe_8s=mem[f"M={8 * S}"]["ratio_1f1b_vs_gpipe"],
+        temp_bytes=mem[f"M={4 * S}"]["temp_bytes"], memory=mem)
     spec = MLPSpec(stages=args.torch_stages, layers=args.torch_layers, width=args.torch_width,
                    batch=args.torch_batch, microbatches=args.torch_microbatches)
-    rounds = args.torch_rounds or (3 if args.quick else 5)
-    result.update(compare(spec, rounds=rounds, reps=3 if args.quick else 8), machine=machine_info())
+    torch_rounds = args.torch_rounds or (3 if args.quick else 5)
+    result.update(compare(spec, rounds=torch_rounds, reps=3 if args.quick else 8), machine=machine_info())
     emit("pipeline", result, args.out)
     return 0
 

@@ -69,11 +69,77 @@ def test_cli_prints_table_and_draws_png(tmp_path):
 @pytest.mark.parametrize("kind,S,M,V", [("gpipe", 4, 16, 1), ("1f1b", 4, 16, 1), ("1f1b", 2, 6, 1),
                                         ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 3)])
 def test_buffer_slots_bound_the_pipeline_buffers(kind, S, M, V):
-    """The executor sizes its activation and gradient buffers by `buffer_slots` (entry m in
-    slot m % slots): 1F1B keeps at most S stage inputs, GPipe all M; a gradient is used
-    the tick after it arrives in these tables, so one or two slots hold them."""
-    acts, grads = build(kind, S, M, V).buffer_slots()
-    assert acts <= {"gpipe": M, "1f1b": S, "interleaved": 2 * S * V}[kind]
-    assert grads <= 2
-    if kind == "gpipe":
-        assert acts == M
+    """The executor sizes its buffers by `buffer_slots` (entry m in slot m % slots): the
+    stash (forward to backward) holds at most S entries under 1F1B and all M under GPipe;
+    arrivals and gradients are used a tick or two after they arrive in these tables; the
+    last stage's own loss gradients (kept from its forward to its backward) are M under
+    GPipe, one under 1F1B (its backward follows its forward at once)."""
+    sched = build(kind, S, M, V)
+    for loss_at_forward in (False, True):
+        slots = sched.buffer_slots(loss_at_forward)
+        assert sched.buffer_slots(loss_at_forward, input_until_backward=True).arrivals == slots.stash
+        assert slots.stash <= {"gpipe": M, "1f1b": S, "interleaved": 2 * S * V}[kind]
+        assert slots.stash <= max(sched.max_stash())
+        assert slots.arrivals <= 2 and slots.grads <= 2
+        if kind == "gpipe":
+            assert slots.stash == M
+        if kind == "1f1b":
+            assert slots.loss_grads == 1
+        if kind == "gpipe" and loss_at_forward:
+            assert slots.loss_grads == M
+    assert sched.buffer_slots(False).loss_grads == 1  # nothing kept: the backward makes it
+
+
+def test_buffer_slots_never_collide():
+    """Replaying a table with every buffer as a ring of `buffer_slots` slots: no entry is
+    overwritten before it is consumed (an independent check of the spans)."""
+    for (kind, S, M, V), until_bwd in itertools.product(
+            [("gpipe", 4, 16, 1), ("1f1b", 4, 16, 1), ("1f1b", 3, 7, 1), ("interleaved", 4, 8, 2),
+             ("interleaved", 2, 4, 3)], (False, True)):
+        sched = build(kind, S, M, V)
+        G = S * V
+        slots = sched.buffer_slots(True, input_until_backward=until_bwd)
+        rings = {name: {} for name in ("arrivals", "grads", "stash", "loss_grads")}
+
+        def put(name, g, m):
+            key = (g, m % getattr(slots, name))
+            assert key not in rings[name], (kind, name, g, m, rings[name][key])
+            rings[name][key] = m
+
+        def take(name, g, m):
+            assert rings[name].pop((g, m % getattr(slots, name))) == m
+
+        for row in sched.table:
+            for s, op in enumerate(row):
+                if op is None:
+                    continue
+                g = sched.global_stage(s, op.chunk)
+                if op.kind == "F" and g > 0 and not until_bwd:
+                    take("arrivals", g, op.microbatch)
+                elif op.kind == "B":
+                    if g > 0 and until_bwd:
+                        take("arrivals", g, op.microbatch)
+                    take("stash", g, op.microbatch)
+                    take("loss_grads" if g == G - 1 else "grads", g, op.microbatch)
+            for s, op in enumerate(row):
+                if op is None:
+                    continue
+                g = sched.global_stage(s, op.chunk)
+                if op.kind == "F":
+                    put("stash", g, op.microbatch)
+                    put("arrivals" if g < G - 1 else "loss_grads", g + (g < G - 1), op.microbatch)
+                elif g > 0:
+                    put("grads", g - 1, op.microbatch)
+        assert not any(rings.values())
+
+
+@pytest.mark.parametrize("S,M", [(4, 16), (3, 5)])
+def test_lockstep_bubble(S, M):
+    """With equal op costs the lockstep bubble is the table's idle-cell fraction; with a
+    costlier backward GPipe's still equals theory and 1F1B's exceeds it (a forward waits
+    for a neighbour's backward in the same tick). Closed form for GPipe: (S-1)/(M+S-1)."""
+    gpipe, f1b1 = build("gpipe", S, M), build("1f1b", S, M)
+    for sched in (gpipe, f1b1, build("interleaved", 2, 4, 2)):
+        assert sched.lockstep_bubble(1.0) == pytest.approx(sched.bubble_fraction())
+    assert gpipe.lockstep_bubble(2.0) == pytest.approx((S - 1) / (M + S - 1))
+    assert f1b1.lockstep_bubble(2.0) > f1b1.theory_bubble() + 0.01

@@ -2,18 +2,26 @@
 interleaved).
 
 Every device of the `stage` axis runs the same program: a `lax.scan` over the table's
-ticks. At tick t, stage s looks up its op in the table and runs it through `lax.switch`
-(idle / forward / backward; a conditional each device evaluates on its own), then two
-`ppermute`s move the tick's activations one stage down and its input-gradients one stage
-up (collectives stay outside the per-stage branches; a direction nobody sends in at a tick,
-known from the table, skips its ppermute on every device alike). A forward keeps only its stage input; a
-backward recomputes the stage from that input under `jax.vjp` and accumulates the
-parameter gradients, so a stage holds about S inputs under 1F1B and M under GPipe,
-which is 1F1B's memory advantage. Inputs and arriving gradients live in ring buffers
+ticks. At tick t, stage s looks up its op in the table and runs it through two
+conditionals (a forward one, a backward one; each device evaluates them on its own),
+then two `ppermute`s move the tick's activations one stage down and its input-gradients
+one stage up (collectives stay outside the per-stage branches; a direction nobody sends
+in at a tick, known from the table, skips its ppermute on every device alike).
+
+A forward stashes what its backward needs: by default the stage's `jax.vjp` residuals
+computed from its input (activations, not parameters; `_residual_roles`), so a backward
+only runs the pullback; the input itself stays in its arrival slot until the backward.
+With `remat` only the input is kept and the backward recomputes the stage. A stage holds
+at most S stash entries under 1F1B and M under GPipe: 1F1B's memory advantage. The last
+global stage evaluates the loss and its gradient at its forward and keeps that gradient
+until its backward (as autodiff keeps a loss's residuals). Every buffer is a ring
 indexed by microbatch modulo a bound read off the table (`Schedule.buffer_slots`: the
-widest span of microbatches live at once, so the slots never collide): S and M input
-slots, one gradient slot (a gradient is used the tick after it arrives). Buffers are
-updated one slot per tick, in place.
+widest span of microbatches live at once, so slots never collide) and is updated one
+slot per tick, in place; a slot a conditional reads is read before it, since XLA copies
+a whole buffer that a conditional reads and the tick then updates. Measured at M = 4S
+(benchmarks/pipeline.py), 1F1B's compiled temporaries are 0.34 of GPipe's; what is left
+besides the stash is the parameter-gradient accumulator and one tick's working set (a
+few activations), the same under both schedules.
 
 Interleaved schedules hold V chunks per stage ([s, c] is global stage c*S + s); the
 activations of stage S-1's chunk c wrap to stage 0's chunk c+1 through a ring ppermute.
@@ -29,6 +37,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Literal
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxps.parallel.schedule import Schedule
@@ -53,8 +62,11 @@ def _shift_if(pred: jax.Array, x: jax.Array, perm: list[tuple[int, int]]) -> jax
 
 def _put_if(buf: jax.Array, index: tuple, cond: jax.Array, value: jax.Array) -> jax.Array:
     """buf with buf[index] = value where cond: a one-slot update XLA does in place (a
-    `where` over the whole buffer would copy it every tick)."""
-    return buf.at[index].set(jnp.where(cond, value, buf[index]))
+    `where` over the whole buffer would copy it every tick; a `where` over the slot would
+    read the slot's old value into a temporary). Where not cond the index is out of
+    bounds and the scatter drops the update."""
+    index = (jnp.where(cond, index[0], buf.shape[0]),) + tuple(index[1:])
+    return buf.at[index].set(value, mode="drop")
 
 
 def _table_arrays(sched: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,10 +91,28 @@ class PipelineGrads(NamedTuple):
     targets: Any = None        # gradient w.r.t. ys (with target_grads)
 
 
+def _residual_roles(block: Callable[[Any, jax.Array], jax.Array], p: Any, x: jax.Array) -> list[str]:
+    """Per leaf of block's `jax.vjp` pullback at (p, x): "input" (x itself: the stage keeps
+    its input until the backward anyway), "stash" (computed from x: one stash entry per
+    microbatch) or "recompute" (the parameters, slices and casts of them, constants such
+    as a causal mask: the backward recomputes them from p). Dataflow over the traced
+    program's top-level equations; an equation with any input that depends on x counts as
+    depending on x in all its outputs (conservative: nested calls are not looked into, so
+    in doubt a leaf is stashed)."""
+    jaxpr = jax.make_jaxpr(lambda p, x: jax.tree.leaves(jax.vjp(block, p, x)[1]))(p, x).jaxpr
+    x_var = jaxpr.invars[-1]
+    dependent = {x_var}
+    for eqn in jaxpr.eqns:
+        if any(not isinstance(v, Literal) and v in dependent for v in eqn.invars):
+            dependent.update(eqn.outvars)
+    return ["input" if v is x_var else "stash" if not isinstance(v, Literal) and v in dependent
+            else "recompute" for v in jaxpr.outvars]
+
+
 def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: Callable[..., jax.Array],
                             params: Any, xs: jax.Array, ys: jax.Array, sched: Schedule,
                             mesh: Mesh, input_grads: bool = False, head: Any = None,
-                            target_grads: bool = False) -> PipelineGrads:
+                            target_grads: bool = False, remat: bool = False) -> PipelineGrads:
     """Sum over microbatches of loss(block_{G-1}(...block_0(x))), and its gradient w.r.t.
     the stacked `params`: every leaf [S, ...] (sharded over `stage`), or [S, V, ...] for an
     interleaved schedule, where [s, c] is global stage c*S + s.
@@ -94,6 +124,12 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
     the pipeline) can be trained through it, at the cost of an xs-sized buffer on every
     stage; with target_grads, whatever produced ys too (e.g. a wide part's logits the head
     adds to the tower's), for a ys-sized buffer.
+
+    What a forward keeps for its backward (one entry per microbatch in flight): by default
+    the block's `jax.vjp` residuals computed from its input (its activations, not its
+    parameters) and the input, so a backward runs only the pullback; with `remat`, only
+    the stage input, and the backward recomputes the stage (one more forward per
+    backward; an entry one activation wide instead of the block's residuals).
     """
     if head is None:
         def loss_fn(_, h, y):
@@ -108,10 +144,15 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                          f"{[y.shape[0] for y in jax.tree.leaves(ys)]}")
     _check_stacked(params, S)
     kind_np, mb_np, chunk_np = _table_arrays(sched)
-    KA, KG = sched.buffer_slots()  # activation / gradient slots per stage and chunk (m -> m % K)
+    # Without remat the last global stage evaluates the loss and its gradient at its forward
+    # (its residuals do not include its output h) and keeps that gradient until its backward,
+    # in its gradient buffer; with remat it recomputes h at its backward.
+    loss_at_forward = not remat
+    own_loss_grads = loss_at_forward and V > 1  # the last stage's loss gradients: see run
     # ring neighbours: with virtual chunks, stage S-1's chunk c feeds stage 0's chunk c+1
     up = [(s, (s + 1) % S) for s in range(S if V > 1 else S - 1)]    # activations
     down = [((s + 1) % S, s) for s in range(S if V > 1 else S - 1)]  # input-gradients
+    argnums = (0, 1, 2) if target_grads else (0, 1)
 
     def run(p, hp, xs, ys):
         p = jax.tree.map(lambda a: a[0], p)  # this stage's parameters ([V, ...] if virtual)
@@ -126,39 +167,113 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
         def chunk_params(c):
             return jax.tree.map(lambda a: a[c], p) if V > 1 else p
 
+        roles = None if remat else _residual_roles(block, chunk_params(0), x0)
+        # the stage input stays in its arrival slot until the backward when the backward
+        # needs it (remat, or a block whose residuals include its input)
+        input_until_backward = remat or "input" in roles
+        KA, KG, KS, KL = sched.buffer_slots(loss_at_forward, input_until_backward)  # m -> slot m % K
+        # With V = 1 the last stage never receives a gradient: its own loss gradients can
+        # use its gradient buffer (one buffer, one write per tick); with virtual chunks it
+        # also receives gradients for its other chunks, so they get their own.
+        if loss_at_forward and not own_loss_grads:
+            KG, KL = max(KG, KL), 1
+
+        def forward(pc, x):
+            """(h, its stash entry: a tuple of arrays)."""
+            if remat:
+                return block(pc, x), ()
+            h, pullback = jax.vjp(block, pc, x)
+            return h, tuple(leaf for leaf, r in zip(jax.tree.leaves(pullback), roles) if r == "stash")
+
+        def pullback_of(pc, x, saved):
+            """(h, the stage's pullback) from the stage input and its stash entry."""
+            if remat:
+                return jax.vjp(block, pc, x)
+            # the pullback traced anew has the input and the recomputed residuals right; the
+            # stash replaces the others, whose computation (and h's) is then dead code
+            # that XLA removes
+            h, template = jax.vjp(block, pc, x)
+            leaves, treedef = jax.tree.flatten(template)
+            it = iter(saved)
+            return h, jax.tree.unflatten(treedef, [next(it) if r == "stash" else leaf
+                                                   for leaf, r in zip(leaves, roles)])
+
+        saved_shapes = jax.eval_shape(forward, chunk_params(0), x0)[1]
+        zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+
         def tick(carry, t):
-            acts, grads_in, gsum, lsum, dxs, hsum, dys = carry
+            arrived, grads_in, loss_grads, stash, gsum, lsum, dxs, hsum, dys = carry
             k, m, c = kinds[t, s], mbs[t, s], chunks[t, s]
             y_m = jax.tree.map(lambda a: a[m], ys)
             first = (s == 0) & (c == 0)
             last = (s == S - 1) & (c == V - 1)
-            x_in = jnp.where(first, xs[m], acts[c, m % KA])
             pc = chunk_params(c)
-
-            zeros = functools.partial(jax.tree.map, jnp.zeros_like)
             no_y = zeros(y_m) if target_grads else ()
+            no_saved = tuple(jnp.zeros(a.shape, a.dtype) for a in saved_shapes)
 
-            def idle(_):
-                return jnp.zeros_like(x0), jnp.zeros_like(x0), zeros(pc), 0.0, zeros(hp), no_y
+            # the stage input, read once outside the conditionals (XLA copies a whole buffer
+            # that a conditional reads and the tick then updates)
+            x_in = jnp.where(first, xs[m], arrived[c, m % KA])
+
+            def head_grads(h):
+                """Loss and (d head, d h, d y) of the last global stage at microbatch m."""
+                l_m, g = jax.value_and_grad(loss_fn, argnums=argnums)(hp, h, y_m)
+                return l_m, g if target_grads else g + ((),)
+
+            # Two conditionals, a forward one and a backward one (each skips unless this
+            # tick's op is its kind), rather than one switch over both: a conditional's
+            # outputs are all live while its taken branch runs, so one switch would keep the
+            # forward's stash-entry outputs allocated during every backward.
+            def no_fwd(_):
+                return jnp.zeros_like(x0), no_saved, 0.0, zeros(hp), no_y
 
             def fwd(_):
-                h = block(pc, x_in)
-                l_m = jnp.where(last, loss_fn(hp, h, y_m), 0.0)
-                return h, jnp.zeros_like(x0), zeros(pc), l_m, zeros(hp), no_y
+                h, saved = forward(pc, x_in)
+                return h, saved, 0.0, zeros(hp), no_y
+
+            def no_bwd(_):
+                return jnp.zeros_like(x0), zeros(pc), 0.0, zeros(hp), no_y
+
+            def stashed():
+                return tuple(a[c, m % KS] for a in stash)
 
             def bwd(_):
-                h, pullback = jax.vjp(block, pc, x_in)
-                g = jax.grad(loss_fn, argnums=(0, 1, 2) if target_grads else (0, 1))(hp, h, y_m)
-                g_head, g_loss, g_y = g if target_grads else g + ((),)
-                g_h = jnp.where(last, g_loss, grads_in[c, m % KG])
+                _, pullback = pullback_of(pc, x_in, stashed())
+                g_h = jnp.where(last, loss_grads[m % KL], grads_in[c, m % KG]) if own_loss_grads \
+                    else grads_in[c, m % KG]
                 dp, dx = pullback(g_h)
-                only_last = functools.partial(jax.tree.map, lambda g: jnp.where(last, g, jnp.zeros_like(g)))
-                return jnp.zeros_like(x0), dx, dp, 0.0, only_last(g_head), only_last(g_y) if target_grads else ()
+                return dx, dp, 0.0, zeros(hp), no_y
 
-            h, dx, dp, l_m, dh, dy = jax.lax.switch(k, (idle, fwd, bwd), None)
+            def fwd_loss(_):  # the last stage's forward; it sends nothing: h is d loss / d h
+                h, saved = forward(pc, x_in)
+                l_m, (g_head, g_h, g_y) = head_grads(h)
+                return g_h, saved, l_m, g_head, g_y
+
+            def bwd_loss(_):  # the last stage's backward under remat, recomputing h
+                h, pullback = pullback_of(pc, x_in, stashed())
+                l_m, (g_head, g_h, g_y) = head_grads(h)
+                dp, dx = pullback(g_h)
+                return dx, dp, l_m, g_head, g_y
+
+            is_f, is_b = k == FWD, k == BWD
+            evaluates_loss = last & (is_f if loss_at_forward else is_b)
+            fwd_branches = (no_fwd, fwd, fwd_loss) if loss_at_forward else (no_fwd, fwd)
+            bwd_branches = (no_bwd, bwd) if loss_at_forward else (no_bwd, bwd, bwd_loss)
+            h, saved, l_f, dh_f, dy_f = jax.lax.switch(
+                jnp.where(is_f, jnp.where(evaluates_loss, 2, 1), 0), fwd_branches, None)
+            stash = tuple(_put_if(a, (c, m % KS), is_f, v) for a, v in zip(stash, saved))
+            # the last stage keeps its own d loss / d h for its backward
+            keep_own = evaluates_loss & loss_at_forward
+            if own_loss_grads:
+                loss_grads = _put_if(loss_grads, (m % KL,), keep_own, h)
+            dx, dp, l_b, dh_b, dy_b = jax.lax.switch(
+                jnp.where(is_b, jnp.where(evaluates_loss, 2, 1), 0), bwd_branches, None)
+            l_m = l_f + l_b
+            dh = jax.tree.map(jnp.add, dh_f, dh_b)
+            dy = jax.tree.map(jnp.add, dy_f, dy_b)
             hsum = jax.tree.map(jnp.add, hsum, dh)
-            if target_grads:  # the last global stage's backward of microbatch m: d loss / d ys[m]
-                dys = jax.tree.map(lambda d, g: _put_if(d, (m,), last & (k == BWD), g), dys, dy)
+            if target_grads:  # d loss / d ys[m], where the last global stage evaluates the loss
+                dys = jax.tree.map(lambda d, g: _put_if(d, (m,), evaluates_loss, g), dys, dy)
             # what arrives here this tick, for which microbatch and chunk (from the table):
             # from stage s-1's chunk c (or stage S-1's chunk c-1 when s == 0), and back from
             # stage s+1's chunk c (or stage 0's chunk c+1 when s == S-1)
@@ -168,21 +283,29 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
             c_down = chunks[t, nxt] - jnp.where(s == S - 1, 1, 0)
             got_act = (kinds[t, prev] == FWD) & ((s > 0) | (c_up < V)) & (S > 1)
             got_grad = (kinds[t, nxt] == BWD) & ((s < S - 1) | (c_down >= 0)) & (S > 1)
-            acts = _put_if(acts, (jnp.clip(c_up, 0, V - 1), mbs[t, prev] % KA), got_act, h_in)
-            grads_in = _put_if(grads_in, (jnp.clip(c_down, 0, V - 1), mbs[t, nxt] % KG), got_grad, dx_in)
+            arrived = _put_if(arrived, (jnp.clip(c_up, 0, V - 1), mbs[t, prev] % KA), got_act, h_in)
+            if loss_at_forward and not own_loss_grads:  # never both at once (see above)
+                grads_in = _put_if(grads_in, (jnp.where(keep_own, c, jnp.clip(c_down, 0, V - 1)),
+                                              jnp.where(keep_own, m, mbs[t, nxt]) % KG),
+                                   keep_own | got_grad, jnp.where(keep_own, h, dx_in))
+            else:
+                grads_in = _put_if(grads_in, (jnp.clip(c_down, 0, V - 1), mbs[t, nxt] % KG), got_grad, dx_in)
             if V > 1:
                 gsum = jax.tree.map(lambda g, d: g.at[c].add(d), gsum, dp)
             else:
                 gsum = jax.tree.map(jnp.add, gsum, dp)
             # the first global stage's input gradient is d loss / d xs[m]
             if input_grads:
-                dxs = _put_if(dxs, (m,), first & (k == BWD), dx)
-            return (acts, grads_in, gsum, lsum + l_m, dxs, hsum, dys), None
+                dxs = _put_if(dxs, (m,), first & is_b, dx)
+            return (arrived, grads_in, loss_grads, stash, gsum, lsum + l_m, dxs, hsum, dys), None
 
-        init = (jnp.zeros((V, KA) + x0.shape, x0.dtype), jnp.zeros((V, KG) + x0.shape, x0.dtype), jax.tree.map(jnp.zeros_like, p), jnp.zeros((), jnp.float32),
+        init = (jnp.zeros((V, KA) + x0.shape, x0.dtype), jnp.zeros((V, KG) + x0.shape, x0.dtype),
+                jnp.zeros((KL,) + x0.shape, x0.dtype),
+                tuple(jnp.zeros((V, KS) + a.shape, a.dtype) for a in saved_shapes),
+                jax.tree.map(jnp.zeros_like, p), jnp.zeros((), jnp.float32),
                 jnp.zeros_like(xs) if input_grads else jnp.zeros((), xs.dtype),
                 jax.tree.map(jnp.zeros_like, hp), jax.tree.map(jnp.zeros_like, ys) if target_grads else ())
-        (_, _, gsum, lsum, dxs, hsum, dys), _ = jax.lax.scan(tick, init, jnp.arange(kind_np.shape[0]))
+        (*_, gsum, lsum, dxs, hsum, dys), _ = jax.lax.scan(tick, init, jnp.arange(kind_np.shape[0]))
         hsum = jax.tree.map(lambda g: jax.lax.psum(g, ("stage", "data")), hsum)  # last stage only
         lsum = jax.lax.psum(lsum, ("stage", "data"))          # only the last stage holds loss
         gsum = jax.tree.map(lambda g: jax.lax.psum(g, "data")[None], gsum)
@@ -205,7 +328,8 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
 
 
 def pipelined_loss(block: Callable[[Any, jax.Array], jax.Array], loss: Callable[[Any, jax.Array, Any], jax.Array],
-                   sched: Schedule, mesh: Mesh | None = None) -> Callable[[Any, Any, jax.Array, Any], jax.Array]:
+                   sched: Schedule, mesh: Mesh | None = None,
+                   remat: bool = False) -> Callable[[Any, Any, jax.Array, Any], jax.Array]:
     """f(params, head, xs, ys) = sum over microbatches m of loss(head, tower(xs[m]), ys[m]),
     a scalar JAX can differentiate w.r.t. all four arguments, so a pipelined tower sits
     inside an ordinary loss (embeddings before it, a wide part added in its head).
@@ -214,12 +338,13 @@ def pipelined_loss(block: Callable[[Any, jax.Array], jax.Array], loss: Callable[
     program that computes the loss and every gradient at once (`pipeline_value_and_grad`),
     and the backward pass only scales those by the incoming cotangent. This works because
     f is the loss: the cotangent is a scalar. Evaluated without a gradient, f runs the
-    forward-only GPipe loop (`pipeline_forward`). `mesh` defaults to the ambient one."""
+    forward-only GPipe loop (`pipeline_forward`). `mesh` defaults to the ambient one;
+    `remat` as in `pipeline_value_and_grad`."""
 
     def value_and_grads(params, head, xs, ys):
         m = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
         return pipeline_value_and_grad(block, loss, params, xs, ys, sched, m, input_grads=True,
-                                       head=head, target_grads=True)
+                                       head=head, target_grads=True, remat=remat)
 
     @jax.custom_vjp
     def f(params, head, xs, ys):

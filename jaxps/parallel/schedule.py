@@ -17,6 +17,7 @@ per stage: chunk c of stage s is global stage c*S + s; the bubble shrinks V-fold
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,14 @@ class Op:
 
     def __str__(self) -> str:
         return f"{self.kind}{self.microbatch}" + (f".{self.chunk}" if self.chunk else "")
+
+
+class BufferSlots(NamedTuple):
+    """Ring-buffer slots per stage and chunk (see `Schedule.buffer_slots`)."""
+    arrivals: int  # activations received, kept until this stage's forward (or backward)
+    grads: int     # input-gradients received, waiting for this stage's backward
+    stash: int     # what a forward keeps for its backward (stage input or residuals)
+    loss_grads: int  # the last global stage's d loss / d h, from its forward to its backward
 
 
 @dataclass
@@ -54,6 +63,17 @@ class Schedule:
         s, m, v = self.stages, self.microbatches, self.virtual
         return (s - 1) / (v * m + s - 1)
 
+    def lockstep_bubble(self, backward_cost: float = 2.0) -> float:
+        """Idle time over all stage-time when every tick lasts as long as its slowest op (a
+        forward costs 1, a backward `backward_cost`): the SPMD executor's ticks are
+        synchronous (a ppermute ends each), so a stage's forward beside another's backward
+        waits. Equals `theory_bubble` for GPipe (its ticks are all-forward or all-backward);
+        exceeds it for 1F1B and interleaved, whose steady state mixes them."""
+        cost = {"F": 1.0, "B": backward_cost}
+        span = sum(max((cost[op.kind] for op in row if op), default=0.0) for row in self.table)
+        busy = sum(cost[op.kind] for row in self.table for op in row if op)
+        return 1.0 - busy / (span * self.stages)
+
     def max_stash(self) -> list[int]:
         """Per stage, the most microbatch-chunks whose forward ran and backward did not:
         the activations that stage must hold at once."""
@@ -67,36 +87,53 @@ class Schedule:
                 peak[s] = max(peak[s], live[s])
         return peak
 
-    def buffer_slots(self) -> tuple[int, int]:
-        """(activation slots, gradient slots) a stage needs per chunk when an entry for
-        microbatch m lives in slot m % slots: the widest span of microbatches live at once
-        on any (stage, chunk). An activation lives from its arrival (end of the tick the
-        previous global stage ran its forward) until this stage's backward of it (which
-        recomputes from it); a gradient from its arrival (the next global stage's backward)
-        until this stage's backward. The first global stage reads its inputs from xs and
-        the last makes its own gradient, so they hold none of either."""
+    def buffer_slots(self, loss_at_forward: bool = False, input_until_backward: bool = False) -> BufferSlots:
+        """Slots a stage needs per chunk in each of its buffers when an entry for microbatch
+        m lives in slot m % slots: the widest span of microbatches live at once on any
+        (stage, chunk), so entries never collide. An arrival lives from the end of the tick
+        the previous global stage ran its forward until this stage's forward (or backward,
+        with `input_until_backward`: the backward needs the stage input); a stash entry
+        from this stage's forward until its backward; a gradient from its arrival (the next
+        global stage's backward) until this stage's backward. The first global stage reads
+        its inputs from xs and has no arrivals; the last one makes its own gradient: at its
+        forward with `loss_at_forward`, kept until its backward (`loss_grads`), or else at
+        its backward."""
         S, G = self.stages, self.stages * self.virtual
-        acts: dict[tuple[int, int], set[int]] = {}
-        grads: dict[tuple[int, int], set[int]] = {}
-        widest = [1, 1]
+        live: tuple[dict, ...] = ({}, {}, {}, {})  # per buffer: (stage, chunk) -> {m}
+        widest = [1, 1, 1, 1]
+        ARR, GRAD, STASH, LOSS = range(4)
+
+        def add(buf: int, g: int, m: int) -> None:
+            live[buf].setdefault((g % S, g // S), set()).add(m)
+
         for row in self.table:
-            for s, op in enumerate(row):  # this tick's backwards consume their entries...
-                if op is not None and op.kind == "B":
-                    acts.get((s, op.chunk), set()).discard(op.microbatch)
-                    grads.get((s, op.chunk), set()).discard(op.microbatch)
-            for s, op in enumerate(row):  # ...then what this tick sent arrives
+            for s, op in enumerate(row):  # this tick's ops consume their entries...
+                if op is None:
+                    continue
+                key = (s, op.chunk)
+                if op.kind == "F":
+                    consumed = () if input_until_backward else (ARR,)
+                else:
+                    consumed = (GRAD, STASH, LOSS) + ((ARR,) if input_until_backward else ())
+                for buf in consumed:
+                    live[buf].get(key, set()).discard(op.microbatch)
+            for s, op in enumerate(row):  # ...then what this tick made is there
                 if op is None:
                     continue
                 g = self.global_stage(s, op.chunk)
-                if op.kind == "F" and g < G - 1:
-                    acts.setdefault(((g + 1) % S, (g + 1) // S), set()).add(op.microbatch)
-                elif op.kind == "B" and g > 0:
-                    grads.setdefault(((g - 1) % S, (g - 1) // S), set()).add(op.microbatch)
-            for i, live in enumerate((acts, grads)):
-                for ms in live.values():
+                if op.kind == "F":
+                    add(STASH, g, op.microbatch)
+                    if g < G - 1:
+                        add(ARR, g + 1, op.microbatch)
+                    elif loss_at_forward:
+                        add(LOSS, g, op.microbatch)
+                elif g > 0:
+                    add(GRAD, g - 1, op.microbatch)
+            for i, bufs in enumerate(live):
+                for ms in bufs.values():
                     if ms:
                         widest[i] = max(widest[i], max(ms) - min(ms) + 1)
-        return widest[0], widest[1]
+        return BufferSlots(*widest)
 
     def render(self) -> str:
         """The table as text: one line per stage, one column per tick."""
