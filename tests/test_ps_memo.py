@@ -97,3 +97,22 @@ def test_reused_key_array_clear_and_admission():
         a.push("t", keys, g, 10)
     _same(memo, plain)
     assert memo[0].export("t")["keys"].size == 40
+
+
+def test_memos_are_bounded_per_client_and_in_bytes():
+    from jaxps.ps.memo import PullMemo, PullMemos
+
+    def memo(n):
+        k = np.arange(n, dtype=np.uint64)
+        return PullMemo(k, np.arange(n), np.zeros(1, np.int64), np.array([0, n]), k.copy(), [None], [0],
+                        [np.arange(n)])
+    m = PullMemos(per_client=2, max_bytes=10 * 32 * 100)
+    for i in range(3):
+        m.put(1, "t", memo(100 + i))
+    assert m.take(1, "t", np.arange(100, dtype=np.uint64)) is None        # the oldest went
+    assert m.take(1, "t", np.arange(102, dtype=np.uint64)) is not None
+    for c in range(20):                                                    # over the byte budget
+        m.put(c + 10, "t", memo(100))
+    assert m._bytes <= m.max_bytes and len(m._memos) <= 10
+    assert m.take(29, "t", np.arange(100, dtype=np.uint64)) is not None   # the newest stays
+    assert m.take(10, "t", np.arange(100, dtype=np.uint64)) is None

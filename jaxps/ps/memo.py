@@ -38,6 +38,11 @@ class PullMemo:
     epochs: list[int]
     slots: list[np.ndarray | None]
 
+    @property
+    def nbytes(self) -> int:
+        return (self.keys.nbytes + self.order.nbytes + self.ordered_keys.nbytes
+                + sum(s.nbytes for s in self.slots if s is not None))
+
     def slots_for(self, run: int, store) -> np.ndarray | None:
         """The pull's slots of run `run` if they are still valid in `store` (call with the
         partition's lock held), else None."""
@@ -47,15 +52,17 @@ class PullMemo:
 
 
 class PullMemos:
-    """The last `per_client` pull memos of each (client, table), at most `max_entries`
-    (client, table) pairs (least recently used go first). Thread-safe.
+    """The last `per_client` pull memos of each (client, table), at most `max_bytes` of them
+    in all (the least recently used (client, table) loses its oldest first). Thread-safe.
 
     per_client: a client may pull step k+1 (prefetch) and strict-mode repairs before it
-    pushes step k, so a few are kept. Each memo holds ~4 x 8 bytes per key."""
+    pushes step k, so a few are kept. A memo holds ~32 bytes per key (keys twice, order,
+    slots): 256 MiB is ~80 pulls of 100k keys."""
 
-    def __init__(self, per_client: int = 4, max_entries: int = 64):
-        self.per_client, self.max_entries = per_client, max_entries
+    def __init__(self, per_client: int = 4, max_bytes: int = 256 << 20):
+        self.per_client, self.max_bytes = per_client, max_bytes
         self._memos: OrderedDict[tuple[int, str], list[PullMemo]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -64,10 +71,15 @@ class PullMemos:
         with self._lock:
             memos = self._memos.pop((client, table), [])
             memos.append(memo)
-            del memos[:-self.per_client]
-            self._memos[(client, table)] = memos
-            while len(self._memos) > self.max_entries:
-                self._memos.popitem(last=False)
+            self._bytes += memo.nbytes
+            self._memos[(client, table)] = memos   # most recently used last
+            if len(memos) > self.per_client:
+                self._bytes -= memos.pop(0).nbytes
+            while self._bytes > self.max_bytes and self._memos:
+                key, oldest = next(iter(self._memos.items()))
+                self._bytes -= oldest.pop(0).nbytes
+                if not oldest:
+                    del self._memos[key]
 
     def take(self, client: int, table: str, keys: np.ndarray) -> PullMemo | None:
         """Remove and return the newest memo of (client, table) whose keys equal `keys`."""
@@ -77,6 +89,7 @@ class PullMemos:
                 m = memos[i]
                 if m.keys.shape == keys.shape and np.array_equal(m.keys, keys):
                     del memos[i]
+                    self._bytes -= m.nbytes
                     self.hits += 1
                     return m
             self.misses += 1
@@ -85,3 +98,4 @@ class PullMemos:
     def clear(self) -> None:
         with self._lock:
             self._memos.clear()
+            self._bytes = 0

@@ -98,8 +98,10 @@ class PSServer:
                  wait_timeout: float | None = 600.0, threads: int = 1):
         """threads: a pull or push of at least `PARALLEL_KEYS` keys splits its partitions over
         this many threads (the numba kernels release the GIL; partitions have their own
-        locks). The work is memory-latency bound, so a second core adds memory-level
-        parallelism; 1 leaves the other cores to the caller (e.g. the device step).
+        locks): a second core adds memory-level parallelism where one is free. Default 1:
+        the embedded server shares the cores with the device step, and on the 2-core dev
+        VMs (other jobs running) 2 threads measured 0.39-0.55x the floor vs 0.41-0.45x
+        with 1 in interleaved A/B rounds: no reliable gain there.
 
         replicas: backups per partition (hot standby); the server stores every partition
         whose replica set (`Ring.replicas`) names it, and serves pulls of those it is the
