@@ -20,9 +20,10 @@ from typing import Callable
 import numba
 import numpy as np
 
+from jaxps.hashing import GOLDEN
 from jaxps.optim.rowwise import SGD, Adagrad, RowOptimizer
 
-_GOLD = np.uint64(0x9E3779B97F4A7C15)
+_S32 = np.uint64(32)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -48,7 +49,7 @@ def _repeats(slots):
     mask = np.uint64(size - 1)
     for i in range(n):
         s = slots[i]
-        h = np.int64((np.uint64(s) * _GOLD >> np.uint64(32)) & mask)
+        h = np.int64((np.uint64(s) * GOLDEN >> _S32) & mask)
         while table[h] >= 0:
             if table[h] == s:
                 return True
