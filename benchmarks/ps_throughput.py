@@ -3,7 +3,9 @@
 One collisionless table (dim 16, Adagrad) in an embedded server group (1 server, 256
 partitions), pre-populated by pushing every key, then timed on batches of 100k unique
 random existing keys: one pull and one push (find, gather values + accumulator, row-wise
-Adagrad, scatter both back) per batch. The floor, measured in the same run on a flat table
+Adagrad, scatter both back) per batch. As in a training step, the push carries exactly the
+keys the client pulled, so the server reuses the pull's routing and slots (`jaxps.ps.memo`;
+verified against the pushed keys, no second index probe). The floor, measured in the same run on a flat table
 of the same rows: numpy gather + scatter of the same number of random rows of every array
 the update touches (values and accumulator), with the fastest idiom (np.take / np.put on
 void row views, PS_NOTES.md), timed in rounds interleaved with the PS's (one floor batch,
@@ -175,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=None, help="timed batches (default 30, quick 10)")
     p.add_argument("--prepop-batch", type=int, default=1_000_000)
     p.add_argument("--partitions", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1,
+                   help="in-process server threads per request (PSServer threads; the floor uses one)")
     p.add_argument("--no-grpc", action="store_true", help="skip the 2-process gRPC measurement")
     args = p.parse_args(argv)
     n_rows = args.rows or (5_000_000 if args.quick else 50_000_000)
@@ -193,7 +197,7 @@ def main(argv=None) -> int:
     keys_all = table_keys(0, n_rows)
     key_batches = [keys_all[r] for r in row_batches]
     spec = TableSpec("t", dim, opt)
-    client = embedded([spec], servers=1, num_partitions=args.partitions)
+    client = embedded([spec], servers=1, num_partitions=args.partitions, threads=args.threads)
     rss1 = rss_bytes()
     ps = run_ps(client, keys_all, key_batches, dim, args.prepop_batch,
                 between=lambda i: floor.round(row_batches[i]))
@@ -213,6 +217,7 @@ def main(argv=None) -> int:
         "note": ("quick mode: 5M-row table (full run: 50M)" if args.quick and not args.rows else None),
         "table_rows": n_rows, "dim": dim, "optimizer": "adagrad (values + accumulator)",
         "batch_keys": batch, "timed_batches": nb, "partitions": args.partitions, "servers": 1,
+        "server_threads": args.threads,
         "table_bytes_values_and_accumulator": n_rows * 2 * 4 * dim,
         "raw_bytes_keys_values_accumulator": raw,
         "store_bytes": ps["store_bytes"], "store_bytes_per_raw": ps["store_bytes"] / raw,

@@ -11,12 +11,12 @@ HP = {"sgd": [{}, {"learning_rate": 0.3}], "adagrad": [{}, {"learning_rate": 0.2
                                                               "initial_accumulator_value": 0.5}]}
 
 
-def _batch(opt, n_rows, n, dim, seed, scale=1.0):
+def _batch(opt, n_rows, n, dim, seed, scale=1.0, repeats=True):
     rng = np.random.default_rng(seed)
     values = (rng.normal(size=(n_rows, dim)) * scale).astype(np.float32)
     state = {s: (np.abs(rng.normal(size=(n_rows, dim))) * scale).astype(np.float32) + np.float32(opt.slot_init(s))
              for s in opt.slots}
-    slots = rng.integers(0, n_rows, n).astype(np.int64)   # repeats included
+    slots = (rng.integers(0, n_rows, n) if repeats else rng.permutation(n_rows)[:n]).astype(np.int64)
     grads = (rng.normal(size=(n + 7, dim)) * scale).astype(np.float32)
     grows = rng.permutation(n + 7)[:n].astype(np.int64)
     return values, state, slots, grads, grows
@@ -24,12 +24,15 @@ def _batch(opt, n_rows, n, dim, seed, scale=1.0):
 
 @pytest.mark.parametrize("name,i", [(k, i) for k, v in HP.items() for i in range(len(v))])
 @pytest.mark.parametrize("dim", [1, 8, 16, 33])
-def test_fused_update_equals_rowwise_numpy(name, i, dim):
+@pytest.mark.parametrize("repeats", [True, False])  # the kernels' scratch and in-place paths
+def test_fused_update_equals_rowwise_numpy(name, i, dim, repeats):
     opt = rowwise.make(name, **HP[name][i])
     kernel = fused.fused_update(opt)
     assert kernel is not None
     for seed, scale in [(0, 1.0), (1, 1e-20), (2, 1e20), (3, 1e-3)]:
-        assert fused.equal_to_numpy(opt, kernel, _batch(opt, 500, 300, dim, seed, scale)), (seed, scale)
+        batch = _batch(opt, 500, 300, dim, seed, scale, repeats)
+        assert (len(np.unique(batch[2])) < 300) == repeats
+        assert fused.equal_to_numpy(opt, kernel, batch), (seed, scale)
 
 
 def test_no_kernel_for_other_optimizers():

@@ -40,3 +40,22 @@ def test_dedup_matches_numpy_unique():
     uniq, inv = dedup(keys)
     np.testing.assert_array_equal(uniq[inv], keys)
     assert len(uniq) == len(np.unique(keys))
+
+
+def test_huge_page_backed_arrays_are_zeroed_and_sized():
+    """Index arrays from 1 MiB on come from `huge_zeros`: zeroed, exact length, writable;
+    1-2 MiB of buckets are rounded up to a whole huge page of buckets (a power of two)."""
+    from jaxps.memory import HUGE_MIN, HUGE_PAGE, huge_capacity, huge_zeros
+    a = huge_zeros(HUGE_MIN // 8 + 3, np.uint64)
+    assert a.shape == (HUGE_MIN // 8 + 3,) and not a.any() and a.flags.writeable
+    a[-1] = 7
+    assert a.ctypes.data % HUGE_PAGE == 0 or not hasattr(__import__("mmap"), "MADV_HUGEPAGE")
+    assert huge_capacity(HUGE_MIN // 4, 4) == HUGE_PAGE // 4 and huge_capacity(1000, 4) == 1000
+    from jaxps.ps.keyindex import KeyIndex
+    index = KeyIndex(capacity=200_000)   # 2^18 uint32 buckets (1 MiB) -> 2^19 (2 MiB)
+    assert index._buckets.nbytes == HUGE_PAGE and index._buckets.shape[0] == 1 << 19
+    keys = np.arange(1, 300_001, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    slots, new = index.find_or_insert(keys)
+    assert new.all() and np.array_equal(slots, np.arange(300_000))
+    np.testing.assert_array_equal(index.find(keys), np.arange(300_000))
+    np.testing.assert_array_equal(index.keys(), keys)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from jaxps.ps.ring import Ring, partition_of
+from jaxps.ps.ring import Ring, partition_of, partition_runs
 
 
 def test_partitions_spread_keys_and_are_stable():
@@ -45,3 +45,19 @@ def test_join_and_leave_move_about_one_nth(n):
 def test_ring_rejects_bad_membership():
     with pytest.raises(ValueError, match="duplicate"):
         Ring(16, 4, ["a", "a"])
+
+
+@pytest.mark.parametrize("num_partitions", [1, 7, 256, 1024])
+def test_partition_runs_equal_numpy_stable_sort(num_partitions):
+    """The numba counting sort groups keys exactly as a stable sort by `partition_of`."""
+    rng = np.random.default_rng(num_partitions)
+    keys = np.concatenate([rng.integers(0, 2**64 - 1, 5000, dtype=np.uint64, endpoint=True),
+                           np.array([0, 1, 2**63, 2**64 - 1], np.uint64), np.zeros(0, np.uint64)])
+    for k in (keys, keys[:0], keys[:1]):
+        order, parts, bounds = partition_runs(k, num_partitions)
+        p = partition_of(k, num_partitions)
+        want = np.argsort(p, kind="stable")
+        np.testing.assert_array_equal(order, want)
+        np.testing.assert_array_equal(parts, np.unique(p))
+        np.testing.assert_array_equal(np.diff(bounds), np.bincount(p, minlength=num_partitions)[np.unique(p)])
+        assert bounds[0] == 0 and bounds[-1] == k.shape[0]

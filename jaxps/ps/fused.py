@@ -20,7 +20,10 @@ from typing import Callable
 import numba
 import numpy as np
 
+from jaxps.hashing import GOLDEN
 from jaxps.optim.rowwise import SGD, Adagrad, RowOptimizer
+
+_S32 = np.uint64(32)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -34,11 +37,46 @@ def _touch(values, slots):
     return t
 
 
+@numba.njit(cache=True, nogil=True)
+def _repeats(slots):
+    """Whether a slot occurs twice: an open-addressing set in a scratch table that stays
+    in L1 (~2 ns per slot, against ~100 ns of row traffic)."""
+    n = slots.shape[0]
+    size = 16
+    while size < 2 * n:
+        size *= 2
+    table = np.full(size, -1, np.int64)
+    mask = np.uint64(size - 1)
+    for i in range(n):
+        s = slots[i]
+        h = np.int64((np.uint64(s) * GOLDEN >> _S32) & mask)
+        while table[h] >= 0:
+            if table[h] == s:
+                return True
+            h = (h + 1) & (size - 1)
+        table[h] = s
+    return False
+
+
+# With distinct slots each row is read, updated and written back in place: 0.72-0.84x the
+# time of computing every new row into scratch first (measured on 5M-row tables). Repeated
+# slots need the scratch (np.put semantics: new rows from old ones, the last write wins).
 @numba.njit(cache=True, nogil=True, error_model="numpy")  # inf/nan as numpy, no raise branch
-def _adagrad(values, acc, slots, grads, grows, lr, eps, tmp_p, tmp_a):
+def _adagrad(values, acc, slots, grads, grows, lr, eps):
     """Adagrad (rowwise.Adagrad.update) on rows `slots` with grads[grows[i]], in place."""
     n, dim = slots.shape[0], values.shape[1]
     t = _touch(values, slots) + _touch(acc, slots)
+    if not _repeats(slots):
+        for i in range(n):
+            s, r = slots[i], grows[i]
+            for j in range(dim):
+                g = grads[r, j]
+                a = acc[s, j] + g * g
+                acc[s, j] = a
+                values[s, j] = values[s, j] - lr * g / (np.sqrt(a) + eps)
+        return t
+    tmp_p = np.empty((n, dim), np.float32)
+    tmp_a = np.empty((n, dim), np.float32)
     for i in range(n):
         s, r = slots[i], grows[i]
         for j in range(dim):
@@ -55,10 +93,17 @@ def _adagrad(values, acc, slots, grads, grows, lr, eps, tmp_p, tmp_a):
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _sgd(values, slots, grads, grows, lr, tmp_p):
+def _sgd(values, slots, grads, grows, lr):
     """SGD (rowwise.SGD.update) on rows `slots` with grads[grows[i]], in place."""
     n, dim = slots.shape[0], values.shape[1]
     t = _touch(values, slots)
+    if not _repeats(slots):
+        for i in range(n):
+            s, r = slots[i], grows[i]
+            for j in range(dim):
+                values[s, j] = values[s, j] - lr * grads[r, j]
+        return t
+    tmp_p = np.empty((n, dim), np.float32)
     for i in range(n):
         s, r = slots[i], grows[i]
         for j in range(dim):
@@ -79,21 +124,20 @@ def _kernel(opt: RowOptimizer) -> FusedUpdate | None:
         lr, eps = np.float32(opt.learning_rate), np.float32(opt.epsilon)
 
         def adagrad(values, slot_arrays, slots, grads, grows):
-            n, dim = slots.shape[0], values.shape[1]
-            _adagrad(values, slot_arrays["accumulator"], slots, grads, grows, lr, eps,
-                     np.empty((n, dim), np.float32), np.empty((n, dim), np.float32))
+            _adagrad(values, slot_arrays["accumulator"], slots, grads, grows, lr, eps)
         return adagrad
     if type(opt) is SGD:
         lr = np.float32(opt.learning_rate)
 
         def sgd(values, slot_arrays, slots, grads, grows):
-            _sgd(values, slots, grads, grows, lr, np.empty((slots.shape[0], values.shape[1]), np.float32))
+            _sgd(values, slots, grads, grows, lr)
         return sgd
     return None
 
 
-def _probe_batch(opt: RowOptimizer, dim: int = 5):
-    """Rows, slots and grads covering edge values: zeros, huge, tiny, subnormal, negative."""
+def _probe_batch(opt: RowOptimizer, dim: int = 5, repeats: bool = True):
+    """Rows, slots and grads covering edge values: zeros, huge, tiny, subnormal, negative;
+    with `repeats`, some slots occur twice (the kernels' other path)."""
     rng = np.random.default_rng(0)
     n = 64
     edge = np.array([0.0, -0.0, 1e-38, 1e-45, -3e-39, 1e30, -1e30, 1.0, -1.0, 0.1], np.float32)
@@ -106,7 +150,8 @@ def _probe_batch(opt: RowOptimizer, dim: int = 5):
     state = {name: np.abs(arr(2.0)) + np.float32(opt.slot_init(name)) for name in opt.slots}
     grads = arr(1.0)
     slots = rng.permutation(n)[:48].astype(np.int64)
-    slots[-3:] = slots[:3]  # repeated rows: the last write wins, as with np.put
+    if repeats:
+        slots[-3:] = slots[:3]  # repeated rows: the last write wins, as with np.put
     grows = rng.integers(0, n, slots.shape[0]).astype(np.int64)
     return values, state, slots, grads, grows
 
@@ -140,7 +185,7 @@ def fused_update(opt: RowOptimizer) -> FusedUpdate | None:
     kernel = _kernel(opt)
     if kernel is None:
         return None
-    if not equal_to_numpy(opt, kernel):
+    if not all(equal_to_numpy(opt, kernel, _probe_batch(opt, repeats=r)) for r in (True, False)):
         warnings.warn(f"jaxps PS: the fused {opt.name} update differs from rowwise's numpy update here; "
                       f"using the numpy update", RuntimeWarning, stacklevel=2)
         return None

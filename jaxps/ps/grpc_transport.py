@@ -167,7 +167,7 @@ class PSServicer:
         try:
             msg = self._receive(pieces, wire.PULL)
             (keys,) = self._arrays(msg, ("keys",))
-            rows = self.server.pull(msg.table, keys, msg.group, msg.step, msg.ring)
+            rows = self.server.pull(msg.table, keys, msg.group, msg.step, msg.ring, msg.client_id)
             reply = wire.encode(wire.Message(wire.PULL_REPLY, msg.table, msg.client_id, msg.seq,
                                              arrays=(rows,)))
         except Exception as e:  # noqa: BLE001 - every failure becomes a status
@@ -372,10 +372,10 @@ class GrpcTransport:
             raise PSRPCError(self.address, method, grpc.StatusCode.DATA_LOSS, f"malformed reply: {e}") from None
 
     def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0,
-             ring_version: int = -1) -> np.ndarray:
+             ring_version: int = -1, client: int = -1) -> np.ndarray:
         keys = np.asarray(keys)
-        data = wire.encode(wire.Message(wire.PULL, table, step=clock, token=self.token, arrays=(keys,),
-                                        group=group, ring=ring_version))
+        data = wire.encode(wire.Message(wire.PULL, table, max(client, 0), step=clock, token=self.token,
+                                        arrays=(keys,), group=group, ring=ring_version))
 
         limit = self.timeout + (self.wait_timeout if group >= 0 else 0.0)
 

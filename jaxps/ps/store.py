@@ -55,6 +55,7 @@ class PartitionStore:
         self.admitted = 0   # keys stored after reaching min_count pushes
         self.rejected = 0   # key pushes dropped while below min_count
         self.evicted = 0    # rows removed by the row budget
+        self.epoch = 0      # bumped whenever stored keys may change slots (eviction rebuilds the index)
         self._views()
         self._fused = fused_update(self.optimizer) if FUSED else None
 
@@ -90,14 +91,16 @@ class PartitionStore:
         self.pull_into(keys, out, np.arange(keys.shape[0]))
         return out
 
-    def pull_into(self, keys: np.ndarray, out: np.ndarray, pos: np.ndarray) -> None:
+    def pull_into(self, keys: np.ndarray, out: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """out[pos[i]] = row of keys[i] (its initial row when unseen): index lookup and row
-        gather in one numba call, straight into the caller's [N, dim] float32 buffer."""
+        gather in one numba call, straight into the caller's [N, dim] float32 buffer. Returns
+        the keys' slots (-1: unseen), valid for `push(slots=...)` while `epoch` is unchanged."""
         slots, n_missing = self.index.find_gather(keys, self.values, out, pos)
         if n_missing:
             missing = np.flatnonzero(slots < 0)
             out[pos[missing]] = init_rows(np.asarray(keys, np.uint64)[missing], self.dim, self.init_scale,
                                           self.seed)
+        return slots
 
     def _admit(self, keys: np.ndarray) -> np.ndarray | None:
         """Positions of the keys that may be stored now (None: all of them). A key not yet
@@ -120,12 +123,16 @@ class PartitionStore:
         keep[missing[~admit]] = False
         return np.flatnonzero(keep)
 
-    def push(self, keys: np.ndarray, grads: np.ndarray, step: int, grad_rows: np.ndarray | None = None) -> None:
+    def push(self, keys: np.ndarray, grads: np.ndarray, step: int, grad_rows: np.ndarray | None = None,
+             slots: np.ndarray | None = None) -> None:
         """Apply summed gradients of unique `keys` with the row-wise optimizer: key i's is
         grads[i], or grads[grad_rows[i]] when given (a server passes its whole request's
-        grads and the partition's positions in it, saving a permuted copy)."""
+        grads and the partition's positions in it, saving a permuted copy). `slots`: the
+        keys' slots from a `pull_into` of this store at the current `epoch` (-1: unseen
+        then; looked up again), which saves the index probes of stored keys."""
         keys = np.asarray(keys, np.uint64)
-        if self.min_count > 1:
+        if self.min_count > 1:  # admission counts every unstored key: the full lookup
+            slots = None
             keep = self._admit(keys)
             if keep is not None:
                 keys = keys[keep]
@@ -135,15 +142,24 @@ class PartitionStore:
                     grad_rows = grad_rows[keep]
                 if not keys.size:
                     return
-        self._push(keys, grads, step, grad_rows)
+        self._push(keys, grads, step, grad_rows, slots)
         if self.max_rows is not None and self.size > self.max_rows:
             self._evict()
 
-    def _push(self, keys: np.ndarray, grads: np.ndarray, step: int, grad_rows: np.ndarray | None) -> None:
-        slots, is_new = self.index.find_or_insert(keys)
-        self._reserve(self.index.size)
-        fresh = np.flatnonzero(is_new)
-        if fresh.size:
+    def _push(self, keys: np.ndarray, grads: np.ndarray, step: int, grad_rows: np.ndarray | None,
+              known: np.ndarray | None = None) -> None:
+        if known is None:
+            slots, is_new = self.index.find_or_insert(keys)
+            fresh = np.flatnonzero(is_new)
+        elif known.min(initial=0) >= 0:  # the common case: every key was stored at the pull
+            slots, fresh = known, None
+        else:
+            absent = np.flatnonzero(known < 0)
+            slots = known.copy()
+            slots[absent], is_new = self.index.find_or_insert(np.asarray(keys, np.uint64)[absent])
+            fresh = absent[is_new]
+        if fresh is not None and fresh.size:
+            self._reserve(self.index.size)
             rows = slots[fresh]
             new_keys = np.asarray(keys, np.uint64)[fresh]
             np.put(self._vview, rows, self._rows(init_rows(new_keys, self.dim, self.init_scale, self.seed)))
@@ -205,6 +221,7 @@ class PartitionStore:
             arr[:keep_n] = take_rows(arr, keep)
         self.last_step[:keep_n] = self.last_step[keep]
         self.evicted += size - keep_n
+        self.epoch += 1  # slots moved: pull memos of this store are void
 
     def _reserve(self, n: int) -> None:
         cap = self.values.shape[0]

@@ -15,7 +15,9 @@ group is one step's gradients (step = that step, 1-based); a clock message says 
 completed `step` steps (seq = the number of groups, meta = {"staleness": s | null}).
 `ring` is the ring version the sender routed by (-1: unchecked): a server on a newer ring
 refuses pulls and pushes routed by an older one, so a stale client cannot write to a
-replica set that has changed.
+replica set that has changed. A pull's client id is the id that client's pushes carry: the
+server keeps the pull's lookups for a push of the same keys (`jaxps.ps.memo`; an id of
+another client only misses, it cannot change a result).
 
 Only the dtypes in `DTYPES` travel. `decode` checks everything (magic, version, kind,
 lengths, dtype codes, shape against the bytes, zero padding, no trailing bytes) and raises
