@@ -75,6 +75,7 @@ class HostTables:
         self.capacity = {t.name: t.capacity for t in tables}
         self.strict, self.max_inflight_pushes = strict, max_inflight_pushes
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxps-push")  # in order
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxps-snapshot")
         self._inflight: deque[Future] = deque()
         self._issued = 0                                   # pushes issued so far
         self._applied = 0                                  # pushes applied so far (they run in order)
@@ -218,16 +219,41 @@ class HostTables:
         return out
 
     def snapshot(self, step: int | None = None) -> dict[str, dict[str, np.ndarray]]:
-        """Every table's stored rows, once every queued push has landed. A worker group
-        passes the `step` it completed: the rows are read once every server settled it.
-        Under BSP that is a consistent cut of the whole job: every group's pushes of steps
-        <= step are applied, and none of step + 1 (they wait for this group's)."""
-        self.flush()
+        """Every table's stored rows once every queued push has landed (`snapshot_async`,
+        waited for)."""
+        return self.snapshot_async(step).result()
+
+    def snapshot_async(self, step: int | None = None) -> "Future[dict[str, dict[str, np.ndarray]]]":
+        """Every table's stored rows right after the pushes queued so far, without making
+        the training thread or the next pushes wait for a copy. The push thread runs
+        pushes one at a time, in order: between the last queued push and the next one it
+        marks the tables on the servers (instant); a copy thread then copies the marked
+        rows while pushes go on, the servers keeping the pre-images of rows pushed since
+        (jaxps.ps.cow). So the snapshot holds exactly the pushes queued before it.
+
+        A worker group passes the `step` it completed: the rows are read once every server
+        settled it. Under BSP that is a consistent cut of the whole job: every group's
+        pushes of steps <= step are applied, and none of step + 1 (they wait for this
+        group's, which queues behind the mark). Servers that may fail over (`ring_source`)
+        are copied at once on the push thread: a mark would die with its server."""
+        marked = self._pusher.submit(self._mark, step, list(self._inflight))
+        return self._copier.submit(lambda: marked.result()())
+
+    def _mark(self, step: int | None, before: list[Future]):
+        """(On the push thread.) Snapshot the tables after the pushes `before` -- raising the
+        error of any of them, so a snapshot never misses a failed push -- and return the
+        function that copies the rows."""
+        for f in before:
+            f.result()  # done already: they ran earlier on this thread
         if self.group is not None and step is not None:
             if self.cut_every and step % self.cut_every == 0:  # SSP/ASP: the servers' cut at `step`
-                return {name: self.ps.export(name, at=step) for name in self.names}
+                return lambda: {name: self.ps.export(name, at=step) for name in self.names}
             self.wait_clock(step)
-        return {name: self.ps.export(name) for name in self.names}
+        if self.ps.ring_source is not None:
+            rows = {name: self.ps.export(name) for name in self.names}
+            return lambda: rows
+        marks = {name: self.ps.mark(name) for name in self.names}
+        return lambda: {name: self.ps.export(name, marks=m) for name, m in marks.items()}
 
     def wait_clock(self, clock: int) -> None:
         """A worker group: block until every server would answer this group's pull at

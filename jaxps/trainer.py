@@ -198,7 +198,7 @@ class Trainer:
                         if len(pending) >= cfg.log_every:
                             running = self._flush(pending, writer, examples, t0, bar)
                         if cfg.checkpoint_every and host_step % cfg.checkpoint_every == 0:
-                            self.save()
+                            self.save(host_step)
             self._position = (cfg.epochs, 0)
             jax.block_until_ready(self.state)
             if host is not None:
@@ -303,18 +303,23 @@ class Trainer:
         return (self.steps.host is not None and jax.process_index() == 0
                 and (self.group is None or self.group.index == 0))
 
-    def save(self) -> None:
-        """Start a hot checkpoint of the whole train state at the current step. The host
-        tables' rows are read here, once this trainer's queued pushes landed (for worker
+    def save(self, step: int | None = None) -> None:
+        """Start a hot checkpoint of the whole train state at the current step (`step`: the
+        loop's count of it, so as not to wait for the device to read it). The servers mark
+        the host tables' rows on the push thread right after this step's pushes (for worker
         groups: once every group's pushes of this step are applied), so they match the
-        device state; Orbax writes both in the background, as one step (jaxps.snapshot)."""
-        step = self.step
+        device state, and a copy thread copies them while training and pushes go on
+        (HostTables.snapshot_async); the device state is copied on the device and handed
+        to Orbax on a checkpoint thread (Checkpointer.save). Orbax writes both in the
+        background, as one step (jaxps.snapshot)."""
+        step = self.step if step is None else step
         meta = {"step": step, "routers": {n: r.capacity for n, r in self.steps.routers.items()},
                 "data": {"epoch": self._position[0], "batches": self._position[1]},
                 **self._layout_meta()}
-        ps = self.steps.host.snapshot(step) if self._writes_ps() else None
-        if ps is not None:
-            meta["ps_tables"] = sorted(ps)
+        ps = None
+        if self._writes_ps():  # a future: the rows as they are once this step's pushes landed
+            ps = self.steps.host.snapshot_async(step)
+            meta["ps_tables"] = sorted(self.steps.host.names)
         self.checkpointer.save(step, self.state, meta, ps=ps)
 
     def _save_final(self) -> None:
