@@ -72,8 +72,11 @@ class Checkpointer:
         several processes (Orbax's barriers there are device collectives, which must be
         issued in the same order everywhere) or where a second copy of the state would not
         fit a device: then Orbax is called here and returns once it copied the arrays."""
-        self._drain()  # one save queued at a time (Orbax's save waits for the previous one anyway)
+        self._drain()  # one save queued at a time
         if self.background and jax.process_count() == 1 and _fits_twice(state):
+            # as Orbax's own save would: the previous step is on disk before this one is
+            # started, so a crash right after loses at most this one (free once it is)
+            self.manager.wait_until_finished()
             state = jax.tree.map(lambda a: jax.device_put(a, may_alias=False) if isinstance(a, jax.Array) else a,
                                  state)
             self._queued = self._saver.submit(self._save, step, state, meta, ps)
