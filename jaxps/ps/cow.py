@@ -6,8 +6,9 @@ a whole table then would hold up the next step's push for as long as the copy ta
 marks the partitions (instant) and writes go on: before a write changes a marked
 partition, `PendingCopy.before_write` keeps the pre-images of the rows it is about to
 change -- the first time each key is written since the mark -- and notes keys that were
-not stored at the mark. `take` later copies the partition and puts those pre-images
-back, dropping the keys stored since: the result equals a copy made at the mark.
+not stored at the mark. The server's export of the mark later copies the partition and
+`finish` puts those pre-images back, dropping the keys stored since: the result equals a
+copy made at the mark.
 
 A write the pre-images cannot describe (a partition that may evict rows, a load, a
 clear, a move to another server) copies the whole partition first (`materialize`).
