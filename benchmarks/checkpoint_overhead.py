@@ -1,13 +1,16 @@
 """Step time of Wide&Deep with a HostTable, with hot checkpoints every N steps vs none.
 
 One trainer (one model, one embedded PS) runs interleaved rounds of `--every` steps: a
-round with a checkpoint in its middle (the PS rows read on the training thread once the
-queued pushes landed, then Orbax writes the device state and the PS snapshot in the
-background), then a round without, and so on. Each round's time includes waiting for its
+round with a checkpoint in its middle (the servers mark the PS rows on the push thread
+right after that step's pushes and a copy thread copies them while pushes go on; Orbax
+writes the device state and the PS snapshot in the background), then a round without,
+and so on. Each round's time includes waiting for its
 checkpoint to finish at the round's end, so a writer slower than half a round shows up.
 Reported: median seconds per step of each kind and `ratio` = with / without (target <= 1.05),
-the time a checkpoint holds the training thread (`blocking_ms_per_checkpoint`: flush the
-pushes, copy the PS rows out, hand Orbax the state) and the checkpoint's size. On a small
+the same for the process's CPU time (`cpu_ratio`, `cpu_ms_per_checkpoint`: steadier on a
+shared machine),
+the time a checkpoint holds the training thread (`blocking_ms_per_checkpoint`: hand Orbax
+the state, which copies it off the device) and the checkpoint's size. On a small
 CPU machine the background writes share the cores with the step, so the ratio falls with
 the interval: checkpoint less often than every few seconds of training for <= 1.05.
 
@@ -66,9 +69,9 @@ def main(argv=None) -> int:
         blocking: list[float] = []
         save = t.save
 
-        def timed_save():  # the part of a checkpoint the training thread waits for
+        def timed_save(*a, **kw):  # the part of a checkpoint the training thread waits for
             t0 = time.perf_counter()
-            save()
+            save(*a, **kw)
             blocking.append(time.perf_counter() - t0)
 
         t.save = timed_save
@@ -76,12 +79,14 @@ def main(argv=None) -> int:
         # every checkpoint falls in the middle of its round
         t.fit(batches + batches[:args.every // 2])
         times: dict[str, list[float]] = {"with": [], "without": []}
+        cpu: dict[str, list[float]] = {"with": [], "without": []}
         for _ in range(args.rounds):
             for kind in ("with", "without"):
                 t.config = dataclasses.replace(base, checkpoint_every=args.every if kind == "with" else 0)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 t.fit(batches)  # waits for its checkpoint's writes at the end
                 times[kind].append((time.perf_counter() - t0) / len(batches))
+                cpu[kind].append((time.process_time() - c0) / len(batches))
         last = t.checkpointer.steps()[-1]
         step_dir = os.path.join(t.checkpointer.directory, str(last))
         ps_bytes, total_bytes = _dir_bytes(os.path.join(step_dir, "ps")), _dir_bytes(step_dir)
@@ -92,6 +97,11 @@ def main(argv=None) -> int:
         "rounds": args.rounds, "devices": args.devices,
         "seconds_per_step_with_checkpoints": with_s, "seconds_per_step_without": without_s,
         "ratio": with_s / without_s,
+        # CPU seconds of this process per step (all threads): the work a checkpoint adds,
+        # less sensitive than wall time to other jobs on a shared machine
+        "cpu_ratio": statistics.median(cpu["with"]) / statistics.median(cpu["without"]),
+        "cpu_ms_per_checkpoint": 1000 * args.every * (statistics.median(cpu["with"])
+                                                      - statistics.median(cpu["without"])),
         "blocking_ms_per_checkpoint": 1000 * statistics.median(blocking), "checkpoints": len(blocking),
         "seconds_between_checkpoints": args.every * without_s,
         "rounds_with": times["with"], "rounds_without": times["without"],

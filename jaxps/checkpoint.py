@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from jaxps.snapshot import SnapshotRestore, SnapshotSave, Snapshot, flatten, unflatten
+from jaxps.snapshot import SnapshotRestore, SnapshotSave, Snapshot, unflatten
 
 PS_ITEM = "ps"
 
@@ -26,12 +27,32 @@ _SAVE_LOCK = threading.Lock()
 _LIVE: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
 
 
+def _fits_twice(tree: Any) -> bool:
+    """A second copy of `tree`'s arrays fits in every local device's free memory (CPU
+    devices report no limit)."""
+    if not any(d.memory_stats() for d in jax.local_devices()):
+        return True
+    need: dict = {}
+    for a in jax.tree.leaves(tree):
+        for s in getattr(a, "addressable_shards", ()):
+            need[s.device] = need.get(s.device, 0) + s.data.nbytes
+    for d, n in need.items():
+        stats = d.memory_stats() or {}
+        if "bytes_limit" in stats and n > stats["bytes_limit"] - stats.get("bytes_in_use", 0):
+            return False
+    return True
+
+
 class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, background: bool = True):
         """read_only: look at another writer's checkpoints (e.g. group 0's) without
-        creating, saving or cleaning anything."""
+        creating, saving or cleaning anything. background: call Orbax's save on a
+        checkpoint thread where that is safe (`save`)."""
         self.directory = os.path.abspath(directory)
+        self.background = background and asynchronous
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxps-checkpoint")
+        self._queued: Future | None = None
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -41,29 +62,58 @@ class Checkpointer:
         )
         _LIVE.add(self)
 
-    def save(self, step: int, state: Any, meta: dict | None = None, ps: Snapshot | None = None) -> None:
-        """Start writing `state` (returns once the device arrays are copied) and `ps`, the
-        host tables' rows (written on Orbax's commit thread)."""
+    def save(self, step: int, state: Any, meta: dict | None = None,
+             ps: "Snapshot | Future[Snapshot] | None" = None) -> None:
+        """Start writing `state` and `ps`, the host tables' rows or a future of them
+        (awaited and written on Orbax's commit thread; the step appears once both are
+        written). The caller only dispatches a copy of the device arrays (its next step
+        may donate them) and queues the save: Orbax's own blocking work -- its threads and
+        directories, the copy off the device -- runs on a checkpoint thread. Not so with
+        several processes (Orbax's barriers there are device collectives, which must be
+        issued in the same order everywhere) or where a second copy of the state would not
+        fit a device: then Orbax is called here and returns once it copied the arrays."""
+        self._drain()  # one save queued at a time
+        if self.background and jax.process_count() == 1 and _fits_twice(state):
+            # as Orbax's own save would: the previous step is on disk before this one is
+            # started, so a crash right after loses at most this one (free once it is)
+            self.manager.wait_until_finished()
+            state = jax.tree.map(lambda a: jax.device_put(a, may_alias=False) if isinstance(a, jax.Array) else a,
+                                 state)
+            self._queued = self._saver.submit(self._save, step, state, meta, ps)
+        else:
+            self._save(step, state, meta, ps)
+
+    def _save(self, step: int, state: Any, meta: dict | None, ps: "Snapshot | Future[Snapshot] | None") -> None:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
         if ps is not None:
-            items[PS_ITEM] = SnapshotSave(flatten(ps))
+            items[PS_ITEM] = SnapshotSave(ps)
         with _SAVE_LOCK:
             for other in list(_LIVE):
                 if other is not self:
                     other.manager.wait_until_finished()
             self.manager.save(step, args=ocp.args.Composite(**items))
 
+    def _drain(self) -> None:
+        """Wait until the queued save handed its items to Orbax (raises its error)."""
+        queued, self._queued = self._queued, None
+        if queued is not None:
+            queued.result()
+
     def steps(self) -> list[int]:
         """Steps whose every item is written (a step still being written is not listed)."""
+        self._drain()
         return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
+        self._drain()
         return self.manager.latest_step()
 
     def has_ps(self, step: int) -> bool:
+        self._drain()
         return os.path.isdir(os.path.join(self.directory, str(step), PS_ITEM))
 
     def ps_snapshot(self, step: int) -> Snapshot:
+        self._drain()
         out = self.manager.restore(step, args=ocp.args.Composite(**{PS_ITEM: SnapshotRestore()}))
         return unflatten(out[PS_ITEM])
 
@@ -88,6 +138,7 @@ class Checkpointer:
         return out["state"], dict(out["meta"] or {})
 
     def delete(self, step: int) -> None:
+        self._drain()
         self.manager.delete(step)
 
     def _step(self, step: int | None) -> int:
@@ -97,8 +148,11 @@ class Checkpointer:
         return step
 
     def wait(self) -> None:
+        """Until every save started is written."""
+        self._drain()
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+        self._saver.shutdown()

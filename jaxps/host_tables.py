@@ -26,10 +26,12 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from jaxps.dense_table import DENSE_TABLE, DenseTable
+from jaxps.hashing import mix64
 from jaxps.groups import WorkerGroup
 from jaxps.memory import aligned_empty
 from jaxps.ps.client import PSClient, embedded
@@ -55,6 +57,27 @@ class HostPlan:
     keys: np.ndarray      # [U] unique uint64 keys (raw ids, or rows of a hashed table)
     inverse: np.ndarray   # [B, F] int32 slot of each occurrence in the [C] block
     capacity: int
+
+
+@dataclass
+class ProcessShare:
+    """One process's view of a step of a program that spans several processes. Every
+    process dedups the keys of the whole batch alike and pulls and pushes only the keys it
+    owns (by a hash of the key: a key stays with one process, so its pushes and the strict
+    repair of its pulls stay in that process); the device sees a [processes * C, dim] block
+    split over `data`, process `rank`'s C rows at rank * C, and each row's gradient summed
+    over every process's examples comes back in the owner's rows."""
+    rank: int                          # this process's place along `data` (its block)
+    count: int                         # processes
+    local_shards: int                  # this process's `data` shards: C is a multiple of it
+    mask: np.ndarray                   # [global B, F] of the whole batch
+    ids: Callable[[str], np.ndarray]   # feature -> its [global B, F] ids
+    lo: int                            # this process's first example in the whole batch
+
+
+def _keys(t: Table, ids: np.ndarray) -> np.ndarray:
+    """A table's PS keys of feature ids: the raw ids, or a hashed table's rows."""
+    return t.rows_for(ids).astype(np.uint64) if t.placement.kind == "hashed" else ids
 
 
 class HostTables:
@@ -85,12 +108,15 @@ class HostTables:
         self.capacity = {t.name: t.capacity for t in tables}
         self.strict, self.max_inflight_pushes = strict, max_inflight_pushes
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxps-push")  # in order
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxps-snapshot")
         self._inflight: deque[Future] = deque()
         self._issued = 0                                   # pushes issued so far
         self._applied = 0                                  # pushes applied so far (they run in order)
         self._log: dict[int, tuple[Future, dict[str, np.ndarray]]] = {}  # push index -> (done, keys)
         self._lock = threading.Lock()
         self.repaired_rows = 0                             # rows pulled again by strict repairs
+        # a gradient block's rows of this process (several processes: its shards' rows)
+        self.local_rows: Callable[[object], np.ndarray] = np.asarray
 
     @property
     def names(self) -> list[str]:
@@ -109,12 +135,16 @@ class HostTables:
         if self.group is not None:
             self.ps.clock(self.group.index, DONE, self.group.count, self.group.policy, self.cut_every)
 
-    def plan(self, batch) -> dict[str, HostPlan]:
+    def plan(self, batch, share: ProcessShare | None = None) -> dict[str, HostPlan]:
+        """Each table's unique keys and inverse; `share`: of this process's share of a
+        multi-process step."""
         plans = {}
         mask = batch.mask.reshape(-1)
         for name, t in self.tables.items():
-            ids = getattr(batch, t.feature).reshape(-1)
-            keys = t.rows_for(ids).astype(np.uint64) if t.placement.kind == "hashed" else ids
+            if share is not None:
+                plans[name] = self._plan_share(name, t, batch.mask.shape[0], share)
+                continue
+            keys = _keys(t, getattr(batch, t.feature).reshape(-1))
             uniq, inv = dedup(np.ascontiguousarray(keys[mask], np.uint64))
             inverse = aligned_empty(mask.shape[0], np.int32)
             inverse[~mask] = 0
@@ -126,6 +156,29 @@ class HostTables:
         if self.dense is not None:
             plans[DENSE_TABLE] = HostPlan(self.dense.keys, None, self.dense.rows)
         return plans
+
+    def _plan_share(self, name: str, t: Table, rows: int, share: ProcessShare) -> HostPlan:
+        """This process's plan of a table in a multi-process step (ProcessShare): its owned
+        keys, the inverse of its `rows` examples into the whole [count * C] block, and a
+        capacity C every process computes alike (from the same whole batch)."""
+        mask = share.mask.reshape(-1)
+        keys = _keys(t, share.ids(t.feature).reshape(-1))
+        uniq, inv = dedup(np.ascontiguousarray(keys[mask], np.uint64))  # alike in every process
+        owner = (mix64(uniq) % np.uint64(share.count)).astype(np.int64)
+        order = np.argsort(owner, kind="stable")
+        counts = np.bincount(owner, minlength=share.count)
+        starts = np.cumsum(counts) - counts
+        cap = self.capacity[name]
+        if cap is None or counts.max(initial=0) > cap:
+            cap = grown_capacity(int(counts.max(initial=0)))
+        cap = self.capacity[name] = -(-cap // share.local_shards) * share.local_shards
+        slot = np.empty(uniq.shape[0], np.int64)  # each key's row in the [count * cap] block
+        slot[order] = owner[order] * cap + np.arange(uniq.shape[0]) - starts[owner[order]]
+        inverse = np.zeros(mask.shape[0], np.int32)
+        inverse[mask] = slot[inv]
+        mine = order[starts[share.rank]:starts[share.rank] + counts[share.rank]]
+        local = inverse.reshape(share.mask.shape)[share.lo:share.lo + rows]
+        return HostPlan(uniq[mine], np.ascontiguousarray(local), cap)
 
     def pull(self, plans: dict[str, HostPlan], training: bool = True) -> tuple[dict[str, np.ndarray], int]:
         """Each table's [C, dim] block (the pulled rows, then zeros) and a mark: the
@@ -202,7 +255,7 @@ class HostTables:
 
         def send():
             t0 = time.perf_counter()
-            host_grads = {name: np.asarray(grads[name]) for name in plans}  # waits for the step
+            host_grads = {name: self.local_rows(grads[name]) for name in plans}  # waits for the step
             t1 = time.perf_counter()
             for name, p in plans.items():
                 self.ps.push(name, p.keys, host_grads[name][:p.keys.shape[0]], step, group)
@@ -242,16 +295,45 @@ class HostTables:
         return out
 
     def snapshot(self, step: int | None = None) -> dict[str, dict[str, np.ndarray]]:
-        """Every table's stored rows, once every queued push has landed. A worker group
-        passes the `step` it completed: the rows are read once every server settled it.
-        Under BSP that is a consistent cut of the whole job: every group's pushes of steps
-        <= step are applied, and none of step + 1 (they wait for this group's)."""
-        self.flush()
+        """Every table's stored rows once every queued push has landed (`snapshot_async`,
+        waited for)."""
+        return self.snapshot_async(step).result()
+
+    def snapshot_async(self, step: int | None = None,
+                       wait_for_mark: bool = False) -> "Future[dict[str, dict[str, np.ndarray]]]":
+        """Every table's stored rows right after the pushes queued so far, without making
+        the training thread or the next pushes wait for a copy. The push thread runs
+        pushes one at a time, in order: between the last queued push and the next one it
+        marks the tables on the servers (instant); a copy thread then copies the marked
+        rows while pushes go on, the servers keeping the pre-images of rows pushed since
+        (jaxps.ps.cow). So the snapshot holds exactly the pushes queued before it.
+
+        A worker group passes the `step` it completed: the rows are read once every server
+        settled it. Under BSP that is a consistent cut of the whole job: every group's
+        pushes of steps <= step are applied, and none of step + 1 (they wait for this
+        group's, which queues behind the mark). Servers that may fail over (`ring_source`)
+        are copied at once on the push thread: a mark would die with its server.
+        wait_for_mark: return once the rows are marked (not copied)."""
+        marked = self._pusher.submit(self._mark, step, list(self._inflight))
+        if wait_for_mark:
+            marked.result()
+        return self._copier.submit(lambda: marked.result()())
+
+    def _mark(self, step: int | None, before: list[Future]):
+        """(On the push thread.) Snapshot the tables after the pushes `before` -- raising the
+        error of any of them, so a snapshot never misses a failed push -- and return the
+        function that copies the rows."""
+        for f in before:
+            f.result()  # done already: they ran earlier on this thread
         if self.group is not None and step is not None:
             if self.cut_every and step % self.cut_every == 0:  # SSP/ASP: the servers' cut at `step`
-                return {name: self.ps.export(name, at=step) for name in self.names}
+                return lambda: {name: self.ps.export(name, at=step) for name in self.names}
             self.wait_clock(step)
-        return {name: self.ps.export(name) for name in self.names}
+        if self.ps.ring_source is not None:
+            rows = {name: self.ps.export(name) for name in self.names}
+            return lambda: rows
+        marks = {name: self.ps.mark(name) for name in self.names}
+        return lambda: {name: self.ps.export(name, marks=m) for name, m in marks.items()}
 
     def wait_clock(self, clock: int) -> None:
         """A worker group: block until every server would answer this group's pull at

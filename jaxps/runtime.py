@@ -84,3 +84,26 @@ def allreduce_sum_host(values: dict[str, float]) -> dict[str, float]:
     keys = sorted(values)
     summed = allgather_host(np.array([values[k] for k in keys], np.float64)).sum(axis=0)
     return dict(zip(keys, (float(v) for v in summed)))
+
+
+def barrier() -> None:
+    """Every process gets here before any goes on (a host all-gather; a no-op alone)."""
+    import jax
+
+    if jax.process_count() > 1:
+        allgather_host(np.zeros(1, np.int32))
+
+
+def local_rows(x) -> np.ndarray:
+    """This process's rows of an array split over its first axis (e.g. over `data`), in
+    order; the whole array when this process holds all of it."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    seen, parts = set(), []
+    for s in shards:
+        start = s.index[0].start or 0
+        if start not in seen:
+            seen.add(start)
+            parts.append(np.asarray(s.data))
+    return np.concatenate(parts)

@@ -7,8 +7,10 @@ plain arrays in an .npz (read back with allow_pickle=False); nothing is pickled.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -45,19 +47,24 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
 
 
 class SnapshotHandler(ocp.handlers.AsyncCheckpointHandler):
-    """Orbax handler of the PS item: the write runs on Orbax's commit thread."""
+    """Orbax handler of the PS item: the write runs on Orbax's commit thread, and so does
+    the wait for a snapshot still being copied (`SnapshotSave(future)`): the caller's
+    save returns without either."""
 
-    async def _write(self, arrays: dict[str, np.ndarray], directory) -> None:
+    async def _write(self, rows: "Snapshot | Future[Snapshot]", directory) -> None:
+        if isinstance(rows, Future):
+            rows = await asyncio.wrap_future(rows)
         if ocp.multihost.process_index() == 0:
-            write_npz(os.path.join(os.fspath(directory), FILENAME), arrays)
+            write_npz(os.path.join(os.fspath(directory), FILENAME), flatten(rows))
 
     async def async_save(self, directory, args: "SnapshotSave") -> list[Any]:
-        return [ocp_future.CommitFutureAwaitingContractedSignals(self._write(args.arrays, directory),
+        return [ocp_future.CommitFutureAwaitingContractedSignals(self._write(args.rows, directory),
                                                                  name="jaxps_ps_snapshot")]
 
     def save(self, directory, args: "SnapshotSave") -> None:
+        rows = args.rows.result() if isinstance(args.rows, Future) else args.rows
         if ocp.multihost.process_index() == 0:
-            write_npz(os.path.join(os.fspath(directory), FILENAME), args.arrays)
+            write_npz(os.path.join(os.fspath(directory), FILENAME), flatten(rows))
 
     def restore(self, directory, args: "SnapshotRestore | None" = None) -> dict[str, np.ndarray]:
         return read_npz(os.path.join(os.fspath(directory), FILENAME))
@@ -66,7 +73,7 @@ class SnapshotHandler(ocp.handlers.AsyncCheckpointHandler):
 @checkpoint_args.register_with_handler(SnapshotHandler, for_save=True)
 @dataclasses.dataclass
 class SnapshotSave(ocp.args.CheckpointArgs):
-    arrays: dict[str, np.ndarray]
+    rows: "Snapshot | Future[Snapshot]"   # a future: the rows are still being copied
 
 
 @checkpoint_args.register_with_handler(SnapshotHandler, for_restore=True)

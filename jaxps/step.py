@@ -29,14 +29,14 @@ from jaxps.data.batch import Batch
 from jaxps.dense_table import DENSE_TABLE, DenseTable
 from jaxps.groups import WorkerGroup
 from jaxps.model import Model
-from jaxps.host_tables import HostTables
+from jaxps.host_tables import HostTables, ProcessShare
 from jaxps.placement import Blocked, HostTable, row_axes, row_shards, sharding_for
 from jaxps.parallel.blocked import BlockedBatch, blocked_pool, split_by_block
 from jaxps.parallel.tensor import dense_shardings
 from jaxps.plan import resolve
 from jaxps.ps.client import PSClient
 from jaxps.ps.initrows import init_rows
-from jaxps.runtime import allgather_host
+from jaxps.runtime import allgather_host, local_rows as process_local_rows
 from jaxps.tables.routing import Router
 from jaxps.tables.routing import warm_up as routing_warm_up
 from jaxps.tables.sharded import apply_rows, gather_unique
@@ -105,9 +105,9 @@ class StepBuilder:
                                   num_rows=l.table.rows, salt=l.table.salt)
                         for n, l in self.layouts.items()}
         self.block_widths: dict[str, int] = {}  # Blocked tables: nonzeros per (block, example), grown
-        if (host or group is not None) and jax.process_count() > 1:
-            raise NotImplementedError("HostTable namespaces with several processes per program: run "
-                                      "one process per worker group (jaxps launch local --groups N)")
+        if group is not None and jax.process_count() > 1:
+            raise NotImplementedError("worker groups of several processes each: run one process per worker "
+                                      "group (jaxps launch local --groups N)")
         # load the routing kernel while JAX initialises the state (it takes ~0.1-0.3 s)
         threading.Thread(target=routing_warm_up, daemon=True, name="jaxps-route-warmup").start()
         self.graphdef, shapes = nnx.split(model.init_dense(nnx.Rngs(0)))
@@ -119,6 +119,8 @@ class StepBuilder:
         self.grad_scale = 1.0 / group.count if group is not None and loss_reduction == "mean" else 1.0
         self.host = (HostTables(host, ps, ps_strict, ps_max_inflight_pushes, group, self.dense_table)
                      if host or group is not None else None)
+        if self.host is not None and jax.process_count() > 1:  # gradients of this process's rows
+            self.host.local_rows = process_local_rows
         self.batch_sharding = NamedSharding(mesh, P("data"))
         self.replicated = NamedSharding(mesh, P())
         self.train_step: Callable | None = None  # compiled for the state init_state builds
@@ -151,8 +153,12 @@ class StepBuilder:
         # The donated train step. Its output state keeps the input state's shardings: left
         # to itself XLA returns P() for a table on a size-1 axis, and the next call would
         # compile a second program for the changed input shardings.
+        metrics = self.replicated
+        if self.host is not None and jax.process_count() > 1:  # row gradients stay with their owners
+            metrics = {"loss": self.replicated, "examples": self.replicated,
+                       "host_grads": {name: self.batch_sharding for name in self.host.tables}}
         self.train_step = jax.jit(self._train_step, donate_argnums=0,
-                                  out_shardings=(jax.tree.map(lambda a: a.sharding, state), self.replicated))
+                                  out_shardings=(jax.tree.map(lambda a: a.sharding, state), metrics))
         return state
 
     def _on_mesh(self, tree: Any) -> Any:
@@ -219,7 +225,15 @@ class StepBuilder:
                     plan.inverse = plan.inverse[lo:lo + batch.size]
             plans[name] = plan
         if self.host is not None:
-            plans.update(self.host.plan(batch))
+            share = None
+            if multi:  # every process dedups the whole batch, each pulls and pushes its keys
+                def ids(feature: str) -> np.ndarray:
+                    if feature not in gathered:
+                        gathered[feature] = self._global_rows(getattr(batch, feature))
+                    return gathered[feature]
+                share = ProcessShare(self._process_rows(batch.size)[1], jax.process_count(),
+                                     self._local_data_shards(batch.size), mask, ids, lo)
+            plans.update(self.host.plan(batch, share))
         return plans
 
     def _process_rows(self, local_rows: int) -> tuple[list[int], int]:
@@ -276,7 +290,9 @@ class StepBuilder:
             arrays, sh = _plan_arrays(plans[name]), self._plan_shardings(name)
             dev["plans"][name] = {k: _replicated_input(a, sh[k]) if k == "owner_rows" else
                                   jax.make_array_from_process_local_data(sh[k], a) for k, a in arrays.items()}
-        return dev
+        for name in (self.host.tables if self.host is not None else ()):
+            dev["plans"][name] = {"inverse": put(plans[name].inverse)}
+        return dev if host_rows is None else self.put_host_rows(dev, host_rows)
 
     def _plan_shardings(self, name: str) -> dict[str, NamedSharding]:
         """owner_rows split like the table; the per-example arrays over `data` (a Blocked
@@ -296,7 +312,12 @@ class StepBuilder:
 
     def put_host_rows(self, dev: State, host_rows: dict[str, np.ndarray]) -> State:
         """Add the (repaired) pulled rows of the host tables to a placed batch."""
-        rows = jax.device_put(host_rows, {name: self.replicated for name in host_rows})
+        if jax.process_count() == 1:
+            rows = jax.device_put(host_rows, {name: self.replicated for name in host_rows})
+        else:  # each process holds its block of a [processes * C, dim] array (ProcessShare)
+            rows = {name: jax.make_array_from_process_local_data(
+                        self.batch_sharding, r, (r.shape[0] * jax.process_count(),) + r.shape[1:])
+                    for name, r in host_rows.items()}
         plans = dict(dev["plans"])
         for name, r in rows.items():
             plans[name] = dict(plans.get(name, {}), rows=r)

@@ -31,7 +31,7 @@ from jaxps.metrics import StreamingBinaryMetrics
 from jaxps.model import Model
 from jaxps.plan import format_plan, plan_model
 from jaxps.ps.client import PSClient
-from jaxps.runtime import allgather_host, allreduce_sum_host, enable_compilation_cache
+from jaxps.runtime import allgather_host, allreduce_sum_host, barrier, enable_compilation_cache, local_rows
 from jaxps.step import StepBuilder, dense_optimizer
 
 
@@ -62,20 +62,6 @@ class TrainConfig:
         for name in ("epochs", "log_every", "keep_checkpoints", "max_inflight_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-
-
-def _local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded array, in order."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    seen, parts = set(), []
-    for s in shards:
-        start = s.index[0].start or 0
-        if start not in seen:
-            seen.add(start)
-            parts.append(np.asarray(s.data))
-    return np.concatenate(parts)
 
 
 def plans_of(host, plans: dict) -> dict:
@@ -198,7 +184,7 @@ class Trainer:
                         if len(pending) >= cfg.log_every:
                             running = self._flush(pending, writer, examples, t0, bar)
                         if cfg.checkpoint_every and host_step % cfg.checkpoint_every == 0:
-                            self.save()
+                            self.save(host_step)
             self._position = (cfg.epochs, 0)
             jax.block_until_ready(self.state)
             if host is not None:
@@ -261,7 +247,7 @@ class Trainer:
     def _predict_batches(self, data: Iterable[Batch]) -> Iterator[tuple[Batch, np.ndarray]]:
         with contextlib.closing(self._prepared(data)) as batches:
             for batch, _, dev in batches:
-                yield batch, _local_rows(self.steps.eval_step(self.state, dev))
+                yield batch, local_rows(self.steps.eval_step(self.state, dev))
 
     def evaluate(self, data: Iterable[Batch]) -> dict:
         """Streaming logloss and AUC over `data` (padding rows ignored; with several
@@ -303,18 +289,29 @@ class Trainer:
         return (self.steps.host is not None and jax.process_index() == 0
                 and (self.group is None or self.group.index == 0))
 
-    def save(self) -> None:
-        """Start a hot checkpoint of the whole train state at the current step. The host
-        tables' rows are read here, once this trainer's queued pushes landed (for worker
+    def save(self, step: int | None = None) -> None:
+        """Start a hot checkpoint of the whole train state at the current step (`step`: the
+        loop's count of it, so as not to wait for the device to read it). The servers mark
+        the host tables' rows on the push thread right after this step's pushes (for worker
         groups: once every group's pushes of this step are applied), so they match the
-        device state; Orbax writes both in the background, as one step (jaxps.snapshot)."""
-        step = self.step
+        device state, and a copy thread copies them while training and pushes go on
+        (HostTables.snapshot_async); the device state is copied on the device and handed
+        to Orbax on a checkpoint thread (Checkpointer.save). Orbax writes both in the
+        background, as one step (jaxps.snapshot)."""
+        step = self.step if step is None else step
         meta = {"step": step, "routers": {n: r.capacity for n, r in self.steps.routers.items()},
                 "data": {"epoch": self._position[0], "batches": self._position[1]},
                 **self._layout_meta()}
-        ps = self.steps.host.snapshot(step) if self._writes_ps() else None
-        if ps is not None:
-            meta["ps_tables"] = sorted(ps)
+        ps = None
+        host, multi = self.steps.host, jax.process_count() > 1
+        if host is not None and multi:  # every process's pushes of this step land first
+            host.flush()
+            barrier()
+        if self._writes_ps():  # a future: the rows as they are once this step's pushes landed
+            ps = host.snapshot_async(step, wait_for_mark=multi)
+            meta["ps_tables"] = sorted(host.names)
+        if host is not None and multi:  # and none of the next step's before the mark
+            barrier()
         self.checkpointer.save(step, self.state, meta, ps=ps)
 
     def _save_final(self) -> None:
@@ -384,7 +381,7 @@ class Trainer:
         # state first: restoring next to it would need twice the largest namespace.
         like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                             self.state)
-        if self.steps.host is not None and (self.group is None or self.group.index == 0):
+        if self.steps.host is not None and self._writes_ps():  # one loader per job, as one writer
             if self.checkpointer.has_ps(step):
                 snap = self.checkpointer.ps_snapshot(step)
             elif os.path.exists(self._legacy_ps_path(step)):
@@ -393,6 +390,8 @@ class Trainer:
                 raise ValueError(f"checkpoint {self.checkpointer.directory}/{step} has no snapshot of the "
                                  f"host tables {sorted(self.steps.host.names)}")
             self.steps.host.load(snap)
+        if self.steps.host is not None and jax.process_count() > 1:
+            barrier()  # no process pulls before the snapshot is loaded
         self.state = None
         self.state, meta = self.checkpointer.restore(like, step, pad_rows="tables" in saved)
         for name, cap in (meta.get("routers") or {}).items():

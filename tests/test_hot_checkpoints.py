@@ -108,6 +108,44 @@ def test_the_ps_snapshot_is_written_off_the_training_thread(tmp_path, monkeypatc
     assert t.checkpointer.steps() == [2, 4] and t.checkpointer.has_ps(2) and t.checkpointer.has_ps(4)
 
 
+def test_the_snapshot_copied_off_thread_holds_exactly_the_rows_after_its_step(tmp_path):
+    """The copy of the step-3 snapshot is held back until the pushes of steps 4 and 5 were
+    applied (the training thread went on meanwhile); it still holds exactly the rows,
+    optimizer slots included, of an independent run stopped after step 3."""
+    batches = make_batches(6, seed=33)
+    ref = Trainer(_model(), MeshConfig(), _config(tmp_path / "ref", checkpoint=False))
+    ref.fit(batches[:3])
+    want = ref.steps.host.ps.export("weights")
+
+    t = Trainer(_model(), MeshConfig(), _config(tmp_path / "run", checkpoint_every=3, checkpoint=False))
+    pushed_after = threading.Semaphore(0)
+    held = {}
+    push, export = t.steps.host.push, t.steps.host.ps.export
+
+    def counting_push(plans, grads, step):
+        push(plans, grads, step)
+        if step > 3:
+            t.steps.host._inflight[-1].add_done_callback(lambda _: pushed_after.release())
+
+    def held_export(table, at=None, marks=None):
+        if marks is not None and "released" not in held:  # the step-3 snapshot's copy
+            held["thread"] = threading.current_thread()
+            held["released"] = all(pushed_after.acquire(timeout=60) for _ in range(2))
+        return export(table, at, marks)
+
+    t.steps.host.push = counting_push
+    t.steps.host.ps.export = held_export
+    t.fit(batches)
+    assert held["released"] and held["thread"] is not threading.main_thread()
+    got = t.checkpointer.ps_snapshot(3)["weights"]
+    order_got, order_want = np.argsort(got["keys"]), np.argsort(want["keys"])
+    assert sorted(got) == sorted(want) == ["keys", "slot_m", "slot_v", "values"]
+    for field in want:
+        np.testing.assert_array_equal(got[field][order_got], want[field][order_want], err_msg=field)
+    # the live rows did move on after step 3
+    assert not np.array_equal(t.steps.host.ps.pull("weights", KEYS), ref.steps.host.ps.pull("weights", KEYS))
+
+
 def _group_trainers(out_dir, ps, count=2, **kw):
     return [Trainer(_model("adagrad"), make_mesh(MeshConfig(), jax.devices()[4 * g:4 * g + 4]),
                     _config(out_dir, dense_optimizer="sgd", **kw), ps=PSClient(ps.ring, ps.transports, []),

@@ -360,3 +360,21 @@ def test_wire_decode_errors():
         wire.encode(wire.Message(wire.PULL, "x" * 300))
     with pytest.raises(wire.WireError, match="does not fit"):
         wire.encode(wire.Message(wire.PULL, seq=-1))
+
+
+def test_a_marked_snapshot_over_grpc_holds_the_rows_at_the_mark(transports):
+    """mark + export(marks=...) through server processes: pushes after the mark change the
+    live rows, not the exported ones."""
+    client = PSClient(RING, transports, SPECS)
+    rng = np.random.default_rng(11)
+    keys = np.unique(rng.integers(0, 2**63, 3000, dtype=np.uint64))
+    client.push("ftrl", keys[:2000], rng.normal(size=(2000, 3)).astype(np.float32), 1)
+    want = client.export("ftrl")
+    marks = client.mark("ftrl")
+    assert sorted(marks) == SERVERS
+    client.push("ftrl", keys[1000:], rng.normal(size=(keys.size - 1000, 3)).astype(np.float32), 2)
+    got = client.export("ftrl", marks=marks)
+    for k in want:
+        np.testing.assert_array_equal(got[k][np.argsort(got["keys"])], want[k][np.argsort(want["keys"])])
+    assert client.export("ftrl")["keys"].size > want["keys"].size
+    client.close()

@@ -22,8 +22,8 @@ KILLED = [sys.executable, "-c", f"""
 import os, signal, sys
 from jaxps.trainer import Trainer
 save = Trainer.save
-def save_then_die(self):
-    save(self)
+def save_then_die(self, *args):
+    save(self, *args)
     if self.step == {KILL_AT}:
         os.kill(os.getpid(), signal.SIGKILL)
 Trainer.save = save_then_die

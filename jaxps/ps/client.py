@@ -64,8 +64,11 @@ class InProcessTransport:
     def create_table(self, spec):
         return self.server.create_table(spec)
 
-    def export(self, table, at=None):
-        return self.server.export(table) if at is None else self.server.export_cut(table, at)
+    def export(self, table, at=None, ticket=None):
+        return self.server.export(table, ticket) if at is None else self.server.export_cut(table, at)
+
+    def mark(self, table):
+        return self.server.mark(table)
 
     def load(self, table, rows, only_missing=False):
         self.server.load(table, rows, only_missing)
@@ -267,15 +270,25 @@ class PSClient:
                 self.transports[s].create_table(spec)
             self.tables[spec.name] = spec
 
-    def export(self, table: str, at: int | None = None) -> dict[str, np.ndarray]:
+    def export(self, table: str, at: int | None = None, marks: dict[str, int] | None = None) -> dict[str, np.ndarray]:
         """Every stored row of `table` across the group (keys, values, optimizer slots):
         each server exports the partitions it is the primary of. `at`: the rows at that cut
-        step (worker groups under SSP/ASP with cuts; waits until every group completed it)."""
+        step (worker groups under SSP/ASP with cuts; waits until every group completed it).
+        `marks`: the rows at those marks (`mark`), each server's by its ticket."""
         def call():
-            parts = [self.transports[s].export(table) if at is None else self.transports[s].export(table, at)
-                     for s in self.ring.servers]
-            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            if marks is not None:
+                parts = [self.transports[s].export(table, ticket=t) for s, t in marks.items()]
+            else:
+                parts = [self.transports[s].export(table) if at is None else self.transports[s].export(table, at)
+                         for s in self.ring.servers]
+            return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return self._with_retries("export", call)
+
+    def mark(self, table: str) -> dict[str, int]:
+        """Snapshot `table` on every server now without copying it (copy-on-write, for
+        `export(table, marks=...)` later). A mark lives on its server only: with a
+        `ring_source` (servers may fail over) take `export` at once instead."""
+        return {s: self.transports[s].mark(table) for s in self.ring.servers}
 
     def load(self, table: str, rows: dict[str, np.ndarray], only_missing: bool = False) -> None:
         """Spread snapshot rows over this group by its ring (any number of servers; every

@@ -211,8 +211,12 @@ class PSServicer:
     def _export(self, request: bytes, context):
         try:
             msg = self._receive((request,), wire.EXPORT)
-            at = msg.json().get("at") if msg.meta else None
-            rows = self.server.export(msg.table) if at is None else self.server.export_cut(msg.table, int(at))
+            meta = msg.json() if msg.meta else {}
+            at, ticket = meta.get("at"), meta.get("ticket")
+            if ticket is not None:
+                rows = self.server.export(msg.table, int(ticket))
+            else:
+                rows = self.server.export(msg.table) if at is None else self.server.export_cut(msg.table, int(at))
             names = sorted(rows, key=lambda k: (k != "keys", k != "values", k))
             reply = wire.encode(wire.Message(wire.EXPORT_REPLY, msg.table, meta=wire.json_meta({"fields": names}),
                                              arrays=tuple(rows[k] for k in names)))
@@ -251,6 +255,9 @@ class PSServicer:
                 self.server.unfreeze()
             elif op == "clear":
                 self.server.clear(str(meta.get("table")))
+            elif op == "mark":
+                return wire.encode(wire.Message(wire.ADMIN_REPLY, meta=wire.json_meta(
+                    {"ticket": self.server.mark(str(meta.get("table")))})))
             elif op == "tables":
                 return wire.encode(wire.Message(wire.ADMIN_REPLY, meta=wire.json_meta(
                     {"tables": [t.to_json() for t in self.server.table_specs()]})))
@@ -259,7 +266,7 @@ class PSServicer:
                                           int(meta["version"])))
             else:
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"malformed request: unknown admin op {op!r} (ping, freeze, unfreeze, set_ring, tables, clear)")
+                              f"malformed request: unknown admin op {op!r} (ping, freeze, unfreeze, set_ring, tables, clear, mark)")
             return wire.encode(wire.Message(wire.ADMIN_REPLY, meta=wire.json_meta({"version": self.server.ring.version})))
         except Exception as e:  # noqa: BLE001
             self._fail(context, "admin", e)
@@ -427,11 +434,12 @@ class GrpcTransport:
             raise PSRPCError(self.address, "clock", grpc.StatusCode.DATA_LOSS, "reply does not hold an int64")
         return int(reply.arrays[0].reshape(()))
 
-    def export(self, table: str, at: int | None = None) -> dict[str, np.ndarray]:
+    def export(self, table: str, at: int | None = None, ticket: int | None = None) -> dict[str, np.ndarray]:
         """Every row this server stores for `table` (keys, values, optimizer slots); `at`:
-        the rows of the cut at that step."""
+        the rows of the cut at that step; `ticket`: the rows at that `mark`."""
+        meta = {k: v for k, v in (("at", at), ("ticket", ticket)) if v is not None}
         data = wire.encode(wire.Message(wire.EXPORT, table, token=self.token,
-                                        meta=wire.json_meta({"at": at}) if at is not None else b""))
+                                        meta=wire.json_meta(meta) if meta else b""))
         buf = self._call("export", lambda: bytearray().join(self._export(data, timeout=self.timeout * 10)))
         reply = self._reply("export", buf, wire.EXPORT_REPLY)
         try:
@@ -477,6 +485,9 @@ class GrpcTransport:
 
     def clear(self, table: str) -> None:
         self._admin_call("clear", table=table)
+
+    def mark(self, table: str) -> int:
+        return int(self._admin_call("mark", table=table)["ticket"])
 
     def table_specs(self) -> list[TableSpec]:
         return [TableSpec.from_json(t, f"{self.address} tables[{i}]")

@@ -23,6 +23,7 @@ from jaxps.memory import take_rows
 from jaxps.optim import rowwise
 from jaxps.optim.rowwise import RowOptimizer
 from jaxps.ps.clock import DONE, GroupClocks, Sync, SyncTimeout
+from jaxps.ps.cow import PendingCopy, finish
 from jaxps.ps.keyindex import dedup
 from jaxps.ps.memo import PullMemo, PullMemos
 from jaxps.ps.ring import Ring, partition_runs
@@ -139,6 +140,10 @@ class PSServer:
         self._locks: dict[tuple[str, int], threading.Lock] = {}
         self._marks: dict[tuple[str, int], dict[int, int]] = {}   # (table, part) -> client -> last seq
         self._meta_lock = threading.Lock()
+        # copy-on-write snapshots (`mark`): (table, part) -> ticket -> its rows at the mark
+        self._pending: dict[tuple[str, int], dict[int, PendingCopy]] = {}
+        self._tickets: dict[int, tuple[str, dict[int, PendingCopy]]] = {}  # ticket -> (table, part -> copy)
+        self._next_ticket = 1
         self._gate = threading.Condition()
         self._frozen = False
         self._writes = 0           # pushes and clocks in progress (a freeze waits for them)
@@ -179,8 +184,7 @@ class PSServer:
             raise PSError(f"server {self.name}: unknown table {table!r}")
         with self._meta_lock:
             for key in [k for k in self._stores if k[0] == table]:
-                del self._stores[key], self._locks[key]
-                self._marks.pop(key, None)
+                self._drop(key)
             self._memos.clear()  # they would keep the dropped stores alive
 
     def table_specs(self) -> list[TableSpec]:
@@ -197,9 +201,16 @@ class PSServer:
             self.ring = ring
             mine = self._replicated_parts()
             for key in [k for k in self._stores if k[1] not in mine]:
-                del self._stores[key], self._locks[key]
-                self._marks.pop(key, None)
+                self._drop(key)
             self._memos.clear()
+
+    def _drop(self, key: tuple[str, int]) -> None:
+        """Forget a partition (with the meta lock); marked snapshots copy it first."""
+        with self._locks[key]:
+            self._before_write(key, self._stores[key])
+            self._pending.pop(key, None)
+        del self._stores[key], self._locks[key]
+        self._marks.pop(key, None)
 
     def _replicated_parts(self) -> set[int]:
         if self.name not in self.ring.servers:
@@ -370,6 +381,7 @@ class PSServer:
                                 (group, table, part, cid, seq, ordered_keys[lo:hi].copy(),
                                  take_rows(grads, order[lo:hi])))
                     else:  # grads stay where they are: the store reads rows order[lo:hi]
+                        self._before_write((table, part), store, ordered_keys[lo:hi])
                         store.push(ordered_keys[lo:hi], grads, step, order[lo:hi],
                                    None if memo is None else memo.slots_for(run, store))
                     marks[cid] = seq
@@ -421,6 +433,7 @@ class PSServer:
         for step, _, table, part, _, _, keys, grads in held:
             store, lock = self._store(table, part)
             with lock:
+                self._before_write((table, part), store, keys)
                 store.push(keys, grads, step)
 
     def export_cut(self, table: str, at: int) -> dict[str, np.ndarray]:
@@ -453,6 +466,7 @@ class PSServer:
                 grads = summed
             store, lock = self._store(table, part)
             with lock:
+                self._before_write((table, part), store, keys)
                 store.push(keys, grads, step)
 
     # ------------------------------------------------------------------ worker groups
@@ -482,20 +496,79 @@ class PSServer:
             self.clocks.publish(slowest)
             return self.clocks.settled
 
-    def export(self, table: str) -> dict[str, np.ndarray]:
+    MAX_MARKS = 4  # marked snapshots kept at once; a newer mark drops the oldest
+
+    def mark(self, table: str) -> int:
+        """Take a snapshot of `table` (the partitions this server is the primary of) now,
+        without copying it: `export(table, ticket)` copies it later, as it was at the mark,
+        while pushes go on (copy-on-write, jaxps.ps.cow). Returns the ticket."""
+        if table not in self.tables:
+            raise PSError(f"server {self.name}: unknown table {table!r}")
+        owners = self.ring.owners()
+        me = self.ring.servers.index(self.name) if self.name in self.ring.servers else -1
+        with self._meta_lock:
+            ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
+            copies: dict[int, PendingCopy] = {}
+            for key in [k for k in self._stores if k[0] == table and owners[k[1]] == me]:
+                with self._locks[key]:
+                    copies[key[1]] = self._pending.setdefault(key, {})[ticket] = PendingCopy()
+            self._tickets[ticket] = (table, copies)
+            for old in sorted(self._tickets)[:-self.MAX_MARKS]:  # abandoned: stop keeping pre-images
+                name, dropped = self._tickets.pop(old)
+                for part in dropped:
+                    if (name, part) in self._locks:
+                        with self._locks[(name, part)]:
+                            self._pending.get((name, part), {}).pop(old, None)
+            return ticket
+
+    def _before_write(self, key: tuple[str, int], store: PartitionStore, keys: np.ndarray | None = None) -> None:
+        """(With the partition's lock.) Marked snapshots of the partition keep what a write
+        of unique `keys` changes; `keys` None (a load, a drop): they copy it whole first."""
+        marked = self._pending.get(key)
+        for pending in marked.values() if marked else ():
+            if keys is None:
+                pending.materialize(store)
+            else:
+                pending.before_write(store, keys)
+
+    def _collect(self, table: str, ticket: int) -> list[dict[str, np.ndarray]]:
+        """The rows of every partition of a `mark`, as they were at the mark: each is
+        copied under its lock (marks stop there), then its pre-images are put back."""
+        with self._meta_lock:
+            entry = self._tickets.pop(ticket, None)
+        if entry is None or entry[0] != table:
+            raise PSError(f"server {self.name}: no marked snapshot {ticket} of table {table!r} (exported "
+                          f"already, or dropped: the latest {self.MAX_MARKS} marks are kept)")
+        parts = []
+        for part, pending in sorted(entry[1].items()):
+            key = (table, part)
+            rows = None
+            lock = self._locks.get(key)
+            if lock is not None:
+                with lock:
+                    self._pending.get(key, {}).pop(ticket, None)
+                    if pending.full is None and key in self._stores:
+                        rows = self._stores[key].export()
+            parts.append(pending.full if rows is None else finish(rows, pending))
+        return parts
+
+    def export(self, table: str, ticket: int | None = None) -> dict[str, np.ndarray]:
         """A snapshot of every row of `table` in the partitions this server is the primary of
         (backups hold copies), partition by partition under each partition's lock (a
-        consistent cut when no push is in flight)."""
+        consistent cut when no push is in flight); `ticket`: the rows at that `mark`."""
         spec = self.tables.get(table)
         if spec is None:
             raise PSError(f"server {self.name}: unknown table {table!r}")
-        parts = []
-        owners = self.ring.owners()
-        me = self.ring.servers.index(self.name) if self.name in self.ring.servers else -1
-        for (t, part), store in list(self._stores.items()):
-            if t == table and owners[part] == me:
-                with self._locks[(t, part)]:
-                    parts.append(store.export())
+        if ticket is not None:
+            parts = self._collect(table, ticket)
+        else:
+            parts = []
+            owners = self.ring.owners()
+            me = self.ring.servers.index(self.name) if self.name in self.ring.servers else -1
+            for (t, part), store in list(self._stores.items()):
+                if t == table and owners[part] == me:
+                    with self._locks[(t, part)]:
+                        parts.append(store.export())
         if not parts:
             empty = {"keys": np.zeros(0, np.uint64), "values": np.zeros((0, spec.dim), np.float32)}
             empty.update({f"slot_{n}": np.zeros((0, spec.dim), np.float32) for n in spec.optimizer.slots})
@@ -514,6 +587,7 @@ class PSServer:
         for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
             store, lock = self._store(table, part)
             with lock:
+                self._before_write((table, part), store)
                 store.load({k: v[lo:hi] for k, v in ordered.items()}, only_missing)
 
     # ------------------------------------------------------------------ partition copies
@@ -604,6 +678,7 @@ class PSServer:
             for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
                 store, lock = self._store(table, part)
                 with lock:
+                    self._before_write((table, part), store)
                     store.load({k: v[lo:hi] for k, v in ordered.items()})
                 pieces += 1
         for key in [k for k in data if k.startswith("held/") and k.endswith("/meta")]:
