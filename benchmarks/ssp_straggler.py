@@ -248,6 +248,10 @@ def to_target(curve, target: float) -> tuple[float | None, float | None]:
     return None, None
 
 
+def _ratio(by_sync: dict) -> float | None:
+    return by_sync["ssp3"] / by_sync["bsp"] if by_sync.get("ssp3") is not None and by_sync.get("bsp") else None
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="steps per group (default 60, quick 24)")
@@ -313,11 +317,14 @@ def main() -> None:
             flush=True)
 
     def ratio(scenario):
-        if scenario not in result["scenarios"]:
-            return None
-        t = result["scenarios"][scenario]["seconds_to_target"]
-        return t["ssp3"] / t["bsp"] if t["ssp3"] is not None and t["bsp"] else None
+        return _ratio(result["scenarios"][scenario]["seconds_to_target"]) if scenario in result["scenarios"] else None
 
+    # time to target = data to target x time per step: each part SSP(3) / BSP, per scenario
+    # (the data part carries the optimizer's difference: G pushes vs one summed update)
+    result["ssp3_vs_bsp_parts"] = {
+        sc: {"time_to_target": ratio(sc),
+             "steps_to_target": _ratio(r["steps_to_target"]),
+             "run_seconds": _ratio(r["run_seconds"])} for sc, r in result["scenarios"].items()}
     result["ssp3_vs_bsp"] = ratio("rotating")
     result["ssp3_vs_bsp_rotating_steps"] = ratio("rotating_steps")
     result["ssp3_vs_bsp_persistent"] = ratio("persistent")
