@@ -212,9 +212,11 @@ class HostTables:
 
     def repair(self, plans: dict[str, HostPlan], rows: dict[str, np.ndarray], mark: int) -> None:
         """Strict mode: for pushes not applied at `mark`, wait for those that share keys with
-        this batch and pull the shared keys again into `rows` (in place)."""
-        if not self.strict or self.group is not None:  # groups: the clock gate decides
-            return
+        this batch and pull the shared keys again into `rows` (in place). For SSP/ASP worker
+        groups that is read-my-writes (as in Bosen's SSP): a group's step sees all of its own
+        earlier pushes, and only other groups' may be up to s steps stale."""
+        if not self.strict or (self.group is not None and self.group.policy.bsp):
+            return  # BSP groups: the clock gate already waited for every push of the last step
         with self._lock:
             issued = self._issued
             log = dict(self._log)

@@ -52,8 +52,9 @@ class TrainConfig:
     prefetch: int = 3              # batches prepared ahead on a host thread
     max_inflight_steps: int = 2    # dispatched-but-unfinished device steps
     compilation_cache: str = "~/.cache/jaxps/xla"  # persistent XLA cache; "" = off
-    ps_strict: bool = True         # host tables: exact sequential semantics despite prefetch;
-                                   # off: rows up to prefetch + ps_max_inflight_pushes steps stale
+    ps_strict: bool = True         # host tables: exact sequential semantics despite prefetch
+                                   # (SSP/ASP worker groups: read-my-writes); off: rows up to
+                                   # prefetch + ps_max_inflight_pushes steps stale
     ps_max_inflight_pushes: int = 2  # host tables: pushes queued behind the device steps
 
     def __post_init__(self):

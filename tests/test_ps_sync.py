@@ -165,3 +165,56 @@ def test_bsp_groups_equal_one_group_on_the_combined_batch(tmp_path, opt):
     sync = results[0]["ps"]["__sync__"]
     assert sync["sync"] == "bsp" and sync["clocks"] == ["done", "done"]
     assert (tmp_path / "groups" / "group-1" / "metrics.json").exists()
+
+
+def test_an_ssp_group_reads_its_own_writes(tmp_path):
+    """Under ssp:3 a group's pulls run (prefetched) steps ahead of its own pushes; strict mode
+    re-pulls the rows those pushes touch once they landed (read-my-writes), so a group whose
+    peer finished trains exactly as a single trainer: sequential pull, step, push. (Without
+    strict mode this run differs: tested by hand.)"""
+    batches = make_batches(6, seed=23)
+    ref_model = _sparse_lr()
+    ref = Trainer(ref_model, make_mesh(MeshConfig(), jax.devices()[:4]), _config(tmp_path / "ref"),
+                  ps=embedded([table_spec(t) for t in ref_model.tables()]))
+    ref.fit(batches)
+
+    ps = embedded([], servers=2)
+    ps.clock(1, DONE, 2, Sync(3))  # group 1 finished before it began: it holds nobody back
+    group = Trainer(_sparse_lr(), make_mesh(MeshConfig(), jax.devices()[4:]), _config(tmp_path / "g"),
+                    ps=PSClient(ps.ring, ps.transports, []), group=WorkerGroup(0, 2, "ssp:3"))
+    result = group.fit(batches)
+    keys = np.arange(ROWS, dtype=np.uint64)
+    want = ref.steps.host.ps.pull("weights", keys)
+    np.testing.assert_allclose(group.steps.host.ps.pull("weights", keys), want, rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(group.state["dense"]["bias"]), np.asarray(ref.state["dense"]["bias"]),
+                               rtol=1e-5, atol=1e-7)
+    for k in range(6):
+        np.testing.assert_allclose(group.history[k]["loss"], ref.history[k]["loss"], rtol=1e-5)
+    assert result["ps"]["weights"]["repaired_rows"] > 0  # the prefetched pulls did miss own pushes
+
+
+@pytest.mark.parametrize("sync", [Sync(1), Sync(None)])
+def test_ssp_and_asp_apply_each_push_at_bsp_scale(sync):
+    """SSP/ASP apply every group's push on its own, unscaled: with SGD (linear) one round of
+    pushes moves the rows exactly as BSP's summed update does, so the update per example
+    matches BSP's and no 1/G factor belongs on the pushes; with Adagrad each push is
+    normalised by its own accumulator (numpy reference), which no gradient scale undoes."""
+    keys = np.array([1, 2, 3], np.uint64)
+    grads = [np.full((3, 2), 0.5, np.float32), np.full((3, 2), -0.2, np.float32) + np.arange(3)[:, None]]
+    for opt in (rowwise.SGD(learning_rate=0.1), rowwise.Adagrad(learning_rate=0.1)):
+        rows = {}
+        for s in (Sync(0), sync):
+            server = _server(s, 2, opt)
+            for g in range(2):
+                server.push("t", keys, grads[g].astype(np.float32), (g, 0), step=1, group=g)
+                server.clock(g, 1, 2, s)
+            rows[str(s)] = server.pull("t", keys)
+        if opt.name == "sgd":
+            np.testing.assert_allclose(rows[str(sync)], -0.1 * (grads[0] + grads[1]), rtol=1e-6)
+            np.testing.assert_allclose(rows[str(sync)], rows["bsp"], rtol=1e-6)
+        else:  # each push normalised by the accumulator it finds
+            acc, w = np.full((3, 2), 0.1), np.zeros((3, 2))
+            for g in grads:
+                acc += g.astype(np.float64) ** 2
+                w -= 0.1 * g / (np.sqrt(acc) + 1e-7)
+            np.testing.assert_allclose(rows[str(sync)], w, rtol=1e-5)

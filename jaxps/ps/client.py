@@ -144,10 +144,11 @@ class PSClient:
         self._seq = itertools.count()
         self.retries = 0           # calls retried on a newer ring
         # Pulls of a worker group may wait at the servers for other groups (and for this
-        # group's own clock): pushes and clocks get their own threads so they never queue
-        # behind a waiting pull.
+        # group's own clock): they get their own threads, and so do pushes, clocks and
+        # ungated pulls (strict repairs, evaluation), which never queue behind a waiting pull.
         n = 16 if ring_source is not None else max(1, len(ring.servers))
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="jaxps-ps-pull")
+        self._gated_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="jaxps-ps-gated-pull")
         self._push_pool = ThreadPoolExecutor(max_workers=n * (replicas + 1), thread_name_prefix="jaxps-ps-push")
 
     def _with_retries(self, what: str, call):
@@ -189,8 +190,9 @@ class PSClient:
         order, runs = self._route(keys, ring)
         grouped = keys if order is None else keys[order]
         v = ring.version if self.ring_source is not None else -1  # checked where rings change
-        futures = _start_all(self._pool, [functools.partial(self.transports[s].pull, table, grouped[lo:hi], group,
-                                                            clock, v, self.client_id) for s, lo, hi in runs])
+        pool = self._gated_pool if group >= 0 else self._pool  # a gate-waiting pull holds its thread
+        futures = _start_all(pool, [functools.partial(self.transports[s].pull, table, grouped[lo:hi], group,
+                                                      clock, v, self.client_id) for s, lo, hi in runs])
         if order is None:  # one server: its reply is the answer
             return futures[0].result() if futures else np.zeros((0, self.tables[table].dim), np.float32)
         rows = np.empty((keys.shape[0], self.tables[table].dim), np.float32)
@@ -308,6 +310,7 @@ class PSClient:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._gated_pool.shutdown(wait=True)
         self._push_pool.shutdown(wait=True)
 
 

@@ -77,6 +77,7 @@ class GroupClocks:
         self._settled = 0          # steps every group completed whose pushes are applied
         self.waits = 0             # pulls that had to wait
         self.wait_seconds = 0.0
+        self.group_wait_seconds: list[float] = []  # per group: where the waiting happens
         self.max_gap = 0           # largest (clock of a pulling group - slowest clock) seen
 
     def configure(self, groups: int, sync: Sync) -> None:
@@ -86,6 +87,7 @@ class GroupClocks:
         with self._cond:
             if self.groups is None:
                 self.groups, self.sync, self._clocks = groups, sync, [0] * groups
+                self.group_wait_seconds = [0.0] * groups
             elif (self.groups, self.sync) != (groups, sync):
                 raise ValueError(f"this server runs {self.groups} worker groups under {self.sync}; "
                                  f"a client asked for {groups} under {sync}")
@@ -146,6 +148,7 @@ class GroupClocks:
             waited = time.perf_counter() - t0
             self.waits += 1
             self.wait_seconds += waited
+            self.group_wait_seconds[group] += waited
             return waited
 
     def _ready(self, need: int) -> bool:
@@ -157,4 +160,5 @@ class GroupClocks:
         with self._cond:
             return {"groups": self.groups, "sync": str(self.sync) if self.sync else None,
                     "clocks": [c if c < DONE else "done" for c in self._clocks],
-                    "waits": self.waits, "wait_seconds": self.wait_seconds, "max_gap": self.max_gap}
+                    "waits": self.waits, "wait_seconds": self.wait_seconds,
+                    "group_wait_seconds": list(self.group_wait_seconds), "max_gap": self.max_gap}
