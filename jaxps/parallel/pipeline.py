@@ -229,9 +229,12 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
 
             # the stage inputs, read once outside the conditionals (XLA copies a whole buffer
             # that a conditional reads and the tick then updates)
-            if input_until_backward and sched.paired:
-                x_f = jnp.where(first_f, xs[mf], arrived[cf, mf % KA])
-                x_b = jnp.where(first_b, xs[mb], arrived[cb, mb % KA])
+            if input_until_backward and sched.paired:  # both inputs in one gather (two
+                # reads made XLA copy the whole buffer under virtual chunks: +14 activations)
+                ms = jnp.stack([mf, mb])
+                pair = jnp.where(jnp.stack([first_f, first_b]).reshape((2,) + (1,) * x0.ndim), xs[ms],
+                                 arrived[jnp.stack([cf, cb]), ms % KA])
+                x_f, x_b = pair[0], pair[1]
             else:  # one read: a cell's one op's input (or a pair's forward's: the pullback's
                 # input then comes from the stash)
                 m, c = jnp.where(is_f, mf, mb), jnp.where(is_f, cf, cb)
@@ -267,9 +270,11 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
             # the last stage's backward of the microbatch whose forward it ran just now (a
             # pair F(m)+B(m)) takes the loss gradient straight from that forward
             same_tick = evaluates_loss_f & is_b & last_b & (mb == mf)
-            keep_own = evaluates_loss_f & ~same_tick  # else kept for a later tick's backward
-            if own_loss_grads:
-                loss_grads = _put_if(loss_grads, (mf % KL,), keep_own, h)
+            if own_loss_grads:  # written before the backward reads it, as a stash entry
+                loss_grads = _put_if(loss_grads, (mf % KL,), evaluates_loss_f, h)
+                keep_own = evaluates_loss_f
+            else:  # kept in the gradient ring at the end of the tick, unless used now
+                keep_own = evaluates_loss_f & ~same_tick
 
             def no_bwd(_):
                 return jnp.zeros_like(x0), zeros(pb), 0.0, zeros(hp), no_y
@@ -283,7 +288,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                     g_h = jnp.where(last_b, loss_grads[mb % KL], grads_in[cb, mb % KG])
                 else:
                     g_h = grads_in[cb, mb % KG]
-                if loss_at_forward and sched.paired:  # (passing h in costs a copy of it)
+                if loss_at_forward and not own_loss_grads and sched.paired:  # (passing h in costs a copy)
                     g_h = jnp.where(same_tick, h, g_h)
                 dp, dx = pullback(g_h)
                 return dx, dp, 0.0, zeros(hp), no_y
