@@ -229,8 +229,12 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
 
             # the stage inputs, read once outside the conditionals (XLA copies a whole buffer
             # that a conditional reads and the tick then updates)
-            if input_until_backward and sched.paired:  # both inputs in one gather (two
-                # reads made XLA copy the whole buffer under virtual chunks: +14 activations)
+            if input_until_backward and sched.paired and V == 1:
+                x_f = jnp.where(first_f, xs[mf], arrived[cf, mf % KA])
+                x_b = jnp.where(first_b, xs[mb], arrived[cb, mb % KA])
+            elif input_until_backward and sched.paired:  # both inputs in one gather: two reads
+                # made XLA copy the whole buffer under virtual chunks (+14 activations at
+                # S=4, M=16), one gather costs one activation more than two reads at V = 1
                 ms = jnp.stack([mf, mb])
                 pair = jnp.where(jnp.stack([first_f, first_b]).reshape((2,) + (1,) * x0.ndim), xs[ms],
                                  arrived[jnp.stack([cf, cb]), ms % KA])
