@@ -16,6 +16,9 @@ synchronous (a ppermute ends each), so a tick lasts as long as its slowest op on
 stage, and where 1F1B and interleaved run a forward beside a backward the forward's
 stage waits (`Schedule.lockstep_bubble`, backward = 2 forwards, the pullback's matmuls).
 GPipe's equals theory; 1F1B's and interleaved's exceed it, and the measurement shows it.
+Their paired forms ("1f1b-paired", "interleaved-paired": a tick carries a forward and a
+backward on each stage in the steady state) predict theory again; paired 1F1B pays with
+2S-1 stash entries instead of S (`memory_1f1b_paired_vs_gpipe`).
 
 This is only a measurement when the stages run concurrently. On a CPU backend, the
 simulated devices (XLA_FLAGS=--xla_force_host_platform_device_count=8) are threads of
@@ -57,7 +60,7 @@ from jaxps.mesh import MeshConfig, make_mesh  # noqa: E402
 from jaxps.parallel.pipeline import pipeline_value_and_grad  # noqa: E402
 from jaxps.parallel.schedule import build  # noqa: E402
 
-SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2))
+SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("1f1b-paired", 1), ("interleaved-paired", 2))
 
 
 def block(p, x):
@@ -137,11 +140,12 @@ def memory(S: int, D: int, B: int, mesh) -> dict[str, Any]:
         xs = ys = jnp.ones((M, B, D), jnp.float32)
         for remat in (False, True):
             temp = {}
-            for kind in ("gpipe", "1f1b"):
+            for kind in ("gpipe", "1f1b", "1f1b-paired"):
                 _, fn = step_fn(kind, S, M, 1, mesh, remat)
                 temp[kind] = fn.lower(params_for(S, 1, D), xs, ys).compile().memory_analysis().temp_size_in_bytes
             out[f"M={M}" + (" remat" if remat else "")] = {
                 "temp_bytes": temp, "ratio_1f1b_vs_gpipe": temp["1f1b"] / temp["gpipe"],
+                "ratio_1f1b_paired_vs_gpipe": temp["1f1b-paired"] / temp["gpipe"],
                 # the table's ring spans per stage (inputs kept until the backward, gradients,
                 # stash, last stage's loss gradients: with V = 1 the executor holds these in
                 # its gradient ring)
@@ -198,6 +202,7 @@ def main(argv=None) -> int:
                                 if measurable else None),
         memory_1f1b_vs_gpipe=mem[f"M={4 * S}"]["ratio_1f1b_vs_gpipe"],
         memory_1f1b_vs_gpipe_8s=mem[f"M={8 * S}"]["ratio_1f1b_vs_gpipe"],
+        memory_1f1b_paired_vs_gpipe=mem[f"M={4 * S}"]["ratio_1f1b_paired_vs_gpipe"],
         temp_bytes=mem[f"M={4 * S}"]["temp_bytes"], memory=mem)
     spec = MLPSpec(stages=args.torch_stages, layers=args.torch_layers, width=args.torch_width,
                    batch=args.torch_batch, microbatches=args.torch_microbatches)

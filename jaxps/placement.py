@@ -87,12 +87,12 @@ class Staged:
 
     axis: str = "stage"
     microbatches: int = 4
-    schedule: str = "1f1b"   # "gpipe" or "1f1b" (jaxps.parallel.schedule), run with the loss inside
+    schedule: str = "1f1b"   # "gpipe", "1f1b" or "1f1b-paired" (jaxps.parallel.schedule), run with the loss inside
     realm: ClassVar[int] = 4
 
     def __post_init__(self):
-        if self.schedule not in ("gpipe", "1f1b"):
-            raise ValueError(f"Staged schedule must be 'gpipe' or '1f1b', got {self.schedule!r}")
+        if self.schedule not in ("gpipe", "1f1b", "1f1b-paired"):
+            raise ValueError(f"Staged schedule must be 'gpipe', '1f1b' or '1f1b-paired', got {self.schedule!r}")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Pipelined stages (GPipe, 1F1B) in one SPMD program equal the unpipelined model."""
+"""Pipelined stages (GPipe, 1F1B, interleaved; paired ticks) in one SPMD program equal the unpipelined model."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +34,9 @@ def reference(params, xs, ys):
 @pytest.mark.parametrize("kind,S,M,data,remat", [("gpipe", 4, 8, 2, False), ("1f1b", 4, 8, 2, False),
                                                  ("1f1b", 2, 6, 4, False), ("1f1b", 4, 4, 1, False),
                                                  ("gpipe", 2, 3, 1, False), ("gpipe", 4, 8, 2, True),
-                                                 ("1f1b", 4, 8, 2, True), ("1f1b", 2, 6, 4, True)])
+                                                 ("1f1b", 4, 8, 2, True), ("1f1b", 2, 6, 4, True),
+                                                 ("1f1b-paired", 4, 8, 2, False), ("1f1b-paired", 2, 6, 4, True),
+                                                 ("1f1b-paired", 4, 3, 1, False)])
 def test_pipeline_equals_unpipelined(kind, S, M, data, remat):
     """Both stash policies: the block's residuals (default) or its input, recomputed (remat)."""
     rng = np.random.default_rng(0)
@@ -64,7 +66,7 @@ def test_1f1b_holds_fewer_activations_than_gpipe():
     mesh = make_mesh(MeshConfig(data=2, stage=S, model=1))
     entry = 4 * (B // 2) * W * 4  # bytes per microbatch and stage: 4 activations of [B/2, W] f32
     temp = {}
-    for kind in ("gpipe", "1f1b"):
+    for kind in ("gpipe", "1f1b", "1f1b-paired"):
         for M in (2 * S, 4 * S):
             sched = build(kind, S, M)
             xs = ys = jnp.zeros((M, B, W))
@@ -74,11 +76,22 @@ def test_1f1b_holds_fewer_activations_than_gpipe():
     assert abs(temp["gpipe", 4 * S] - temp["gpipe", 2 * S] - 2 * S * entry) < table, temp
     assert abs(temp["1f1b", 4 * S] - temp["1f1b", 2 * S]) < table, temp
     assert temp["1f1b", 4 * S] < 0.35 * temp["gpipe", 4 * S], temp
+    # paired ticks: 2S-1 stash entries and 2S-3 kept inputs instead of S and S (the price of
+    # the theory bubble under synchronous ticks, see schedule.py), still independent of M
+    assert abs(temp["1f1b-paired", 4 * S] - temp["1f1b-paired", 2 * S]) < table, temp
+    extra = (S - 1) * 2 * entry // 4 + (S - 3) * entry // 4  # residuals: 2 activations; an input: 1
+    # (+ a few activations of working set: a pair reads two inputs, and the last stage's
+    # backward takes its forward's loss gradient)
+    assert temp["1f1b", 4 * S] + extra <= temp["1f1b-paired", 4 * S] <= temp["1f1b", 4 * S] + extra + entry, temp
+    assert temp["1f1b-paired", 4 * S] < 0.5 * temp["gpipe", 4 * S], temp
 
 
-@pytest.mark.parametrize("S,M,V,data,remat", [(2, 4, 2, 2, False), (4, 8, 2, 2, False), (2, 4, 3, 1, False),
-                                              (4, 8, 2, 2, True)])
-def test_interleaved_pipeline_equals_unpipelined(S, M, V, data, remat):
+@pytest.mark.parametrize("kind,S,M,V,data,remat", [("interleaved", 2, 4, 2, 2, False), ("interleaved", 4, 8, 2, 2, False),
+                                                   ("interleaved", 2, 4, 3, 1, False), ("interleaved", 4, 8, 2, 2, True),
+                                                   ("interleaved-paired", 4, 8, 2, 2, False),
+                                                   ("interleaved-paired", 2, 4, 3, 1, False),
+                                                   ("interleaved-paired", 4, 8, 2, 2, True)])
+def test_interleaved_pipeline_equals_unpipelined(kind, S, M, V, data, remat):
     """Virtual chunks: [s, c] is global stage c*S + s; activations wrap from the last stage
     to the first (a ring ppermute)."""
     rng = np.random.default_rng(1)
@@ -87,7 +100,7 @@ def test_interleaved_pipeline_equals_unpipelined(S, M, V, data, remat):
     xs = jnp.asarray(rng.normal(size=(M, 2 * data, D)), jnp.float32)
     ys = jnp.asarray(rng.normal(size=(M, 2 * data, D)), jnp.float32)
     mesh = make_mesh(MeshConfig(data=data, stage=S, model=8 // (data * S)))
-    sched = build("interleaved", S, M, V)
+    sched = build(kind, S, M, V)
     l, g, *_ = jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh,
                                                                remat=remat))(params, xs, ys)
     # reference over global stages g = c*S + s, in order
@@ -99,8 +112,9 @@ def test_interleaved_pipeline_equals_unpipelined(S, M, V, data, remat):
         np.testing.assert_allclose(np.asarray(g[k]), np.asarray(back), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_pipeline_composes_with_tensor_parallel_blocks(remat):
+@pytest.mark.parametrize("kind,remat", [("1f1b", False), ("1f1b", True), ("1f1b-paired", False),
+                                         ("1f1b-paired", True)])
+def test_pipeline_composes_with_tensor_parallel_blocks(kind, remat):
     """DP x PP x TP on a 2x2x2 mesh: each stage's block is Megatron-split over `model`
     (column then row), the pipeline runs over `stage`, the batch over `data`."""
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -117,7 +131,7 @@ def test_pipeline_composes_with_tensor_parallel_blocks(remat):
               "w2": jax.device_put(params["w2"], NamedSharding(mesh, P("stage", "model", None)))}
     xs = jnp.asarray(rng.normal(size=(M, 4, D)), jnp.float32)
     ys = jnp.asarray(rng.normal(size=(M, 4, D)), jnp.float32)
-    sched = build("1f1b", S, M)
+    sched = build(kind, S, M)
     l, g, *_ = jax.jit(lambda p, x, y: pipeline_value_and_grad(mlp_block, loss, p, x, y, sched, mesh,
                                                                remat=remat))(placed, xs, ys)
 
@@ -136,8 +150,8 @@ def test_pipeline_composes_with_tensor_parallel_blocks(remat):
         np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_ref[k]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_loss_head_parameters_get_their_gradient(remat):
+@pytest.mark.parametrize("kind,remat", [("1f1b", False), ("1f1b", True), ("1f1b-paired", False)])
+def test_loss_head_parameters_get_their_gradient(kind, remat):
     """An output layer inside the loss (an LM's head) is trained through the pipeline."""
     S, M = 2, 4
     rng = np.random.default_rng(4)
@@ -151,7 +165,7 @@ def test_loss_head_parameters_get_their_gradient(remat):
         return 0.5 * jnp.sum((h @ hd["v"] - y) ** 2)
 
     mesh = make_mesh(MeshConfig(data=2, stage=S, model=2))
-    r = jax.jit(lambda p, hd, x, y: pipeline_value_and_grad(block, head_loss, p, x, y, build("1f1b", S, M),
+    r = jax.jit(lambda p, hd, x, y: pipeline_value_and_grad(block, head_loss, p, x, y, build(kind, S, M),
                                                              mesh, head=hd, remat=remat))(params, head, xs, ys)
 
     def total(p, hd):
@@ -190,7 +204,8 @@ def test_differentiable_gpipe_forward_equals_sequential():
     np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_ref), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind,remat", [("1f1b", False), ("gpipe", False), ("1f1b", True)])
+@pytest.mark.parametrize("kind,remat", [("1f1b", False), ("gpipe", False), ("1f1b", True), ("1f1b-paired", False),
+                                         ("1f1b-paired", True)])
 def test_pipelined_loss_is_differentiable_in_all_inputs(kind, remat):
     """`pipelined_loss`: the schedule computes every gradient, JAX sees an ordinary scalar
     loss of (params, head, xs, ys) -- what lets a staged tower sit inside a CTR model with

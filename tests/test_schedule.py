@@ -6,43 +6,50 @@ import pytest
 from jaxps.parallel.schedule import build
 
 CASES = [("gpipe", s, m, 1) for s, m in itertools.product((2, 4), (4, 8))] + \
-        [("1f1b", s, m, 1) for s, m in itertools.product((2, 3, 4), (1, 4, 8, 16))] + \
-        [("interleaved", s, m, v) for s, m, v in itertools.product((2, 4), (4, 8), (2, 3))]
+        [(k, s, m, 1) for k, s, m in itertools.product(("1f1b", "1f1b-paired"), (1, 2, 3, 4), (1, 4, 8, 16))] + \
+        [(k, s, m, v) for k, s, m, v in itertools.product(("interleaved", "interleaved-paired"), (2, 4), (4, 8), (2, 3))]
 
 
 @pytest.mark.parametrize("kind,S,M,V", CASES)
 def test_every_op_once_in_dependency_order(kind, S, M, V):
     sched = build(kind, S, M, V)
-    when = {}
+    when = {}  # op -> (tick, position in its cell): a cell's forward runs before its backward
     for t, row in enumerate(sched.table):
-        for s, op in enumerate(row):
-            if op is not None:
+        for s, cell in enumerate(row):
+            assert len(cell) <= 2 and [op.kind for op in cell] in (["F"], ["B"], ["F", "B"], [])
+            if len(cell) == 2:
+                assert "paired" in kind
+            for i, op in enumerate(cell):
                 key = (op.kind, op.microbatch, sched.global_stage(s, op.chunk))
                 assert key not in when, f"{key} runs twice"
-                when[key] = t
+                when[key] = (t, i)
     G = S * V
     assert len(when) == 2 * M * G  # every (microbatch, global stage): one F and one B
     for m in range(M):
         for g in range(G):
-            if g:
-                assert when[("F", m, g - 1)] < when[("F", m, g)]
+            if g:  # a forward needs the previous stage's forward from an earlier tick
+                assert when[("F", m, g - 1)][0] < when[("F", m, g)][0]
+            # a backward needs its own forward: earlier, or first in its cell
             assert when[("F", m, g)] < when[("B", m, g)]
             if g < G - 1:
-                assert when[("B", m, g + 1)] < when[("B", m, g)]
+                assert when[("B", m, g + 1)][0] < when[("B", m, g)][0]
 
 
 @pytest.mark.parametrize("S,M", [(2, 8), (4, 8), (4, 16), (3, 5)])
 def test_1f1b_stash_is_bounded_by_stages_and_gpipe_is_not(S, M):
     assert max(build("1f1b", S, M).max_stash()) <= S
     assert build("gpipe", S, M).max_stash()[0] == M
+    # paired 1F1B: stage s holds 2(S-1-s)+1 (the round trip in synchronous ticks; see schedule.py)
+    assert build("1f1b-paired", S, M).max_stash() == [min(M, 2 * (S - 1 - s) + 1) for s in range(S)]
 
 
-@pytest.mark.parametrize("kind", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("kind", ["gpipe", "1f1b", "1f1b-paired"])
 def test_bubble_equals_theory(kind):
     for S, M in itertools.product((2, 4), (4, 8, 16)):
         sched = build(kind, S, M)
         assert sched.bubble_fraction() == pytest.approx(sched.theory_bubble())
-        assert sched.ticks == 2 * (M + S - 1)
+        # a paired tick carries a forward and a backward: M + 2(S-1) ticks (schedule.py)
+        assert sched.ticks == (M + 2 * (S - 1) if kind == "1f1b-paired" else 2 * (M + S - 1))
 
 
 def test_interleaving_shrinks_the_bubble():
@@ -57,6 +64,8 @@ def test_bad_requests():
         build("interleaved", 4, 6, 2)
     with pytest.raises(ValueError, match="unknown schedule"):
         build("zero-bubble", 2, 2)
+    with pytest.raises(ValueError, match="divisible"):
+        build("interleaved-paired", 4, 6, 2)
 
 
 def test_cli_prints_table_and_draws_png(tmp_path):
@@ -64,26 +73,44 @@ def test_cli_prints_table_and_draws_png(tmp_path):
     out = tmp_path / "s.png"
     assert main(["schedule", "--kind", "1f1b", "--stages", "4", "--microbatches", "8", "--png", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["schedule", "--kind", "1f1b-paired", "--stages", "4", "--microbatches", "8", "--png", str(out)]) == 0
+
+
+def test_render_shows_pairs():
+    text = build("1f1b-paired", 2, 3).render()
+    assert text.splitlines() == ["stage 0:    F0    F1 F2+B0    B1    B2",
+                                 "stage 1:     . F0+B0 F1+B1 F2+B2     ."]
 
 
 @pytest.mark.parametrize("kind,S,M,V", [("gpipe", 4, 16, 1), ("1f1b", 4, 16, 1), ("1f1b", 2, 6, 1),
-                                        ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 3)])
+                                        ("interleaved", 4, 8, 2), ("interleaved", 2, 4, 3),
+                                        ("1f1b-paired", 4, 16, 1), ("1f1b-paired", 2, 6, 1),
+                                        ("interleaved-paired", 4, 8, 2), ("interleaved-paired", 2, 4, 3)])
 def test_buffer_slots_bound_the_pipeline_buffers(kind, S, M, V):
     """The executor sizes its buffers by `buffer_slots` (entry m in slot m % slots): the
     stash (forward to backward) holds at most S entries under 1F1B and all M under GPipe;
     arrivals and gradients are used a tick or two after they arrive in these tables; the
     last stage's own loss gradients (kept from its forward to its backward) are M under
-    GPipe, one under 1F1B (its backward follows its forward at once)."""
+    GPipe, one under 1F1B (its backward follows its forward at once). Paired 1F1B's stash
+    holds 2S-1 (its round trip in ticks), its arrivals (the inputs kept until the backward on
+    stages 1..S-1) 2S-3."""
     sched = build(kind, S, M, V)
     for loss_at_forward in (False, True):
         slots = sched.buffer_slots(loss_at_forward)
-        assert sched.buffer_slots(loss_at_forward, input_until_backward=True).arrivals == slots.stash
-        assert slots.stash <= {"gpipe": M, "1f1b": S, "interleaved": 2 * S * V}[kind]
+        until = sched.buffer_slots(loss_at_forward, input_until_backward=True)
+        if "paired" in kind:  # stage 0 (the widest stash) reads xs, not arrivals
+            assert until.arrivals <= slots.stash and until.stash == slots.stash
+        else:
+            assert until.arrivals == slots.stash
+        if kind == "1f1b-paired":
+            assert slots.stash == min(M, 2 * S - 1) and until.arrivals == min(M, max(2 * S - 3, 1))
+        assert slots.stash <= {"gpipe": M, "1f1b": S, "interleaved": 2 * S * V, "1f1b-paired": 2 * S - 1,
+                               "interleaved-paired": 2 * S * V}[kind]
         assert slots.stash <= max(sched.max_stash())
         assert slots.arrivals <= 2 and slots.grads <= 2
         if kind == "gpipe":
             assert slots.stash == M
-        if kind == "1f1b":
+        if kind in ("1f1b", "1f1b-paired"):
             assert slots.loss_grads == 1
         if kind == "gpipe" and loss_at_forward:
             assert slots.loss_grads == M
@@ -95,7 +122,8 @@ def test_buffer_slots_never_collide():
     overwritten before it is consumed (an independent check of the spans)."""
     for (kind, S, M, V), until_bwd in itertools.product(
             [("gpipe", 4, 16, 1), ("1f1b", 4, 16, 1), ("1f1b", 3, 7, 1), ("interleaved", 4, 8, 2),
-             ("interleaved", 2, 4, 3)], (False, True)):
+             ("interleaved", 2, 4, 3), ("1f1b-paired", 4, 16, 1), ("1f1b-paired", 3, 7, 1),
+             ("interleaved-paired", 4, 8, 2), ("interleaved-paired", 2, 4, 3)], (False, True)):
         sched = build(kind, S, M, V)
         G = S * V
         slots = sched.buffer_slots(True, input_until_backward=until_bwd)
@@ -109,26 +137,31 @@ def test_buffer_slots_never_collide():
         def take(name, g, m):
             assert rings[name].pop((g, m % getattr(slots, name))) == m
 
+        # the executor's order within a tick: (1) each op reads its input and gradient,
+        # (2) a forward writes its stash entry (the last stage: its loss gradient),
+        # (3) a backward reads its stash entry (a pair's forward wrote first),
+        # (4) the tick's sends arrive
         for row in sched.table:
-            for s, op in enumerate(row):
-                if op is None:
-                    continue
-                g = sched.global_stage(s, op.chunk)
-                if op.kind == "F" and g > 0 and not until_bwd:
+            cells = [(s, op, sched.global_stage(s, op.chunk)) for s, cell in enumerate(row) for op in cell]
+            for s, op, g in cells:
+                if g > 0 and (op.kind == "F") != until_bwd:
                     take("arrivals", g, op.microbatch)
-                elif op.kind == "B":
-                    if g > 0 and until_bwd:
-                        take("arrivals", g, op.microbatch)
-                    take("stash", g, op.microbatch)
-                    take("loss_grads" if g == G - 1 else "grads", g, op.microbatch)
-            for s, op in enumerate(row):
-                if op is None:
-                    continue
-                g = sched.global_stage(s, op.chunk)
+                if op.kind == "B" and g < G - 1:
+                    take("grads", g, op.microbatch)
+            for s, op, g in cells:
                 if op.kind == "F":
                     put("stash", g, op.microbatch)
-                    put("arrivals" if g < G - 1 else "loss_grads", g + (g < G - 1), op.microbatch)
-                elif g > 0:
+                    if g == G - 1:
+                        put("loss_grads", g, op.microbatch)
+            for s, op, g in cells:
+                if op.kind == "B":
+                    take("stash", g, op.microbatch)
+                    if g == G - 1:
+                        take("loss_grads", g, op.microbatch)
+            for s, op, g in cells:
+                if op.kind == "F" and g < G - 1:
+                    put("arrivals", g + 1, op.microbatch)
+                elif op.kind == "B" and g > 0:
                     put("grads", g - 1, op.microbatch)
         assert not any(rings.values())
 
@@ -143,3 +176,24 @@ def test_lockstep_bubble(S, M):
         assert sched.lockstep_bubble(1.0) == pytest.approx(sched.bubble_fraction())
     assert gpipe.lockstep_bubble(2.0) == pytest.approx((S - 1) / (M + S - 1))
     assert f1b1.lockstep_bubble(2.0) > f1b1.theory_bubble() + 0.01
+
+
+@pytest.mark.parametrize("kind,V", [("1f1b-paired", 1), ("interleaved-paired", 2), ("interleaved-paired", 3)])
+@pytest.mark.parametrize("S,M", [(2, 4), (2, 8), (4, 8), (4, 16), (3, 6), (8, 32)])
+def test_paired_ticks_make_the_lockstep_bubble_theory(kind, S, M, V):
+    """A paired tick carries a forward and a backward on every stage in the steady state, so
+    no stage waits for a neighbour's costlier op: the lockstep bubble (forward 1, backward
+    2, or any backward cost) equals (S-1)/(V*M+S-1), where the unpaired table's is
+    1.4-3x it."""
+    paired = build(kind, S, M, V)
+    plain = build(kind.removesuffix("-paired"), S, M, V)
+    for b in (1.0, 2.0, 3.0):
+        assert paired.lockstep_bubble(b) == pytest.approx(paired.theory_bubble(), rel=0.03)
+    if M >= 2 * S:
+        assert plain.lockstep_bubble(2.0) > 1.3 * plain.theory_bubble()
+    assert paired.ticks < plain.ticks
+    if kind == "1f1b-paired":
+        assert paired.ticks == M + 2 * (S - 1)
+    else:  # the stash bound is interleaved's (no more live entries than unpaired)
+        assert max(paired.max_stash()) <= max(plain.max_stash())
+        assert paired.buffer_slots(True, True).stash <= plain.buffer_slots(True, True).stash

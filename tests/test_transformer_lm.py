@@ -20,7 +20,8 @@ from jaxps.parallel.schedule import build
 from jaxps.parallel.tensor import spec_for
 
 
-def test_pipelined_tp_lm_equals_plain_model():
+@pytest.mark.parametrize("kind", ["1f1b", "1f1b-paired"])
+def test_pipelined_tp_lm_equals_plain_model(kind):
     cfg = TransformerConfig(vocab=32, seq=8, d_model=16, heads=4, mlp=32, stages=2)
     mesh = make_mesh(MeshConfig(data=2, stage=2, model=2))
     params = init(cfg, 0)
@@ -34,7 +35,7 @@ def test_pipelined_tp_lm_equals_plain_model():
     def pipelined(blocks, head, e):
         x = embed(e, inputs)
         r = pipeline_value_and_grad(f, head_loss, blocks, x.reshape(M, 2, cfg.seq, -1),
-                                    targets.reshape(M, 2, cfg.seq), build("1f1b", 2, M), mesh,
+                                    targets.reshape(M, 2, cfg.seq), build(kind, 2, M), mesh,
                                     input_grads=True, head=head)
         return r
 

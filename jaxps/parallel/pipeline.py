@@ -2,11 +2,16 @@
 interleaved).
 
 Every device of the `stage` axis runs the same program: a `lax.scan` over the table's
-ticks. At tick t, stage s looks up its op in the table and runs it through two
-conditionals (a forward one, a backward one; each device evaluates them on its own),
-then two `ppermute`s move the tick's activations one stage down and its input-gradients
-one stage up (collectives stay outside the per-stage branches; a direction nobody sends
-in at a tick, known from the table, skips its ppermute on every device alike).
+ticks. At tick t, stage s looks up its cell in the table (at most one forward and one
+backward, each with its microbatch and chunk) and runs it through two conditionals (the
+forward one, then the backward one; each device evaluates them on its own), then two
+`ppermute`s move the tick's activations one stage down and its input-gradients one stage
+up (collectives stay outside the per-stage branches; a direction nobody sends in at a
+tick, known from the table, skips its ppermute on every device alike). A paired cell
+(the "-paired" schedules) thus runs a forward and a backward in one tick, so every stage
+does the same work per steady-state tick and nobody waits for a neighbour's costlier op;
+the last stage's backward of the microbatch it just ran forward takes the loss gradient
+straight from that forward.
 
 A forward stashes what its backward needs: by default the stage's `jax.vjp` residuals
 computed from its input (activations, not parameters; `_residual_roles`), so a backward
@@ -21,7 +26,9 @@ slot per tick, in place; a slot a conditional reads is read before it, since XLA
 a whole buffer that a conditional reads and the tick then updates. Measured at M = 4S
 (benchmarks/pipeline.py), 1F1B's compiled temporaries are 0.34 of GPipe's; what is left
 besides the stash is the parameter-gradient accumulator and one tick's working set (a
-few activations), the same under both schedules.
+few activations), the same under both schedules. Paired 1F1B keeps 2S-1 stash entries
+and 2S-3 inputs (its round trip in synchronous ticks, see schedule.py): 0.44 of GPipe's
+at M = 4S, S = 4 (0.24 at 8S).
 
 Interleaved schedules hold V chunks per stage ([s, c] is global stage c*S + s); the
 activations of stage S-1's chunk c wrap to stage 0's chunk c+1 through a ring ppermute.
@@ -41,9 +48,6 @@ from jax.extend.core import Literal
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxps.parallel.schedule import Schedule
-
-IDLE, FWD, BWD = 0, 1, 2
-
 
 def _check_stacked(params: Any, stages: int) -> None:
     """One entry per stage along every leaf's first axis (else a stage would silently run
@@ -69,18 +73,26 @@ def _put_if(buf: jax.Array, index: tuple, cond: jax.Array, value: jax.Array) -> 
     return buf.at[index].set(value, mode="drop")
 
 
-def _table_arrays(sched: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(op kind, microbatch, virtual chunk) per [tick, stage]."""
-    kind = np.zeros((sched.ticks, sched.stages), np.int32)
-    mb = np.zeros((sched.ticks, sched.stages), np.int32)
-    chunk = np.zeros((sched.ticks, sched.stages), np.int32)
-    for t, row in enumerate(sched.table):
-        for s, op in enumerate(row):
-            if op is not None:
-                kind[t, s] = FWD if op.kind == "F" else BWD
-                mb[t, s] = op.microbatch
-                chunk[t, s] = op.chunk
-    return kind, mb, chunk
+class TableArrays(NamedTuple):
+    """The schedule table as [tick, stage] arrays: whether the cell has a forward (backward),
+    and that op's microbatch and virtual chunk (0 where it has none)."""
+    f_on: np.ndarray
+    f_mb: np.ndarray
+    f_chunk: np.ndarray
+    b_on: np.ndarray
+    b_mb: np.ndarray
+    b_chunk: np.ndarray
+
+
+def _table_arrays(sched: Schedule) -> TableArrays:
+    shape = (sched.ticks, sched.stages)
+    a = {k: np.zeros(shape, np.int32) for k in TableArrays._fields}
+    for t, s, op in sched.ops():
+        x = "f" if op.kind == "F" else "b"
+        a[f"{x}_on"][t, s] = 1
+        a[f"{x}_mb"][t, s] = op.microbatch
+        a[f"{x}_chunk"][t, s] = op.chunk
+    return TableArrays(**{k: v.astype(bool) if k.endswith("_on") else v for k, v in a.items()})
 
 
 class PipelineGrads(NamedTuple):
@@ -143,7 +155,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
         raise ValueError(f"expected {M} microbatches, got xs {xs.shape[0]} and ys "
                          f"{[y.shape[0] for y in jax.tree.leaves(ys)]}")
     _check_stacked(params, S)
-    kind_np, mb_np, chunk_np = _table_arrays(sched)
+    tab_np = _table_arrays(sched)
     # Without remat the last global stage evaluates the loss and its gradient at its forward
     # (its residuals do not include its output h) and keeps that gradient until its backward,
     # in its gradient buffer; with remat it recomputes h at its backward.
@@ -157,10 +169,10 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
     def run(p, hp, xs, ys):
         p = jax.tree.map(lambda a: a[0], p)  # this stage's parameters ([V, ...] if virtual)
         s = jax.lax.axis_index("stage")
-        kinds, mbs, chunks = jnp.asarray(kind_np), jnp.asarray(mb_np), jnp.asarray(chunk_np)
+        tab = TableArrays(*map(jnp.asarray, tab_np))
         # ticks on which some stage runs a forward (backward): only then is there anything
         # to shift; the same on every device, so skipping the collective is safe
-        sends_fwd, sends_bwd = jnp.asarray((kind_np == FWD).any(1)), jnp.asarray((kind_np == BWD).any(1))
+        sends_fwd, sends_bwd = jnp.asarray(tab_np.f_on.any(1)), jnp.asarray(tab_np.b_on.any(1))
         x0 = xs[0]
         prev, nxt = (s - 1) % S, (s + 1) % S
 
@@ -203,100 +215,128 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
 
         def tick(carry, t):
             arrived, grads_in, loss_grads, stash, gsum, lsum, dxs, hsum, dys = carry
-            k, m, c = kinds[t, s], mbs[t, s], chunks[t, s]
-            y_m = jax.tree.map(lambda a: a[m], ys)
-            first = (s == 0) & (c == 0)
-            last = (s == S - 1) & (c == V - 1)
-            pc = chunk_params(c)
-            no_y = zeros(y_m) if target_grads else ()
+            # a cell holds up to one forward (microbatch mf, chunk cf) and one backward
+            # (mb, cb), run in that order: a paired tick (see schedule.py)
+            is_f, mf, cf = tab.f_on[t, s], tab.f_mb[t, s], tab.f_chunk[t, s]
+            is_b, mb, cb = tab.b_on[t, s], tab.b_mb[t, s], tab.b_chunk[t, s]
+            first_f, last_f = (s == 0) & (cf == 0), (s == S - 1) & (cf == V - 1)
+            first_b, last_b = (s == 0) & (cb == 0), (s == S - 1) & (cb == V - 1)
+            pf, pb = chunk_params(cf), chunk_params(cb)
+            y_f = jax.tree.map(lambda a: a[mf], ys)
+            y_b = jax.tree.map(lambda a: a[mb], ys)
+            no_y = zeros(y_f) if target_grads else ()
             no_saved = tuple(jnp.zeros(a.shape, a.dtype) for a in saved_shapes)
 
-            # the stage input, read once outside the conditionals (XLA copies a whole buffer
+            # the stage inputs, read once outside the conditionals (XLA copies a whole buffer
             # that a conditional reads and the tick then updates)
-            x_in = jnp.where(first, xs[m], arrived[c, m % KA])
+            if input_until_backward and sched.paired and V == 1:
+                x_f = jnp.where(first_f, xs[mf], arrived[cf, mf % KA])
+                x_b = jnp.where(first_b, xs[mb], arrived[cb, mb % KA])
+            elif input_until_backward and sched.paired:  # both inputs in one gather: two reads
+                # made XLA copy the whole buffer under virtual chunks (+14 activations at
+                # S=4, M=16), one gather costs one activation more than two reads at V = 1
+                ms = jnp.stack([mf, mb])
+                pair = jnp.where(jnp.stack([first_f, first_b]).reshape((2,) + (1,) * x0.ndim), xs[ms],
+                                 arrived[jnp.stack([cf, cb]), ms % KA])
+                x_f, x_b = pair[0], pair[1]
+            else:  # one read: a cell's one op's input (or a pair's forward's: the pullback's
+                # input then comes from the stash)
+                m, c = jnp.where(is_f, mf, mb), jnp.where(is_f, cf, cb)
+                x_f = x_b = jnp.where((s == 0) & (c == 0), xs[m], arrived[c, m % KA])
 
-            def head_grads(h):
-                """Loss and (d head, d h, d y) of the last global stage at microbatch m."""
-                l_m, g = jax.value_and_grad(loss_fn, argnums=argnums)(hp, h, y_m)
+            def head_grads(h, y):
+                """Loss and (d head, d h, d y) of the last global stage at a microbatch."""
+                l_m, g = jax.value_and_grad(loss_fn, argnums=argnums)(hp, h, y)
                 return l_m, g if target_grads else g + ((),)
 
             # Two conditionals, a forward one and a backward one (each skips unless this
-            # tick's op is its kind), rather than one switch over both: a conditional's
-            # outputs are all live while its taken branch runs, so one switch would keep the
-            # forward's stash-entry outputs allocated during every backward.
+            # tick's cell has an op of its kind), rather than one switch over both: a
+            # conditional's outputs are all live while its taken branch runs, so one switch
+            # would keep the forward's stash-entry outputs allocated during every backward.
             def no_fwd(_):
                 return jnp.zeros_like(x0), no_saved, 0.0, zeros(hp), no_y
 
             def fwd(_):
-                h, saved = forward(pc, x_in)
+                h, saved = forward(pf, x_f)
                 return h, saved, 0.0, zeros(hp), no_y
 
+            def fwd_loss(_):  # the last stage's forward; it sends nothing: h is d loss / d h
+                h, saved = forward(pf, x_f)
+                l_m, (g_head, g_h, g_y) = head_grads(h, y_f)
+                return g_h, saved, l_m, g_head, g_y
+
+            evaluates_loss_f = last_f & is_f & loss_at_forward
+            evaluates_loss_b = last_b & is_b & (not loss_at_forward)
+            fwd_branches = (no_fwd, fwd, fwd_loss) if loss_at_forward else (no_fwd, fwd)
+            h, saved, l_f, dh_f, dy_f = jax.lax.switch(
+                jnp.where(is_f, jnp.where(evaluates_loss_f, 2, 1), 0), fwd_branches, None)
+            stash = tuple(_put_if(a, (cf, mf % KS), is_f, v) for a, v in zip(stash, saved))
+            # the last stage's backward of the microbatch whose forward it ran just now (a
+            # pair F(m)+B(m)) takes the loss gradient straight from that forward
+            same_tick = evaluates_loss_f & is_b & last_b & (mb == mf)
+            if own_loss_grads:  # written before the backward reads it, as a stash entry
+                loss_grads = _put_if(loss_grads, (mf % KL,), evaluates_loss_f, h)
+                keep_own = evaluates_loss_f
+            else:  # kept in the gradient ring at the end of the tick, unless used now
+                keep_own = evaluates_loss_f & ~same_tick
+
             def no_bwd(_):
-                return jnp.zeros_like(x0), zeros(pc), 0.0, zeros(hp), no_y
+                return jnp.zeros_like(x0), zeros(pb), 0.0, zeros(hp), no_y
 
             def stashed():
-                return tuple(a[c, m % KS] for a in stash)
+                return tuple(a[cb, mb % KS] for a in stash)
 
             def bwd(_):
-                _, pullback = pullback_of(pc, x_in, stashed())
-                g_h = jnp.where(last, loss_grads[m % KL], grads_in[c, m % KG]) if own_loss_grads \
-                    else grads_in[c, m % KG]
+                _, pullback = pullback_of(pb, x_b, stashed())
+                if own_loss_grads:
+                    g_h = jnp.where(last_b, loss_grads[mb % KL], grads_in[cb, mb % KG])
+                else:
+                    g_h = grads_in[cb, mb % KG]
+                if loss_at_forward and not own_loss_grads and sched.paired:  # (passing h in costs a copy)
+                    g_h = jnp.where(same_tick, h, g_h)
                 dp, dx = pullback(g_h)
                 return dx, dp, 0.0, zeros(hp), no_y
 
-            def fwd_loss(_):  # the last stage's forward; it sends nothing: h is d loss / d h
-                h, saved = forward(pc, x_in)
-                l_m, (g_head, g_h, g_y) = head_grads(h)
-                return g_h, saved, l_m, g_head, g_y
-
             def bwd_loss(_):  # the last stage's backward under remat, recomputing h
-                h, pullback = pullback_of(pc, x_in, stashed())
-                l_m, (g_head, g_h, g_y) = head_grads(h)
+                h, pullback = pullback_of(pb, x_b, stashed())
+                l_m, (g_head, g_h, g_y) = head_grads(h, y_b)
                 dp, dx = pullback(g_h)
                 return dx, dp, l_m, g_head, g_y
 
-            is_f, is_b = k == FWD, k == BWD
-            evaluates_loss = last & (is_f if loss_at_forward else is_b)
-            fwd_branches = (no_fwd, fwd, fwd_loss) if loss_at_forward else (no_fwd, fwd)
             bwd_branches = (no_bwd, bwd) if loss_at_forward else (no_bwd, bwd, bwd_loss)
-            h, saved, l_f, dh_f, dy_f = jax.lax.switch(
-                jnp.where(is_f, jnp.where(evaluates_loss, 2, 1), 0), fwd_branches, None)
-            stash = tuple(_put_if(a, (c, m % KS), is_f, v) for a, v in zip(stash, saved))
-            # the last stage keeps its own d loss / d h for its backward
-            keep_own = evaluates_loss & loss_at_forward
-            if own_loss_grads:
-                loss_grads = _put_if(loss_grads, (m % KL,), keep_own, h)
             dx, dp, l_b, dh_b, dy_b = jax.lax.switch(
-                jnp.where(is_b, jnp.where(evaluates_loss, 2, 1), 0), bwd_branches, None)
+                jnp.where(is_b, jnp.where(evaluates_loss_b, 2, 1), 0), bwd_branches, None)
             l_m = l_f + l_b
             dh = jax.tree.map(jnp.add, dh_f, dh_b)
-            dy = jax.tree.map(jnp.add, dy_f, dy_b)
             hsum = jax.tree.map(jnp.add, hsum, dh)
             if target_grads:  # d loss / d ys[m], where the last global stage evaluates the loss
-                dys = jax.tree.map(lambda d, g: _put_if(d, (m,), evaluates_loss, g), dys, dy)
+                if loss_at_forward:
+                    dys = jax.tree.map(lambda d, g: _put_if(d, (mf,), evaluates_loss_f, g), dys, dy_f)
+                else:
+                    dys = jax.tree.map(lambda d, g: _put_if(d, (mb,), evaluates_loss_b, g), dys, dy_b)
             # what arrives here this tick, for which microbatch and chunk (from the table):
-            # from stage s-1's chunk c (or stage S-1's chunk c-1 when s == 0), and back from
-            # stage s+1's chunk c (or stage 0's chunk c+1 when s == S-1)
+            # from stage s-1's forward of chunk c (or stage S-1's chunk c-1 when s == 0), and
+            # back from stage s+1's backward of chunk c (or stage 0's chunk c+1 when s == S-1)
             h_in = _shift_if(sends_fwd[t], h, up)
             dx_in = _shift_if(sends_bwd[t], dx, down)
-            c_up = chunks[t, prev] + jnp.where(s == 0, 1, 0)
-            c_down = chunks[t, nxt] - jnp.where(s == S - 1, 1, 0)
-            got_act = (kinds[t, prev] == FWD) & ((s > 0) | (c_up < V)) & (S > 1)
-            got_grad = (kinds[t, nxt] == BWD) & ((s < S - 1) | (c_down >= 0)) & (S > 1)
-            arrived = _put_if(arrived, (jnp.clip(c_up, 0, V - 1), mbs[t, prev] % KA), got_act, h_in)
+            c_up = tab.f_chunk[t, prev] + jnp.where(s == 0, 1, 0)
+            c_down = tab.b_chunk[t, nxt] - jnp.where(s == S - 1, 1, 0)
+            got_act = tab.f_on[t, prev] & ((s > 0) | (c_up < V)) & (S > 1)
+            got_grad = tab.b_on[t, nxt] & ((s < S - 1) | (c_down >= 0)) & (S > 1)
+            arrived = _put_if(arrived, (jnp.clip(c_up, 0, V - 1), tab.f_mb[t, prev] % KA), got_act, h_in)
             if loss_at_forward and not own_loss_grads:  # never both at once (see above)
-                grads_in = _put_if(grads_in, (jnp.where(keep_own, c, jnp.clip(c_down, 0, V - 1)),
-                                              jnp.where(keep_own, m, mbs[t, nxt]) % KG),
+                grads_in = _put_if(grads_in, (jnp.where(keep_own, cf, jnp.clip(c_down, 0, V - 1)),
+                                              jnp.where(keep_own, mf, tab.b_mb[t, nxt]) % KG),
                                    keep_own | got_grad, jnp.where(keep_own, h, dx_in))
             else:
-                grads_in = _put_if(grads_in, (jnp.clip(c_down, 0, V - 1), mbs[t, nxt] % KG), got_grad, dx_in)
+                grads_in = _put_if(grads_in, (jnp.clip(c_down, 0, V - 1), tab.b_mb[t, nxt] % KG), got_grad, dx_in)
             if V > 1:
-                gsum = jax.tree.map(lambda g, d: g.at[c].add(d), gsum, dp)
+                gsum = jax.tree.map(lambda g, d: g.at[cb].add(d), gsum, dp)
             else:
                 gsum = jax.tree.map(jnp.add, gsum, dp)
             # the first global stage's input gradient is d loss / d xs[m]
             if input_grads:
-                dxs = _put_if(dxs, (m,), first & is_b, dx)
+                dxs = _put_if(dxs, (mb,), first_b & is_b, dx)
             return (arrived, grads_in, loss_grads, stash, gsum, lsum + l_m, dxs, hsum, dys), None
 
         init = (jnp.zeros((V, KA) + x0.shape, x0.dtype), jnp.zeros((V, KG) + x0.shape, x0.dtype),
@@ -305,7 +345,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                 jax.tree.map(jnp.zeros_like, p), jnp.zeros((), jnp.float32),
                 jnp.zeros_like(xs) if input_grads else jnp.zeros((), xs.dtype),
                 jax.tree.map(jnp.zeros_like, hp), jax.tree.map(jnp.zeros_like, ys) if target_grads else ())
-        (*_, gsum, lsum, dxs, hsum, dys), _ = jax.lax.scan(tick, init, jnp.arange(kind_np.shape[0]))
+        (*_, gsum, lsum, dxs, hsum, dys), _ = jax.lax.scan(tick, init, jnp.arange(sched.ticks))
         hsum = jax.tree.map(lambda g: jax.lax.psum(g, ("stage", "data")), hsum)  # last stage only
         lsum = jax.lax.psum(lsum, ("stage", "data"))          # only the last stage holds loss
         gsum = jax.tree.map(lambda g: jax.lax.psum(g, "data")[None], gsum)

@@ -1,18 +1,45 @@
-"""Pipeline schedules as explicit, inspectable tables: tick x stage -> (microbatch, F/B,
-virtual chunk).
+"""Pipeline schedules as explicit, inspectable tables: tick x stage -> ops, each op a
+(microbatch, F/B, virtual chunk).
 
-A schedule is a program order per stage (which forward/backward each stage runs next);
-`build` replays those orders tick by tick, running an op only once its inputs exist
-(forward of chunk g needs the forward of g-1; backward of g needs backward of g+1 and its
-own forward's activations). The table is therefore valid by construction, and the same
-table is what the SPMD pipeline executes and what `jaxps schedule` draws. Every op takes
-one tick (a forward and a backward cost alike here; with virtual stages a tick is one
-chunk, 1/V of a stage's layers).
+A cell of the table holds the ops a stage runs at that tick: none, one, or a *pair* (one
+forward then one backward, each of its own microbatch and chunk). The SPMD executor runs a
+tick's forward conditional and then its backward conditional on every stage, and ends the
+tick with one ppermute each way, so a pair costs one tick. An op needs its inputs from
+earlier ticks (forward of global stage g needs the forward of g-1, backward of g the
+backward of g+1 and its own forward), except that a backward may follow its own forward in
+the same cell (the forward runs first), which the last global stage uses.
+
+`build` replays per-stage program orders tick by tick, so a table is valid by
+construction, and the same table is what the SPMD pipeline executes and what
+`jaxps schedule` draws.
 
 Kinds: "gpipe" (all forwards, then all backwards), "1f1b" (PipeDream-flush: warm-up
-forwards, then one forward one backward, which bounds the activations a stage keeps to
-the number of stages), "interleaved" (Megatron's interleaved 1F1B over V virtual chunks
-per stage: chunk c of stage s is global stage c*S + s; the bubble shrinks V-fold).
+forwards, then one forward one backward in alternate ticks, which bounds the activations a
+stage keeps to the number of stages), "interleaved" (Megatron's interleaved 1F1B over V
+virtual chunks per stage: chunk c of stage s is global stage c*S + s; the bubble shrinks
+V-fold), and their paired forms "1f1b-paired" and "interleaved-paired", whose steady-state
+ticks carry a forward *and* a backward on every stage.
+
+Why pairs. The executor's ticks are synchronous: a tick lasts as long as its slowest
+stage. In 1F1B's steady state one stage runs a forward (cost ~1) beside a neighbour's
+backward (cost ~2) and waits; `lockstep_bubble` measures that (S=4, M=16: 0.33 against the
+theory 0.16). In a paired tick every stage does the same work (a forward and a backward).
+
+The paired 1F1B, derived. A microbatch's forward moves one stage per tick and its backward
+one stage per tick, and the last stage runs a microbatch's backward in the tick of its
+forward. Stage 0 injects one microbatch per tick (ticks 0..M-1), so F(m, s) runs at tick
+m + s and B(m, s) at tick m + 2(S-1) - s: M + 2(S-1) ticks in all. The first S-1 ticks
+hold forwards only (cost 1: stage 0 runs F while the wave fills), the middle M ticks
+have a pair on some stage (cost 1 + b), the last S-1 backwards only (cost b), so with a
+backward costing b forwards the span is (S-1) + M(1+b) + (S-1)b = (1+b)(M+S-1) against
+a stage's busy (1+b)M: the lockstep bubble is exactly (S-1)/(M+S-1), the theory, for
+every b. The price is memory: stage s holds a microbatch from tick m+s to m+2(S-1)-s,
+i.e. 2(S-1-s)+1 stash entries (2S-1 on stage 0, against S for 1F1B). That is forced:
+with synchronous ticks a round trip from stage 0 to the last stage and back is 2S-1 ticks
+whatever the schedule, so a stage 0 that starts one microbatch per tick has 2S-1 in
+flight; capping its stash at S lets it start only S per 2S-1 ticks (a lockstep bubble
+above 1F1B's). Bounded memory and a theory bubble need asynchronous stages, or a backward
+split into input- and weight-gradient halves (zero-bubble schedules), not this executor.
 """
 from __future__ import annotations
 
@@ -44,7 +71,7 @@ class Schedule:
     stages: int
     microbatches: int
     virtual: int = 1
-    table: list[list[Op | None]] = field(default_factory=list)  # [tick][stage]
+    table: list[list[tuple[Op, ...]]] = field(default_factory=list)  # [tick][stage] -> ops, F first
 
     @property
     def ticks(self) -> int:
@@ -53,10 +80,22 @@ class Schedule:
     def global_stage(self, stage: int, chunk: int) -> int:
         return chunk * self.stages + stage
 
+    def ops(self):
+        """(tick, stage, op) in execution order (within a cell the forward first)."""
+        for t, row in enumerate(self.table):
+            for s, cell in enumerate(row):
+                for op in cell:
+                    yield t, s, op
+
+    @property
+    def paired(self) -> bool:
+        """Whether some cell carries a forward and a backward."""
+        return any(len(cell) > 1 for row in self.table for cell in row)
+
     def bubble_fraction(self) -> float:
-        """Idle cells over all cells of the table."""
-        busy = sum(op is not None for row in self.table for op in row)
-        return 1.0 - busy / (self.ticks * self.stages)
+        """Idle stage-time over all stage-time with a forward and a backward costing alike
+        (`lockstep_bubble(1.0)`); for one op per cell, the idle cells over all cells."""
+        return self.lockstep_bubble(1.0)
 
     def theory_bubble(self) -> float:
         """(S-1)/(V*M + S-1): GPipe and 1F1B with V = 1, the interleaved (circular) form."""
@@ -68,23 +107,22 @@ class Schedule:
         forward costs 1, a backward `backward_cost`): the SPMD executor's ticks are
         synchronous (a ppermute ends each), so a stage's forward beside another's backward
         waits. Equals `theory_bubble` for GPipe (its ticks are all-forward or all-backward);
-        exceeds it for 1F1B and interleaved, whose steady state mixes them."""
+        exceeds it for 1F1B and interleaved, whose steady state mixes them, and equals it again
+        for 1f1b-paired (see the module docstring). A paired cell costs 1 + backward_cost."""
         cost = {"F": 1.0, "B": backward_cost}
-        span = sum(max((cost[op.kind] for op in row if op), default=0.0) for row in self.table)
-        busy = sum(cost[op.kind] for row in self.table for op in row if op)
+        span = sum(max(sum(cost[op.kind] for op in cell) for cell in row) for row in self.table)
+        busy = sum(cost[op.kind] for _, _, op in self.ops())
         return 1.0 - busy / (span * self.stages)
 
     def max_stash(self) -> list[int]:
         """Per stage, the most microbatch-chunks whose forward ran and backward did not:
-        the activations that stage must hold at once."""
+        the activations that stage must hold at once (a paired cell's forward stashes
+        before its backward frees)."""
         live = [0] * self.stages
         peak = [0] * self.stages
-        for row in self.table:
-            for s, op in enumerate(row):
-                if op is None:
-                    continue
-                live[s] += 1 if op.kind == "F" else -1
-                peak[s] = max(peak[s], live[s])
+        for _, s, op in self.ops():
+            live[s] += 1 if op.kind == "F" else -1
+            peak[s] = max(peak[s], live[s])
         return peak
 
     def buffer_slots(self, loss_at_forward: bool = False, input_until_backward: bool = False) -> BufferSlots:
@@ -106,46 +144,64 @@ class Schedule:
         def add(buf: int, g: int, m: int) -> None:
             live[buf].setdefault((g % S, g // S), set()).add(m)
 
-        for row in self.table:
-            for s, op in enumerate(row):  # this tick's ops consume their entries...
-                if op is None:
-                    continue
-                key = (s, op.chunk)
-                if op.kind == "F":
-                    consumed = () if input_until_backward else (ARR,)
-                else:
-                    consumed = (GRAD, STASH, LOSS) + ((ARR,) if input_until_backward else ())
-                for buf in consumed:
-                    live[buf].get(key, set()).discard(op.microbatch)
-            for s, op in enumerate(row):  # ...then what this tick made is there
-                if op is None:
-                    continue
-                g = self.global_stage(s, op.chunk)
-                if op.kind == "F":
-                    add(STASH, g, op.microbatch)
-                    if g < G - 1:
-                        add(ARR, g + 1, op.microbatch)
-                    elif loss_at_forward:
-                        add(LOSS, g, op.microbatch)
-                elif g > 0:
-                    add(GRAD, g - 1, op.microbatch)
+        def drop(bufs: tuple, s: int, op: Op) -> None:
+            for buf in bufs:
+                live[buf].get((s, op.chunk), set()).discard(op.microbatch)
+
+        def measure() -> None:
             for i, bufs in enumerate(live):
                 for ms in bufs.values():
                     if ms:
                         widest[i] = max(widest[i], max(ms) - min(ms) + 1)
+
+        # In the executor's order within a tick: (1) every op reads its arrival and
+        # gradient; (2) the forward writes its stash entry (and the last stage its loss
+        # gradient); (3) the backward reads the stash, so a pair's forward entry and
+        # backward entry are live at once; (4) what the tick sent arrives.
+        for row in self.table:
+            for s, cell in enumerate(row):
+                for op in cell:
+                    if op.kind == "F":
+                        drop(() if input_until_backward else (ARR,), s, op)
+                    else:
+                        drop((GRAD,) + ((ARR,) if input_until_backward else ()), s, op)
+            for s, cell in enumerate(row):
+                for op in cell:
+                    g = self.global_stage(s, op.chunk)
+                    if op.kind == "F":
+                        add(STASH, g, op.microbatch)
+                        if g == G - 1 and loss_at_forward:
+                            add(LOSS, g, op.microbatch)
+            measure()
+            for s, cell in enumerate(row):
+                for op in cell:
+                    if op.kind == "B":
+                        drop((STASH, LOSS), s, op)
+            for s, cell in enumerate(row):
+                for op in cell:
+                    g = self.global_stage(s, op.chunk)
+                    if op.kind == "F" and g < G - 1:
+                        add(ARR, g + 1, op.microbatch)
+                    elif op.kind == "B" and g > 0:
+                        add(GRAD, g - 1, op.microbatch)
+            measure()
         return BufferSlots(*widest)
 
     def render(self) -> str:
-        """The table as text: one line per stage, one column per tick."""
-        width = max((len(str(op)) for row in self.table for op in row if op), default=1)
+        """The table as text: one line per stage, one column per tick (a pair as F3+B1)."""
+        def text(cell: tuple[Op, ...]) -> str:
+            return "+".join(map(str, cell)) if cell else "."
+
+        width = max((len(text(cell)) for row in self.table for cell in row), default=1)
         lines = []
         for s in range(self.stages):
-            cells = [(str(row[s]) if row[s] else ".").rjust(width) for row in self.table]
+            cells = [text(row[s]).rjust(width) for row in self.table]
             lines.append(f"stage {s}: " + " ".join(cells))
         return "\n".join(lines)
 
 
 def _orders(kind: str, stages: int, microbatches: int, virtual: int) -> list[list[Op]]:
+    """Each stage's program order of ops."""
     S, M, V = stages, microbatches, virtual
     if kind == "gpipe":
         if V != 1:
@@ -183,40 +239,88 @@ def _orders(kind: str, stages: int, microbatches: int, virtual: int) -> list[lis
             order += [bwd(k) for k in range(total - warm, total)]
             orders.append(order)
         return orders
-    raise ValueError(f"unknown schedule {kind!r}; choose gpipe, 1f1b or interleaved")
+    raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+PAIRED = {"1f1b-paired": "1f1b", "interleaved-paired": "interleaved"}
+KINDS = ("gpipe", "1f1b", "interleaved") + tuple(PAIRED)
+
+
+def _ready(op: Op, g: int, G: int, done: set, cell: tuple[Op, ...] = ()) -> bool:
+    """op's inputs exist: from earlier ticks, or (a backward) its own forward earlier in
+    the same cell."""
+    if op.kind == "F":
+        return g == 0 or ("F", op.microbatch, g - 1) in done
+    own = ("F", op.microbatch, g) in done or Op(op.microbatch, "F", op.chunk) in cell
+    return own and (g == G - 1 or ("B", op.microbatch, g + 1) in done)
+
+
+def _replay(sched: Schedule, orders: list[list[Op]]) -> None:
+    """One op per cell: each stage runs its next op as soon as it is ready."""
+    S, G = sched.stages, sched.stages * sched.virtual
+    done: set[tuple[str, int, int]] = set()  # (kind, microbatch, global stage) finished
+    nxt = [0] * S
+    remaining = sum(len(o) for o in orders)
+    while remaining:
+        row: list[tuple[Op, ...]] = [()] * S
+        for s in range(S):
+            if nxt[s] < len(orders[s]):
+                op = orders[s][nxt[s]]
+                if _ready(op, sched.global_stage(s, op.chunk), G, done):
+                    row[s] = (op,)
+        if not any(row):
+            raise RuntimeError(f"{sched.kind} schedule deadlocks at tick {len(sched.table)}")
+        for s, cell in enumerate(row):
+            for op in cell:
+                done.add((op.kind, op.microbatch, sched.global_stage(s, op.chunk)))
+                nxt[s] += 1
+                remaining -= 1
+        sched.table.append(row)
+
+
+def _replay_paired(sched: Schedule, orders: list[list[Op]]) -> None:
+    """Up to a forward and a backward per cell: each stage keeps its program's order of
+    forwards and its order of backwards, and at every tick runs the next forward if ready,
+    then the next backward if ready (its own forward may be the one just run). With 1F1B's
+    orders this is the derivation in the module docstring: F(m, s) at tick m + s, B(m, s) at
+    m + 2(S-1) - s."""
+    S, G = sched.stages, sched.stages * sched.virtual
+    fq = [[op for op in o if op.kind == "F"] for o in orders]
+    bq = [[op for op in o if op.kind == "B"] for o in orders]
+    done: set[tuple[str, int, int]] = set()
+    nf, nb = [0] * S, [0] * S
+    while any(nb[s] < len(bq[s]) for s in range(S)):
+        row: list[tuple[Op, ...]] = []
+        for s in range(S):
+            cell: tuple[Op, ...] = ()
+            if nf[s] < len(fq[s]):
+                op = fq[s][nf[s]]
+                if _ready(op, sched.global_stage(s, op.chunk), G, done):
+                    cell = (op,)
+            if nb[s] < len(bq[s]):
+                op = bq[s][nb[s]]
+                if _ready(op, sched.global_stage(s, op.chunk), G, done, cell):
+                    cell += (op,)
+            row.append(cell)
+        if not any(row):
+            raise RuntimeError(f"{sched.kind} schedule deadlocks at tick {len(sched.table)}")
+        for s, cell in enumerate(row):
+            for op in cell:
+                done.add((op.kind, op.microbatch, sched.global_stage(s, op.chunk)))
+                if op.kind == "F":
+                    nf[s] += 1
+                else:
+                    nb[s] += 1
+        sched.table.append(row)
 
 
 def build(kind: str, stages: int, microbatches: int, virtual: int = 1) -> Schedule:
     """Replay the per-stage orders tick by tick into a table (see the module docstring)."""
     if stages < 1 or microbatches < 1 or virtual < 1:
         raise ValueError("stages, microbatches and virtual must be >= 1")
-    orders = _orders(kind, stages, microbatches, virtual)
+    orders = _orders(PAIRED.get(kind, kind), stages, microbatches, virtual)
     sched = Schedule(kind, stages, microbatches, virtual)
-    G = stages * virtual
-    done: set[tuple[str, int, int]] = set()  # (kind, microbatch, global stage) finished
-    nxt = [0] * stages
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        row: list[Op | None] = [None] * stages
-        for s in range(stages):
-            if nxt[s] == len(orders[s]):
-                continue
-            op = orders[s][nxt[s]]
-            g = sched.global_stage(s, op.chunk)
-            if op.kind == "F":
-                ready = g == 0 or ("F", op.microbatch, g - 1) in done
-            else:
-                ready = ("F", op.microbatch, g) in done and (g == G - 1 or ("B", op.microbatch, g + 1) in done)
-            if ready:
-                row[s] = op
-        if not any(row):
-            raise RuntimeError(f"{kind} schedule deadlocks at tick {len(sched.table)}")
-        for s, op in enumerate(row):
-            if op is not None:
-                done.add((op.kind, op.microbatch, sched.global_stage(s, op.chunk)))
-                nxt[s] += 1
-                remaining -= 1
-        sched.table.append(row)
+    (_replay_paired if kind in PAIRED else _replay)(sched, orders)
     return sched
 
 
@@ -231,21 +335,23 @@ def draw(sched: Schedule, path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, sched.ticks * 0.35), 0.6 * sched.stages + 1.2))
     fwd = plt.get_cmap("Blues")
     bwd = plt.get_cmap("Oranges")
-    for t, row in enumerate(sched.table):
-        for s, op in enumerate(row):
-            if op is None:
-                continue
-            shade = 0.45 + 0.4 * (op.chunk / max(sched.virtual - 1, 1))
-            ax.add_patch(plt.Rectangle((t, sched.stages - 1 - s), 1, 1,
-                                       color=(fwd if op.kind == "F" else bwd)(shade), ec="white"))
-            ax.text(t + 0.5, sched.stages - 0.5 - s, str(op.microbatch), ha="center", va="center", fontsize=7)
+    for t, s, op in sched.ops():
+        cell = sched.table[t][s]
+        w = 1.0 / len(cell)  # a paired cell: forward left half, backward right half
+        x = t + w * cell.index(op)
+        shade = 0.45 + 0.4 * (op.chunk / max(sched.virtual - 1, 1))
+        ax.add_patch(plt.Rectangle((x, sched.stages - 1 - s), w, 1,
+                                   color=(fwd if op.kind == "F" else bwd)(shade), ec="white"))
+        ax.text(x + w / 2, sched.stages - 0.5 - s, str(op.microbatch), ha="center", va="center",
+                fontsize=7 if len(cell) == 1 else 6)
     ax.set_xlim(0, sched.ticks)
     ax.set_ylim(0, sched.stages)
     ax.set_yticks([sched.stages - 0.5 - s for s in range(sched.stages)],
                   [f"stage {s}" for s in range(sched.stages)])
     ax.set_xlabel("tick (blue: forward, orange: backward; darker: later virtual chunk)")
     ax.set_title(f"{sched.kind}: S={sched.stages} M={sched.microbatches} V={sched.virtual}  "
-                 f"bubble {sched.bubble_fraction():.3f} (theory {sched.theory_bubble():.3f})")
+                 f"bubble {sched.bubble_fraction():.3f}\nlockstep (backward = 2 forwards) {sched.lockstep_bubble(2.0):.3f} "
+                 f"(theory {sched.theory_bubble():.3f})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
