@@ -146,13 +146,14 @@ class _Timed:
 
 
 def run(sync: str, straggler: Straggler, data, test, tmp: str, interval: float,
-        lr_scale: float = 1.0, strict: bool = True) -> dict:
+        lr_scale: float = 1.0, strict: bool = True, bsp_lr_scale: float = 1.0) -> dict:
     """One training run of the four groups; returns its logloss curve and where the time went.
 
     Device time is simulated after the step's pull returned (on the training thread, just
     before the step is dispatched), as on an accelerator: read the parameters, compute,
-    push. lr_scale multiplies SSP/ASP's learning rates (BSP keeps them)."""
-    scale = 1.0 if sync == "bsp" else lr_scale
+    push. lr_scale multiplies SSP/ASP's learning rates, bsp_lr_scale BSP's (a baseline
+    tuned on its own: BSP applies one summed update per step where SSP/ASP apply G)."""
+    scale = bsp_lr_scale if sync == "bsp" else lr_scale
     ps = embedded([], servers=2)
     trainers = [Trainer(_model(scale), make_mesh(MeshConfig(), jax.devices()[2 * g:2 * g + 2]),
                         _config(os.path.join(tmp, sync), scale, strict), ps=PSClient(ps.ring, ps.transports, []),
@@ -261,6 +262,7 @@ def main() -> None:
     p.add_argument("--scenarios", default="rotating,rotating_steps,persistent,none",
                    help="comma list of rotating, rotating_steps, persistent, none")
     p.add_argument("--lr-scale", type=float, default=1.0, help="SSP/ASP learning rates x this (BSP keeps its)")
+    p.add_argument("--bsp-lr-scale", type=float, default=1.0, help="BSP's learning rates x this (tune the baseline)")
     p.add_argument("--no-strict", action="store_true",
                    help="train.ps_strict=false: SSP/ASP groups do not read their own writes")
     p.add_argument("--plot", action="store_true", help="write ssp_straggler.png (matplotlib)")
@@ -289,10 +291,11 @@ def main() -> None:
     result = {"benchmark": "ssp_straggler", "groups": GROUPS, "slowdown": SLOWDOWN, "steps_per_group": steps,
               "batch": args.batch, "burst": args.burst, "step_seconds_alone": step_seconds,
               "device_seconds": device_seconds, "initial_logloss": initial, "lr_scale": args.lr_scale,
+              "bsp_lr_scale": args.bsp_lr_scale,
               "strict": not args.no_strict, "quick": args.quick, "machine": machine_info(), "scenarios": {}}
     for scenario in args.scenarios.split(","):
         runs = {name: run(sync, Straggler(scenario, steps, args.burst, device_seconds), data, test, tmp,
-                          interval, args.lr_scale, not args.no_strict)
+                          interval, args.lr_scale, not args.no_strict, args.bsp_lr_scale)
                 for name, sync in STALENESS.items()}
         target = initial - 0.9 * (initial - runs["bsp"]["final_logloss"])
         reached = {name: to_target(r["curve"], target) for name, r in runs.items()}
