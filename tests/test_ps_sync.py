@@ -218,3 +218,30 @@ def test_ssp_and_asp_apply_each_push_at_bsp_scale(sync):
                 acc += g.astype(np.float64) ** 2
                 w -= 0.1 * g / (np.sqrt(acc) + 1e-7)
             np.testing.assert_allclose(rows[str(sync)], w, rtol=1e-5)
+
+
+_STUCK_PULL = """
+import threading, time
+import numpy as np
+from jaxps.optim import rowwise
+from jaxps.ps.client import embedded
+from jaxps.ps.clock import Sync
+from jaxps.ps.server import TableSpec
+client = embedded([TableSpec("t", 2, rowwise.SGD(learning_rate=0.1), kind="hashed", rows=4096)], servers=3)
+for g in range(2):
+    client.clock(g, 0, 2, Sync(0))
+keys = np.arange(4096, dtype=np.uint64)  # rows on every server: the pull fans out to pool threads
+threading.Thread(target=client.pull, args=("t", keys, 0, 1), daemon=True).start()  # waits for group 1
+time.sleep(0.5)
+print("exiting", flush=True)
+"""
+
+
+def test_a_pull_waiting_at_the_clock_gate_does_not_hold_up_interpreter_exit():
+    """Group 1 never comes, so group 0's pull at clock 1 waits at the gate (up to the servers'
+    600 s timeout); the process must still exit at once when its main thread ends."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", _STUCK_PULL], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "exiting" in proc.stdout

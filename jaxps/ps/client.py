@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import queue
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Mapping, Protocol, Sequence
@@ -102,7 +104,51 @@ class InProcessTransport:
 RingView = tuple[Ring, Mapping[str, Transport]]
 
 
-def _start_all(pool: ThreadPoolExecutor, calls: Sequence[Callable[[], object]]) -> list[Future]:
+class DaemonPool:
+    """`submit` as ThreadPoolExecutor's, on daemon threads. A worker group's pull may wait
+    at the servers' clock gate for groups that never come (a dead or finished job);
+    ThreadPoolExecutor joins its threads at interpreter exit, so such a pull would hold the
+    process up for the gate's whole timeout (600 s). Abandoning a waiting read is safe."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._max, self._prefix = max_workers, thread_name_prefix
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable, *args, **kwargs) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args, kwargs))
+        with self._lock:  # threads start on demand, up to max_workers, and stay
+            if len(self._threads) < self._max:
+                t = threading.Thread(target=self._work, name=f"{self._prefix}_{len(self._threads)}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        return future
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - the caller's .result() raises it
+                future.set_exception(e)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the threads once queued calls ran; `wait`: join those not stuck at a gate
+        (each join is bounded: a thread waiting at a clock gate is left to exit with the process)."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for _ in threads:
+            self._queue.put(None)
+        if wait:
+            for t in threads:
+                t.join(timeout=1.0)
+
+
+def _start_all(pool: "ThreadPoolExecutor | DaemonPool", calls: Sequence[Callable[[], object]]) -> list[Future]:
     """Start `calls` in parallel, all but the last on `pool` and the last in this thread:
     a request to one server never waits for a pool thread to wake (with other processes
     on the cores a hand-off measured 2-5 ms per request, ~30 ns per key of a 100k-key pull)."""
@@ -148,7 +194,7 @@ class PSClient:
         # ungated pulls (strict repairs, evaluation), which never queue behind a waiting pull.
         n = 16 if ring_source is not None else max(1, len(ring.servers))
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="jaxps-ps-pull")
-        self._gated_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="jaxps-ps-gated-pull")
+        self._gated_pool = DaemonPool(max_workers=n, thread_name_prefix="jaxps-ps-gated-pull")
         self._push_pool = ThreadPoolExecutor(max_workers=n * (replicas + 1), thread_name_prefix="jaxps-ps-push")
 
     def _with_retries(self, what: str, call):
