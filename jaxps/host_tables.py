@@ -34,7 +34,7 @@ from jaxps.dense_table import DENSE_TABLE, DenseTable
 from jaxps.hashing import mix64
 from jaxps.groups import WorkerGroup
 from jaxps.memory import aligned_empty
-from jaxps.ps.client import PSClient, embedded
+from jaxps.ps.client import DaemonPool, PSClient, embedded
 from jaxps.ps.clock import DONE
 from jaxps.ps.keyindex import dedup
 from jaxps.ps.server import SYNC_STATS, TableSpec
@@ -108,7 +108,10 @@ class HostTables:
         self.capacity = {t.name: t.capacity for t in tables}
         self.strict, self.max_inflight_pushes = strict, max_inflight_pushes
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxps-push")  # in order
-        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxps-snapshot")
+        # daemon: an SSP/ASP cut waits at the servers for every group, and a dead group's
+        # never comes; that wait must not hold up the process's exit (a finished job waits
+        # for its checkpoints itself, in Trainer.fit)
+        self._copier = DaemonPool(max_workers=1, thread_name_prefix="jaxps-snapshot")
         self._inflight: deque[Future] = deque()
         self._issued = 0                                   # pushes issued so far
         self._applied = 0                                  # pushes applied so far (they run in order)
