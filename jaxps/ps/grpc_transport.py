@@ -217,9 +217,7 @@ class PSServicer:
                 rows = self.server.export(msg.table, int(ticket))
             else:
                 rows = self.server.export(msg.table) if at is None else self.server.export_cut(msg.table, int(at))
-            names = sorted(rows, key=lambda k: (k != "keys", k != "values", k))
-            reply = wire.encode(wire.Message(wire.EXPORT_REPLY, msg.table, meta=wire.json_meta({"fields": names}),
-                                             arrays=tuple(rows[k] for k in names)))
+            reply = wire.encode(wire.named(wire.EXPORT_REPLY, rows, msg.table))
         except Exception as e:  # noqa: BLE001
             self._fail(context, "export", e)
         yield from wire.chunks(reply, self.chunk_bytes)
@@ -227,17 +225,13 @@ class PSServicer:
     def _load(self, pieces, context):
         try:
             msg = self._receive(pieces, wire.LOAD)
-            meta = msg.json()
-            names = meta.get("fields") if isinstance(meta, dict) else None
-            if (not isinstance(names, list) or len(names) != len(msg.arrays) or "keys" not in names
-                    or not all(isinstance(n, str) for n in names)):
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
-                              'malformed request: a load carries meta {"fields": [names of its arrays]}')
-            rows = dict(zip(names, msg.arrays))
+            rows = wire.fields(msg)
+            if "keys" not in rows:
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "malformed request: a load without keys")
             n = rows["keys"].shape[0]
             if any(a.shape[:1] != (n,) for a in rows.values()):
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "malformed request: arrays of unequal length")
-            self.server.load(msg.table, rows, bool(meta.get("only_missing", False)))
+            self.server.load(msg.table, rows, bool(msg.json().get("only_missing", False)))
             return wire.encode(wire.Message(wire.LOAD_REPLY, arrays=(np.array(True),)))
         except Exception as e:  # noqa: BLE001
             self._fail(context, "load", e)
@@ -277,10 +271,7 @@ class PSServicer:
             parts = msg.json().get("partitions")
             if not isinstance(parts, list) or not all(isinstance(p, int) for p in parts):
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, 'malformed request: meta {"partitions": [int]}')
-            data = self.server.export_partitions(parts)
-            names = sorted(data)
-            reply = wire.encode(wire.Message(wire.EXPORT_REPLY, meta=wire.json_meta({"fields": names}),
-                                             arrays=tuple(data[k] for k in names)))
+            reply = wire.encode(wire.named(wire.EXPORT_REPLY, self.server.export_partitions(parts)))
         except Exception as e:  # noqa: BLE001
             self._fail(context, "export-parts", e)
         yield from wire.chunks(reply, self.chunk_bytes)
@@ -288,10 +279,7 @@ class PSServicer:
     def _load_parts(self, pieces, context):
         try:
             msg = self._receive(pieces, wire.LOAD)
-            names = msg.json().get("fields")
-            if not isinstance(names, list) or len(names) != len(msg.arrays):
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, 'malformed request: meta {"fields": [names]}')
-            n = self.server.load_partitions(dict(zip(names, msg.arrays)))
+            n = self.server.load_partitions(wire.fields(msg))
             return wire.encode(wire.Message(wire.LOAD_REPLY, arrays=(np.array(n, np.int64),)))
         except Exception as e:  # noqa: BLE001
             self._fail(context, "load-parts", e)
@@ -441,25 +429,23 @@ class GrpcTransport:
         data = wire.encode(wire.Message(wire.EXPORT, table, token=self.token,
                                         meta=wire.json_meta(meta) if meta else b""))
         buf = self._call("export", lambda: bytearray().join(self._export(data, timeout=self.timeout * 10)))
-        reply = self._reply("export", buf, wire.EXPORT_REPLY)
+        return self._fields("export", self._reply("export", buf, wire.EXPORT_REPLY))
+
+    def _fields(self, method: str, reply: wire.Message) -> dict[str, np.ndarray]:
+        """A reply's named arrays; a reply that does not name them is lost data."""
         try:
-            names = reply.json()["fields"]
-        except (wire.WireError, KeyError, TypeError) as e:
-            raise PSRPCError(self.address, "export", grpc.StatusCode.DATA_LOSS, f"malformed reply: {e}") from None
-        if len(names) != len(reply.arrays):
-            raise PSRPCError(self.address, "export", grpc.StatusCode.DATA_LOSS, "field names do not match arrays")
-        return dict(zip(names, reply.arrays))
+            return wire.fields(reply)
+        except wire.WireError as e:
+            raise PSRPCError(self.address, method, grpc.StatusCode.DATA_LOSS, f"malformed reply: {e}") from None
 
     def load(self, table: str, rows: dict[str, np.ndarray], only_missing: bool = False) -> None:
         """Store snapshot rows on this server, in requests of about LOAD_BATCH_BYTES."""
-        names = sorted(rows, key=lambda k: (k != "keys", k != "values", k))
         n = int(rows["keys"].shape[0])
-        row_bytes = max(1, sum(rows[k][:1].nbytes for k in names))
+        row_bytes = max(1, sum(a[:1].nbytes for a in rows.values()))
         step = max(1, LOAD_BATCH_BYTES // row_bytes)
-        meta = wire.json_meta({"fields": names, "only_missing": bool(only_missing)})
         for lo in range(0, max(n, 1), step):
-            data = wire.encode(wire.Message(wire.LOAD, table, token=self.token, meta=meta,
-                                            arrays=tuple(np.ascontiguousarray(rows[k][lo:lo + step]) for k in names)))
+            data = wire.encode(wire.named(wire.LOAD, {k: a[lo:lo + step] for k, a in rows.items()}, table,
+                                          self.token, only_missing=bool(only_missing)))
             self._reply("load", self._call("load", lambda: self._load(wire.chunks(data, self.chunk_bytes),
                                                                        timeout=self.timeout * 10)),
                         wire.LOAD_REPLY)
@@ -504,13 +490,10 @@ class GrpcTransport:
         data = wire.encode(wire.Message(wire.EXPORT, token=self.token,
                                         meta=wire.json_meta({"partitions": [int(p) for p in parts]})))
         buf = self._call("export-parts", lambda: bytearray().join(self._export_parts(data, timeout=self.timeout * 10)))
-        reply = self._reply("export-parts", buf, wire.EXPORT_REPLY)
-        return dict(zip(reply.json()["fields"], reply.arrays))
+        return self._fields("export-parts", self._reply("export-parts", buf, wire.EXPORT_REPLY))
 
     def load_partitions(self, data: dict[str, np.ndarray]) -> int:
-        names = sorted(data)
-        msg = wire.encode(wire.Message(wire.LOAD, token=self.token, meta=wire.json_meta({"fields": names}),
-                                       arrays=tuple(np.ascontiguousarray(data[k]) for k in names)))
+        msg = wire.encode(wire.named(wire.LOAD, data, token=self.token))
         reply = self._reply("load-parts", self._call("load-parts", lambda: self._load_parts(
             wire.chunks(msg, self.chunk_bytes), timeout=self.timeout * 10)), wire.LOAD_REPLY)
         return int(reply.arrays[0].reshape(()))

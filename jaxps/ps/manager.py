@@ -288,10 +288,10 @@ def main(argv=None) -> int:
     asks a running manager to add or retire a server while training runs."""
     import argparse
     import os
-    import signal
     import sys
 
     from jaxps.ps.grpc_transport import GrpcTransport
+    from jaxps.ps.serve import serve_until_signalled
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["join"], ["leave"]):
@@ -332,12 +332,7 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"jaxps ps-manager: {e}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"jaxps ps-manager listening on {args.host}:{port}", flush=True)
-    while not stop.wait(1.0):
-        pass
+    serve_until_signalled(f"jaxps ps-manager listening on {args.host}:{port}")
     manager.stop()
     srv.stop(1).wait()
     return 0

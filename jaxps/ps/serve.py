@@ -34,6 +34,17 @@ from jaxps.ps.server import PSServer, TableSpec
 _FIELDS = {"name", "dim", "kind", "rows", "init_scale", "seed", "optimizer"}
 
 
+def serve_until_signalled(ready_line: str) -> None:
+    """Print `ready_line` (launchers read the address from it) and block until SIGTERM or
+    SIGINT: the main loop of a PS-side process (server, manager)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(ready_line, flush=True)
+    while not stop.wait(1.0):
+        pass
+
+
 def serve(name: str, ring: Ring, tables: Sequence[TableSpec], host: str = "127.0.0.1", port: int = 0,
           token: str | bytes | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
           max_workers: int = 16, replicas: int = 0) -> tuple[grpc.Server, int]:
@@ -98,12 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxps ps-server: {e}", file=sys.stderr)
         return 2
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"jaxps ps-server {args.name} listening on {args.host}:{port}", flush=True)
-    while not stop.wait(1.0):
-        pass
+    serve_until_signalled(f"jaxps ps-server {args.name} listening on {args.host}:{port}")
     srv.stop(args.grace).wait()
     print(f"jaxps ps-server {args.name} stopped", flush=True)
     return 0

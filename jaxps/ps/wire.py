@@ -241,8 +241,25 @@ def json_meta(obj) -> bytes:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
+def named(kind: int, arrays: dict[str, np.ndarray], table: str = "", token: bytes = b"", **meta) -> Message:
+    """A message carrying named arrays (snapshots, partition copies): the names travel in
+    meta "fields", keys and values first, the rest by name; `meta` rides along."""
+    names = sorted(arrays, key=lambda k: (k != "keys", k != "values", k))
+    return Message(kind, table, token=token, meta=json_meta(dict(meta, fields=names)),
+                   arrays=tuple(np.ascontiguousarray(arrays[k]) for k in names))
+
+
+def fields(msg: Message) -> dict[str, np.ndarray]:
+    """The named arrays of a `named` message (WireError when names and arrays disagree)."""
+    meta = msg.json()
+    names = meta.get("fields") if isinstance(meta, dict) else None
+    if not isinstance(names, list) or len(names) != len(msg.arrays) or not all(isinstance(n, str) for n in names):
+        raise WireError('meta {"fields": [names]} must name each array of the message')
+    return dict(zip(names, msg.arrays))
+
+
 __all__ = ["MAGIC", "VERSION", "DTYPES", "KINDS", "PULL", "PULL_REPLY", "PUSH", "PUSH_REPLY", "STATS",
            "CREATE", "CREATE_REPLY", "EXPORT", "EXPORT_REPLY", "LOAD", "LOAD_REPLY", "CLOCK", "CLOCK_REPLY", "ADMIN", "ADMIN_REPLY",
-           "STATS_REPLY", "HEADER_BYTES", "Message", "Header", "WireError", "encode", "encode_parts",
+           "STATS_REPLY", "HEADER_BYTES", "Message", "named", "fields", "Header", "WireError", "encode", "encode_parts",
            "decode", "decode_header", "chunks", "json_meta"]
 
