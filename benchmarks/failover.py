@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np  # noqa: E402
 
 from _common import emit, machine_info, parser  # noqa: E402
+from jaxps.launch.local import stop_processes  # noqa: E402
 from jaxps.optim import rowwise  # noqa: E402
 from jaxps.ps.client import PSClient  # noqa: E402
 from jaxps.ps.grpc_transport import GrpcTransport  # noqa: E402
@@ -138,14 +139,7 @@ def main() -> None:
               f"lost {result['lost_updates']}, duplicated {result['duplicate_updates']}", flush=True)
     finally:
         manager.stop()
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs.values(), grace=10)
     emit("failover", result, args.out)
 
 

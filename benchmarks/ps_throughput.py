@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from _common import emit, machine_info, parser  # noqa: E402
 from jaxps.hashing import mix64  # noqa: E402
+from jaxps.launch.local import stop_processes  # noqa: E402
 from jaxps.optim.rowwise import Adagrad  # noqa: E402
 
 
@@ -117,7 +118,6 @@ def run_grpc(n_rows, dim, partitions, keys_all, key_batches, prepop_batch, out_d
     """The same workload on 2 server processes (python -m jaxps.ps.serve) over gRPC on loopback."""
     import json
     import select
-    import signal
     import subprocess
 
     from jaxps.ps.client import PSClient
@@ -159,14 +159,7 @@ def run_grpc(n_rows, dim, partitions, keys_all, key_batches, prepop_batch, out_d
             t.close()
         return res
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(procs, grace=20)
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from jaxps.groups import ENV_GROUP, ENV_NUM_GROUPS, ENV_SYNC
@@ -57,16 +58,20 @@ def _pump(stream, prefix: str, out, lines: "queue.Queue | None" = None) -> None:
         lines.put(None)  # the stream ended: the process is gone
 
 
-def _stop(procs: list[subprocess.Popen], grace: float) -> None:
+def stop_processes(procs: Iterable[subprocess.Popen], grace: float, group: bool = False) -> None:
+    """SIGTERM every running process (with `group`: its whole process group, for ones started
+    in their own session), then SIGKILL what still runs `grace` seconds later."""
+    procs = list(procs)
+    send = (lambda p, sig: os.killpg(p.pid, sig)) if group else (lambda p, sig: p.send_signal(sig))
     for p in procs:
         if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
+            send(p, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for p in procs:
         while p.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
+            send(p, signal.SIGKILL)
             p.wait()
 
 
@@ -170,6 +175,6 @@ def run(command: list[str], job: LocalJob) -> int:
         sys.stderr.write(f"jaxps launch: {e}\n")
         return 1
     finally:
-        _stop(procs + servers, job.grace)
+        stop_processes(procs + servers, job.grace, group=True)
         for t in pumps:
             t.join(timeout=1.0)

@@ -268,8 +268,8 @@ def run(layout: Layout, assignment: Assignment, command: Sequence[str], token: s
             child.terminate()
             return child.wait()
     finally:
-        from jaxps.launch.local import _stop
-        _stop(side, grace=10.0)
+        from jaxps.launch.local import stop_processes
+        stop_processes(side, grace=10.0, group=True)
 
 
 # ------------------------------------------------------------------------------ command line

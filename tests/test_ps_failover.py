@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jaxps.host_tables import table_spec
+from jaxps.launch.local import stop_processes
 from jaxps.mesh import MeshConfig
 from jaxps.models.sparse_lr import SparseLR, SparseLRConfig
 from jaxps.optim import rowwise
@@ -197,7 +198,6 @@ def test_server_processes_join_and_leave_through_the_manager_process(tmp_path):
     fault-free parameters."""
     import os
     import select
-    import signal
     import subprocess
     import sys
 
@@ -255,14 +255,7 @@ def test_server_processes_join_and_leave_through_the_manager_process(tmp_path):
             GrpcTransport(addresses["ps-0"], token=token).push("weights", keys[:4], np.ones((4, 1), np.float32),
                                                                (1, 1), 1, -1, 0)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs, grace=10)
 
 
 def test_restoring_a_snapshot_drops_rows_stored_since(tmp_path):
