@@ -96,7 +96,10 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed rounds (standalone smoke run)")
     args = ap.parse_args()
+    if args.quick:
+        args.warmup, args.reps = 1, 2
     dist.init_process_group("gloo")
     rank, S = dist.get_rank(), dist.get_world_size()
     out: dict[str, object] = {"peer": "torch.distributed.pipelining", "torch": torch.__version__,

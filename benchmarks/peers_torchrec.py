@@ -100,7 +100,10 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--dense-lr", type=float, default=1e-3)
+    ap.add_argument("--quick", action="store_true", help="1 warm-up step and at most 8 timed (standalone smoke run)")
     args = ap.parse_args()
+    if args.quick:
+        args.warmup = 1
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.batch % world:
@@ -112,6 +115,8 @@ def main() -> int:
     for s in range(0, rows.shape[0] - args.batch + 1, args.batch):
         lo, hi = s + rank * local, s + (rank + 1) * local
         batches.append((to_kjt(rows[lo:hi], vals[lo:hi]), torch.from_numpy(labels[lo:hi].astype(np.float32))))
+    if args.quick:
+        batches = batches[:8]
     dmp, opt, placement = build(args, slots)
 
     def step(kjt: KeyedJaggedTensor, y: torch.Tensor) -> None:
