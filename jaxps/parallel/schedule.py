@@ -152,8 +152,9 @@ class Schedule:
         forward stashes before its backward frees)."""
         live = [0] * self.stages
         peak = [0] * self.stages
+        release = self.releases
         for _, s, op in self.ops():
-            live[s] += 1 if op.kind == "F" else -1 if op.kind == self.releases else 0
+            live[s] += 1 if op.kind == "F" else -1 if op.kind == release else 0
             peak[s] = max(peak[s], live[s])
         return peak
 
@@ -170,6 +171,7 @@ class Schedule:
         its backward. In a split schedule "until its backward" means until its W, which
         needs all three (B only reads them)."""
         S, G = self.stages, self.stages * self.virtual
+        release = self.releases  # the op that frees stash, gradient (and kept input)
         live: tuple[dict, ...] = ({}, {}, {}, {})  # per buffer: (stage, chunk) -> {m}
         widest = [1, 1, 1, 1]
         ARR, GRAD, STASH, LOSS = range(4)
@@ -196,7 +198,7 @@ class Schedule:
                 for op in cell:
                     if op.kind == "F":
                         drop(() if input_until_backward else (ARR,), s, op)
-                    elif op.kind == self.releases:
+                    elif op.kind == release:
                         drop((GRAD,) + ((ARR,) if input_until_backward else ()), s, op)
             for s, cell in enumerate(row):
                 for op in cell:
@@ -208,7 +210,7 @@ class Schedule:
             measure()
             for s, cell in enumerate(row):
                 for op in cell:
-                    if op.kind == self.releases:
+                    if op.kind == release:
                         drop((STASH, LOSS), s, op)
             for s, cell in enumerate(row):
                 for op in cell:
