@@ -232,7 +232,8 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
         def tick(carry, t):
             arrived, grads_in, loss_grads, stash, gsum, lsum, dxs, hsum, dys = carry
             # a cell holds up to one forward (microbatch mf, chunk cf) and one backward
-            # (mb, cb), run in that order: a paired tick (see schedule.py)
+            # (mb, cb), run in that order: a paired tick (see schedule.py); or, in a split
+            # schedule, one F, B or W
             is_f, mf, cf = tab.f_on[t, s], tab.f_mb[t, s], tab.f_chunk[t, s]
             is_b, mb, cb = tab.b_on[t, s], tab.b_mb[t, s], tab.b_chunk[t, s]
             is_w, mw, cw = tab.w_on[t, s], tab.w_mb[t, s], tab.w_chunk[t, s]  # (split schedules)
@@ -313,7 +314,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
             # the backward conditional's parameter gradient: none under a split (W's instead)
             dp_of = (lambda dp: ()) if split else (lambda dp: dp)
             if split:  # a cell's one B or W reads its output gradient here, outside the
-                # conditionals: it lives until the W (S-1 slots), and a read inside would
+                # conditionals: it lives until the W (up to S slots), and a read inside would
                 # copy the whole ring every tick
                 g_out = output_grad(jnp.where(is_b, cb, cw), jnp.where(is_b, mb, mw),
                                     jnp.where(is_b, last_b, last_w))
