@@ -1,4 +1,4 @@
-"""Pipeline schedules executed as one SPMD program: bubble vs theory, 1F1B vs GPipe memory.
+"""Pipeline schedules executed as one SPMD program: bubble vs theory, 1F1B (and zero bubble) vs GPipe memory.
 
 Bubble, from per-stage busy time: for M in a few counts, time a pipelined value-and-grad
 step of an MLP stack (S stages of Linear+tanh, residual). A stage's busy time per
@@ -18,7 +18,12 @@ stage waits (`Schedule.lockstep_bubble`, backward = 2 forwards, the pullback's m
 GPipe's equals theory; 1F1B's and interleaved's exceed it, and the measurement shows it.
 Their paired forms ("1f1b-paired", "interleaved-paired": a tick carries a forward and a
 backward on each stage in the steady state) predict theory again; paired 1F1B pays with
-2S-1 stash entries instead of S (`memory_1f1b_paired_vs_gpipe`).
+2S-1 stash entries instead of S (`memory_1f1b_paired_vs_gpipe`). "zb-h1" splits the
+backward into B (input gradient) and W (weight gradient, deferred): one op per cell, each
+costing about a forward, so its lockstep model (B = W = 1 forward) is its table bubble,
+(S-1)/(3M+S-1), a third of the theory, with 1F1B's stash bound S; it keeps the output
+gradients until the W's (`memory_zb_h1_vs_gpipe`). `zb_h1_lockstep` lists its lockstep
+bubble over the theory for a few (S, M), from the tables alone.
 
 This is only a measurement when the stages run concurrently. On a CPU backend, the
 simulated devices (XLA_FLAGS=--xla_force_host_platform_device_count=8) are threads of
@@ -60,7 +65,9 @@ from jaxps.mesh import MeshConfig, make_mesh  # noqa: E402
 from jaxps.parallel.pipeline import pipeline_value_and_grad  # noqa: E402
 from jaxps.parallel.schedule import build  # noqa: E402
 
-SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("1f1b-paired", 1), ("interleaved-paired", 2))
+SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("1f1b-paired", 1), ("interleaved-paired", 2),
+             ("zb-h1", 1))
+MEMORY_KINDS = ("gpipe", "1f1b", "1f1b-paired", "zb-h1")
 
 
 def block(p, x):
@@ -134,22 +141,35 @@ def bubble(kind: str, S: int, V: int, times: dict[int, float], u: float) -> dict
 
 
 def memory(S: int, D: int, B: int, mesh) -> dict[str, Any]:
-    """Compiled temporaries per device of 1F1B and GPipe at M = 4S and 8S, both stash policies."""
+    """Compiled temporaries per device of each of MEMORY_KINDS at M = 4S and 8S, both stash policies."""
     out: dict[str, Any] = {}
     for M in (4 * S, 8 * S):
         xs = ys = jnp.ones((M, B, D), jnp.float32)
         for remat in (False, True):
             temp = {}
-            for kind in ("gpipe", "1f1b", "1f1b-paired"):
+            for kind in MEMORY_KINDS:
                 _, fn = step_fn(kind, S, M, 1, mesh, remat)
                 temp[kind] = fn.lower(params_for(S, 1, D), xs, ys).compile().memory_analysis().temp_size_in_bytes
             out[f"M={M}" + (" remat" if remat else "")] = {
                 "temp_bytes": temp, "ratio_1f1b_vs_gpipe": temp["1f1b"] / temp["gpipe"],
                 "ratio_1f1b_paired_vs_gpipe": temp["1f1b-paired"] / temp["gpipe"],
+                "ratio_zb_h1_vs_gpipe": temp["zb-h1"] / temp["gpipe"],
                 # the table's ring spans per stage (inputs kept until the backward, gradients,
                 # stash, last stage's loss gradients: with V = 1 the executor holds these in
                 # its gradient ring)
                 "buffer_slots": {k: build(k, S, M).buffer_slots(not remat, True)._asdict() for k in temp}}
+    return out
+
+
+def zb_lockstep(pairs=((2, 8), (4, 8), (4, 16), (8, 32), (8, 64))) -> dict[str, dict[str, float]]:
+    """zb-h1's lockstep bubble (B = W = 1 forward) over the theory (S-1)/(M+S-1), beside
+    1F1B's lockstep one (backward = 2 forwards), from the tables."""
+    out = {}
+    for S, M in pairs:
+        zb, f1b1 = build("zb-h1", S, M), build("1f1b", S, M)
+        out[f"S={S} M={M}"] = {"lockstep": zb.lockstep_bubble(2.0), "theory": zb.theory_bubble(),
+                               "ratio_vs_theory": zb.lockstep_bubble(2.0) / zb.theory_bubble(),
+                               "lockstep_1f1b": f1b1.lockstep_bubble(2.0), "max_stash": max(zb.max_stash())}
     return out
 
 
@@ -203,6 +223,9 @@ def main(argv=None) -> int:
         memory_1f1b_vs_gpipe=mem[f"M={4 * S}"]["ratio_1f1b_vs_gpipe"],
         memory_1f1b_vs_gpipe_8s=mem[f"M={8 * S}"]["ratio_1f1b_vs_gpipe"],
         memory_1f1b_paired_vs_gpipe=mem[f"M={4 * S}"]["ratio_1f1b_paired_vs_gpipe"],
+        memory_zb_h1_vs_gpipe=mem[f"M={4 * S}"]["ratio_zb_h1_vs_gpipe"],
+        memory_zb_h1_vs_gpipe_8s=mem[f"M={8 * S}"]["ratio_zb_h1_vs_gpipe"],
+        zb_h1_lockstep=zb_lockstep(),
         temp_bytes=mem[f"M={4 * S}"]["temp_bytes"], memory=mem)
     spec = MLPSpec(stages=args.torch_stages, layers=args.torch_layers, width=args.torch_width,
                    batch=args.torch_batch, microbatches=args.torch_microbatches)

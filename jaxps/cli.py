@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from jaxps.parallel.schedule import KINDS as SCHEDULE_KINDS  # plain Python: imports no JAX
+
 EPILOG = """\
 config keys (defaults in jaxps.job.JobConfig; `jaxps train --print-config` shows them all):
   mesh.data/stage/model        axis sizes, -1 = the remaining devices
@@ -183,8 +185,9 @@ def cmd_schedule(args) -> int:
     from jaxps.parallel.schedule import build, draw
     sched = build(args.kind, args.stages, args.microbatches, args.virtual)
     print(sched.render())
+    cost = "B = W = 1 forward" if sched.split else "backward = 2 forwards"
     print(f"{sched.kind}: {sched.ticks} ticks, bubble fraction {sched.bubble_fraction():.4f}, "
-          f"lockstep with backward = 2 forwards {sched.lockstep_bubble(2.0):.4f} "
+          f"lockstep with {cost} {sched.lockstep_bubble(2.0):.4f} "
           f"(theory (S-1)/(V*M+S-1) = {sched.theory_bubble():.4f}), "
           f"max activations stashed per stage {max(sched.max_stash())}")
     if args.png:
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     lm.add_argument("config", nargs="*", help="[config.toml|json] [key=value ...] (jaxps.lm.LMConfig)")
     lm.set_defaults(fn=cmd_lm)
     sc = sub.add_parser("schedule", help="print (and draw) a pipeline schedule table")
-    sc.add_argument("--kind", default="1f1b", choices=["gpipe", "1f1b", "interleaved", "1f1b-paired", "interleaved-paired"])
+    sc.add_argument("--kind", default="1f1b", choices=SCHEDULE_KINDS)
     sc.add_argument("--stages", type=int, default=4)
     sc.add_argument("--microbatches", type=int, default=8)
     sc.add_argument("--virtual", type=int, default=1, help="virtual chunks per stage (interleaved)")

@@ -87,12 +87,13 @@ class Staged:
 
     axis: str = "stage"
     microbatches: int = 4
-    schedule: str = "1f1b"   # "gpipe", "1f1b" or "1f1b-paired" (jaxps.parallel.schedule), run with the loss inside
+    schedule: str = "1f1b"   # one of SCHEDULES (jaxps.parallel.schedule), run with the loss inside
     realm: ClassVar[int] = 4
+    SCHEDULES: ClassVar[tuple[str, ...]] = ("gpipe", "1f1b", "1f1b-paired", "zb-h1")  # one chunk per stage
 
     def __post_init__(self):
-        if self.schedule not in ("gpipe", "1f1b", "1f1b-paired"):
-            raise ValueError(f"Staged schedule must be 'gpipe', '1f1b' or '1f1b-paired', got {self.schedule!r}")
+        if self.schedule not in self.SCHEDULES:
+            raise ValueError(f"Staged schedule must be one of {', '.join(self.SCHEDULES)}, got {self.schedule!r}")
 
 
 @dataclass(frozen=True)

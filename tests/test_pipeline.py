@@ -1,4 +1,5 @@
-"""Pipelined stages (GPipe, 1F1B, interleaved; paired ticks) in one SPMD program equal the unpipelined model."""
+"""Pipelined stages (GPipe, 1F1B, interleaved; paired ticks; zero bubble with a split backward) in one SPMD
+program equal the unpipelined model."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +37,9 @@ def reference(params, xs, ys):
                                                  ("gpipe", 2, 3, 1, False), ("gpipe", 4, 8, 2, True),
                                                  ("1f1b", 4, 8, 2, True), ("1f1b", 2, 6, 4, True),
                                                  ("1f1b-paired", 4, 8, 2, False), ("1f1b-paired", 2, 6, 4, True),
-                                                 ("1f1b-paired", 4, 3, 1, False)])
+                                                 ("1f1b-paired", 4, 3, 1, False), ("zb-h1", 4, 8, 2, False),
+                                                 ("zb-h1", 2, 6, 4, False), ("zb-h1", 4, 3, 1, False),
+                                                 ("zb-h1", 4, 8, 2, True), ("zb-h1", 2, 6, 4, True)])
 def test_pipeline_equals_unpipelined(kind, S, M, data, remat):
     """Both stash policies: the block's residuals (default) or its input, recomputed (remat)."""
     rng = np.random.default_rng(0)
@@ -86,6 +89,38 @@ def test_1f1b_holds_fewer_activations_than_gpipe():
     assert temp["1f1b-paired", 4 * S] < 0.5 * temp["gpipe", 4 * S], temp
 
 
+def test_zero_bubble_split_backward_costs_and_memory():
+    """zb-h1's B and W take one output each of the same pullback; XLA drops the other half,
+    so B and W each cost about a forward and together a backward. The compiled cost
+    analysis counts the scan body once, each conditional at its costliest branch: 1F1B's
+    body is F + backward, zb-h1's F + B + W, equal (within the elementwise work both halves
+    redo) only if neither half computes the other's matmul (else F + 2 backwards, 5/3 as
+    much). Memory: the stash bound is 1F1B's (S entries) and independent of M; what a W
+    needs besides (its output gradient, received at its B) lives until the W: S-1 more
+    gradient slots (the last stage keeps S of its own loss gradients in that ring) and the
+    slot it reads, 4 activations at S = 4 over 1F1B's, still about a third of GPipe's."""
+    S, B, W = 4, 256, 64
+    params = {"w": jnp.zeros((S, W, W)), "b": jnp.zeros((S, W))}
+    mesh = make_mesh(MeshConfig(data=2, stage=S, model=1))
+    act = (B // 2) * W * 4  # bytes of one activation [B/2, W] f32
+    temp, flops = {}, {}
+    for kind in ("gpipe", "1f1b", "zb-h1"):
+        for M in (2 * S, 4 * S):
+            sched = build(kind, S, M)
+            xs = ys = jnp.zeros((M, B, W))
+            f = jax.jit(lambda p, x, y: pipeline_value_and_grad(block, loss, p, x, y, sched, mesh))
+            compiled = f.lower(params, xs, ys).compile()
+            temp[kind, M] = compiled.memory_analysis().temp_size_in_bytes
+            flops[kind, M] = compiled.cost_analysis()["flops"]
+    matmul = 2 * (B // 2) * W * W  # one [B/2, W] x [W, W] product: a forward's
+    assert flops["1f1b", 4 * S] > 3 * matmul  # F (1 matmul) + backward (2)
+    assert abs(flops["zb-h1", 4 * S] - flops["1f1b", 4 * S]) < 0.02 * flops["1f1b", 4 * S], flops
+    table = 4096
+    assert abs(temp["zb-h1", 4 * S] - temp["zb-h1", 2 * S]) < table, temp
+    assert temp["1f1b", 4 * S] + 3 * act <= temp["zb-h1", 4 * S] <= temp["1f1b", 4 * S] + 4 * act + table, temp
+    assert temp["zb-h1", 4 * S] < 0.36 * temp["gpipe", 4 * S], temp
+
+
 @pytest.mark.parametrize("kind,S,M,V,data,remat", [("interleaved", 2, 4, 2, 2, False), ("interleaved", 4, 8, 2, 2, False),
                                                    ("interleaved", 2, 4, 3, 1, False), ("interleaved", 4, 8, 2, 2, True),
                                                    ("interleaved-paired", 4, 8, 2, 2, False),
@@ -113,7 +148,7 @@ def test_interleaved_pipeline_equals_unpipelined(kind, S, M, V, data, remat):
 
 
 @pytest.mark.parametrize("kind,remat", [("1f1b", False), ("1f1b", True), ("1f1b-paired", False),
-                                         ("1f1b-paired", True)])
+                                         ("1f1b-paired", True), ("zb-h1", False), ("zb-h1", True)])
 def test_pipeline_composes_with_tensor_parallel_blocks(kind, remat):
     """DP x PP x TP on a 2x2x2 mesh: each stage's block is Megatron-split over `model`
     (column then row), the pipeline runs over `stage`, the batch over `data`."""
@@ -150,7 +185,8 @@ def test_pipeline_composes_with_tensor_parallel_blocks(kind, remat):
         np.testing.assert_allclose(np.asarray(g[k]), np.asarray(g_ref[k]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind,remat", [("1f1b", False), ("1f1b", True), ("1f1b-paired", False)])
+@pytest.mark.parametrize("kind,remat", [("1f1b", False), ("1f1b", True), ("1f1b-paired", False), ("zb-h1", False),
+                                         ("zb-h1", True)])
 def test_loss_head_parameters_get_their_gradient(kind, remat):
     """An output layer inside the loss (an LM's head) is trained through the pipeline."""
     S, M = 2, 4
@@ -205,7 +241,7 @@ def test_differentiable_gpipe_forward_equals_sequential():
 
 
 @pytest.mark.parametrize("kind,remat", [("1f1b", False), ("gpipe", False), ("1f1b", True), ("1f1b-paired", False),
-                                         ("1f1b-paired", True)])
+                                         ("1f1b-paired", True), ("zb-h1", False), ("zb-h1", True)])
 def test_pipelined_loss_is_differentiable_in_all_inputs(kind, remat):
     """`pipelined_loss`: the schedule computes every gradient, JAX sees an ordinary scalar
     loss of (params, head, xs, ys) -- what lets a staged tower sit inside a CTR model with

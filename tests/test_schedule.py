@@ -1,4 +1,5 @@
-"""Pipeline schedule tables: complete, in dependency order, bounded stash, bubble = theory."""
+"""Pipeline schedule tables: complete, in dependency order, bounded stash, bubble = theory
+(zero-bubble: a third of it)."""
 import itertools
 
 import pytest
@@ -7,7 +8,8 @@ from jaxps.parallel.schedule import build
 
 CASES = [("gpipe", s, m, 1) for s, m in itertools.product((2, 4), (4, 8))] + \
         [(k, s, m, 1) for k, s, m in itertools.product(("1f1b", "1f1b-paired"), (1, 2, 3, 4), (1, 4, 8, 16))] + \
-        [(k, s, m, v) for k, s, m, v in itertools.product(("interleaved", "interleaved-paired"), (2, 4), (4, 8), (2, 3))]
+        [(k, s, m, v) for k, s, m, v in itertools.product(("interleaved", "interleaved-paired"), (2, 4), (4, 8), (2, 3))] + \
+        [("zb-h1", s, m, 1) for s, m in itertools.product((1, 2, 3, 4, 8), (1, 3, 4, 8, 16))]
 
 
 @pytest.mark.parametrize("kind,S,M,V", CASES)
@@ -16,15 +18,20 @@ def test_every_op_once_in_dependency_order(kind, S, M, V):
     when = {}  # op -> (tick, position in its cell): a cell's forward runs before its backward
     for t, row in enumerate(sched.table):
         for s, cell in enumerate(row):
-            assert len(cell) <= 2 and [op.kind for op in cell] in (["F"], ["B"], ["F", "B"], [])
+            assert len(cell) <= 2 and [op.kind for op in cell] in (["F"], ["B"], ["F", "B"], ["W"], [])
             if len(cell) == 2:
                 assert "paired" in kind
+            if cell and cell[0].kind == "W":
+                assert kind == "zb-h1"
             for i, op in enumerate(cell):
                 key = (op.kind, op.microbatch, sched.global_stage(s, op.chunk))
                 assert key not in when, f"{key} runs twice"
                 when[key] = (t, i)
     G = S * V
-    assert len(when) == 2 * M * G  # every (microbatch, global stage): one F and one B
+    split = kind == "zb-h1"
+    assert sched.split == split
+    # every (microbatch, global stage): one F and one B (and, split, one W)
+    assert len(when) == (3 if split else 2) * M * G
     for m in range(M):
         for g in range(G):
             if g:  # a forward needs the previous stage's forward from an earlier tick
@@ -33,6 +40,8 @@ def test_every_op_once_in_dependency_order(kind, S, M, V):
             assert when[("F", m, g)] < when[("B", m, g)]
             if g < G - 1:
                 assert when[("B", m, g + 1)][0] < when[("B", m, g)][0]
+            if split:  # the weight gradient needs its B (the output gradient it received)
+                assert when[("B", m, g)][0] < when[("W", m, g)][0]
 
 
 @pytest.mark.parametrize("S,M", [(2, 8), (4, 8), (4, 16), (3, 5)])
@@ -50,6 +59,37 @@ def test_bubble_equals_theory(kind):
         assert sched.bubble_fraction() == pytest.approx(sched.theory_bubble())
         # a paired tick carries a forward and a backward: M + 2(S-1) ticks (schedule.py)
         assert sched.ticks == (M + 2 * (S - 1) if kind == "1f1b-paired" else 2 * (M + S - 1))
+
+
+@pytest.mark.parametrize("S,M", [(2, 2), (2, 8), (3, 5), (4, 4), (4, 8), (4, 16), (8, 8), (8, 32), (4, 2), (3, 1)])
+def test_zero_bubble_h1_stash_and_lockstep_bubble(S, M):
+    """ZB-H1: every stage holds at most S microbatches from F to W (1F1B's peak, there only
+    on stage 0), and with B and W each costing a forward (a backward = 2 forwards) the
+    lockstep bubble is the closed form (S-1)/(3M+S-1) for M >= S (module docstring): a third
+    of 1F1B's theory bubble, under a fifth of 1F1B's lockstep one at M >= 4S. Fewer
+    microbatches than stages still stay under the theory."""
+    zb, f1b1 = build("zb-h1", S, M), build("1f1b", S, M)
+    assert zb.max_stash() == [min(M, S)] * S
+    assert max(zb.max_stash()) <= S
+    assert zb.lockstep_bubble(2.0) == pytest.approx(zb.bubble_fraction())  # unit costs: idle cells
+    assert zb.lockstep_bubble(2.0) <= 1.1 * zb.theory_bubble()
+    if M >= S:
+        assert zb.lockstep_bubble(2.0) == pytest.approx((S - 1) / (3 * M + S - 1))
+        assert zb.ticks == 3 * M + S - 1
+        assert zb.lockstep_bubble(2.0) <= 0.5 * f1b1.theory_bubble() + 1e-12
+    if M >= 4 * S:
+        assert zb.lockstep_bubble(2.0) < f1b1.lockstep_bubble(2.0) / 5
+
+
+def test_zero_bubble_h1_buffer_slots():
+    """The rings the executor sizes for ZB-H1: a stash entry, its input and its output
+    gradient live until the W, so the stash holds S entries, kept inputs S, received output
+    gradients S-1 (stage S-2: its B, then S-2 deferred W's), the last stage's own loss
+    gradients S (its W lags its B by S-1)."""
+    for S, M in [(4, 16), (2, 6), (3, 7), (8, 32), (4, 2), (1, 3)]:
+        slots = build("zb-h1", S, M).buffer_slots(loss_at_forward=True, input_until_backward=True)
+        assert slots == (min(M, S), max(1, min(M, S - 1)), min(M, S), min(M, S)), (S, M, slots)
+        assert build("zb-h1", S, M).buffer_slots(True, False).arrivals == 1  # used by the next tick's F
 
 
 def test_interleaving_shrinks_the_bubble():
@@ -74,12 +114,21 @@ def test_cli_prints_table_and_draws_png(tmp_path):
     assert main(["schedule", "--kind", "1f1b", "--stages", "4", "--microbatches", "8", "--png", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["schedule", "--kind", "1f1b-paired", "--stages", "4", "--microbatches", "8", "--png", str(out)]) == 0
+    assert main(["schedule", "--kind", "zb-h1", "--stages", "4", "--microbatches", "8", "--png", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_render_shows_pairs():
     text = build("1f1b-paired", 2, 3).render()
     assert text.splitlines() == ["stage 0:    F0    F1 F2+B0    B1    B2",
                                  "stage 1:     . F0+B0 F1+B1 F2+B2     ."]
+
+
+def test_render_shows_split_backward():
+    """ZB-H1 at S=2: stage 1 runs W0 one microbatch late (after B1), which lets B1 reach
+    stage 0 a tick earlier; stage 0 idles once, stage 1 once at the start: 3M + S-1 ticks."""
+    assert build("zb-h1", 2, 3).render().splitlines() == ["stage 0: F0 F1  . B0 W0 F2 B1 W1 B2 W2",
+                                                          "stage 1:  . F0 B0 F1 B1 W0 F2 B2 W1 W2"]
 
 
 @pytest.mark.parametrize("kind,S,M,V", [("gpipe", 4, 16, 1), ("1f1b", 4, 16, 1), ("1f1b", 2, 6, 1),
@@ -123,9 +172,11 @@ def test_buffer_slots_never_collide():
     for (kind, S, M, V), until_bwd in itertools.product(
             [("gpipe", 4, 16, 1), ("1f1b", 4, 16, 1), ("1f1b", 3, 7, 1), ("interleaved", 4, 8, 2),
              ("interleaved", 2, 4, 3), ("1f1b-paired", 4, 16, 1), ("1f1b-paired", 3, 7, 1),
-             ("interleaved-paired", 4, 8, 2), ("interleaved-paired", 2, 4, 3)], (False, True)):
+             ("interleaved-paired", 4, 8, 2), ("interleaved-paired", 2, 4, 3), ("zb-h1", 4, 16, 1),
+             ("zb-h1", 3, 7, 1), ("zb-h1", 4, 2, 1)], (False, True)):
         sched = build(kind, S, M, V)
         G = S * V
+        done = "W" if kind == "zb-h1" else "B"  # the op after which stash and gradients are free
         slots = sched.buffer_slots(True, input_until_backward=until_bwd)
         rings = {name: {} for name in ("arrivals", "grads", "stash", "loss_grads")}
 
@@ -140,21 +191,28 @@ def test_buffer_slots_never_collide():
         # the executor's order within a tick: (1) each op reads its input and gradient,
         # (2) a forward writes its stash entry (the last stage: its loss gradient),
         # (3) a backward reads its stash entry (a pair's forward wrote first),
-        # (4) the tick's sends arrive
+        # (4) the tick's sends arrive. Under a split backward B only reads (checked: the
+        # entry is there) and W takes.
         for row in sched.table:
             cells = [(s, op, sched.global_stage(s, op.chunk)) for s, cell in enumerate(row) for op in cell]
             for s, op, g in cells:
-                if g > 0 and (op.kind == "F") != until_bwd:
+                if g > 0 and op.kind == ("F" if not until_bwd else done):
                     take("arrivals", g, op.microbatch)
-                if op.kind == "B" and g < G - 1:
+                if op.kind == done and g < G - 1:
                     take("grads", g, op.microbatch)
+                if op.kind == "B" and done == "W":
+                    assert rings["stash"][(g, op.microbatch % slots.stash)] == op.microbatch
+                    if g < G - 1:
+                        assert rings["grads"][(g, op.microbatch % slots.grads)] == op.microbatch
+                    if g > 0 and until_bwd:
+                        assert rings["arrivals"][(g, op.microbatch % slots.arrivals)] == op.microbatch
             for s, op, g in cells:
                 if op.kind == "F":
                     put("stash", g, op.microbatch)
                     if g == G - 1:
                         put("loss_grads", g, op.microbatch)
             for s, op, g in cells:
-                if op.kind == "B":
+                if op.kind == done:
                     take("stash", g, op.microbatch)
                     if g == G - 1:
                         take("loss_grads", g, op.microbatch)

@@ -32,7 +32,7 @@ def _loss_and_grads(deep_placement, mesh, batch):
     return jax.jit(f)(state, dev)
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "1f1b-paired"])
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "1f1b-paired", "zb-h1"])
 def test_staged_tower_step_equals_replicated(schedule, monkeypatch):
     calls = []
     real = pipeline.pipeline_value_and_grad

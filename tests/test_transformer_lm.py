@@ -20,7 +20,7 @@ from jaxps.parallel.schedule import build
 from jaxps.parallel.tensor import spec_for
 
 
-@pytest.mark.parametrize("kind", ["1f1b", "1f1b-paired"])
+@pytest.mark.parametrize("kind", ["1f1b", "1f1b-paired", "zb-h1"])
 def test_pipelined_tp_lm_equals_plain_model(kind):
     cfg = TransformerConfig(vocab=32, seq=8, d_model=16, heads=4, mlp=32, stages=2)
     mesh = make_mesh(MeshConfig(data=2, stage=2, model=2))

@@ -1,5 +1,5 @@
 """Pipelined stages in one SPMD program, driven by a schedule table (GPipe, 1F1B,
-interleaved).
+interleaved, zero bubble).
 
 Every device of the `stage` axis runs the same program: a `lax.scan` over the table's
 ticks. At tick t, stage s looks up its cell in the table (at most one forward and one
@@ -29,6 +29,15 @@ besides the stash is the parameter-gradient accumulator and one tick's working s
 few activations), the same under both schedules. Paired 1F1B keeps 2S-1 stash entries
 and 2S-3 inputs (its round trip in synchronous ticks, see schedule.py): 0.44 of GPipe's
 at M = 4S, S = 4 (0.24 at 8S).
+
+A split schedule ("zb-h1") has a third conditional: its B takes only the input cotangent
+of the stage's pullback, its W only the parameter cotangent, from the same stash entry and
+output gradient, and XLA removes the unused half of each as dead code (the compiled cost
+of F + B + W per tick equals 1F1B's F + backward). The stash entry, the stage input and the
+output gradient then live until the W: the gradient ring (with V = 1 it also keeps the last
+stage's own loss gradients, until their W's) grows from 1 slot to S, and zb-h1 holds 4
+activations more than 1F1B at S = 4 (tests/test_pipeline.py). Under `remat` both B and W
+recompute the stage's forward (2 forwards each, so the ops no longer cost alike).
 
 Interleaved schedules hold V chunks per stage ([s, c] is global stage c*S + s); the
 activations of stage S-1's chunk c wrap to stage 0's chunk c+1 through a ring ppermute.
@@ -74,21 +83,24 @@ def _put_if(buf: jax.Array, index: tuple, cond: jax.Array, value: jax.Array) -> 
 
 
 class TableArrays(NamedTuple):
-    """The schedule table as [tick, stage] arrays: whether the cell has a forward (backward),
-    and that op's microbatch and virtual chunk (0 where it has none)."""
+    """The schedule table as [tick, stage] arrays: whether the cell has a forward (backward,
+    weight gradient), and that op's microbatch and virtual chunk (0 where it has none)."""
     f_on: np.ndarray
     f_mb: np.ndarray
     f_chunk: np.ndarray
     b_on: np.ndarray
     b_mb: np.ndarray
     b_chunk: np.ndarray
+    w_on: np.ndarray
+    w_mb: np.ndarray
+    w_chunk: np.ndarray
 
 
 def _table_arrays(sched: Schedule) -> TableArrays:
     shape = (sched.ticks, sched.stages)
     a = {k: np.zeros(shape, np.int32) for k in TableArrays._fields}
     for t, s, op in sched.ops():
-        x = "f" if op.kind == "F" else "b"
+        x = op.kind.lower()
         a[f"{x}_on"][t, s] = 1
         a[f"{x}_mb"][t, s] = op.microbatch
         a[f"{x}_chunk"][t, s] = op.chunk
@@ -212,18 +224,26 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
 
         saved_shapes = jax.eval_shape(forward, chunk_params(0), x0)[1]
         zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+        # A split schedule's backward conditional computes only the input gradient (B) and
+        # a third conditional only the parameter gradient (W): each takes one output of the
+        # same pullback and XLA removes the other half as dead code.
+        split = sched.split
 
         def tick(carry, t):
             arrived, grads_in, loss_grads, stash, gsum, lsum, dxs, hsum, dys = carry
             # a cell holds up to one forward (microbatch mf, chunk cf) and one backward
-            # (mb, cb), run in that order: a paired tick (see schedule.py)
+            # (mb, cb), run in that order: a paired tick (see schedule.py); or, in a split
+            # schedule, one F, B or W
             is_f, mf, cf = tab.f_on[t, s], tab.f_mb[t, s], tab.f_chunk[t, s]
             is_b, mb, cb = tab.b_on[t, s], tab.b_mb[t, s], tab.b_chunk[t, s]
+            is_w, mw, cw = tab.w_on[t, s], tab.w_mb[t, s], tab.w_chunk[t, s]  # (split schedules)
             first_f, last_f = (s == 0) & (cf == 0), (s == S - 1) & (cf == V - 1)
             first_b, last_b = (s == 0) & (cb == 0), (s == S - 1) & (cb == V - 1)
-            pf, pb = chunk_params(cf), chunk_params(cb)
+            pf, pb, pw = chunk_params(cf), chunk_params(cb), chunk_params(cw)
+            last_w = (s == S - 1) & (cw == V - 1)
             y_f = jax.tree.map(lambda a: a[mf], ys)
             y_b = jax.tree.map(lambda a: a[mb], ys)
+            y_w = jax.tree.map(lambda a: a[mw], ys)
             no_y = zeros(y_f) if target_grads else ()
             no_saved = tuple(jnp.zeros(a.shape, a.dtype) for a in saved_shapes)
 
@@ -241,8 +261,9 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                 x_f, x_b = pair[0], pair[1]
             else:  # one read: a cell's one op's input (or a pair's forward's: the pullback's
                 # input then comes from the stash)
-                m, c = jnp.where(is_f, mf, mb), jnp.where(is_f, cf, cb)
+                m, c = jnp.where(is_f, mf, jnp.where(is_b, mb, mw)), jnp.where(is_f, cf, jnp.where(is_b, cb, cw))
                 x_f = x_b = jnp.where((s == 0) & (c == 0), xs[m], arrived[c, m % KA])
+            x_w = x_b  # a split schedule's cell holds one op
 
             def head_grads(h, y):
                 """Loss and (d head, d h, d y) of the last global stage at a microbatch."""
@@ -280,32 +301,61 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
             else:  # kept in the gradient ring at the end of the tick, unless used now
                 keep_own = evaluates_loss_f & ~same_tick
 
-            def no_bwd(_):
-                return jnp.zeros_like(x0), zeros(pb), 0.0, zeros(hp), no_y
+            def stashed(c, m):
+                return tuple(a[c, m % KS] for a in stash)
 
-            def stashed():
-                return tuple(a[cb, mb % KS] for a in stash)
+            def output_grad(c, m, last):
+                """d loss / d (this stage's output) for microbatch m of chunk c: received, or
+                (the last global stage) its own loss gradient."""
+                if own_loss_grads:
+                    return jnp.where(last, loss_grads[m % KL], grads_in[c, m % KG])
+                return grads_in[c, m % KG]
+
+            # the backward conditional's parameter gradient: none under a split (W's instead)
+            dp_of = (lambda dp: ()) if split else (lambda dp: dp)
+            if split:  # a cell's one B or W reads its output gradient here, outside the
+                # conditionals: it lives until the W (up to S slots), and a read inside would
+                # copy the whole ring every tick
+                g_out = output_grad(jnp.where(is_b, cb, cw), jnp.where(is_b, mb, mw),
+                                    jnp.where(is_b, last_b, last_w))
+
+            def no_bwd(_):
+                return jnp.zeros_like(x0), dp_of(zeros(pb)), 0.0, zeros(hp), no_y
 
             def bwd(_):
-                _, pullback = pullback_of(pb, x_b, stashed())
-                if own_loss_grads:
-                    g_h = jnp.where(last_b, loss_grads[mb % KL], grads_in[cb, mb % KG])
-                else:
-                    g_h = grads_in[cb, mb % KG]
+                _, pullback = pullback_of(pb, x_b, stashed(cb, mb))
+                g_h = g_out if split else output_grad(cb, mb, last_b)
                 if loss_at_forward and not own_loss_grads and sched.paired:  # (passing h in costs a copy)
                     g_h = jnp.where(same_tick, h, g_h)
                 dp, dx = pullback(g_h)
-                return dx, dp, 0.0, zeros(hp), no_y
+                return dx, dp_of(dp), 0.0, zeros(hp), no_y
 
             def bwd_loss(_):  # the last stage's backward under remat, recomputing h
-                h, pullback = pullback_of(pb, x_b, stashed())
+                h, pullback = pullback_of(pb, x_b, stashed(cb, mb))
                 l_m, (g_head, g_h, g_y) = head_grads(h, y_b)
                 dp, dx = pullback(g_h)
-                return dx, dp, l_m, g_head, g_y
+                return dx, dp_of(dp), l_m, g_head, g_y
 
             bwd_branches = (no_bwd, bwd) if loss_at_forward else (no_bwd, bwd, bwd_loss)
             dx, dp, l_b, dh_b, dy_b = jax.lax.switch(
                 jnp.where(is_b, jnp.where(evaluates_loss_b, 2, 1), 0), bwd_branches, None)
+            c_dp = cb
+            if split:  # W: the parameter gradient from the same stash entry and output gradient
+                def no_w(_):
+                    return zeros(pw)
+
+                def wgt(_):
+                    _, pullback = pullback_of(pw, x_w, stashed(cw, mw))
+                    return pullback(g_out)[0]
+
+                def wgt_loss(_):  # under remat the last stage recomputes h and its loss gradient
+                    h, pullback = pullback_of(pw, x_w, stashed(cw, mw))
+                    return pullback(head_grads(h, y_w)[1][1])[0]
+
+                w_branches = (no_w, wgt) if loss_at_forward else (no_w, wgt, wgt_loss)
+                dp = jax.lax.switch(jnp.where(is_w, jnp.where(last_w & (not loss_at_forward), 2, 1), 0),
+                                    w_branches, None)
+                c_dp = cw
             l_m = l_f + l_b
             dh = jax.tree.map(jnp.add, dh_f, dh_b)
             hsum = jax.tree.map(jnp.add, hsum, dh)
@@ -331,7 +381,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
             else:
                 grads_in = _put_if(grads_in, (jnp.clip(c_down, 0, V - 1), tab.b_mb[t, nxt] % KG), got_grad, dx_in)
             if V > 1:
-                gsum = jax.tree.map(lambda g, d: g.at[cb].add(d), gsum, dp)
+                gsum = jax.tree.map(lambda g, d: g.at[c_dp].add(d), gsum, dp)
             else:
                 gsum = jax.tree.map(jnp.add, gsum, dp)
             # the first global stage's input gradient is d loss / d xs[m]

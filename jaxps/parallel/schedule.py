@@ -1,5 +1,5 @@
 """Pipeline schedules as explicit, inspectable tables: tick x stage -> ops, each op a
-(microbatch, F/B, virtual chunk).
+(microbatch, F/B/W, virtual chunk).
 
 A cell of the table holds the ops a stage runs at that tick: none, one, or a *pair* (one
 forward then one backward, each of its own microbatch and chunk). The SPMD executor runs a
@@ -39,7 +39,23 @@ with synchronous ticks a round trip from stage 0 to the last stage and back is 2
 whatever the schedule, so a stage 0 that starts one microbatch per tick has 2S-1 in
 flight; capping its stash at S lets it start only S per 2S-1 ticks (a lockstep bubble
 above 1F1B's). Bounded memory and a theory bubble need asynchronous stages, or a backward
-split into input- and weight-gradient halves (zero-bubble schedules), not this executor.
+split into input- and weight-gradient halves (zero-bubble schedules): "zb-h1" below.
+
+Zero bubble, split backward ("zb-h1", Qi et al. 2023, "Zero Bubble Pipeline Parallelism",
+handcrafted schedule ZB-H1). The backward splits into B, the input gradient (sent to the
+previous stage: the critical path) and W, the weight gradient (local: it can wait). For a
+dense layer F, B and W are one matmul each, so with one op per cell every cell costs the
+same and synchronous ticks cost nothing: the lockstep bubble is the table's idle cells.
+Each stage keeps 1F1B's order of forwards and B's and runs W(k) after B(k+s) on stage s
+(W lags B by s microbatches; the s deferred W's finish the stage's program). Then every
+stage idles exactly S-1 ticks: stage s waits s ticks for its first forward and S-1-s for
+its first B (which reaches it at tick 2S-1-s, after its S-s warm-up forwards), and never
+again -- B travels the pipe one stage per tick in the cool-down and the deferred W's fill
+the gaps 1F1B leaves there. Span 3M + S-1 ticks, bubble (S-1)/(3M+S-1) for M >= S: a
+third of 1F1B's (S-1)/(M+S-1), at unit costs, in lockstep. Memory stays 1F1B's peak: a
+stage holds a microbatch from F to W, S-s entries whose B has not run plus s deferred W's,
+S on every stage (1F1B: S-s). A W also needs the output gradient its B used, so that lives
+until the W too (`buffer_slots`).
 """
 from __future__ import annotations
 
@@ -50,7 +66,7 @@ from typing import NamedTuple
 @dataclass(frozen=True)
 class Op:
     microbatch: int
-    kind: str        # "F" or "B"
+    kind: str        # "F", "B" (whole backward, or with W: the input gradient) or "W" (weight gradient)
     chunk: int = 0   # virtual chunk on this stage
 
     def __str__(self) -> str:
@@ -92,10 +108,21 @@ class Schedule:
         """Whether some cell carries a forward and a backward."""
         return any(len(cell) > 1 for row in self.table for cell in row)
 
+    @property
+    def split(self) -> bool:
+        """Whether the backward is split into B (input gradient) and W (weight gradient)."""
+        return any(op.kind == "W" for _, _, op in self.ops())
+
+    @property
+    def releases(self) -> str:
+        """The op kind after which a microbatch's stash entry (and the output gradient) is
+        no longer needed: W in a split schedule, else B."""
+        return "W" if self.split else "B"
+
     def bubble_fraction(self) -> float:
-        """Idle stage-time over all stage-time with a forward and a backward costing alike
-        (`lockstep_bubble(1.0)`); for one op per cell, the idle cells over all cells."""
-        return self.lockstep_bubble(1.0)
+        """Idle stage-time over all stage-time with every op costing alike; for one op per
+        cell, the idle cells over all cells."""
+        return self._lockstep({"F": 1.0, "B": 1.0, "W": 1.0})
 
     def theory_bubble(self) -> float:
         """(S-1)/(V*M + S-1): GPipe and 1F1B with V = 1, the interleaved (circular) form."""
@@ -108,20 +135,26 @@ class Schedule:
         synchronous (a ppermute ends each), so a stage's forward beside another's backward
         waits. Equals `theory_bubble` for GPipe (its ticks are all-forward or all-backward);
         exceeds it for 1F1B and interleaved, whose steady state mixes them, and equals it again
-        for 1f1b-paired (see the module docstring). A paired cell costs 1 + backward_cost."""
-        cost = {"F": 1.0, "B": backward_cost}
+        for 1f1b-paired (see the module docstring). A paired cell costs 1 + backward_cost. In a
+        split schedule B and W each cost half a backward (one matmul each for a dense layer),
+        so at backward_cost 2 every op costs a forward."""
+        half = backward_cost / 2
+        return self._lockstep({"F": 1.0, "B": half if self.split else backward_cost, "W": half})
+
+    def _lockstep(self, cost: dict[str, float]) -> float:
         span = sum(max(sum(cost[op.kind] for op in cell) for cell in row) for row in self.table)
         busy = sum(cost[op.kind] for _, _, op in self.ops())
         return 1.0 - busy / (span * self.stages)
 
     def max_stash(self) -> list[int]:
-        """Per stage, the most microbatch-chunks whose forward ran and backward did not:
-        the activations that stage must hold at once (a paired cell's forward stashes
-        before its backward frees)."""
+        """Per stage, the most microbatch-chunks whose forward ran and backward (in a split
+        schedule: W) did not: the activations that stage must hold at once (a paired cell's
+        forward stashes before its backward frees)."""
         live = [0] * self.stages
         peak = [0] * self.stages
+        release = self.releases
         for _, s, op in self.ops():
-            live[s] += 1 if op.kind == "F" else -1
+            live[s] += 1 if op.kind == "F" else -1 if op.kind == release else 0
             peak[s] = max(peak[s], live[s])
         return peak
 
@@ -135,8 +168,10 @@ class Schedule:
         global stage's backward) until this stage's backward. The first global stage reads
         its inputs from xs and has no arrivals; the last one makes its own gradient: at its
         forward with `loss_at_forward`, kept until its backward (`loss_grads`), or else at
-        its backward."""
+        its backward. In a split schedule "until its backward" means until its W, which
+        needs all three (B only reads them)."""
         S, G = self.stages, self.stages * self.virtual
+        release = self.releases  # the op that frees stash, gradient (and kept input)
         live: tuple[dict, ...] = ({}, {}, {}, {})  # per buffer: (stage, chunk) -> {m}
         widest = [1, 1, 1, 1]
         ARR, GRAD, STASH, LOSS = range(4)
@@ -163,7 +198,7 @@ class Schedule:
                 for op in cell:
                     if op.kind == "F":
                         drop(() if input_until_backward else (ARR,), s, op)
-                    else:
+                    elif op.kind == release:
                         drop((GRAD,) + ((ARR,) if input_until_backward else ()), s, op)
             for s, cell in enumerate(row):
                 for op in cell:
@@ -175,7 +210,7 @@ class Schedule:
             measure()
             for s, cell in enumerate(row):
                 for op in cell:
-                    if op.kind == "B":
+                    if op.kind == release:
                         drop((STASH, LOSS), s, op)
             for s, cell in enumerate(row):
                 for op in cell:
@@ -239,18 +274,33 @@ def _orders(kind: str, stages: int, microbatches: int, virtual: int) -> list[lis
             order += [bwd(k) for k in range(total - warm, total)]
             orders.append(order)
         return orders
+    if kind == "zb-h1":
+        if V != 1:
+            raise ValueError("zb-h1 has no virtual stages")
+        orders = []
+        for s, fb in enumerate(_orders("1f1b", S, M, 1)):
+            order, w = [], 0
+            for op in fb:  # 1F1B's F and B order; W(k) right after B(k+s): W lags B by s
+                order.append(op)
+                if op.kind == "B" and op.microbatch >= s:
+                    order.append(Op(w, "W"))
+                    w += 1
+            orders.append(order + [Op(m, "W") for m in range(w, M)])
+        return orders
     raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(KINDS)}")
 
 
 PAIRED = {"1f1b-paired": "1f1b", "interleaved-paired": "interleaved"}
-KINDS = ("gpipe", "1f1b", "interleaved") + tuple(PAIRED)
+KINDS = ("gpipe", "1f1b", "interleaved") + tuple(PAIRED) + ("zb-h1",)
 
 
 def _ready(op: Op, g: int, G: int, done: set, cell: tuple[Op, ...] = ()) -> bool:
     """op's inputs exist: from earlier ticks, or (a backward) its own forward earlier in
-    the same cell."""
+    the same cell. A W needs its own B (the output gradient it received, and the stash)."""
     if op.kind == "F":
         return g == 0 or ("F", op.microbatch, g - 1) in done
+    if op.kind == "W":
+        return ("B", op.microbatch, g) in done
     own = ("F", op.microbatch, g) in done or Op(op.microbatch, "F", op.chunk) in cell
     return own and (g == G - 1 or ("B", op.microbatch, g + 1) in done)
 
@@ -325,7 +375,8 @@ def build(kind: str, stages: int, microbatches: int, virtual: int = 1) -> Schedu
 
 
 def draw(sched: Schedule, path: str) -> None:
-    """A PNG timeline: stages x ticks, forwards and backwards coloured, microbatch labels."""
+    """A PNG timeline: stages x ticks, forwards, backwards (B) and weight gradients (W)
+    coloured, microbatch labels."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -333,24 +384,27 @@ def draw(sched: Schedule, path: str) -> None:
     except ImportError as e:
         raise RuntimeError("drawing needs matplotlib: pip install 'jaxps[bench]'") from e
     fig, ax = plt.subplots(figsize=(max(6, sched.ticks * 0.35), 0.6 * sched.stages + 1.2))
-    fwd = plt.get_cmap("Blues")
-    bwd = plt.get_cmap("Oranges")
+    cmaps = {"F": plt.get_cmap("Blues"), "B": plt.get_cmap("Oranges"), "W": plt.get_cmap("Greens")}
     for t, s, op in sched.ops():
         cell = sched.table[t][s]
         w = 1.0 / len(cell)  # a paired cell: forward left half, backward right half
         x = t + w * cell.index(op)
         shade = 0.45 + 0.4 * (op.chunk / max(sched.virtual - 1, 1))
-        ax.add_patch(plt.Rectangle((x, sched.stages - 1 - s), w, 1,
-                                   color=(fwd if op.kind == "F" else bwd)(shade), ec="white"))
+        ax.add_patch(plt.Rectangle((x, sched.stages - 1 - s), w, 1, color=cmaps[op.kind](shade), ec="white"))
         ax.text(x + w / 2, sched.stages - 0.5 - s, str(op.microbatch), ha="center", va="center",
                 fontsize=7 if len(cell) == 1 else 6)
     ax.set_xlim(0, sched.ticks)
     ax.set_ylim(0, sched.stages)
     ax.set_yticks([sched.stages - 0.5 - s for s in range(sched.stages)],
                   [f"stage {s}" for s in range(sched.stages)])
-    ax.set_xlabel("tick (blue: forward, orange: backward; darker: later virtual chunk)")
+    if sched.split:
+        ax.set_xlabel("tick (blue: forward, orange: B = input gradient, green: W = weight gradient)")
+        cost = "B = W = 1 forward"
+    else:
+        ax.set_xlabel("tick (blue: forward, orange: backward; darker: later virtual chunk)")
+        cost = "backward = 2 forwards"
     ax.set_title(f"{sched.kind}: S={sched.stages} M={sched.microbatches} V={sched.virtual}  "
-                 f"bubble {sched.bubble_fraction():.3f}\nlockstep (backward = 2 forwards) {sched.lockstep_bubble(2.0):.3f} "
+                 f"bubble {sched.bubble_fraction():.3f}\nlockstep ({cost}) {sched.lockstep_bubble(2.0):.3f} "
                  f"(theory {sched.theory_bubble():.3f})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
