@@ -26,8 +26,10 @@ import numpy as np
 @dataclass
 class PullMemo:
     """One pull's routing and lookups: the request's keys (a copy: callers may reuse their
-    array), `partition_runs` of them, the keys in that order, and per run the store, its
-    epoch and the run's slots (-1: absent at the pull) at the time of the pull."""
+    array), `partition_runs` of them, the keys in that order, per run the store and its
+    epoch at the time of the pull, and every key's slot in that order (negative: absent at
+    the pull; -1 - j when `fresh[j]` holds its initial row, computed by the pull, for key
+    `fresh_keys[j]`: a push that stores the key copies it instead of computing it again)."""
 
     keys: np.ndarray
     order: np.ndarray
@@ -36,18 +38,20 @@ class PullMemo:
     ordered_keys: np.ndarray
     stores: list
     epochs: list[int]
-    slots: list[np.ndarray | None]
+    slots: np.ndarray
+    fresh_keys: np.ndarray
+    fresh: np.ndarray
 
     @property
     def nbytes(self) -> int:
-        return (self.keys.nbytes + self.order.nbytes + self.ordered_keys.nbytes
-                + sum(s.nbytes for s in self.slots if s is not None))
+        return (self.keys.nbytes + self.order.nbytes + self.ordered_keys.nbytes + self.slots.nbytes
+                + self.fresh_keys.nbytes + self.fresh.nbytes)
 
     def slots_for(self, run: int, store) -> np.ndarray | None:
         """The pull's slots of run `run` if they are still valid in `store` (call with the
         partition's lock held), else None."""
         if self.stores[run] is store and store.epoch == self.epochs[run]:
-            return self.slots[run]
+            return self.slots[self.bounds[run]:self.bounds[run + 1]]
         return None
 
 
@@ -57,7 +61,7 @@ class PullMemos:
 
     per_client: a client may pull step k+1 (prefetch) and strict-mode repairs before it
     pushes step k, so a few are kept. A memo holds ~32 bytes per key (keys twice, order,
-    slots): 256 MiB is ~80 pulls of 100k keys."""
+    slots) and the initial rows of keys absent at the pull: 256 MiB is ~80 pulls of 100k keys."""
 
     def __init__(self, per_client: int = 4, max_bytes: int = 256 << 20):
         self.per_client, self.max_bytes = per_client, max_bytes
