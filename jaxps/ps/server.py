@@ -93,6 +93,8 @@ SYNC_STATS = "__sync__"   # the key of the worker-group clocks in `stats()`
 # it a thread hand-off (~20-100 us) costs more than the ~100 ns per key it could overlap.
 PARALLEL_KEYS = 16384
 
+BATCHED = True  # one kernel call per request span (jaxps.ps.batched); tests turn it off
+
 
 
 class Frozen(PSError):
@@ -395,7 +397,7 @@ class PSServer:
 
         def pull_span(r0: int, r1: int) -> list[int]:
             with self._holding([lock for _, lock in held[r0:r1]]):
-                if all([arrays.sync(part_list[r], held[r][0]) for r in range(r0, r1)]):
+                if BATCHED and all([arrays.sync(part_list[r], held[r][0]) for r in range(r0, r1)]):
                     pull_runs(arrays.buckets, arrays.skeys, arrays.values, arrays.kbits, arrays.shift,
                               arrays.tshift, parts, bounds, r0, r1, ordered_keys, order, out, slots,
                               float(spec.init_scale), salt, self._sink)
@@ -466,7 +468,7 @@ class PSServer:
                                    None if memo is None else memo.slots_for(run, store))
                     marks[cid] = seq
                     return True
-            kernel = self._push_kernel(spec) if store_mod.FUSED else None
+            kernel = self._push_kernel(spec) if store_mod.FUSED and BATCHED else None
             if kernel is not None and not hold and (group < 0 or not self.cut_every) and keys.shape[0]:
                 applied = self._push_batched(table, spec, kernel, grads, seq, cid, step, memo, order, parts, bounds,
                                              ordered_keys)
