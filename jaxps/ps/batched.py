@@ -40,13 +40,28 @@ def _init_row(key, salt, scale, out, row):
         fill_row(key, salt, scale, out, row)
 
 
+@numba.njit(cache=True, nogil=True)
+def keep_fresh(bounds, r0, r1, keys, pos, out, slots, fresh_keys, fresh):
+    """For a pull memo: the initial rows a pull computed for its absent keys, packed from
+    fresh[bounds[r0]] on (each thread's span of runs in its own region), and each such key's
+    slot set to -1 - j, j its row in `fresh`."""
+    j = bounds[r0]
+    for i in range(bounds[r0], bounds[r1]):
+        if slots[i] < 0:
+            fresh_keys[j] = keys[i]
+            for c in range(out.shape[1]):
+                fresh[j, c] = out[pos[i], c]
+            slots[i] = -1 - j
+            j += 1
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def pull_runs(buckets, skeys, values, kbits, shift, tshift, parts, bounds, r0, r1, keys, pos, out, slots,
-              scale, salt, sink):
+              missing, fresh_keys, fresh, scale, salt, sink):
     """Runs r0..r1-1 of a request grouped by partition (`partition_runs`): for run r,
     partition parts[r] holds keys[bounds[r]:bounds[r+1]]; out[pos[i]] = row of keys[i]
-    (its initial row when absent) and slots[i] = its slot or -1. Returns the absent count."""
-    missing = 0
+    (its initial row when absent), slots[i] = its slot or -1 and missing[r] = the run's
+    absent keys. With `fresh_keys` (a memo's): then `keep_fresh` of the span."""
     for r in range(r0, r1):
         p, lo, hi = parts[r], bounds[r], bounds[r + 1]
         m = _find_gather(buckets[p], kbits[p], shift[p], tshift[p], skeys[p], keys[lo:hi], values[p], out,
@@ -55,18 +70,18 @@ def pull_runs(buckets, skeys, values, kbits, shift, tshift, parts, bounds, r0, r
             for i in range(lo, hi):
                 if slots[i] < 0:
                     _init_row(keys[i], salt, scale, out, pos[i])
-            missing += m
-    return missing
+        missing[r] = m
+    if fresh_keys.shape[0]:
+        keep_fresh(bounds, r0, r1, keys, pos, out, slots, fresh_keys, fresh)
 
 
 @numba.njit(cache=True, nogil=True)
-def find_runs(buckets, skeys, kbits, shift, tshift, parts, bounds, r0, r1, keys, slots, sink):
-    """slots[i] = slot of keys[i] in its run's partition, or -1; returns the absent count."""
-    missing = 0
+def find_runs(buckets, skeys, kbits, shift, tshift, parts, bounds, r0, r1, keys, slots, missing, sink):
+    """slots[i] = slot of keys[i] in its run's partition, or -1; missing[r] = the run's
+    absent keys."""
     for r in range(r0, r1):
         p, lo, hi = parts[r], bounds[r], bounds[r + 1]
-        missing += _find(buckets[p], kbits[p], shift[p], tshift[p], skeys[p], keys[lo:hi], slots[lo:hi], sink)
-    return missing
+        missing[r] = _find(buckets[p], kbits[p], shift[p], tshift[p], skeys[p], keys[lo:hi], slots[lo:hi], sink)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")

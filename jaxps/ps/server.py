@@ -24,14 +24,14 @@ from jaxps.memory import take_rows
 from jaxps.optim import rowwise
 from jaxps.optim.rowwise import RowOptimizer
 from jaxps.ps import store as store_mod
-from jaxps.ps.batched import ADAGRAD_KIND, SGD_KIND, PartitionArrays, find_runs, pull_runs, push_runs
+from jaxps.ps.batched import ADAGRAD_KIND, SGD_KIND, PartitionArrays, find_runs, keep_fresh, pull_runs, push_runs
 from jaxps.ps.clock import DONE, GroupClocks, Sync, SyncTimeout
 from jaxps.ps.cow import PendingCopy, finish
 from jaxps.ps.fused import fused_update
 from jaxps.ps.initrows import init_salt
 from jaxps.ps.keyindex import dedup
 from jaxps.ps.memo import PullMemo, PullMemos
-from jaxps.ps.ring import Ring, partition_runs
+from jaxps.ps.ring import Ring, partition_runs, partition_runs_keys
 from jaxps.ps.store import PartitionStore
 
 
@@ -381,17 +381,21 @@ class PSServer:
         if group >= 0:
             self.clocks.wait(group, clock, self.wait_timeout)
         self._fresh(ring_version)
-        order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
+        order, parts, bounds, ordered_keys = partition_runs_keys(keys, self.ring.num_partitions)
         self._check_parts(table, parts)
-        ordered_keys = keys[order]
+        n = keys.shape[0]
         if out is None:
-            out = np.empty((keys.shape[0], spec.dim), np.float32)
-        elif out.shape != (keys.shape[0], spec.dim) or out.dtype != np.float32 or not out.flags.c_contiguous:
-            raise PSError(f"table {table!r}: out must be a C-contiguous float32 [{keys.shape[0]}, {spec.dim}] "
+            out = np.empty((n, spec.dim), np.float32)
+        elif out.shape != (n, spec.dim) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise PSError(f"table {table!r}: out must be a C-contiguous float32 [{n}, {spec.dim}] "
                           f"array, got {out.dtype}{list(out.shape)}")
         part_list, lo_list = parts.tolist(), bounds.tolist()
         held = [self._store(table, p) for p in part_list]  # made before any lock is taken
-        slots = np.empty(keys.shape[0], np.int64)
+        slots = np.empty(n, np.int64)
+        missing = np.empty(len(part_list), np.int64)
+        memo = client >= 0 and n > 0  # absent keys' initial rows go with it: the push need not recompute them
+        fresh_keys = np.zeros(n if memo else 0, np.uint64)
+        fresh = np.empty((n if memo else 0, spec.dim), np.float32)
         arrays = self._table_arrays(table)
         salt = init_salt(spec.seed)
 
@@ -399,20 +403,21 @@ class PSServer:
             with self._holding([lock for _, lock in held[r0:r1]]):
                 if BATCHED and all([arrays.sync(part_list[r], held[r][0]) for r in range(r0, r1)]):
                     pull_runs(arrays.buckets, arrays.skeys, arrays.values, arrays.kbits, arrays.shift,
-                              arrays.tshift, parts, bounds, r0, r1, ordered_keys, order, out, slots,
-                              float(spec.init_scale), salt, self._sink)
+                              arrays.tshift, parts, bounds, r0, r1, ordered_keys, order, out, slots, missing,
+                              fresh_keys, fresh, float(spec.init_scale), salt, self._sink)
                 else:  # uint64 buckets somewhere: partition by partition
                     for r in range(r0, r1):
                         lo, hi = lo_list[r], lo_list[r + 1]
                         slots[lo:hi] = held[r][0].pull_into(ordered_keys[lo:hi], out, order[lo:hi])
+                        missing[r] = np.count_nonzero(slots[lo:hi] < 0)
+                    if memo:
+                        keep_fresh(bounds, r0, r1, ordered_keys, order, out, slots, fresh_keys, fresh)
                 return [held[r][0].epoch for r in range(r0, r1)]
         epochs = [e for span in self._each_span(self._spans(bounds), pull_span) for e in span]
-        if client >= 0 and keys.shape[0]:
-            absent = np.flatnonzero(slots < 0)  # their initial rows go with the memo (no recompute)
-            fresh_keys, fresh = ordered_keys[absent], take_rows(out, order[absent])
-            slots[absent] = -1 - np.arange(absent.shape[0])
+        if memo:
             self._memos.put(client, table, PullMemo(keys.copy(), order, parts, bounds, ordered_keys,
-                                                    [st for st, _ in held], epochs, slots, fresh_keys, fresh))
+                                                    [st for st, _ in held], epochs, slots, missing, fresh_keys,
+                                                    fresh))
         s = self._stats[table]
         s["pulls"] += 1
         s["pulled_keys"] += keys.shape[0]
@@ -436,8 +441,7 @@ class PSServer:
             self._fresh(ring_version)
             memo = self._memos.take(cid, table, keys) if keys.shape[0] else None
             if memo is None:
-                order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
-                ordered_keys = keys[order]
+                order, parts, bounds, ordered_keys = partition_runs_keys(keys, self.ring.num_partitions)
             else:  # the pull of these keys routed them and found their slots already
                 order, parts, bounds, ordered_keys = memo.order, memo.parts, memo.bounds, memo.ordered_keys
             self._check_parts(table, parts, write=True)
@@ -494,10 +498,11 @@ class PSServer:
         held = [self._store(table, p) for p in part_list]  # made before any lock is taken
         arrays = self._table_arrays(table)
         if memo is not None:  # the kernel completes them in place (a memo is used once)
-            slots, fresh_keys, fresh = memo.slots, memo.fresh_keys, memo.fresh
+            slots, missing, fresh_keys, fresh = memo.slots, memo.missing, memo.fresh_keys, memo.fresh
         else:
-            slots = np.empty(ordered_keys.shape[0], np.int64)
+            slots, missing = np.empty(ordered_keys.shape[0], np.int64), np.empty(len(part_list), np.int64)
             fresh_keys, fresh = np.zeros(0, np.uint64), np.zeros((0, spec.dim), np.float32)
+        no_fresh = -1 - fresh_keys.shape[0]  # a slot naming no pulled initial row
         apply = np.zeros(len(part_list), bool)
         salt, scale = init_salt(spec.seed), float(spec.init_scale)
 
@@ -511,33 +516,35 @@ class PSServer:
                         continue
                     apply[r] = True
                     batched = arrays.sync(part, store) and batched
-                    if memo is not None and memo.slots_for(r, store) is None:
-                        slots[lo_list[r]:lo_list[r + 1]] = -1  # stale: looked up again
+                    if memo is not None and memo.slots_for(r, store) is None:  # stale: looked up again
+                        slots[lo_list[r]:lo_list[r + 1]] = no_fresh
+                        missing[r] = lo_list[r + 1] - lo_list[r]
                     if self._pending.get((table, part)):
                         self._before_write((table, part), store, ordered_keys[lo_list[r]:lo_list[r + 1]])
                 if not apply[r0:r1].any():
                     return False
                 if batched and memo is None:
                     find_runs(arrays.buckets, arrays.skeys, arrays.kbits, arrays.shift, arrays.tshift, parts,
-                              bounds, r0, r1, ordered_keys, slots, self._sink)
+                              bounds, r0, r1, ordered_keys, slots, missing, self._sink)
                 if batched:  # absent keys may be new: room for all of them, so the kernel never grows
-                    a, b = lo_list[r0], lo_list[r1]
-                    absent = np.add.reduceat((slots[a:b] < 0).astype(np.int64), bounds[r0:r1] - a)
-                    for i in np.flatnonzero(absent * apply[r0:r1]).tolist():
-                        held[r0 + i][0].reserve_new(int(absent[i]))
-                        batched = arrays.sync(part_list[r0 + i], held[r0 + i][0]) and batched
+                    for r in range(r0, r1):
+                        if missing[r] and apply[r]:
+                            held[r][0].reserve_new(int(missing[r]))
+                            batched = arrays.sync(part_list[r], held[r][0]) and batched
                 if batched:
                     push_runs(arrays.buckets, arrays.skeys, arrays.values, arrays.acc, arrays.kbits, arrays.shift,
                               arrays.tshift, arrays.sizes, parts, bounds, r0, r1, apply, ordered_keys, order,
                               grads, slots, fresh_keys, fresh, scale, salt, slot_init, kind, lr, eps)
-                for r in np.flatnonzero(apply[r0:r1]).tolist():
-                    part, store = part_list[r0 + r], held[r0 + r][0]
+                for r in range(r0, r1):
+                    if not apply[r]:
+                        continue
+                    part, store = part_list[r], held[r][0]
                     if batched:
                         store.index.size = int(arrays.sizes[part])
                     else:  # uint64 buckets somewhere: partition by partition
-                        lo, hi = lo_list[r0 + r], lo_list[r0 + r + 1]
+                        lo, hi = lo_list[r], lo_list[r + 1]
                         store.push(ordered_keys[lo:hi], grads, step, order[lo:hi],
-                                   None if memo is None else memo.slots_for(r0 + r, store))
+                                   None if memo is None else memo.slots_for(r, store))
                     self._marks[(table, part)][cid] = seq
                 return True
         return any(self._each_span(self._spans(bounds), push_span))
