@@ -11,8 +11,8 @@ partitions itself.
 
 numba does no bounds checks, so the kernels see every partition's arrays through typed
 lists indexed by partition (`PartitionArrays`), refreshed whenever a store replaces an
-array (`PartitionStore.layout`), and inserts only into room reserved beforehand
-(`PartitionStore.reserve_new`). The kernels call the per-partition ones (key index
+array (`PartitionStore.layout`), and a push stops at a full partition, which Python grows
+(`PartitionStore.reserve_new`) before it resumes. The kernels call the per-partition ones (key index
 probes, initial rows, fused row updates): the arithmetic and its order are the same, so
 results are bit-identical to the per-partition path.
 """
@@ -24,7 +24,7 @@ from numba.typed import List
 
 from jaxps.ps.fused import _adagrad, _sgd
 from jaxps.ps.initrows import fill_row
-from jaxps.ps.keyindex import _find, _find_gather, _hash, _probe
+from jaxps.ps.keyindex import _MAX_LOAD, _find_gather, _hash, _probe
 
 _ONE = np.uint64(1)
 SGD_KIND, ADAGRAD_KIND = 0, 1
@@ -57,11 +57,11 @@ def keep_fresh(bounds, r0, r1, keys, pos, out, slots, fresh_keys, fresh):
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def pull_runs(buckets, skeys, values, kbits, shift, tshift, parts, bounds, r0, r1, keys, pos, out, slots,
-              missing, fresh_keys, fresh, scale, salt, sink):
+              fresh_keys, fresh, scale, salt, sink):
     """Runs r0..r1-1 of a request grouped by partition (`partition_runs`): for run r,
     partition parts[r] holds keys[bounds[r]:bounds[r+1]]; out[pos[i]] = row of keys[i]
-    (its initial row when absent), slots[i] = its slot or -1 and missing[r] = the run's
-    absent keys. With `fresh_keys` (a memo's): then `keep_fresh` of the span."""
+    (its initial row when absent) and slots[i] = its slot or -1. With `fresh_keys` (a
+    memo's): then `keep_fresh` of the span."""
     for r in range(r0, r1):
         p, lo, hi = parts[r], bounds[r], bounds[r + 1]
         m = _find_gather(buckets[p], kbits[p], shift[p], tshift[p], skeys[p], keys[lo:hi], values[p], out,
@@ -70,30 +70,20 @@ def pull_runs(buckets, skeys, values, kbits, shift, tshift, parts, bounds, r0, r
             for i in range(lo, hi):
                 if slots[i] < 0:
                     _init_row(keys[i], salt, scale, out, pos[i])
-        missing[r] = m
     if fresh_keys.shape[0]:
         keep_fresh(bounds, r0, r1, keys, pos, out, slots, fresh_keys, fresh)
 
 
-@numba.njit(cache=True, nogil=True)
-def find_runs(buckets, skeys, kbits, shift, tshift, parts, bounds, r0, r1, keys, slots, missing, sink):
-    """slots[i] = slot of keys[i] in its run's partition, or -1; missing[r] = the run's
-    absent keys."""
-    for r in range(r0, r1):
-        p, lo, hi = parts[r], bounds[r], bounds[r + 1]
-        missing[r] = _find(buckets[p], kbits[p], shift[p], tshift[p], skeys[p], keys[lo:hi], slots[lo:hi], sink)
-
-
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def push_runs(buckets, skeys, values, acc, kbits, shift, tshift, sizes, parts, bounds, r0, r1, apply,
+def push_runs(buckets, skeys, values, acc, kbits, shift, tshift, sizes, limits, parts, bounds, r0, r1, apply,
               keys, grows, grads, slots, fresh_keys, fresh, scale, salt, slot_init, kind, lr, eps):
     """Apply grads[grows[i]] to keys[i] for the runs r0..r1-1 with apply[r]: keys with
-    slots[i] < 0 are looked up and, when absent, stored at sizes[p], sizes[p]+1, ... (room
-    reserved by the caller) with their initial row -- fresh[j] when j = -1 - slots[i] names
-    a row of fresh_keys[j] == keys[i] (a pull computed it), else computed -- and the
-    optimizer's initial slot value. Then the fused update of the run's rows (kind: SGD or
-    Adagrad). Returns the keys inserted."""
-    inserted = 0
+    slots[i] < 0 are looked up and, when absent, stored at sizes[p], sizes[p]+1, ... with
+    their initial row -- fresh[j] when j = -1 - slots[i] names a row of fresh_keys[j] ==
+    keys[i] (a pull computed it), else computed -- and the optimizer's initial slot value;
+    then the fused update of the run's rows (kind: SGD or Adagrad). Returns r1, or the run
+    whose partition is full (sizes[p] == limits[p]: its keys so far have their slots, no
+    row is updated yet): the caller makes room and calls again from that run."""
     for r in range(r0, r1):
         if not apply[r]:
             continue
@@ -110,6 +100,9 @@ def push_runs(buckets, skeys, values, acc, kbits, shift, tshift, sizes, parts, b
             h, tag = _hash(k, sh, tsh)
             s, h = _probe(b, kb, smask, mask, sk, k, h, tag)
             if s < 0:
+                if size >= limits[p]:
+                    sizes[p] = size
+                    return r
                 s = size
                 b[h] = (tag << kb) | np.uint64(size + 1)
                 sk[size] = k
@@ -124,13 +117,27 @@ def push_runs(buckets, skeys, values, acc, kbits, shift, tshift, sizes, parts, b
                     for c in range(a.shape[1]):
                         a[s, c] = slot_init
             slots[i] = s
-        inserted += size - sizes[p]
         sizes[p] = size
         if kind == ADAGRAD_KIND:
             _adagrad(v, a, slots[lo:hi], grads, grows[lo:hi], lr, eps)
         else:
             _sgd(v, slots[lo:hi], grads, grows[lo:hi], lr)
-    return inserted
+    return r1
+
+
+# Typed lists are made and changed through these cached kernels: the typed List's own
+# Python methods compile on first use in every process (~1.2 s), these load from the cache.
+@numba.njit(cache=True)
+def _new_list(proto, n):
+    out = List()
+    for _ in range(n):
+        out.append(proto.copy())
+    return out
+
+
+@numba.njit(cache=True)
+def _set_item(lst, i, a):
+    lst[i] = a
 
 
 class PartitionArrays:
@@ -142,14 +149,16 @@ class PartitionArrays:
 
     def __init__(self, num_partitions: int, dim: int, slot: str | None):
         self.slot = slot
-        self.buckets = List([np.zeros(0, np.uint32) for _ in range(num_partitions)])
-        self.skeys = List([np.zeros(0, np.uint64) for _ in range(num_partitions)])
-        self.values = List([np.zeros((0, dim), np.float32) for _ in range(num_partitions)])
-        self.acc = List([np.zeros((0, dim), np.float32) for _ in range(num_partitions)]) if slot else self.values
+        self.dim = dim
+        self.buckets = _new_list(np.zeros(0, np.uint32), num_partitions)
+        self.skeys = _new_list(np.zeros(0, np.uint64), num_partitions)
+        self.values = _new_list(np.zeros((0, dim), np.float32), num_partitions)
+        self.acc = _new_list(np.zeros((0, dim), np.float32), num_partitions) if slot else self.values
         self.kbits = np.zeros(num_partitions, np.uint64)
         self.shift = np.zeros(num_partitions, np.uint64)
         self.tshift = np.zeros(num_partitions, np.uint64)
         self.sizes = np.zeros(num_partitions, np.int64)
+        self.limits = np.zeros(num_partitions, np.int64)  # keys a partition holds before it must grow
         self._store: list = [None] * num_partitions
         self._layout = [-1] * num_partitions
 
@@ -159,12 +168,13 @@ class PartitionArrays:
             if index._buckets.dtype != np.uint32:
                 self._store[part] = None
                 return False
-            self.buckets[part] = index._buckets
-            self.skeys[part] = index._skeys
-            self.values[part] = store.values
+            _set_item(self.buckets, part, index._buckets)
+            _set_item(self.skeys, part, index._skeys)
+            _set_item(self.values, part, store.values)
             if self.slot:
-                self.acc[part] = store.slots[self.slot]
+                _set_item(self.acc, part, store.slots[self.slot])
             self.kbits[part], self.shift[part], self.tshift[part] = index._kbits, index._shift, index._tshift
+            self.limits[part] = min(index._skeys.shape[0], int(index._buckets.shape[0] * _MAX_LOAD), store.capacity)
             self._store[part], self._layout[part] = store, store.layout
         self.sizes[part] = index.size
         return True
@@ -173,8 +183,8 @@ class PartitionArrays:
         """Drop the references to a dropped partition's arrays (their memory can go)."""
         if self._store[part] is not None:
             self._store[part], self._layout[part] = None, -1
-            self.buckets[part] = np.zeros(0, np.uint32)
-            self.skeys[part] = np.zeros(0, np.uint64)
-            self.values[part] = np.zeros((0, self.values[part].shape[1]), np.float32)
+            _set_item(self.buckets, part, np.zeros(0, np.uint32))
+            _set_item(self.skeys, part, np.zeros(0, np.uint64))
+            _set_item(self.values, part, np.zeros((0, self.dim), np.float32))
             if self.slot:
-                self.acc[part] = np.zeros((0, self.acc[part].shape[1]), np.float32)
+                _set_item(self.acc, part, np.zeros((0, self.dim), np.float32))

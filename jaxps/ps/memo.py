@@ -35,11 +35,11 @@ def _same(a, b):
 @dataclass
 class PullMemo:
     """One pull's routing and lookups: the request's keys (a copy: callers may reuse their
-    array), `partition_runs` of them, the keys in that order, per run the store, its epoch
-    and its count of absent keys at the time of the pull, and every key's slot in that
-    order (negative: absent at the pull; -1 - j when `fresh[j]` holds its initial row,
-    computed by the pull, for key `fresh_keys[j]`: a push that stores the key copies it
-    instead of computing it again; `jaxps.ps.batched.keep_fresh`)."""
+    array), `partition_runs` of them, the keys in that order, per run the store and its
+    epoch at the time of the pull, and every key's slot in that order (negative: absent at
+    the pull; -1 - j when `fresh[j]` holds its initial row, computed by the pull, for key
+    `fresh_keys[j]`: a push that stores the key copies it instead of computing it again;
+    `jaxps.ps.batched.keep_fresh`)."""
 
     keys: np.ndarray
     order: np.ndarray
@@ -49,14 +49,13 @@ class PullMemo:
     stores: list
     epochs: list[int]
     slots: np.ndarray
-    missing: np.ndarray
     fresh_keys: np.ndarray
     fresh: np.ndarray
 
     @property
     def nbytes(self) -> int:
         return (self.keys.nbytes + self.order.nbytes + self.ordered_keys.nbytes + self.slots.nbytes
-                + self.missing.nbytes + self.fresh_keys.nbytes + self.fresh.nbytes)
+                + self.fresh_keys.nbytes + self.fresh.nbytes)
 
     def slots_for(self, run: int, store) -> np.ndarray | None:
         """The pull's slots of run `run` if they are still valid in `store` (call with the
@@ -72,8 +71,8 @@ class PullMemos:
 
     per_client: a client may pull step k+1 (prefetch) and strict-mode repairs before it
     pushes step k, so a few are kept. A memo holds ~32 bytes per key (keys twice, order,
-    slots) and up to 72 more (the initial rows of keys absent at the pull, their keys): 256
-    MiB is 25-80 pulls of 100k keys."""
+    slots) and 8 + 4 * dim more (room for the initial rows of keys absent at the pull and
+    their keys): 256 MiB is 25-80 pulls of 100k keys."""
 
     def __init__(self, per_client: int = 4, max_bytes: int = 256 << 20):
         self.per_client, self.max_bytes = per_client, max_bytes

@@ -24,7 +24,7 @@ from jaxps.memory import take_rows
 from jaxps.optim import rowwise
 from jaxps.optim.rowwise import RowOptimizer
 from jaxps.ps import store as store_mod
-from jaxps.ps.batched import ADAGRAD_KIND, SGD_KIND, PartitionArrays, find_runs, keep_fresh, pull_runs, push_runs
+from jaxps.ps.batched import ADAGRAD_KIND, SGD_KIND, PartitionArrays, keep_fresh, pull_runs, push_runs
 from jaxps.ps.clock import DONE, GroupClocks, Sync, SyncTimeout
 from jaxps.ps.cow import PendingCopy, finish
 from jaxps.ps.fused import fused_update
@@ -392,7 +392,6 @@ class PSServer:
         part_list, lo_list = parts.tolist(), bounds.tolist()
         held = [self._store(table, p) for p in part_list]  # made before any lock is taken
         slots = np.empty(n, np.int64)
-        missing = np.empty(len(part_list), np.int64)
         memo = client >= 0 and n > 0  # absent keys' initial rows go with it: the push need not recompute them
         fresh_keys = np.zeros(n if memo else 0, np.uint64)
         fresh = np.empty((n if memo else 0, spec.dim), np.float32)
@@ -403,21 +402,19 @@ class PSServer:
             with self._holding([lock for _, lock in held[r0:r1]]):
                 if BATCHED and all([arrays.sync(part_list[r], held[r][0]) for r in range(r0, r1)]):
                     pull_runs(arrays.buckets, arrays.skeys, arrays.values, arrays.kbits, arrays.shift,
-                              arrays.tshift, parts, bounds, r0, r1, ordered_keys, order, out, slots, missing,
+                              arrays.tshift, parts, bounds, r0, r1, ordered_keys, order, out, slots,
                               fresh_keys, fresh, float(spec.init_scale), salt, self._sink)
                 else:  # uint64 buckets somewhere: partition by partition
                     for r in range(r0, r1):
                         lo, hi = lo_list[r], lo_list[r + 1]
                         slots[lo:hi] = held[r][0].pull_into(ordered_keys[lo:hi], out, order[lo:hi])
-                        missing[r] = np.count_nonzero(slots[lo:hi] < 0)
                     if memo:
                         keep_fresh(bounds, r0, r1, ordered_keys, order, out, slots, fresh_keys, fresh)
                 return [held[r][0].epoch for r in range(r0, r1)]
         epochs = [e for span in self._each_span(self._spans(bounds), pull_span) for e in span]
         if memo:
             self._memos.put(client, table, PullMemo(keys.copy(), order, parts, bounds, ordered_keys,
-                                                    [st for st, _ in held], epochs, slots, missing, fresh_keys,
-                                                    fresh))
+                                                    [st for st, _ in held], epochs, slots, fresh_keys, fresh))
         s = self._stats[table]
         s["pulls"] += 1
         s["pulled_keys"] += keys.shape[0]
@@ -498,10 +495,10 @@ class PSServer:
         held = [self._store(table, p) for p in part_list]  # made before any lock is taken
         arrays = self._table_arrays(table)
         if memo is not None:  # the kernel completes them in place (a memo is used once)
-            slots, missing, fresh_keys, fresh = memo.slots, memo.missing, memo.fresh_keys, memo.fresh
+            slots, fresh_keys, fresh = memo.slots, memo.fresh_keys, memo.fresh
         else:
-            slots, missing = np.empty(ordered_keys.shape[0], np.int64), np.empty(len(part_list), np.int64)
             fresh_keys, fresh = np.zeros(0, np.uint64), np.zeros((0, spec.dim), np.float32)
+            slots = np.full(ordered_keys.shape[0], -1, np.int64)
         no_fresh = -1 - fresh_keys.shape[0]  # a slot naming no pulled initial row
         apply = np.zeros(len(part_list), bool)
         salt, scale = init_salt(spec.seed), float(spec.init_scale)
@@ -518,30 +515,28 @@ class PSServer:
                     batched = arrays.sync(part, store) and batched
                     if memo is not None and memo.slots_for(r, store) is None:  # stale: looked up again
                         slots[lo_list[r]:lo_list[r + 1]] = no_fresh
-                        missing[r] = lo_list[r + 1] - lo_list[r]
                     if self._pending.get((table, part)):
                         self._before_write((table, part), store, ordered_keys[lo_list[r]:lo_list[r + 1]])
                 if not apply[r0:r1].any():
                     return False
-                if batched and memo is None:
-                    find_runs(arrays.buckets, arrays.skeys, arrays.kbits, arrays.shift, arrays.tshift, parts,
-                              bounds, r0, r1, ordered_keys, slots, missing, self._sink)
-                if batched:  # absent keys may be new: room for all of them, so the kernel never grows
-                    for r in range(r0, r1):
-                        if missing[r] and apply[r]:
-                            held[r][0].reserve_new(int(missing[r]))
-                            batched = arrays.sync(part_list[r], held[r][0]) and batched
-                if batched:
-                    push_runs(arrays.buckets, arrays.skeys, arrays.values, arrays.acc, arrays.kbits, arrays.shift,
-                              arrays.tshift, arrays.sizes, parts, bounds, r0, r1, apply, ordered_keys, order,
-                              grads, slots, fresh_keys, fresh, scale, salt, slot_init, kind, lr, eps)
+                done = r0  # runs below it are applied by the kernel
+                while batched and done < r1:
+                    done = push_runs(arrays.buckets, arrays.skeys, arrays.values, arrays.acc, arrays.kbits,
+                                     arrays.shift, arrays.tshift, arrays.sizes, arrays.limits, parts, bounds, done,
+                                     r1, apply, ordered_keys, order, grads, slots, fresh_keys, fresh, scale, salt,
+                                     slot_init, kind, lr, eps)
+                    if done < r1:  # its partition is full: grow it (room for the whole run), resume there
+                        part, store = part_list[done], held[done][0]
+                        store.index.size = int(arrays.sizes[part])
+                        store.reserve_new(lo_list[done + 1] - lo_list[done])
+                        batched = arrays.sync(part, store)
                 for r in range(r0, r1):
                     if not apply[r]:
                         continue
                     part, store = part_list[r], held[r][0]
-                    if batched:
+                    if r < done:
                         store.index.size = int(arrays.sizes[part])
-                    else:  # uint64 buckets somewhere: partition by partition
+                    else:  # uint64 buckets: partition by partition (keys the kernel stored are found)
                         lo, hi = lo_list[r], lo_list[r + 1]
                         store.push(ordered_keys[lo:hi], grads, step, order[lo:hi],
                                    None if memo is None else memo.slots_for(r, store))
