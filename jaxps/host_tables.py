@@ -210,7 +210,8 @@ class HostTables:
         for name, p in plans.items():
             dim = self.dense.spec.dim if name == DENSE_TABLE else self.tables[name].dim
             block = aligned_empty((p.capacity, dim), np.float32)
-            self.ps.pull(name, p.keys, group, clock, out=block[:p.keys.shape[0]])  # the rows land in place
+            # the rows land in place; a training pull's lookups serve its push (jaxps.ps.memo)
+            self.ps.pull(name, p.keys, group, clock, out=block[:p.keys.shape[0]], memo=training)
             block[p.keys.shape[0]:] = 0
             out[name] = block
         took = time.perf_counter() - t0
@@ -254,7 +255,7 @@ class HostTables:
             if shared.any():
                 t0 = time.perf_counter()
                 idx = np.flatnonzero(shared)
-                rows[name][idx] = self.ps.pull(name, p.keys[idx])
+                rows[name][idx] = self.ps.pull(name, p.keys[idx], memo=False)
                 self.repaired_rows += idx.size
                 self.seconds["repair_pull"] += time.perf_counter() - t0
 

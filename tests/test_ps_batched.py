@@ -140,3 +140,22 @@ def test_pull_into_a_callers_buffer(servers):
     np.testing.assert_array_equal(out, want)
     with pytest.raises(ValueError, match="C-contiguous"):
         c.pull("t", keys, out=np.empty((3000, DIM + 1), np.float32))
+
+
+def test_pulls_without_memo_leave_the_pushs_memo_in_place():
+    """A strict repair's pulls (memo=False) must not push out the memo its push will use:
+    with 4 memos per client, 4 prefetched pulls and one repair pull, the first went."""
+    spec = TableSpec("t", DIM, rowwise.make("adagrad"))
+    c = embedded([spec], num_partitions=16)
+    memos = c.transports["ps-0"].server._memos
+    memos.per_client = 4
+    batches = [mix64(np.arange(1 + 100 * i, 101 + 100 * i, dtype=np.uint64)) for i in range(4)]
+    for k in batches:
+        c.pull("t", k)
+    c.pull("t", batches[0][:10], memo=False)
+    c.push("t", batches[0], np.ones((100, DIM), np.float32), 1)
+    assert (memos.hits, memos.misses) == (1, 0)
+    c.pull("t", batches[1][:10])  # with memos: 5 of this client's, the oldest (batches[1]'s) goes
+    c.pull("t", batches[2][:10])
+    c.push("t", batches[1], np.ones((100, DIM), np.float32), 2)
+    assert (memos.hits, memos.misses) == (1, 1)

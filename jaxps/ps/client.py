@@ -227,29 +227,33 @@ class PSClient:
                        if bounds[i + 1] > bounds[i]]
 
     def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0,
-             out: np.ndarray | None = None) -> np.ndarray:
+             out: np.ndarray | None = None, memo: bool = True) -> np.ndarray:
         """Rows [n, dim] of unique uint64 `keys`, in order, written into `out` when given (a
         C-contiguous float32 [n, dim] array: in-process servers write there directly, no
         copy of the rows). A worker `group` (>= 0) pulls at its `clock`: the servers answer
-        once the consistency model allows."""
+        once the consistency model allows. memo: the servers keep the pull's lookups for
+        this client's push of exactly these keys (`jaxps.ps.memo`); False for pulls whose
+        keys are never pushed as such (a strict repair's): their memos would push out the
+        ones a push will use."""
         keys = np.ascontiguousarray(keys, np.uint64)
         if out is not None and (out.shape != (keys.shape[0], self.tables[table].dim) or out.dtype != np.float32
                                 or not out.flags.c_contiguous):
             raise ValueError(f"table {table!r}: out must be a C-contiguous float32 "
                              f"[{keys.shape[0]}, {self.tables[table].dim}] array, got {out.dtype}{list(out.shape)}")
-        return self._with_retries("pull", lambda: self._pull(table, keys, group, clock, out))
+        client = self.client_id if memo else -1
+        return self._with_retries("pull", lambda: self._pull(table, keys, group, clock, out, client))
 
-    def _server_pull(self, server: str, table, keys, group, clock, v, out):
+    def _server_pull(self, server: str, table, keys, group, clock, v, client, out):
         """One server's reply, in `out` when given."""
         transport = self.transports[server]
         if out is None:
-            return transport.pull(table, keys, group, clock, v, self.client_id)
+            return transport.pull(table, keys, group, clock, v, client)
         if isinstance(transport, InProcessTransport):
-            return transport.pull(table, keys, group, clock, v, self.client_id, out)
-        out[...] = transport.pull(table, keys, group, clock, v, self.client_id)
+            return transport.pull(table, keys, group, clock, v, client, out)
+        out[...] = transport.pull(table, keys, group, clock, v, client)
         return out
 
-    def _pull(self, table, keys, group, clock, out):
+    def _pull(self, table, keys, group, clock, out, client):
         ring = self.ring
         order, runs = self._route(keys, ring)
         grouped = keys if order is None else keys[order]
@@ -257,13 +261,13 @@ class PSClient:
         pool = self._gated_pool if group >= 0 else self._pool  # a gate-waiting pull holds its thread
         if order is None:  # one server: its reply is the answer
             futures = _start_all(pool, [functools.partial(self._server_pull, s, table, grouped[lo:hi], group,
-                                                          clock, v, out) for s, lo, hi in runs])
+                                                          clock, v, client, out) for s, lo, hi in runs])
             if futures:
                 return futures[0].result()
             return np.zeros((0, self.tables[table].dim), np.float32) if out is None else out
         rows = np.empty((keys.shape[0], self.tables[table].dim), np.float32)  # grouped by server: each reply lands in place
         futures = _start_all(pool, [functools.partial(self._server_pull, s, table, grouped[lo:hi], group, clock, v,
-                                                      rows[lo:hi]) for s, lo, hi in runs])
+                                                      client, rows[lo:hi]) for s, lo, hi in runs])
         for f in futures:
             f.result()
         if out is None:

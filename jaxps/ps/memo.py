@@ -69,12 +69,13 @@ class PullMemos:
     """The last `per_client` pull memos of each (client, table), at most `max_bytes` of them
     in all (the least recently used (client, table) loses its oldest first). Thread-safe.
 
-    per_client: a client may pull step k+1 (prefetch) and strict-mode repairs before it
-    pushes step k, so a few are kept. A memo holds ~32 bytes per key (keys twice, order,
+    per_client: a trainer pulls up to prefetch + 1 + in-flight pushes (3 + 1 + 2 by default)
+    steps ahead of the push a memo serves; with 4 kept, a strict run (whose training thread
+    waits in repairs while the input thread runs ahead) found 4 of 12 memos (12 of 12 at 8). A memo holds ~32 bytes per key (keys twice, order,
     slots) and 8 + 4 * dim more (room for the initial rows of keys absent at the pull and
     their keys): 256 MiB is 25-80 pulls of 100k keys."""
 
-    def __init__(self, per_client: int = 4, max_bytes: int = 256 << 20):
+    def __init__(self, per_client: int = 8, max_bytes: int = 256 << 20):
         self.per_client, self.max_bytes = per_client, max_bytes
         self._memos: OrderedDict[tuple[int, str], list[PullMemo]] = OrderedDict()
         self._bytes = 0

@@ -2,7 +2,11 @@
 applies pushes with the row-wise optimizer, exactly once per request id.
 
 One lock per partition, not per key and not per server: pulls and pushes that touch
-different partitions run in parallel (numpy and the numba index release the GIL).
+different partitions run in parallel (numpy and the numba index release the GIL). A
+request takes the locks of its partitions (per thread span, in ascending order) and
+serves them in one numba call (`jaxps.ps.batched`): one GIL hand-off per request instead
+of one per partition. Tables with admission, eviction or an optimizer without a fused
+kernel push partition by partition.
 Worker groups (`clock`): a pull from a group waits as its consistency model says
 (`jaxps.ps.clock`); under BSP a group's push is held until every group pushed that step,
 then all of them are summed per key and applied as one update. Partitions are the unit
