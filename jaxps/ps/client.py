@@ -265,7 +265,8 @@ class PSClient:
             if futures:
                 return futures[0].result()
             return np.zeros((0, self.tables[table].dim), np.float32) if out is None else out
-        rows = np.empty((keys.shape[0], self.tables[table].dim), np.float32)  # grouped by server: each reply lands in place
+        # grouped by server: each reply lands in place
+        rows = np.empty((keys.shape[0], self.tables[table].dim), np.float32)
         futures = _start_all(pool, [functools.partial(self._server_pull, s, table, grouped[lo:hi], group, clock, v,
                                                       client, rows[lo:hi]) for s, lo, hi in runs])
         for f in futures:

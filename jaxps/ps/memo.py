@@ -71,9 +71,10 @@ class PullMemos:
 
     per_client: a trainer pulls up to prefetch + 1 + in-flight pushes (3 + 1 + 2 by default)
     steps ahead of the push a memo serves; with 4 kept, a strict run (whose training thread
-    waits in repairs while the input thread runs ahead) found 4 of 12 memos (12 of 12 at 8). A memo holds ~32 bytes per key (keys twice, order,
-    slots) and 8 + 4 * dim more (room for the initial rows of keys absent at the pull and
-    their keys): 256 MiB is 25-80 pulls of 100k keys."""
+    waits in repairs while the input thread runs ahead) found 4 of 12 memos (12 of 12 at 8).
+    A memo holds ~32 bytes per key (keys twice, order, slots) and 8 + 4 * dim more (room
+    for the initial rows of keys absent at the pull and their keys): 256 MiB is 25-80
+    pulls of 100k keys."""
 
     def __init__(self, per_client: int = 8, max_bytes: int = 256 << 20):
         self.per_client, self.max_bytes = per_client, max_bytes
