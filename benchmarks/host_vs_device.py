@@ -12,7 +12,7 @@ DistributedModelParallel table-wise over gloo). `ratio_vs_torchrec` = jaxps on-m
 over TorchRec's; null with `torchrec_note` saying why when TorchRec is missing or fails.
 
 Usage: python benchmarks/host_vs_device.py [--quick] [--batch 4096] [--dim 16] [--devices 1]
-       [--torchrec-procs 2]
+       [--torchrec-procs 2] [--ps-threads 1]
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from jaxps.data import PlantedModel, SyntheticConfig  # noqa: E402
 from jaxps.mesh import MeshConfig, make_mesh  # noqa: E402
 from jaxps.models import WideDeep, WideDeepConfig  # noqa: E402
 from jaxps.placement import HostTable, RowSharded  # noqa: E402
+from jaxps.ps.client import embedded  # noqa: E402
 from jaxps.trainer import TrainConfig, Trainer  # noqa: E402
 
 
@@ -41,9 +42,10 @@ def seconds_per_step(placement, batches, args, strict=True) -> tuple[float, dict
     model = WideDeep(WideDeepConfig(num_slots=39, embed_rows=args.rows, embed_dim=args.dim,
                                     wide_rows=args.rows, hidden=(256, 128), embed_placement=placement))
     mesh = make_mesh(MeshConfig(data=args.devices), jax.devices()[:args.devices])
+    ps = embedded([], threads=args.ps_threads) if isinstance(placement, HostTable) else None
     t = Trainer(model, mesh, TrainConfig(progress=False, tensorboard=False, checkpoint=False,
                                          log_every=10_000, dense_optimizer="adam", dense_learning_rate=1e-3,
-                                         compilation_cache="", ps_strict=strict))
+                                         compilation_cache="", ps_strict=strict), ps=ps)
     t.fit(batches[:3])  # compile and warm the tables
     host = t.steps.host
     before = dict(host.seconds) if host is not None else {}
@@ -123,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=1 << 22, help="hashed rows of both tables")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--torchrec-procs", type=int, default=2, help="torchrun processes of the TorchRec peer")
+    p.add_argument("--ps-threads", type=int, default=1,
+                   help="threads per request of the embedded PS server (PSServer threads; for many-core hosts)")
     args = p.parse_args(argv)
     steps = 12 if args.quick else 40
     planted = PlantedModel(SyntheticConfig(num_fields=39, vocab_size=10_000, seed=0))
@@ -136,7 +140,7 @@ def main(argv=None) -> int:
     trec_sps = trec["samples_per_sec"] if trec else None
     emit("host_vs_device", {
         "batch_size": args.batch, "embed_dim": args.dim, "rows": args.rows, "steps": steps,
-        "devices": args.devices, "seconds_per_step_device": device_s,
+        "devices": args.devices, "ps_threads": args.ps_threads, "seconds_per_step_device": device_s,
         "seconds_per_step_host_strict": host_s, "seconds_per_step_host_nonstrict": loose_s,
         "ratio": host_s / device_s, "ratio_nonstrict": loose_s / device_s,
         "repaired_rows_strict": host_extra.get("repaired_rows"),

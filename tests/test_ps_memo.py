@@ -105,7 +105,7 @@ def test_memos_are_bounded_per_client_and_in_bytes():
     def memo(n):
         k = np.arange(n, dtype=np.uint64)
         return PullMemo(k, np.arange(n), np.zeros(1, np.int64), np.array([0, n]), k.copy(), [None], [0],
-                        [np.arange(n)])
+                        np.arange(n), np.zeros(0, np.uint64), np.zeros((0, 4), np.float32))
     m = PullMemos(per_client=2, max_bytes=10 * 32 * 100)
     for i in range(3):
         m.put(1, "t", memo(100 + i))

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from jaxps.ps.ring import Ring, partition_of, partition_runs
+from jaxps.ps.ring import Ring, partition_of, partition_runs, partition_runs_keys
 
 
 def test_partitions_spread_keys_and_are_stable():
@@ -61,3 +61,7 @@ def test_partition_runs_equal_numpy_stable_sort(num_partitions):
         np.testing.assert_array_equal(parts, np.unique(p))
         np.testing.assert_array_equal(np.diff(bounds), np.bincount(p, minlength=num_partitions)[np.unique(p)])
         assert bounds[0] == 0 and bounds[-1] == k.shape[0]
+        *same, ordered = partition_runs_keys(k, num_partitions)
+        for a, b in zip(same, (order, parts, bounds)):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ordered, k[want])

@@ -51,8 +51,9 @@ class InProcessTransport:
     def kill(self) -> None:
         self.alive = False
 
-    def pull(self, table, keys, group=-1, clock=0, ring_version=-1, client=-1):
-        return self.server.pull(table, keys, group, clock, ring_version, client)
+    def pull(self, table, keys, group=-1, clock=0, ring_version=-1, client=-1, out=None):
+        """`out`: write the rows there (no copy; only an in-process server can)."""
+        return self.server.pull(table, keys, group, clock, ring_version, client, out)
 
     def push(self, table, keys, grads, request_id, step, group=-1, ring_version=-1):
         return self.server.push(table, keys, grads, request_id, step, group, ring_version)
@@ -225,26 +226,53 @@ class PSClient:
         return order, [(name, int(bounds[i]), int(bounds[i + 1])) for i, name in enumerate(ring.servers)
                        if bounds[i + 1] > bounds[i]]
 
-    def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0) -> np.ndarray:
-        """Rows [n, dim] of unique uint64 `keys`, in order. A worker `group` (>= 0) pulls
-        at its `clock`: the servers answer once the consistency model allows."""
+    def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0,
+             out: np.ndarray | None = None, memo: bool = True) -> np.ndarray:
+        """Rows [n, dim] of unique uint64 `keys`, in order, written into `out` when given (a
+        C-contiguous float32 [n, dim] array: in-process servers write there directly, no
+        copy of the rows). A worker `group` (>= 0) pulls at its `clock`: the servers answer
+        once the consistency model allows. memo: the servers keep the pull's lookups for
+        this client's push of exactly these keys (`jaxps.ps.memo`); False for pulls whose
+        keys are never pushed as such (a strict repair's): their memos would push out the
+        ones a push will use."""
         keys = np.ascontiguousarray(keys, np.uint64)
-        return self._with_retries("pull", lambda: self._pull(table, keys, group, clock))
+        if out is not None and (out.shape != (keys.shape[0], self.tables[table].dim) or out.dtype != np.float32
+                                or not out.flags.c_contiguous):
+            raise ValueError(f"table {table!r}: out must be a C-contiguous float32 "
+                             f"[{keys.shape[0]}, {self.tables[table].dim}] array, got {out.dtype}{list(out.shape)}")
+        client = self.client_id if memo else -1
+        return self._with_retries("pull", lambda: self._pull(table, keys, group, clock, out, client))
 
-    def _pull(self, table, keys, group, clock):
+    def _server_pull(self, server: str, table, keys, group, clock, v, client, out):
+        """One server's reply, in `out` when given."""
+        transport = self.transports[server]
+        if out is None:
+            return transport.pull(table, keys, group, clock, v, client)
+        if isinstance(transport, InProcessTransport):
+            return transport.pull(table, keys, group, clock, v, client, out)
+        out[...] = transport.pull(table, keys, group, clock, v, client)
+        return out
+
+    def _pull(self, table, keys, group, clock, out, client):
         ring = self.ring
         order, runs = self._route(keys, ring)
         grouped = keys if order is None else keys[order]
         v = ring.version if self.ring_source is not None else -1  # checked where rings change
         pool = self._gated_pool if group >= 0 else self._pool  # a gate-waiting pull holds its thread
-        futures = _start_all(pool, [functools.partial(self.transports[s].pull, table, grouped[lo:hi], group,
-                                                      clock, v, self.client_id) for s, lo, hi in runs])
         if order is None:  # one server: its reply is the answer
-            return futures[0].result() if futures else np.zeros((0, self.tables[table].dim), np.float32)
+            futures = _start_all(pool, [functools.partial(self._server_pull, s, table, grouped[lo:hi], group,
+                                                          clock, v, client, out) for s, lo, hi in runs])
+            if futures:
+                return futures[0].result()
+            return np.zeros((0, self.tables[table].dim), np.float32) if out is None else out
+        # grouped by server: each reply lands in place
         rows = np.empty((keys.shape[0], self.tables[table].dim), np.float32)
-        for (_, lo, hi), f in zip(runs, futures):
-            rows[lo:hi] = f.result()
-        out = np.empty_like(rows)
+        futures = _start_all(pool, [functools.partial(self._server_pull, s, table, grouped[lo:hi], group, clock, v,
+                                                      client, rows[lo:hi]) for s, lo, hi in runs])
+        for f in futures:
+            f.result()
+        if out is None:
+            out = np.empty_like(rows)
         put_rows(out, order, rows)
         return out
 

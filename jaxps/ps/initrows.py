@@ -21,16 +21,27 @@ _INV53 = 1.0 / float(1 << 53)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _fill(keys: np.ndarray, base_salt: np.uint64, scale: float, out: np.ndarray) -> None:
+def fill_row(key, base_salt, scale, out, row):
+    """out[row] = the initial row of `key` (the batched PS kernels call it too)."""
     dim = out.shape[1]
+    base = mix64_scalar(key ^ base_salt)
+    for j in range(dim):
+        b1 = mix64_scalar(base + np.uint64(j) * GOLDEN)
+        b2 = mix64_scalar(base + np.uint64(j + dim) * GOLDEN)
+        u1 = (float(b1 >> _S11) + 0.5) * _INV53   # (0, 1)
+        u2 = (float(b2 >> _S11) + 0.5) * _INV53
+        out[row, j] = np.float32(scale * (math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)))
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _fill(keys: np.ndarray, base_salt: np.uint64, scale: float, out: np.ndarray) -> None:
     for i in range(keys.shape[0]):
-        base = mix64_scalar(keys[i] ^ base_salt)
-        for j in range(dim):
-            b1 = mix64_scalar(base + np.uint64(j) * GOLDEN)
-            b2 = mix64_scalar(base + np.uint64(j + dim) * GOLDEN)
-            u1 = (float(b1 >> _S11) + 0.5) * _INV53   # (0, 1)
-            u2 = (float(b2 >> _S11) + 0.5) * _INV53
-            out[i, j] = np.float32(scale * (math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)))
+        fill_row(keys[i], base_salt, scale, out, i)
+
+
+def init_salt(seed: int) -> np.uint64:
+    """The per-table salt of `fill_row` (from the table seed)."""
+    return mix64(np.array([seed], np.uint64) * GOLDEN)[0]
 
 
 def init_rows(keys: np.ndarray, dim: int, scale: float, seed: int) -> np.ndarray:
@@ -39,6 +50,5 @@ def init_rows(keys: np.ndarray, dim: int, scale: float, seed: int) -> np.ndarray
     if not scale:
         return np.zeros((keys.shape[0], dim), np.float32)
     out = np.empty((keys.shape[0], dim), np.float32)
-    salt = mix64(np.array([seed], np.uint64) * GOLDEN)[0]
-    _fill(np.ascontiguousarray(keys, np.uint64), salt, float(scale), out)
+    _fill(np.ascontiguousarray(keys, np.uint64), init_salt(seed), float(scale), out)
     return out

@@ -164,6 +164,7 @@ class KeyIndex:
 
     def __init__(self, capacity: int = 1024):
         self.size = 0
+        self.layout = 0  # bumped whenever the bucket or key array is replaced (growth)
         self._sink = np.zeros(1, np.uint64)  # the prefetch passes' result goes here
         self._skeys = huge_zeros(max(16, capacity), np.uint64)
         self._alloc(max(16, 1 << int(np.ceil(np.log2(max(capacity / _MAX_LOAD, 2))))))
@@ -174,6 +175,7 @@ class KeyIndex:
         n = huge_capacity(n, bits // 8)  # 1-2 MiB of buckets: more of them, in one huge page
         k = int(n).bit_length() - 1
         self._buckets = huge_zeros(n, np.uint64 if wide else np.uint32)
+        self.layout += 1
         self._kbits = np.uint64(k)
         self._shift = np.uint64(64 - k)
         self._tshift = np.uint64(64 - (bits - k))
@@ -186,6 +188,16 @@ class KeyIndex:
         new = huge_zeros(grown_capacity(self._skeys.shape[0], need, 16), np.uint64)
         new[:self.size] = self._skeys[:self.size]
         self._skeys = new
+        self.layout += 1
+
+    def reserve(self, n: int) -> None:
+        """Grow now so that `n` more keys fit without growing: a kernel that inserts into
+        the arrays directly (jaxps.ps.batched) cannot grow them."""
+        need = self.size + n
+        while int(self._buckets.shape[0] * _MAX_LOAD) < need:
+            self._grow()
+        if self._skeys.shape[0] < need:
+            self._grow_keys(need)
 
     @property
     def nbytes(self) -> int:
@@ -240,8 +252,15 @@ class KeyIndex:
         return self._skeys[:self.size].copy()
 
 
-def dedup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(unique keys in first-seen order, inverse) for one batch of uint64 keys."""
+def dedup_index(keys: np.ndarray) -> tuple[KeyIndex, np.ndarray]:
+    """(index of the unique keys, slot = place in first-seen order; inverse) for one batch
+    of uint64 keys: the index also answers later "which of these keys are in that set"."""
     index = KeyIndex(capacity=max(16, keys.size // 2))
     inverse, _ = index.find_or_insert(keys.reshape(-1))
-    return index.keys(), inverse.reshape(keys.shape)
+    return index, inverse.reshape(keys.shape)
+
+
+def dedup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique keys in first-seen order, inverse) for one batch of uint64 keys."""
+    index, inverse = dedup_index(keys)
+    return index.keys(), inverse

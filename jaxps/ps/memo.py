@@ -20,14 +20,26 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numba
 import numpy as np
+
+
+@numba.njit(cache=True)  # holds the GIL: ~20 us, less than handing the GIL over and back
+def _same(a, b):
+    for i in range(a.shape[0]):
+        if a[i] != b[i]:
+            return False
+    return True
 
 
 @dataclass
 class PullMemo:
     """One pull's routing and lookups: the request's keys (a copy: callers may reuse their
-    array), `partition_runs` of them, the keys in that order, and per run the store, its
-    epoch and the run's slots (-1: absent at the pull) at the time of the pull."""
+    array), `partition_runs` of them, the keys in that order, per run the store and its
+    epoch at the time of the pull, and every key's slot in that order (negative: absent at
+    the pull; -1 - j when `fresh[j]` holds its initial row, computed by the pull, for key
+    `fresh_keys[j]`: a push that stores the key copies it instead of computing it again;
+    `jaxps.ps.batched.keep_fresh`)."""
 
     keys: np.ndarray
     order: np.ndarray
@@ -36,18 +48,20 @@ class PullMemo:
     ordered_keys: np.ndarray
     stores: list
     epochs: list[int]
-    slots: list[np.ndarray | None]
+    slots: np.ndarray
+    fresh_keys: np.ndarray
+    fresh: np.ndarray
 
     @property
     def nbytes(self) -> int:
-        return (self.keys.nbytes + self.order.nbytes + self.ordered_keys.nbytes
-                + sum(s.nbytes for s in self.slots if s is not None))
+        return (self.keys.nbytes + self.order.nbytes + self.ordered_keys.nbytes + self.slots.nbytes
+                + self.fresh_keys.nbytes + self.fresh.nbytes)
 
     def slots_for(self, run: int, store) -> np.ndarray | None:
         """The pull's slots of run `run` if they are still valid in `store` (call with the
         partition's lock held), else None."""
         if self.stores[run] is store and store.epoch == self.epochs[run]:
-            return self.slots[run]
+            return self.slots[self.bounds[run]:self.bounds[run + 1]]
         return None
 
 
@@ -55,11 +69,14 @@ class PullMemos:
     """The last `per_client` pull memos of each (client, table), at most `max_bytes` of them
     in all (the least recently used (client, table) loses its oldest first). Thread-safe.
 
-    per_client: a client may pull step k+1 (prefetch) and strict-mode repairs before it
-    pushes step k, so a few are kept. A memo holds ~32 bytes per key (keys twice, order,
-    slots): 256 MiB is ~80 pulls of 100k keys."""
+    per_client: a trainer pulls up to prefetch + 1 + in-flight pushes (3 + 1 + 2 by default)
+    steps ahead of the push a memo serves; with 4 kept, a strict run (whose training thread
+    waits in repairs while the input thread runs ahead) found 4 of 12 memos (12 of 12 at 8).
+    A memo holds ~32 bytes per key (keys twice, order, slots) and 8 + 4 * dim more (room
+    for the initial rows of keys absent at the pull and their keys): 256 MiB is 25-80
+    pulls of 100k keys."""
 
-    def __init__(self, per_client: int = 4, max_bytes: int = 256 << 20):
+    def __init__(self, per_client: int = 8, max_bytes: int = 256 << 20):
         self.per_client, self.max_bytes = per_client, max_bytes
         self._memos: OrderedDict[tuple[int, str], list[PullMemo]] = OrderedDict()
         self._bytes = 0
@@ -87,7 +104,7 @@ class PullMemos:
             memos = self._memos.get((client, table), ())
             for i in range(len(memos) - 1, -1, -1):
                 m = memos[i]
-                if m.keys.shape == keys.shape and np.array_equal(m.keys, keys):
+                if m.keys.shape == keys.shape and _same(m.keys, keys):
                     del memos[i]
                     self._bytes -= m.nbytes
                     self.hits += 1

@@ -2,7 +2,11 @@
 applies pushes with the row-wise optimizer, exactly once per request id.
 
 One lock per partition, not per key and not per server: pulls and pushes that touch
-different partitions run in parallel (numpy and the numba index release the GIL).
+different partitions run in parallel (numpy and the numba index release the GIL). A
+request takes the locks of its partitions (per thread span, in ascending order) and
+serves them in one numba call (`jaxps.ps.batched`): one GIL hand-off per request instead
+of one per partition. Tables with admission, eviction or an optimizer without a fused
+kernel push partition by partition.
 Worker groups (`clock`): a pull from a group waits as its consistency model says
 (`jaxps.ps.clock`); under BSP a group's push is held until every group pushed that step,
 then all of them are summed per key and applied as one update. Partitions are the unit
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,11 +27,15 @@ import numpy as np
 from jaxps.memory import take_rows
 from jaxps.optim import rowwise
 from jaxps.optim.rowwise import RowOptimizer
+from jaxps.ps import store as store_mod
+from jaxps.ps.batched import ADAGRAD_KIND, SGD_KIND, PartitionArrays, keep_fresh, pull_runs, push_runs
 from jaxps.ps.clock import DONE, GroupClocks, Sync, SyncTimeout
 from jaxps.ps.cow import PendingCopy, finish
+from jaxps.ps.fused import fused_update
+from jaxps.ps.initrows import init_salt
 from jaxps.ps.keyindex import dedup
 from jaxps.ps.memo import PullMemo, PullMemos
-from jaxps.ps.ring import Ring, partition_runs
+from jaxps.ps.ring import Ring, partition_runs, partition_runs_keys
 from jaxps.ps.store import PartitionStore
 
 
@@ -88,6 +97,8 @@ SYNC_STATS = "__sync__"   # the key of the worker-group clocks in `stats()`
 # it a thread hand-off (~20-100 us) costs more than the ~100 ns per key it could overlap.
 PARALLEL_KEYS = 16384
 
+BATCHED = True  # one kernel call per request span (jaxps.ps.batched); tests turn it off
+
 
 
 class Frozen(PSError):
@@ -138,6 +149,8 @@ class PSServer:
         self._stores: dict[tuple[str, int], PartitionStore] = {}
         self._memos = PullMemos()  # recent pulls' routing and slots, for the pushes of their keys
         self._locks: dict[tuple[str, int], threading.Lock] = {}
+        self._arrays: dict[str, PartitionArrays] = {}  # per table: the batched kernels' view
+        self._sink = np.zeros(1, np.uint64)  # the kernels' prefetch results (never read)
         self._marks: dict[tuple[str, int], dict[int, int]] = {}   # (table, part) -> client -> last seq
         self._meta_lock = threading.Lock()
         # copy-on-write snapshots (`mark`): (table, part) -> ticket -> its rows at the mark
@@ -209,6 +222,8 @@ class PSServer:
         with self._locks[key]:
             self._before_write(key, self._stores[key])
             self._pending.pop(key, None)
+            if key[0] in self._arrays:
+                self._arrays[key[0]].forget(key[1])
         del self._stores[key], self._locks[key]
         self._marks.pop(key, None)
 
@@ -282,22 +297,76 @@ class PSServer:
         return spec
 
     # ------------------------------------------------------------------ requests
+    def _spans(self, bounds: np.ndarray) -> list[tuple[int, int]]:
+        """A request's runs [r0, r1) per thread: one span, or (from `PARALLEL_KEYS` keys on,
+        with `threads` > 1) `threads` spans of about equal keys."""
+        n_runs = bounds.shape[0] - 1
+        if self._helpers is None or bounds[-1] < PARALLEL_KEYS or n_runs < 2:
+            return [(0, n_runs)]
+        cuts = np.searchsorted(bounds, np.linspace(0, bounds[-1], self.threads + 1)[1:-1]).tolist()
+        return [(a, b) for a, b in zip([0] + cuts, cuts + [n_runs]) if b > a]
+
+    def _each_span(self, spans: list[tuple[int, int]], body) -> list:
+        """[body(r0, r1) for each span], the first in this thread, the others on helpers."""
+        futures = [self._helpers.submit(body, a, b) for a, b in spans[1:]]
+        try:
+            out = [body(*spans[0])]
+        finally:  # never leave a span running past the request (it may raise too)
+            rest = [f.result() for f in futures]
+        return out + rest
+
     def _each_run(self, bounds: np.ndarray, body) -> list:
         """[body(i) for each run i of a request's `bounds`]; a big request's runs are cut
         into `threads` spans of about equal keys, each on its own thread (this one included)."""
-        n_runs = bounds.shape[0] - 1
-        if self._helpers is None or bounds[-1] < PARALLEL_KEYS or n_runs < 2:
-            return [body(i) for i in range(n_runs)]
-        cuts = np.searchsorted(bounds, np.linspace(0, bounds[-1], self.threads + 1)[1:-1]).tolist()
-        spans = list(zip([0] + cuts, cuts + [n_runs]))
-        futures = [self._helpers.submit(lambda a, b: [body(i) for i in range(a, b)], a, b) for a, b in spans[1:]]
+        if bounds.shape[0] < 2:
+            return []
+        return [x for part in self._each_span(self._spans(bounds), lambda a, b: [body(i) for i in range(a, b)])
+                for x in part]
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _holding(locks: list[threading.Lock]):
+        """Hold every lock of a span of runs. Runs come in ascending partition order and
+        every request takes its locks in that order, so two requests never deadlock."""
+        taken = 0
         try:
-            out = [body(i) for i in range(*spans[0])]
-        finally:  # never leave a span running past the request (it may raise too)
-            rest = [f.result() for f in futures]
-        for r in rest:
-            out.extend(r)
-        return out
+            for lock in locks:
+                lock.acquire()
+                taken += 1
+            yield
+        finally:
+            for lock in locks[:taken]:
+                lock.release()
+
+    def _table_arrays(self, table: str) -> PartitionArrays:
+        arrays = self._arrays.get(table)
+        if arrays is None:
+            with self._meta_lock:
+                arrays = self._arrays.get(table)
+                if arrays is None:
+                    spec = self.tables[table]
+                    kernel = self._push_kernel(spec)
+                    arrays = self._arrays[table] = PartitionArrays(
+                        self.ring.num_partitions, spec.dim, None if kernel is None else kernel[3])
+        return arrays
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def _push_kernel(spec: TableSpec) -> tuple | None:
+        """(kind, lr, eps, slot name, slot init) of `jaxps.ps.batched.push_runs` for the
+        table's pushes, or None: they take the per-partition path (admission, eviction, an
+        optimizer without a fused kernel; callers check `store.FUSED`, which tests turn off)."""
+        if spec.min_count > 1 or spec.max_rows is not None:
+            return None
+        opt = spec.optimizer
+        if fused_update(opt) is None:
+            return None
+        if type(opt) is rowwise.Adagrad:
+            return (ADAGRAD_KIND, np.float32(opt.learning_rate), np.float32(opt.epsilon), "accumulator",
+                    np.float32(opt.slot_init("accumulator")))
+        if type(opt) is rowwise.SGD:
+            return SGD_KIND, np.float32(opt.learning_rate), np.float32(0), None, np.float32(0)
+        return None
 
     def _fresh(self, ring_version: int) -> None:
         if 0 <= ring_version < self.ring.version:
@@ -305,8 +374,9 @@ class PSServer:
                              f"the group is at {self.ring.version}: refresh the ring")
 
     def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0,
-             ring_version: int = -1, client: int = -1) -> np.ndarray:
-        """Rows [n, dim] float32 of `keys` (all in partitions this server owns). With a
+             ring_version: int = -1, client: int = -1, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [n, dim] float32 of `keys` (all in partitions this server owns), written into
+        `out` when given (a C-contiguous [n, dim] float32 array; returned). With a
         worker `group` (>= 0), first wait as the consistency model requires of a pull at
         `clock` (the steps that group completed). `client` (>= 0): the id the client's
         pushes carry; its push of exactly these keys then reuses this pull's routing and
@@ -315,22 +385,40 @@ class PSServer:
         if group >= 0:
             self.clocks.wait(group, clock, self.wait_timeout)
         self._fresh(ring_version)
-        order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
+        order, parts, bounds, ordered_keys = partition_runs_keys(keys, self.ring.num_partitions)
         self._check_parts(table, parts)
-        ordered_keys = keys[order]
-        out = np.empty((keys.shape[0], spec.dim), np.float32)
+        n = keys.shape[0]
+        if out is None:
+            out = np.empty((n, spec.dim), np.float32)
+        elif out.shape != (n, spec.dim) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise PSError(f"table {table!r}: out must be a C-contiguous float32 [{n}, {spec.dim}] "
+                          f"array, got {out.dtype}{list(out.shape)}")
         part_list, lo_list = parts.tolist(), bounds.tolist()
+        held = [self._store(table, p) for p in part_list]  # made before any lock is taken
+        slots = np.empty(n, np.int64)
+        memo = client >= 0 and n > 0  # absent keys' initial rows go with it: the push need not recompute them
+        fresh_keys = np.zeros(n if memo else 0, np.uint64)
+        fresh = np.empty((n if memo else 0, spec.dim), np.float32)
+        arrays = self._table_arrays(table)
+        salt = init_salt(spec.seed)
 
-        def pull_run(i: int) -> tuple:
-            store, lock = self._store(table, part_list[i])
-            lo, hi = lo_list[i], lo_list[i + 1]
-            with lock:  # rows land at their request positions: no un-permuting copy
-                return store, store.epoch, store.pull_into(ordered_keys[lo:hi], out, order[lo:hi])
-        found = self._each_run(bounds, pull_run)
-        if client >= 0 and keys.shape[0]:
-            stores, epochs, slots = (list(x) for x in zip(*found))
+        def pull_span(r0: int, r1: int) -> list[int]:
+            with self._holding([lock for _, lock in held[r0:r1]]):
+                if BATCHED and all([arrays.sync(part_list[r], held[r][0]) for r in range(r0, r1)]):
+                    pull_runs(arrays.buckets, arrays.skeys, arrays.values, arrays.kbits, arrays.shift,
+                              arrays.tshift, parts, bounds, r0, r1, ordered_keys, order, out, slots,
+                              fresh_keys, fresh, float(spec.init_scale), salt, self._sink)
+                else:  # uint64 buckets somewhere: partition by partition
+                    for r in range(r0, r1):
+                        lo, hi = lo_list[r], lo_list[r + 1]
+                        slots[lo:hi] = held[r][0].pull_into(ordered_keys[lo:hi], out, order[lo:hi])
+                    if memo:
+                        keep_fresh(bounds, r0, r1, ordered_keys, order, out, slots, fresh_keys, fresh)
+                return [held[r][0].epoch for r in range(r0, r1)]
+        epochs = [e for span in self._each_span(self._spans(bounds), pull_span) for e in span]
+        if memo:
             self._memos.put(client, table, PullMemo(keys.copy(), order, parts, bounds, ordered_keys,
-                                                    stores, epochs, slots))
+                                                    [st for st, _ in held], epochs, slots, fresh_keys, fresh))
         s = self._stats[table]
         s["pulls"] += 1
         s["pulled_keys"] += keys.shape[0]
@@ -354,8 +442,7 @@ class PSServer:
             self._fresh(ring_version)
             memo = self._memos.take(cid, table, keys) if keys.shape[0] else None
             if memo is None:
-                order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
-                ordered_keys = keys[order]
+                order, parts, bounds, ordered_keys = partition_runs_keys(keys, self.ring.num_partitions)
             else:  # the pull of these keys routed them and found their slots already
                 order, parts, bounds, ordered_keys = memo.order, memo.parts, memo.bounds, memo.ordered_keys
             self._check_parts(table, parts, write=True)
@@ -386,7 +473,12 @@ class PSServer:
                                    None if memo is None else memo.slots_for(run, store))
                     marks[cid] = seq
                     return True
-            applied = any(self._each_run(bounds, push_run))
+            kernel = self._push_kernel(spec) if store_mod.FUSED and BATCHED else None
+            if kernel is not None and not hold and (group < 0 or not self.cut_every) and keys.shape[0]:
+                applied = self._push_batched(table, spec, kernel, grads, seq, cid, step, memo, order, parts, bounds,
+                                             ordered_keys)
+            else:
+                applied = any(self._each_run(bounds, push_run))
         s = self._stats[table]
         if not applied and keys.shape[0]:
             s["duplicate_pushes"] += 1
@@ -394,6 +486,67 @@ class PSServer:
         s["pushes"] += 1
         s["pushed_keys"] += keys.shape[0]
         return True
+
+    def _push_batched(self, table: str, spec: TableSpec, kernel: tuple, grads: np.ndarray, seq: int, cid: int,
+                      step: int, memo: PullMemo | None, order: np.ndarray, parts: np.ndarray, bounds: np.ndarray,
+                      ordered_keys: np.ndarray) -> bool:
+        """`push` (not held for a worker group) of a table with a fused update: per span of
+        runs, with all its partitions' locks, the exactly-once marks, copy-on-write
+        pre-images and room for new keys in Python, then one `push_runs` call. Returns
+        whether any partition applied it (False: a retry)."""
+        kind, lr, eps, _, slot_init = kernel
+        part_list, lo_list = parts.tolist(), bounds.tolist()
+        held = [self._store(table, p) for p in part_list]  # made before any lock is taken
+        arrays = self._table_arrays(table)
+        if memo is not None:  # the kernel completes them in place (a memo is used once)
+            slots, fresh_keys, fresh = memo.slots, memo.fresh_keys, memo.fresh
+        else:
+            fresh_keys, fresh = np.zeros(0, np.uint64), np.zeros((0, spec.dim), np.float32)
+            slots = np.full(ordered_keys.shape[0], -1, np.int64)
+        no_fresh = -1 - fresh_keys.shape[0]  # a slot naming no pulled initial row
+        apply = np.zeros(len(part_list), bool)
+        salt, scale = init_salt(spec.seed), float(spec.init_scale)
+
+        def push_span(r0: int, r1: int) -> bool:
+            with self._holding([lock for _, lock in held[r0:r1]]):
+                batched = True
+                for r in range(r0, r1):
+                    part, store = part_list[r], held[r][0]
+                    marks = self._marks.setdefault((table, part), {})
+                    if seq <= marks.get(cid, -1):  # applied (or held) before: a retry
+                        continue
+                    apply[r] = True
+                    batched = arrays.sync(part, store) and batched
+                    if memo is not None and memo.slots_for(r, store) is None:  # stale: looked up again
+                        slots[lo_list[r]:lo_list[r + 1]] = no_fresh
+                    if self._pending.get((table, part)):
+                        self._before_write((table, part), store, ordered_keys[lo_list[r]:lo_list[r + 1]])
+                if not apply[r0:r1].any():
+                    return False
+                done = r0  # runs below it are applied by the kernel
+                while batched and done < r1:
+                    done = push_runs(arrays.buckets, arrays.skeys, arrays.values, arrays.acc, arrays.kbits,
+                                     arrays.shift, arrays.tshift, arrays.sizes, arrays.limits, parts, bounds, done,
+                                     r1, apply, ordered_keys, order, grads, slots, fresh_keys, fresh, scale, salt,
+                                     slot_init, kind, lr, eps)
+                    if done < r1:  # its partition is full: grow it (room for the whole run), resume there
+                        part, store = part_list[done], held[done][0]
+                        store.index.size = int(arrays.sizes[part])
+                        store.reserve_new(lo_list[done + 1] - lo_list[done])
+                        batched = arrays.sync(part, store)
+                for r in range(r0, r1):
+                    if not apply[r]:
+                        continue
+                    part, store = part_list[r], held[r][0]
+                    if r < done:
+                        store.index.size = int(arrays.sizes[part])
+                    else:  # uint64 buckets: partition by partition (keys the kernel stored are found)
+                        lo, hi = lo_list[r], lo_list[r + 1]
+                        store.push(ordered_keys[lo:hi], grads, step, order[lo:hi],
+                                   None if memo is None else memo.slots_for(r, store))
+                    self._marks[(table, part)][cid] = seq
+                return True
+        return any(self._each_span(self._spans(bounds), push_span))
 
     def _held_for_cut(self, head: tuple, keys: np.ndarray, grads: np.ndarray, rows: np.ndarray) -> bool:
         """Hold a push (its `rows` of `grads`) of a step past the next cut (a copy of the

@@ -56,16 +56,29 @@ class PartitionStore:
         self.rejected = 0   # key pushes dropped while below min_count
         self.evicted = 0    # rows removed by the row budget
         self.epoch = 0      # bumped whenever stored keys may change slots (eviction rebuilds the index)
+        self._layout = 0    # bumped whenever a row array or the index object is replaced
         self._views()
         self._fused = fused_update(self.optimizer) if FUSED else None
 
     def _views(self) -> None:
+        self._layout += 1
         self._vview = self._rows(self.values)
         self._sviews = {k: self._rows(v) for k, v in self.slots.items()}
 
     @staticmethod
     def _rows(a: np.ndarray) -> np.ndarray:
         return row_view(a)
+
+    @property
+    def layout(self) -> int:
+        """Changes whenever an array the batched kernels hold (rows, slots, index buckets
+        or keys) is replaced: their cached references are stale then."""
+        return (self._layout << 32) | self.index.layout
+
+    def reserve_new(self, n: int) -> None:
+        """Room for `n` more keys in the index and the row arrays, without further growth."""
+        self.index.reserve(n)
+        self._reserve(self.size + n)
 
     @property
     def size(self) -> int:
@@ -215,6 +228,7 @@ class PartitionStore:
         keep = np.sort(order[size - keep_n:])
         kept_keys = self.index.keys()[keep]
         self.index = KeyIndex(capacity=keep_n)
+        self._layout += 1
         self.index.find_or_insert(kept_keys)  # slots 0..keep_n-1 in the kept order
         self.values[:keep_n] = take_rows(self.values, keep)
         for arr in self.slots.values():
