@@ -89,7 +89,8 @@ class Staged:
     microbatches: int = 4
     schedule: str = "1f1b"   # one of SCHEDULES (jaxps.parallel.schedule), run with the loss inside
     realm: ClassVar[int] = 4
-    SCHEDULES: ClassVar[tuple[str, ...]] = ("gpipe", "1f1b", "1f1b-paired", "zb-h1")  # one chunk per stage
+    SCHEDULES: ClassVar[tuple[str, ...]] = ("gpipe", "1f1b", "1f1b-paired", "gpipe-split", "1f1b-split",
+                                            "zb-h1")  # one chunk per stage
 
     def __post_init__(self):
         if self.schedule not in self.SCHEDULES:

@@ -1,15 +1,17 @@
 """Pipeline schedule tables: complete, in dependency order, bounded stash, bubble = theory
-(zero-bubble: a third of it)."""
+(split backward: below it; zero-bubble: a third of it)."""
 import itertools
 
 import pytest
 
-from jaxps.parallel.schedule import build
+from jaxps.parallel.schedule import SPLIT, build
 
 CASES = [("gpipe", s, m, 1) for s, m in itertools.product((2, 4), (4, 8))] + \
         [(k, s, m, 1) for k, s, m in itertools.product(("1f1b", "1f1b-paired"), (1, 2, 3, 4), (1, 4, 8, 16))] + \
         [(k, s, m, v) for k, s, m, v in itertools.product(("interleaved", "interleaved-paired"), (2, 4), (4, 8), (2, 3))] + \
-        [("zb-h1", s, m, 1) for s, m in itertools.product((1, 2, 3, 4, 8), (1, 3, 4, 8, 16))]
+        [("zb-h1", s, m, 1) for s, m in itertools.product((1, 2, 3, 4, 8), (1, 3, 4, 8, 16))] + \
+        [(k, s, m, 1) for k, s, m in itertools.product(("gpipe-split", "1f1b-split"), (1, 2, 3, 4), (1, 3, 8))] + \
+        [(k, s, m, v) for k, s, m, v in itertools.product(("interleaved-split", "interleaved-zb"), (2, 4), (4, 8), (2, 3))]
 
 
 @pytest.mark.parametrize("kind,S,M,V", CASES)
@@ -22,13 +24,13 @@ def test_every_op_once_in_dependency_order(kind, S, M, V):
             if len(cell) == 2:
                 assert "paired" in kind
             if cell and cell[0].kind == "W":
-                assert kind == "zb-h1"
+                assert kind in SPLIT
             for i, op in enumerate(cell):
                 key = (op.kind, op.microbatch, sched.global_stage(s, op.chunk))
                 assert key not in when, f"{key} runs twice"
                 when[key] = (t, i)
     G = S * V
-    split = kind == "zb-h1"
+    split = kind in SPLIT
     assert sched.split == split
     # every (microbatch, global stage): one F and one B (and, split, one W)
     assert len(when) == (3 if split else 2) * M * G
@@ -106,6 +108,11 @@ def test_bad_requests():
         build("zero-bubble", 2, 2)
     with pytest.raises(ValueError, match="divisible"):
         build("interleaved-paired", 4, 6, 2)
+    for kind in ("gpipe-split", "1f1b-split", "zb-h1"):
+        with pytest.raises(ValueError, match="no virtual stages"):
+            build(kind, 2, 4, 2)
+    with pytest.raises(ValueError, match="divisible"):
+        build("interleaved-zb", 4, 6, 2)
 
 
 def test_cli_prints_table_and_draws_png(tmp_path):
@@ -115,6 +122,8 @@ def test_cli_prints_table_and_draws_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["schedule", "--kind", "1f1b-paired", "--stages", "4", "--microbatches", "8", "--png", str(out)]) == 0
     assert main(["schedule", "--kind", "zb-h1", "--stages", "4", "--microbatches", "8", "--png", str(out)]) == 0
+    assert main(["schedule", "--kind", "interleaved-split", "--stages", "2", "--microbatches", "4", "--virtual", "2",
+                 "--png", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -129,6 +138,59 @@ def test_render_shows_split_backward():
     stage 0 a tick earlier; stage 0 idles once, stage 1 once at the start: 3M + S-1 ticks."""
     assert build("zb-h1", 2, 3).render().splitlines() == ["stage 0: F0 F1  . B0 W0 F2 B1 W1 B2 W2",
                                                           "stage 1:  . F0 B0 F1 B1 W0 F2 B2 W1 W2"]
+
+
+def test_render_shows_split_backward_at_once():
+    """1F1B-split at S=2: each B is followed by its W; the last stage runs F, B, W of one
+    microbatch in consecutive ticks, stage 0 idles S-1 ticks in the fill and S-1 waiting for
+    its first B: 3M + 2(S-1) ticks."""
+    assert build("1f1b-split", 2, 3).render().splitlines() == ["stage 0: F0 F1  . B0 W0 F2 B1 W1  . B2 W2",
+                                                               "stage 1:  . F0 B0 W0 F1 B1 W1 F2 B2 W2  ."]
+
+
+SPLIT_GRID = list(itertools.product((1, 2, 3, 4, 8), (1, 2, 4, 8, 16, 32), (1, 2, 3)))  # (S, M, V)
+
+
+@pytest.mark.parametrize("kind", ["gpipe-split", "1f1b-split", "interleaved-split"])
+def test_split_backward_lockstep_bubble_and_stash(kind):
+    """Each backward as B then W (unit ops, one per cell): lockstep at unit costs equals the
+    table's idle cells, 2(S-1)/(3VM + 2(S-1)) in closed form (schedule.py), at most 1.1x the
+    theory (S-1)/(VM+S-1) -- below it for S > 1, since B sends the input gradient after one
+    unit, not a backward's two -- where the unsplit table's lockstep bubble is 1.4-3x it.
+    The stash is the base kind's on every stage (S-s for 1F1B, M for GPipe)."""
+    base = SPLIT[kind][0]
+    for S, M, V in SPLIT_GRID:
+        if (V > 1) != (base == "interleaved") or (base == "interleaved" and M % S):
+            continue
+        sched, plain = build(kind, S, M, V), build(base, S, M, V)
+        assert sched.ticks == 3 * V * M + 2 * (S - 1), (S, M, V)
+        assert sched.lockstep_bubble(2.0) == pytest.approx(sched.bubble_fraction())
+        assert sched.lockstep_bubble(2.0) == pytest.approx(2 * (S - 1) / (3 * V * M + 2 * (S - 1)))
+        assert sched.lockstep_bubble(2.0) <= 1.1 * sched.theory_bubble()
+        if S > 1 and M >= S:
+            assert sched.lockstep_bubble(2.0) < 0.8 * sched.theory_bubble()
+            if base != "gpipe" and M >= 2 * S:
+                assert plain.lockstep_bubble(2.0) > 1.3 * plain.theory_bubble()
+        assert sched.max_stash() == plain.max_stash(), (S, M, V)
+        if base == "1f1b":
+            assert sched.max_stash() == [min(M, S - s) for s in range(S)]
+        if base == "gpipe":
+            assert sched.max_stash() == [M] * S
+
+
+def test_interleaved_zero_bubble():
+    """interleaved-zb: interleaved's order, W lagging B by s B's on stage s (zb-h1's rule):
+    3VM + S-1 ticks, lockstep bubble (S-1)/(3VM+S-1) at unit costs (0.34-0.42x the circular
+    theory; 0.38x at most from M = 2S on), and interleaved's peak stash."""
+    for S, M, V in SPLIT_GRID:
+        if V == 1 or M % S:
+            continue
+        zb, plain = build("interleaved-zb", S, M, V), build("interleaved", S, M, V)
+        assert zb.ticks == 3 * V * M + S - 1, (S, M, V)
+        assert zb.lockstep_bubble(2.0) == pytest.approx((S - 1) / (3 * V * M + S - 1))
+        assert zb.lockstep_bubble(2.0) <= (0.38 if M >= 2 * S else 0.42) * zb.theory_bubble()
+        assert max(zb.max_stash()) == max(plain.max_stash())
+        assert all(z <= p + s for s, (z, p) in enumerate(zip(zb.max_stash(), plain.max_stash())))
 
 
 @pytest.mark.parametrize("kind,S,M,V", [("gpipe", 4, 16, 1), ("1f1b", 4, 16, 1), ("1f1b", 2, 6, 1),
@@ -173,10 +235,12 @@ def test_buffer_slots_never_collide():
             [("gpipe", 4, 16, 1), ("1f1b", 4, 16, 1), ("1f1b", 3, 7, 1), ("interleaved", 4, 8, 2),
              ("interleaved", 2, 4, 3), ("1f1b-paired", 4, 16, 1), ("1f1b-paired", 3, 7, 1),
              ("interleaved-paired", 4, 8, 2), ("interleaved-paired", 2, 4, 3), ("zb-h1", 4, 16, 1),
-             ("zb-h1", 3, 7, 1), ("zb-h1", 4, 2, 1)], (False, True)):
+             ("zb-h1", 3, 7, 1), ("zb-h1", 4, 2, 1), ("gpipe-split", 4, 8, 1), ("1f1b-split", 4, 16, 1),
+             ("1f1b-split", 3, 7, 1), ("interleaved-split", 4, 8, 2), ("interleaved-split", 2, 4, 3),
+             ("interleaved-zb", 4, 8, 2), ("interleaved-zb", 2, 4, 3)], (False, True)):
         sched = build(kind, S, M, V)
         G = S * V
-        done = "W" if kind == "zb-h1" else "B"  # the op after which stash and gradients are free
+        done = "W" if sched.split else "B"  # the op after which stash and gradients are free
         slots = sched.buffer_slots(True, input_until_backward=until_bwd)
         rings = {name: {} for name in ("arrivals", "grads", "stash", "loss_grads")}
 

@@ -1,5 +1,5 @@
 """Pipelined stages in one SPMD program, driven by a schedule table (GPipe, 1F1B,
-interleaved, zero bubble).
+interleaved; paired; split backward, zero bubble).
 
 Every device of the `stage` axis runs the same program: a `lax.scan` over the table's
 ticks. At tick t, stage s looks up its cell in the table (at most one forward and one
@@ -30,14 +30,16 @@ few activations), the same under both schedules. Paired 1F1B keeps 2S-1 stash en
 and 2S-3 inputs (its round trip in synchronous ticks, see schedule.py): 0.44 of GPipe's
 at M = 4S, S = 4 (0.24 at 8S).
 
-A split schedule ("zb-h1") has a third conditional: its B takes only the input cotangent
-of the stage's pullback, its W only the parameter cotangent, from the same stash entry and
-output gradient, and XLA removes the unused half of each as dead code (the compiled cost
-of F + B + W per tick equals 1F1B's F + backward). The stash entry, the stage input and the
-output gradient then live until the W: the gradient ring (with V = 1 it also keeps the last
-stage's own loss gradients, until their W's) grows from 1 slot to S, and zb-h1 holds 4
-activations more than 1F1B at S = 4 (tests/test_pipeline.py). Under `remat` both B and W
-recompute the stage's forward (2 forwards each, so the ops no longer cost alike).
+A split schedule (the "-split" kinds, "zb-h1", "interleaved-zb") has a third conditional:
+its B takes only the input cotangent of the stage's pullback, its W only the parameter
+cotangent, from the same stash entry and output gradient, and XLA removes the unused half
+of each as dead code (the compiled cost of F + B + W per tick equals 1F1B's F + backward).
+The stash entry, the stage input and the output gradient then live until the W: the
+gradient ring (with V = 1 it also keeps the last stage's own loss gradients, until their
+W's) grows in zb-h1 from 1 slot to S, and zb-h1 holds 4 activations more than 1F1B at S =
+4 (tests/test_pipeline.py); "1f1b-split", whose W follows its B at once, holds exactly
+1F1B's. Under `remat` both B and W recompute the stage's forward (2 forwards each, so the
+ops no longer cost alike).
 
 Interleaved schedules hold V chunks per stage ([s, c] is global stage c*S + s); the
 activations of stage S-1's chunk c wrap to stage 0's chunk c+1 through a ring ppermute.

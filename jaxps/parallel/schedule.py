@@ -17,8 +17,15 @@ Kinds: "gpipe" (all forwards, then all backwards), "1f1b" (PipeDream-flush: warm
 forwards, then one forward one backward in alternate ticks, which bounds the activations a
 stage keeps to the number of stages), "interleaved" (Megatron's interleaved 1F1B over V
 virtual chunks per stage: chunk c of stage s is global stage c*S + s; the bubble shrinks
-V-fold), and their paired forms "1f1b-paired" and "interleaved-paired", whose steady-state
-ticks carry a forward *and* a backward on every stage.
+V-fold), their paired forms "1f1b-paired" and "interleaved-paired", whose steady-state
+ticks carry a forward *and* a backward on every stage, and their split-backward forms
+"gpipe-split", "1f1b-split", "interleaved-split" (each backward as B then W, see below)
+with the zero-bubble ones "zb-h1" and "interleaved-zb" (W deferred).
+
+Why kinds and not a `split_backward` flag: like pairing, a split is a different table
+replayed from the base kind's order (`SPLIT` names the base), and one name selects the
+table everywhere a schedule is named (`jaxps schedule`, `Staged(schedule=...)`, the LM's
+config, the benchmark), with no combination that means nothing (paired and split).
 
 Why pairs. The executor's ticks are synchronous: a tick lasts as long as its slowest
 stage. In 1F1B's steady state one stage runs a forward (cost ~1) beside a neighbour's
@@ -56,6 +63,27 @@ third of 1F1B's (S-1)/(M+S-1), at unit costs, in lockstep. Memory stays 1F1B's p
 stage holds a microbatch from F to W, S-s entries whose B has not run plus s deferred W's,
 S on every stage (1F1B: S-s). A W also needs the output gradient its B used, so that lives
 until the W too (`buffer_slots`).
+
+Split backward, W at once ("gpipe-split", "1f1b-split", "interleaved-split"). The base
+kind's order with each B followed by its W, one op per cell, every op a unit. Span
+3VM + 2(S-1) ticks, so the lockstep bubble is 2(S-1)/(3VM + 2(S-1)) for every S, M, V (at
+unit costs the idle cells; tested): in 1F1B-split the last stage runs F, B, W of one
+microbatch in consecutive ticks from tick S-1 on, B(m) reaches stage s at tick
+3m + 2S-1-s, and stage 0's last W ends at 3M + 2(S-1); in GPipe-split the forwards end at
+M+S-1, the first B needs S-1 more ticks to reach stage 0, which then runs 2M ops. That is
+below the theory (S-1)/(VM+S-1) = 3(S-1)/(3VM + 3(S-1)): a stage sends its input gradient
+after B, one unit, not after a whole backward's two, so the backward's fill costs S-1
+ticks instead of 2(S-1) (0.68-0.79x the theory for S in 2..8, M >= S). Memory is the base
+kind's on every stage (tested): W directly follows B in a stage's program, so no forward
+runs between them and the peak (right after a forward) is unchanged -- 1F1B-split holds
+S-s entries, GPipe-split M, interleaved-split interleaved's; only the output gradient
+lives a tick longer (under interleaving a few gradient slots more: 3 for 2 at S = 4).
+
+Interleaved zero bubble ("interleaved-zb"): interleaved's order with zb-h1's deferral (W
+lags B by s of the stage's B's). The deferred W's fill the idle ticks as in zb-h1: span
+3VM + S-1, bubble (S-1)/(3VM + S-1), about 0.36x the circular theory; stage s holds up
+to s entries more than interleaved (its deferred W's), and the peak over the stages is
+interleaved's (stage 0's; tested).
 """
 from __future__ import annotations
 
@@ -136,8 +164,9 @@ class Schedule:
         waits. Equals `theory_bubble` for GPipe (its ticks are all-forward or all-backward);
         exceeds it for 1F1B and interleaved, whose steady state mixes them, and equals it again
         for 1f1b-paired (see the module docstring). A paired cell costs 1 + backward_cost. In a
-        split schedule B and W each cost half a backward (one matmul each for a dense layer),
-        so at backward_cost 2 every op costs a forward."""
+        split schedule (the "-split" kinds, "zb-h1", "interleaved-zb") B and W each cost half
+        a backward (one matmul each for a dense layer), so at backward_cost 2 every op costs
+        a forward and the lockstep bubble is the table's idle cells."""
         half = backward_cost / 2
         return self._lockstep({"F": 1.0, "B": half if self.split else backward_cost, "W": half})
 
@@ -274,24 +303,32 @@ def _orders(kind: str, stages: int, microbatches: int, virtual: int) -> list[lis
             order += [bwd(k) for k in range(total - warm, total)]
             orders.append(order)
         return orders
-    if kind == "zb-h1":
-        if V != 1:
-            raise ValueError("zb-h1 has no virtual stages")
-        orders = []
-        for s, fb in enumerate(_orders("1f1b", S, M, 1)):
-            order, w = [], 0
-            for op in fb:  # 1F1B's F and B order; W(k) right after B(k+s): W lags B by s
-                order.append(op)
-                if op.kind == "B" and op.microbatch >= s:
-                    order.append(Op(w, "W"))
-                    w += 1
-            orders.append(order + [Op(m, "W") for m in range(w, M)])
-        return orders
     raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(KINDS)}")
 
 
+def _split_orders(orders: list[list[Op]], deferred: bool) -> list[list[Op]]:
+    """Each B followed by its W: at once (the next op of the stage's program), or, deferred,
+    W(k) after the stage's (k+s)-th B: on stage s W lags B by s B's, and the s deferred W's
+    finish the stage's program (zb-h1; see the module docstring)."""
+    out = []
+    for s, order in enumerate(orders):
+        new, pending = [], []
+        for op in order:
+            new.append(op)
+            if op.kind == "B":
+                pending.append(Op(op.microbatch, "W", op.chunk))
+                if len(pending) > (s if deferred else 0):
+                    new.append(pending.pop(0))
+        out.append(new + pending)
+    return out
+
+
 PAIRED = {"1f1b-paired": "1f1b", "interleaved-paired": "interleaved"}
-KINDS = ("gpipe", "1f1b", "interleaved") + tuple(PAIRED) + ("zb-h1",)
+# split kinds: (base kind whose F and B order they keep, whether W is deferred)
+SPLIT = {"gpipe-split": ("gpipe", False), "1f1b-split": ("1f1b", False),
+         "interleaved-split": ("interleaved", False), "zb-h1": ("1f1b", True),
+         "interleaved-zb": ("interleaved", True)}
+KINDS = ("gpipe", "1f1b", "interleaved") + tuple(PAIRED) + tuple(SPLIT)
 
 
 def _ready(op: Op, g: int, G: int, done: set, cell: tuple[Op, ...] = ()) -> bool:
@@ -368,7 +405,11 @@ def build(kind: str, stages: int, microbatches: int, virtual: int = 1) -> Schedu
     """Replay the per-stage orders tick by tick into a table (see the module docstring)."""
     if stages < 1 or microbatches < 1 or virtual < 1:
         raise ValueError("stages, microbatches and virtual must be >= 1")
-    orders = _orders(PAIRED.get(kind, kind), stages, microbatches, virtual)
+    if kind in SPLIT:
+        base, deferred = SPLIT[kind]
+        orders = _split_orders(_orders(base, stages, microbatches, virtual), deferred)
+    else:
+        orders = _orders(PAIRED.get(kind, kind), stages, microbatches, virtual)
     sched = Schedule(kind, stages, microbatches, virtual)
     (_replay_paired if kind in PAIRED else _replay)(sched, orders)
     return sched
