@@ -31,13 +31,13 @@ from typing import Callable
 import numpy as np
 
 from jaxps.dense_table import DENSE_TABLE, DenseTable
-from jaxps.hashing import mix64
 from jaxps.groups import WorkerGroup
 from jaxps.memory import aligned_empty
 from jaxps.ps.client import DaemonPool, PSClient, embedded
 from jaxps.ps.clock import DONE
-from jaxps.ps.keyindex import KeyIndex, dedup, dedup_index
+from jaxps.ps.keyindex import KeyIndex
 from jaxps.ps.server import SYNC_STATS, TableSpec
+from jaxps.tables.host_plan import Dedup, dedup_ids
 from jaxps.tables.routing import grown_capacity
 from jaxps.tables.table import Table
 
@@ -85,9 +85,11 @@ class ProcessShare:
     lo: int                            # this process's first example in the whole batch
 
 
-def _keys(t: Table, ids: np.ndarray) -> np.ndarray:
-    """A table's PS keys of feature ids: the raw ids, or a hashed table's rows."""
-    return t.rows_for(ids).astype(np.uint64) if t.placement.kind == "hashed" else ids
+def _dedup(t: Table, ids: np.ndarray, mask: np.ndarray, owners: int = 1) -> Dedup:
+    """A batch's unique PS keys of a table: the raw ids, or a hashed table's rows."""
+    if t.placement.kind == "hashed":
+        return dedup_ids(ids, mask, t.rows, t.salt, owners)
+    return dedup_ids(ids, mask, owners=owners)
 
 
 class HostTables:
@@ -150,49 +152,38 @@ class HostTables:
 
     def plan(self, batch, share: ProcessShare | None = None) -> dict[str, HostPlan]:
         """Each table's unique keys and inverse; `share`: of this process's share of a
-        multi-process step."""
+        multi-process step. One nogil numba pass per table (jaxps.tables.host_plan): this
+        runs on the input thread, and every GIL hand-off can wait for the training thread."""
         plans = {}
-        mask = batch.mask.reshape(-1)
         for name, t in self.tables.items():
             if share is not None:
                 plans[name] = self._plan_share(name, t, batch.mask.shape[0], share)
                 continue
-            keys = _keys(t, getattr(batch, t.feature).reshape(-1))
-            index, inv = dedup_index(np.ascontiguousarray(keys[mask], np.uint64))
-            uniq = index.keys()
-            inverse = aligned_empty(mask.shape[0], np.int32)
-            inverse[~mask] = 0
-            inverse[mask] = inv
-            cap = self.capacity[name]
-            if cap is None or uniq.shape[0] > cap:
-                cap = self.capacity[name] = grown_capacity(uniq.shape[0])
-            plans[name] = HostPlan(uniq, inverse.reshape(batch.mask.shape), cap, index)
+            d = _dedup(t, getattr(batch, t.feature), batch.mask)
+            plans[name] = HostPlan(d.index.keys(), d.slots.reshape(batch.mask.shape),
+                                   self._capacity(name, d.unique), d.index)
         if self.dense is not None:
             plans[DENSE_TABLE] = HostPlan(self.dense.keys, None, self.dense.rows)
         return plans
+
+    def _capacity(self, name: str, needed: int, multiple: int = 1) -> int:
+        """The block capacity C of a table for `needed` rows: kept while they fit, grown
+        (a new compiled step) when not; a multiple of `multiple` (a process's data shards)."""
+        cap = self.capacity[name]
+        if cap is None or needed > cap:
+            cap = grown_capacity(needed)
+        cap = self.capacity[name] = -(-cap // multiple) * multiple
+        return cap
 
     def _plan_share(self, name: str, t: Table, rows: int, share: ProcessShare) -> HostPlan:
         """This process's plan of a table in a multi-process step (ProcessShare): its owned
         keys, the inverse of its `rows` examples into the whole [count * C] block, and a
         capacity C every process computes alike (from the same whole batch)."""
-        mask = share.mask.reshape(-1)
-        keys = _keys(t, share.ids(t.feature).reshape(-1))
-        uniq, inv = dedup(np.ascontiguousarray(keys[mask], np.uint64))  # alike in every process
-        owner = (mix64(uniq) % np.uint64(share.count)).astype(np.int64)
-        order = np.argsort(owner, kind="stable")
-        counts = np.bincount(owner, minlength=share.count)
-        starts = np.cumsum(counts) - counts
-        cap = self.capacity[name]
-        if cap is None or counts.max(initial=0) > cap:
-            cap = grown_capacity(int(counts.max(initial=0)))
-        cap = self.capacity[name] = -(-cap // share.local_shards) * share.local_shards
-        slot = np.empty(uniq.shape[0], np.int64)  # each key's row in the [count * cap] block
-        slot[order] = owner[order] * cap + np.arange(uniq.shape[0]) - starts[owner[order]]
-        inverse = np.zeros(mask.shape[0], np.int32)
-        inverse[mask] = slot[inv]
-        mine = order[starts[share.rank]:starts[share.rank] + counts[share.rank]]
-        local = inverse.reshape(share.mask.shape)[share.lo:share.lo + rows]
-        return HostPlan(uniq[mine], np.ascontiguousarray(local), cap)
+        d = _dedup(t, share.ids(t.feature), share.mask, share.count)  # alike in every process
+        cap = self._capacity(name, int(d.counts.max(initial=0)), share.local_shards)
+        width = int(np.prod(share.mask.shape[1:]))  # occurrences per example
+        mine, inverse = d.share(share.mask.reshape(-1), share.lo * width, (share.lo + rows) * width, cap, share.rank)
+        return HostPlan(mine, inverse.reshape((rows,) + share.mask.shape[1:]), cap)
 
     def pull(self, plans: dict[str, HostPlan], training: bool = True) -> tuple[dict[str, np.ndarray], int]:
         """Each table's [C, dim] block (the pulled rows, then zeros) and a mark: the

@@ -224,18 +224,25 @@ class KeyIndex:
         is_new = np.empty(n_keys, np.bool_)
         done = 0
         while done < n_keys:
-            load_limit = int(self._buckets.shape[0] * _MAX_LOAD)
-            limit = min(load_limit, self._skeys.shape[0])
             n, self.size = _find_or_insert(self._buckets, self._kbits, self._shift, self._tshift,
                                            self._skeys, keys[done:], out[done:], is_new[done:],
-                                           self.size, limit, self._sink)
+                                           self.size, self.insert_limit(), self._sink)
             done += n
             if done < n_keys:
-                if self.size >= load_limit:
-                    self._grow()
-                if self.size >= self._skeys.shape[0]:
-                    self._grow_keys(self.size + 1)
+                self.make_room()
         return out, is_new
+
+    def insert_limit(self) -> int:
+        """Keys the index may hold before it must grow: an inserting kernel stops there and
+        the caller resumes after `make_room()`."""
+        return min(int(self._buckets.shape[0] * _MAX_LOAD), self._skeys.shape[0])
+
+    def make_room(self) -> None:
+        """Grow whichever of the buckets and the key array is full (at `insert_limit`)."""
+        if self.size >= int(self._buckets.shape[0] * _MAX_LOAD):
+            self._grow()
+        if self.size >= self._skeys.shape[0]:
+            self._grow_keys(self.size + 1)
 
     def find_gather(self, keys: np.ndarray, values: np.ndarray, out: np.ndarray,
                     pos: np.ndarray) -> tuple[np.ndarray, int]:
@@ -252,15 +259,8 @@ class KeyIndex:
         return self._skeys[:self.size].copy()
 
 
-def dedup_index(keys: np.ndarray) -> tuple[KeyIndex, np.ndarray]:
-    """(index of the unique keys, slot = place in first-seen order; inverse) for one batch
-    of uint64 keys: the index also answers later "which of these keys are in that set"."""
-    index = KeyIndex(capacity=max(16, keys.size // 2))
-    inverse, _ = index.find_or_insert(keys.reshape(-1))
-    return index, inverse.reshape(keys.shape)
-
-
 def dedup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(unique keys in first-seen order, inverse) for one batch of uint64 keys."""
-    index, inverse = dedup_index(keys)
-    return index.keys(), inverse
+    index = KeyIndex(capacity=max(16, keys.size // 2))
+    inverse, _ = index.find_or_insert(keys.reshape(-1))
+    return index.keys(), inverse.reshape(keys.shape)
