@@ -34,7 +34,6 @@ from jaxps.data import PlantedModel, SyntheticConfig  # noqa: E402
 from jaxps.mesh import MeshConfig, make_mesh  # noqa: E402
 from jaxps.models import WideDeep, WideDeepConfig  # noqa: E402
 from jaxps.placement import HostTable, RowSharded  # noqa: E402
-from jaxps.ps.client import embedded  # noqa: E402
 from jaxps.trainer import TrainConfig, Trainer  # noqa: E402
 
 
@@ -42,10 +41,9 @@ def seconds_per_step(placement, batches, args, strict=True) -> tuple[float, dict
     model = WideDeep(WideDeepConfig(num_slots=39, embed_rows=args.rows, embed_dim=args.dim,
                                     wide_rows=args.rows, hidden=(256, 128), embed_placement=placement))
     mesh = make_mesh(MeshConfig(data=args.devices), jax.devices()[:args.devices])
-    ps = embedded([], threads=args.ps_threads) if isinstance(placement, HostTable) else None
     t = Trainer(model, mesh, TrainConfig(progress=False, tensorboard=False, checkpoint=False,
                                          log_every=10_000, dense_optimizer="adam", dense_learning_rate=1e-3,
-                                         compilation_cache="", ps_strict=strict), ps=ps)
+                                         compilation_cache="", ps_strict=strict, ps_threads=args.ps_threads))
     t.fit(batches[:3])  # compile and warm the tables
     host = t.steps.host
     before = dict(host.seconds) if host is not None else {}

@@ -99,11 +99,13 @@ class HostTables:
 
     def __init__(self, tables: list[Table], ps: PSClient | None = None, strict: bool = True,
                  max_inflight_pushes: int = 2, group: WorkerGroup | None = None,
-                 dense: DenseTable | None = None):
+                 dense: DenseTable | None = None, ps_threads: int = 1):
+        """ps: the server group (default: an embedded one of one server with `ps_threads`
+        threads per request, see TrainConfig.ps_threads)."""
         self.tables = {t.name: t for t in tables}
         self.group, self.dense = group, dense
         specs = [table_spec(t) for t in tables] + ([dense.spec] if dense is not None else [])
-        self.ps = ps if ps is not None else embedded(specs)
+        self.ps = ps if ps is not None else embedded(specs, threads=ps_threads)
         # servers may start empty: they learn the model's tables from this client
         self.ps.create_tables(specs)
         self._clock = 0                                    # steps this group completed (pull side)
