@@ -114,11 +114,13 @@ class HostTables:
         self.pull_seconds = 0.0                            # a group's training pulls, waits included
         # Where the host path's time goes (seconds, summed; `stats()["__client__"]`). On a
         # fast accelerator these, not the device step, set the step time of a HostTable model:
-        # pull (input thread), repair_wait/repair_pull (training thread, strict), push_blocked
+        # plan and pull (input thread), repair_probe/repair_wait/repair_pull (training thread,
+        # strict: finding the keys shared with pushes in flight, waiting for them, pulling
+        # those keys again), push_blocked
         # (training thread, at the in-flight bound), grads_wait (push thread: the step's
         # gradients come off the device) and push (push thread: the servers apply them).
-        self.seconds = dict.fromkeys(("pull", "repair_wait", "repair_pull", "push_blocked", "grads_wait", "push"),
-                                     0.0)
+        self.seconds = dict.fromkeys(("plan", "pull", "repair_probe", "repair_wait", "repair_pull", "push_blocked",
+                                      "grads_wait", "push"), 0.0)
         self.capacity = {t.name: t.capacity for t in tables}
         self.strict, self.max_inflight_pushes = strict, max_inflight_pushes
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxps-push")  # in order
@@ -156,6 +158,7 @@ class HostTables:
         """Each table's unique keys and inverse; `share`: of this process's share of a
         multi-process step. One nogil numba pass per table (jaxps.tables.host_plan): this
         runs on the input thread, and every GIL hand-off can wait for the training thread."""
+        t0 = time.perf_counter()
         plans = {}
         for name, t in self.tables.items():
             if share is not None:
@@ -166,6 +169,7 @@ class HostTables:
                                    self._capacity(name, d.unique), d.index)
         if self.dense is not None:
             plans[DENSE_TABLE] = HostPlan(self.dense.keys, None, self.dense.rows)
+        self.seconds["plan"] += time.perf_counter() - t0
         return plans
 
     def _capacity(self, name: str, needed: int, multiple: int = 1) -> int:
@@ -237,14 +241,22 @@ class HostTables:
                 for f in list(self._inflight):
                     f.result()
             else:
+                # Probe every push first, then wait once: the probes (~1 ms per 45k keys,
+                # more on a busy host) overlap the pushes still running instead of lying
+                # between the last push landing and the step (strict steps wait for it)
+                t0 = time.perf_counter()
                 shared = np.zeros(p.keys.shape[0], bool)
+                last = None
                 for done, keys in since:
                     hit = p.positions(keys[name])
                     if hit.size:
-                        t0 = time.perf_counter()
-                        done.result()  # pushes run in order: earlier ones are applied too
-                        self.seconds["repair_wait"] += time.perf_counter() - t0
                         shared[hit] = True
+                        last = done
+                t1 = time.perf_counter()
+                self.seconds["repair_probe"] += t1 - t0
+                if last is not None:
+                    last.result()  # pushes run in order: earlier ones are applied too
+                    self.seconds["repair_wait"] += time.perf_counter() - t1
             if shared.any():
                 t0 = time.perf_counter()
                 idx = np.flatnonzero(shared)

@@ -98,7 +98,9 @@ def test_prefetch_is_repaired_in_strict_mode_and_stale_without():
     # the client's time split: strict waits for pushes and pulls again, non-strict never does
     split = {run: run.steps.host.stats()["__client__"] for run in (strict, loose)}
     assert split[strict]["repair_pull_seconds"] > 0 and split[strict]["pull_seconds"] > 0
+    assert split[strict]["repair_probe_seconds"] > 0 and split[strict]["plan_seconds"] > 0
     assert split[loose]["repair_wait_seconds"] == split[loose]["repair_pull_seconds"] == 0
+    assert split[loose]["repair_probe_seconds"] == 0
     assert split[loose]["push_seconds"] > 0 and split[loose]["grads_wait_seconds"] >= 0
     s_loss = np.mean([h["loss"] for h in strict.history[-4:]])
     l_loss = np.mean([h["loss"] for h in loose.history[-4:]])
