@@ -101,6 +101,23 @@ def _find(buckets, kbits, shift, tshift, skeys, keys, out, sink):
 
 
 @numba.njit(cache=True, nogil=True)
+def _mark_found(buckets, kbits, shift, tshift, skeys, keys, flags, sink):
+    """flags[slot of keys[i]] = True for every stored key; returns how many were stored."""
+    mask = buckets.shape[0] - 1
+    smask = (_ONE << kbits) - _ONE
+    if keys.shape[0] > 1:
+        sink[0] = _prefetch(buckets, kbits, shift, tshift, skeys, keys)
+    hits = 0
+    for i in range(keys.shape[0]):
+        h, tag = _hash(keys[i], shift, tshift)
+        s, _ = _probe(buckets, kbits, smask, mask, skeys, keys[i], h, tag)
+        if s >= 0:
+            flags[s] = True
+            hits += 1
+    return hits
+
+
+@numba.njit(cache=True, nogil=True)
 def _find_or_insert(buckets, kbits, shift, tshift, skeys, keys, out, is_new, size, limit, sink):
     """Slots of keys, inserting missing ones at size, size+1, ... Stops before the table
     passes `limit` entries and returns (keys done, new size): the caller grows, resumes."""
@@ -214,6 +231,15 @@ class KeyIndex:
         out = np.empty(keys.shape[0], np.int64)
         missing = _find(self._buckets, self._kbits, self._shift, self._tshift, self._skeys, keys, out, self._sink)
         return out, int(missing)
+
+    def mark_found(self, keys: np.ndarray, flags: np.ndarray) -> int:
+        """flags[slot] = True for the slot of each stored key of `keys` (a bool array of at
+        least `size`), in one nogil call with no temporaries; returns how many were stored."""
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        if flags.dtype != np.bool_ or flags.shape[0] < self.size:
+            raise ValueError(f"flags must be a bool array of >= {self.size} entries, got {flags.dtype}{flags.shape}")
+        return int(_mark_found(self._buckets, self._kbits, self._shift, self._tshift, self._skeys, keys, flags,
+                               self._sink))
 
     def find_or_insert(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(slot of each key, whether this call inserted it). A key repeated within the
