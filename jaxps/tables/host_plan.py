@@ -14,6 +14,8 @@ this process's examples to their rows of the [processes * C] block and picks its
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numba
 import numpy as np
 
@@ -79,15 +81,14 @@ def _share_kernel(slots, mask, lo, owner_of, rank_of, capacity, rank, skeys, siz
             mine[rank_of[s]] = skeys[s]
 
 
+@dataclass
 class Dedup:
-    """A batch's unique keys: `index` (keys in first-seen order; `index.keys()`), `slots`
-    (int32 per occurrence, flat; 0 where masked out) and, planned for several processes,
-    each key's `owner_of` / `rank_of` and the keys per owner (`counts`)."""
-
-    def __init__(self, index: KeyIndex, slots: np.ndarray, owner_of: np.ndarray, rank_of: np.ndarray,
-                 counts: np.ndarray):
-        self.index, self.slots = index, slots
-        self.owner_of, self.rank_of, self.counts = owner_of, rank_of, counts
+    """A batch's unique keys, planned for `counts.size` processes."""
+    index: KeyIndex          # the unique keys, slots in first-seen order (`index.keys()`)
+    slots: np.ndarray        # [n] int32 slot of each occurrence (0 where masked out)
+    owner_of: np.ndarray     # [>= unique] int64 owning process of each slot (several processes)
+    rank_of: np.ndarray      # [>= unique] int64 its place among its owner's keys
+    counts: np.ndarray       # [processes] int64 keys per owner
 
     @property
     def unique(self) -> int:
