@@ -246,15 +246,12 @@ class HostTables:
                 # between the last push landing and the step (strict steps wait for it)
                 t0 = time.perf_counter()
                 shared = np.zeros(p.keys.shape[0], bool)
-                last = None
-                for done, keys in since:
-                    if p.mark_shared(keys[name], shared):
-                        last = done
+                hits = [done for done, keys in since if p.mark_shared(keys[name], shared)]
                 t1 = time.perf_counter()
                 self.seconds["repair_probe"] += t1 - t0
-                if last is not None:
-                    last.result()  # pushes run in order: earlier ones are applied too
-                    self.seconds["repair_wait"] += time.perf_counter() - t1
+                for done in reversed(hits):  # pushes run in order: once the last one is
+                    done.result()            # applied the others are (this raises their errors)
+                self.seconds["repair_wait"] += time.perf_counter() - t1
             if shared.any():
                 t0 = time.perf_counter()
                 idx = np.flatnonzero(shared)
