@@ -12,7 +12,7 @@ DistributedModelParallel table-wise over gloo). `ratio_vs_torchrec` = jaxps on-m
 over TorchRec's; null with `torchrec_note` saying why when TorchRec is missing or fails.
 
 Usage: python benchmarks/host_vs_device.py [--quick] [--batch 4096] [--dim 16] [--devices 1]
-       [--torchrec-procs 2] [--ps-threads 1]
+       [--torchrec-procs 2] [--ps-threads 1] [--switch-interval-ms 5]
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ from jaxps.data import PlantedModel, SyntheticConfig  # noqa: E402
 from jaxps.mesh import MeshConfig, make_mesh  # noqa: E402
 from jaxps.models import WideDeep, WideDeepConfig  # noqa: E402
 from jaxps.placement import HostTable, RowSharded  # noqa: E402
-from jaxps.ps.client import embedded  # noqa: E402
 from jaxps.trainer import TrainConfig, Trainer  # noqa: E402
 
 
@@ -42,10 +41,9 @@ def seconds_per_step(placement, batches, args, strict=True) -> tuple[float, dict
     model = WideDeep(WideDeepConfig(num_slots=39, embed_rows=args.rows, embed_dim=args.dim,
                                     wide_rows=args.rows, hidden=(256, 128), embed_placement=placement))
     mesh = make_mesh(MeshConfig(data=args.devices), jax.devices()[:args.devices])
-    ps = embedded([], threads=args.ps_threads) if isinstance(placement, HostTable) else None
     t = Trainer(model, mesh, TrainConfig(progress=False, tensorboard=False, checkpoint=False,
                                          log_every=10_000, dense_optimizer="adam", dense_learning_rate=1e-3,
-                                         compilation_cache="", ps_strict=strict), ps=ps)
+                                         compilation_cache="", ps_strict=strict, ps_threads=args.ps_threads))
     t.fit(batches[:3])  # compile and warm the tables
     host = t.steps.host
     before = dict(host.seconds) if host is not None else {}
@@ -127,7 +125,12 @@ def main(argv=None) -> int:
     p.add_argument("--torchrec-procs", type=int, default=2, help="torchrun processes of the TorchRec peer")
     p.add_argument("--ps-threads", type=int, default=1,
                    help="threads per request of the embedded PS server (PSServer threads; for many-core hosts)")
+    p.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="sys.setswitchinterval for the whole run (default: Python's 5 ms): a thread that "
+                        "returns from a nogil call may wait this long for a busy training thread's GIL")
     args = p.parse_args(argv)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     steps = 12 if args.quick else 40
     planted = PlantedModel(SyntheticConfig(num_fields=39, vocab_size=10_000, seed=0))
     data, _ = planted.sample(args.batch * steps, seed=1)
@@ -140,7 +143,8 @@ def main(argv=None) -> int:
     trec_sps = trec["samples_per_sec"] if trec else None
     emit("host_vs_device", {
         "batch_size": args.batch, "embed_dim": args.dim, "rows": args.rows, "steps": steps,
-        "devices": args.devices, "ps_threads": args.ps_threads, "seconds_per_step_device": device_s,
+        "devices": args.devices, "ps_threads": args.ps_threads, "switch_interval_ms": 1e3 * sys.getswitchinterval(),
+        "seconds_per_step_device": device_s,
         "seconds_per_step_host_strict": host_s, "seconds_per_step_host_nonstrict": loose_s,
         "ratio": host_s / device_s, "ratio_nonstrict": loose_s / device_s,
         "repaired_rows_strict": host_extra.get("repaired_rows"),

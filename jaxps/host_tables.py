@@ -31,13 +31,13 @@ from typing import Callable
 import numpy as np
 
 from jaxps.dense_table import DENSE_TABLE, DenseTable
-from jaxps.hashing import mix64
 from jaxps.groups import WorkerGroup
 from jaxps.memory import aligned_empty
 from jaxps.ps.client import DaemonPool, PSClient, embedded
 from jaxps.ps.clock import DONE
-from jaxps.ps.keyindex import KeyIndex, dedup, dedup_index
+from jaxps.ps.keyindex import KeyIndex
 from jaxps.ps.server import SYNC_STATS, TableSpec
+from jaxps.tables.host_plan import Dedup, dedup_ids
 from jaxps.tables.routing import grown_capacity
 from jaxps.tables.table import Table
 
@@ -59,14 +59,14 @@ class HostPlan:
     capacity: int
     index: KeyIndex | None = None  # keys -> their place in `keys` (dedup's; built on demand)
 
-    def positions(self, keys: np.ndarray) -> np.ndarray:
-        """Places in `self.keys` of those of `keys` it holds: a strict repair's overlap test,
-        in a nogil numba probe (np.isin sorts both sets under the GIL: ~10x slower)."""
+    def mark_shared(self, keys: np.ndarray, shared: np.ndarray) -> bool:
+        """shared[i] = True where self.keys[i] is one of `keys`; whether any is: a strict
+        repair's overlap test, one nogil numba probe (np.isin sorts both sets under the
+        GIL: ~10x slower; a find plus numpy passes handed the GIL over 3 times)."""
         if self.index is None:
             self.index = KeyIndex(capacity=max(16, self.keys.shape[0]))
             self.index.find_or_insert(self.keys)
-        where = self.index.find(keys)
-        return where[where >= 0]
+        return self.index.mark_found(keys, shared) > 0
 
 
 @dataclass
@@ -85,9 +85,11 @@ class ProcessShare:
     lo: int                            # this process's first example in the whole batch
 
 
-def _keys(t: Table, ids: np.ndarray) -> np.ndarray:
-    """A table's PS keys of feature ids: the raw ids, or a hashed table's rows."""
-    return t.rows_for(ids).astype(np.uint64) if t.placement.kind == "hashed" else ids
+def _dedup(t: Table, ids: np.ndarray, mask: np.ndarray, owners: int = 1) -> Dedup:
+    """A batch's unique PS keys of a table: the raw ids, or a hashed table's rows."""
+    if t.placement.kind == "hashed":
+        return dedup_ids(ids, mask, t.rows, t.salt, owners)
+    return dedup_ids(ids, mask, owners=owners)
 
 
 class HostTables:
@@ -97,11 +99,13 @@ class HostTables:
 
     def __init__(self, tables: list[Table], ps: PSClient | None = None, strict: bool = True,
                  max_inflight_pushes: int = 2, group: WorkerGroup | None = None,
-                 dense: DenseTable | None = None):
+                 dense: DenseTable | None = None, ps_threads: int = 1):
+        """ps: the server group (default: an embedded one of one server with `ps_threads`
+        threads per request, see TrainConfig.ps_threads)."""
         self.tables = {t.name: t for t in tables}
         self.group, self.dense = group, dense
         specs = [table_spec(t) for t in tables] + ([dense.spec] if dense is not None else [])
-        self.ps = ps if ps is not None else embedded(specs)
+        self.ps = ps if ps is not None else embedded(specs, threads=ps_threads)
         # servers may start empty: they learn the model's tables from this client
         self.ps.create_tables(specs)
         self._clock = 0                                    # steps this group completed (pull side)
@@ -110,11 +114,13 @@ class HostTables:
         self.pull_seconds = 0.0                            # a group's training pulls, waits included
         # Where the host path's time goes (seconds, summed; `stats()["__client__"]`). On a
         # fast accelerator these, not the device step, set the step time of a HostTable model:
-        # pull (input thread), repair_wait/repair_pull (training thread, strict), push_blocked
+        # plan and pull (input thread), repair_probe/repair_wait/repair_pull (training thread,
+        # strict: finding the keys shared with pushes in flight, waiting for them, pulling
+        # those keys again), push_blocked
         # (training thread, at the in-flight bound), grads_wait (push thread: the step's
         # gradients come off the device) and push (push thread: the servers apply them).
-        self.seconds = dict.fromkeys(("pull", "repair_wait", "repair_pull", "push_blocked", "grads_wait", "push"),
-                                     0.0)
+        self.seconds = dict.fromkeys(("plan", "pull", "repair_probe", "repair_wait", "repair_pull", "push_blocked",
+                                      "grads_wait", "push"), 0.0)
         self.capacity = {t.name: t.capacity for t in tables}
         self.strict, self.max_inflight_pushes = strict, max_inflight_pushes
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxps-push")  # in order
@@ -150,49 +156,40 @@ class HostTables:
 
     def plan(self, batch, share: ProcessShare | None = None) -> dict[str, HostPlan]:
         """Each table's unique keys and inverse; `share`: of this process's share of a
-        multi-process step."""
+        multi-process step. One nogil numba pass per table (jaxps.tables.host_plan): this
+        runs on the input thread, and every GIL hand-off can wait for the training thread."""
+        t0 = time.perf_counter()
         plans = {}
-        mask = batch.mask.reshape(-1)
         for name, t in self.tables.items():
             if share is not None:
                 plans[name] = self._plan_share(name, t, batch.mask.shape[0], share)
                 continue
-            keys = _keys(t, getattr(batch, t.feature).reshape(-1))
-            index, inv = dedup_index(np.ascontiguousarray(keys[mask], np.uint64))
-            uniq = index.keys()
-            inverse = aligned_empty(mask.shape[0], np.int32)
-            inverse[~mask] = 0
-            inverse[mask] = inv
-            cap = self.capacity[name]
-            if cap is None or uniq.shape[0] > cap:
-                cap = self.capacity[name] = grown_capacity(uniq.shape[0])
-            plans[name] = HostPlan(uniq, inverse.reshape(batch.mask.shape), cap, index)
+            d = _dedup(t, getattr(batch, t.feature), batch.mask)
+            plans[name] = HostPlan(d.index.keys(), d.slots.reshape(batch.mask.shape),
+                                   self._capacity(name, d.unique), d.index)
         if self.dense is not None:
             plans[DENSE_TABLE] = HostPlan(self.dense.keys, None, self.dense.rows)
+        self.seconds["plan"] += time.perf_counter() - t0
         return plans
+
+    def _capacity(self, name: str, needed: int, multiple: int = 1) -> int:
+        """The block capacity C of a table for `needed` rows: kept while they fit, grown
+        (a new compiled step) when not; a multiple of `multiple` (a process's data shards)."""
+        cap = self.capacity[name]
+        if cap is None or needed > cap:
+            cap = grown_capacity(needed)
+        cap = self.capacity[name] = -(-cap // multiple) * multiple
+        return cap
 
     def _plan_share(self, name: str, t: Table, rows: int, share: ProcessShare) -> HostPlan:
         """This process's plan of a table in a multi-process step (ProcessShare): its owned
         keys, the inverse of its `rows` examples into the whole [count * C] block, and a
         capacity C every process computes alike (from the same whole batch)."""
-        mask = share.mask.reshape(-1)
-        keys = _keys(t, share.ids(t.feature).reshape(-1))
-        uniq, inv = dedup(np.ascontiguousarray(keys[mask], np.uint64))  # alike in every process
-        owner = (mix64(uniq) % np.uint64(share.count)).astype(np.int64)
-        order = np.argsort(owner, kind="stable")
-        counts = np.bincount(owner, minlength=share.count)
-        starts = np.cumsum(counts) - counts
-        cap = self.capacity[name]
-        if cap is None or counts.max(initial=0) > cap:
-            cap = grown_capacity(int(counts.max(initial=0)))
-        cap = self.capacity[name] = -(-cap // share.local_shards) * share.local_shards
-        slot = np.empty(uniq.shape[0], np.int64)  # each key's row in the [count * cap] block
-        slot[order] = owner[order] * cap + np.arange(uniq.shape[0]) - starts[owner[order]]
-        inverse = np.zeros(mask.shape[0], np.int32)
-        inverse[mask] = slot[inv]
-        mine = order[starts[share.rank]:starts[share.rank] + counts[share.rank]]
-        local = inverse.reshape(share.mask.shape)[share.lo:share.lo + rows]
-        return HostPlan(uniq[mine], np.ascontiguousarray(local), cap)
+        d = _dedup(t, share.ids(t.feature), share.mask, share.count)  # alike in every process
+        cap = self._capacity(name, int(d.counts.max(initial=0)), share.local_shards)
+        width = int(np.prod(share.mask.shape[1:]))  # occurrences per example
+        mine, inverse = d.share(share.mask.reshape(-1), share.lo * width, (share.lo + rows) * width, cap, share.rank)
+        return HostPlan(mine, inverse.reshape((rows,) + share.mask.shape[1:]), cap)
 
     def pull(self, plans: dict[str, HostPlan], training: bool = True) -> tuple[dict[str, np.ndarray], int]:
         """Each table's [C, dim] block (the pulled rows, then zeros) and a mark: the
@@ -244,14 +241,17 @@ class HostTables:
                 for f in list(self._inflight):
                     f.result()
             else:
+                # Probe every push first, then wait once: the probes (~1 ms per 45k keys,
+                # more on a busy host) overlap the pushes still running instead of lying
+                # between the last push landing and the step (strict steps wait for it)
+                t0 = time.perf_counter()
                 shared = np.zeros(p.keys.shape[0], bool)
-                for done, keys in since:
-                    hit = p.positions(keys[name])
-                    if hit.size:
-                        t0 = time.perf_counter()
-                        done.result()  # pushes run in order: earlier ones are applied too
-                        self.seconds["repair_wait"] += time.perf_counter() - t0
-                        shared[hit] = True
+                hits = [done for done, keys in since if p.mark_shared(keys[name], shared)]
+                t1 = time.perf_counter()
+                self.seconds["repair_probe"] += t1 - t0
+                for done in reversed(hits):  # pushes run in order: once the last one is
+                    done.result()            # applied the others are (this raises their errors)
+                self.seconds["repair_wait"] += time.perf_counter() - t1
             if shared.any():
                 t0 = time.perf_counter()
                 idx = np.flatnonzero(shared)

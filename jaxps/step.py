@@ -66,12 +66,12 @@ class StepBuilder:
     def __init__(self, model: Model, mesh: Mesh, dense_tx: optax.GradientTransformation,
                  loss_reduction: str = "sum", ps: PSClient | None = None, ps_strict: bool = True,
                  ps_max_inflight_pushes: int = 2, group: WorkerGroup | None = None,
-                 dense_row_optimizer: tuple[str, float] = ("adagrad", 0.05)):
+                 dense_row_optimizer: tuple[str, float] = ("adagrad", 0.05), ps_threads: int = 1):
         """loss_reduction: gradients of the summed ("sum", the online-learning convention
         that VW and FTRL papers use: each example counts fully, whatever the batch size)
         or the mean ("mean") logloss of the batch. The reported loss is always the mean.
         ps: the parameter-server group of the model's HostTable namespaces (default: an
-        embedded in-process group); ps_strict, ps_max_inflight_pushes: see HostTables.
+        embedded in-process group); ps_strict, ps_max_inflight_pushes, ps_threads: see HostTables.
         group: this trainer is one worker group of several (jaxps.groups): every namespace
         lives in the PS, the dense parameters as one table updated there by
         `dense_row_optimizer` (name, learning rate) instead of `dense_tx`."""
@@ -117,7 +117,7 @@ class StepBuilder:
         # BSP sums the groups' gradients: with mean-reduced losses each group's is scaled
         # by 1/groups, so G groups equal one group on the combined batch either way
         self.grad_scale = 1.0 / group.count if group is not None and loss_reduction == "mean" else 1.0
-        self.host = (HostTables(host, ps, ps_strict, ps_max_inflight_pushes, group, self.dense_table)
+        self.host = (HostTables(host, ps, ps_strict, ps_max_inflight_pushes, group, self.dense_table, ps_threads)
                      if host or group is not None else None)
         if self.host is not None and jax.process_count() > 1:  # gradients of this process's rows
             self.host.local_rows = process_local_rows

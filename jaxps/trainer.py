@@ -56,11 +56,18 @@ class TrainConfig:
                                    # (SSP/ASP worker groups: read-my-writes); off: rows up to
                                    # prefetch + ps_max_inflight_pushes steps stale
     ps_max_inflight_pushes: int = 2  # host tables: pushes queued behind the device steps
+    # Threads per server of the embedded (in-process) PS group: a pull or push of >= 16k
+    # keys splits its partitions over them (PSServer threads; gRPC servers take --threads).
+    # What it buys: the request path's lookups and row gathers on several cores at once; on
+    # a fast accelerator that path, not the device, sets a HostTable step (H200: ~0.8 us per
+    # key). Raise it on many-core hosts with fast accelerators (cores left over besides the
+    # input, push and XLA threads); 1 where the PS shares a few cores with the device step.
+    ps_threads: int = 1
 
     def __post_init__(self):
         if self.loss_reduction not in ("sum", "mean"):
             raise ValueError(f"train.loss_reduction must be 'sum' or 'mean', got {self.loss_reduction!r}")
-        for name in ("epochs", "log_every", "keep_checkpoints", "max_inflight_steps"):
+        for name in ("epochs", "log_every", "keep_checkpoints", "max_inflight_steps", "ps_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -89,7 +96,7 @@ class Trainer:
         self.steps = StepBuilder(model, self.mesh, dense_optimizer(
             self.config.dense_optimizer, self.config.dense_learning_rate), self.config.loss_reduction, ps,
             self.config.ps_strict, self.config.ps_max_inflight_pushes, group,
-            (self.config.dense_optimizer, self.config.dense_learning_rate))
+            (self.config.dense_optimizer, self.config.dense_learning_rate), self.config.ps_threads)
         if group is not None and group.count > 1 and not group.policy.bsp and self.steps.host is not None:
             # SSP/ASP: periodic checkpoints read cuts the servers copy at those steps (BSP
             # needs none: its steps settle one at a time)

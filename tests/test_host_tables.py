@@ -44,6 +44,29 @@ def test_strict_hashed_host_table_equals_row_sharded(opt):
     assert sum(s["weights"]["keys"] for s in stats.values()) == len(touched)  # stored on push only
 
 
+def test_train_config_ps_threads_split_requests_and_train_alike(monkeypatch):
+    """TrainConfig.ps_threads: the embedded servers split each request's partitions over
+    that many threads; training is bit-identical to one thread (partitions are disjoint)."""
+    import jaxps.ps.server as server_mod
+    monkeypatch.setattr(server_mod, "PARALLEL_KEYS", 16)  # the test's small requests split too
+    batches = make_batches(4, seed=14)
+    runs = {}
+    for threads in (1, 3):
+        model = SparseLR(SparseLRConfig(rows=ROWS, placement=HostTable("hashed"),
+                                        optimizer=rowwise.make("adagrad", **OPTIMIZERS["adagrad"])))
+        t = Trainer(model, MeshConfig(), TrainConfig(progress=False, tensorboard=False, checkpoint=False,
+                                                     dense_optimizer="sgd", dense_learning_rate=0.01,
+                                                     compilation_cache="", ps_threads=threads))
+        t.fit(batches)
+        (server,) = [tr.server for tr in t.steps.host.ps.transports.values()]
+        assert server.threads == threads
+        runs[threads] = t.steps.host.ps.pull("weights", np.arange(ROWS, dtype=np.uint64))
+    assert np.abs(runs[1]).max() > 1e-3
+    np.testing.assert_array_equal(runs[3], runs[1])
+    with pytest.raises(ValueError, match="ps_threads"):
+        TrainConfig(ps_threads=0)
+
+
 def test_collisionless_host_table_keys_raw_ids():
     """No hashing: ids far apart in uint64 are distinct rows; where the hashed table has no
     collisions the two models agree."""
@@ -75,7 +98,9 @@ def test_prefetch_is_repaired_in_strict_mode_and_stale_without():
     # the client's time split: strict waits for pushes and pulls again, non-strict never does
     split = {run: run.steps.host.stats()["__client__"] for run in (strict, loose)}
     assert split[strict]["repair_pull_seconds"] > 0 and split[strict]["pull_seconds"] > 0
+    assert split[strict]["repair_probe_seconds"] > 0 and split[strict]["plan_seconds"] > 0
     assert split[loose]["repair_wait_seconds"] == split[loose]["repair_pull_seconds"] == 0
+    assert split[loose]["repair_probe_seconds"] == 0
     assert split[loose]["push_seconds"] > 0 and split[loose]["grads_wait_seconds"] >= 0
     s_loss = np.mean([h["loss"] for h in strict.history[-4:]])
     l_loss = np.mean([h["loss"] for h in loose.history[-4:]])

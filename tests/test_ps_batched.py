@@ -103,14 +103,21 @@ def test_partition_arrays_follow_growth_wide_buckets_and_drops(monkeypatch):
     assert wide.index._buckets.dtype == np.uint64 and not arrays.sync(5, wide)
 
 
-def test_repair_positions_equal_isin():
+def test_repair_marks_equal_isin():
     rng = np.random.default_rng(0)
     keys = np.unique(rng.integers(0, 50_000, 20_000).astype(np.uint64))
     rng.shuffle(keys)
-    other = np.unique(rng.integers(0, 50_000, 20_000).astype(np.uint64))
     plan = HostPlan(keys, np.zeros((1, 1), np.int32), keys.size)
-    np.testing.assert_array_equal(np.sort(plan.positions(other)), np.flatnonzero(np.isin(keys, other)))
-    assert plan.positions(np.zeros(0, np.uint64)).size == 0
+    shared = np.zeros(keys.size, bool)
+    want = np.zeros(keys.size, bool)
+    for seed in (1, 2):  # marks accumulate over pushes
+        other = np.unique(np.random.default_rng(seed).integers(0, 50_000, 20_000).astype(np.uint64))
+        assert plan.mark_shared(other, shared)
+        want |= np.isin(keys, other)
+        np.testing.assert_array_equal(shared, want)
+    assert not plan.mark_shared(np.zeros(0, np.uint64), shared)
+    assert not plan.mark_shared(np.array([50_001], np.uint64), shared)
+    np.testing.assert_array_equal(shared, want)
 
 
 class _CopyingTransport:

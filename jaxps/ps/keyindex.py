@@ -101,6 +101,23 @@ def _find(buckets, kbits, shift, tshift, skeys, keys, out, sink):
 
 
 @numba.njit(cache=True, nogil=True)
+def _mark_found(buckets, kbits, shift, tshift, skeys, keys, flags, sink):
+    """flags[slot of keys[i]] = True for every stored key; returns how many were stored."""
+    mask = buckets.shape[0] - 1
+    smask = (_ONE << kbits) - _ONE
+    if keys.shape[0] > 1:
+        sink[0] = _prefetch(buckets, kbits, shift, tshift, skeys, keys)
+    hits = 0
+    for i in range(keys.shape[0]):
+        h, tag = _hash(keys[i], shift, tshift)
+        s, _ = _probe(buckets, kbits, smask, mask, skeys, keys[i], h, tag)
+        if s >= 0:
+            flags[s] = True
+            hits += 1
+    return hits
+
+
+@numba.njit(cache=True, nogil=True)
 def _find_or_insert(buckets, kbits, shift, tshift, skeys, keys, out, is_new, size, limit, sink):
     """Slots of keys, inserting missing ones at size, size+1, ... Stops before the table
     passes `limit` entries and returns (keys done, new size): the caller grows, resumes."""
@@ -215,6 +232,15 @@ class KeyIndex:
         missing = _find(self._buckets, self._kbits, self._shift, self._tshift, self._skeys, keys, out, self._sink)
         return out, int(missing)
 
+    def mark_found(self, keys: np.ndarray, flags: np.ndarray) -> int:
+        """flags[slot] = True for the slot of each stored key of `keys` (a bool array of at
+        least `size`), in one nogil call with no temporaries; returns how many were stored."""
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        if flags.dtype != np.bool_ or flags.shape[0] < self.size:
+            raise ValueError(f"flags must be a bool array of >= {self.size} entries, got {flags.dtype}{flags.shape}")
+        return int(_mark_found(self._buckets, self._kbits, self._shift, self._tshift, self._skeys, keys, flags,
+                               self._sink))
+
     def find_or_insert(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(slot of each key, whether this call inserted it). A key repeated within the
         call gets one slot; only its first occurrence counts as new."""
@@ -224,18 +250,25 @@ class KeyIndex:
         is_new = np.empty(n_keys, np.bool_)
         done = 0
         while done < n_keys:
-            load_limit = int(self._buckets.shape[0] * _MAX_LOAD)
-            limit = min(load_limit, self._skeys.shape[0])
             n, self.size = _find_or_insert(self._buckets, self._kbits, self._shift, self._tshift,
                                            self._skeys, keys[done:], out[done:], is_new[done:],
-                                           self.size, limit, self._sink)
+                                           self.size, self.insert_limit(), self._sink)
             done += n
             if done < n_keys:
-                if self.size >= load_limit:
-                    self._grow()
-                if self.size >= self._skeys.shape[0]:
-                    self._grow_keys(self.size + 1)
+                self.make_room()
         return out, is_new
+
+    def insert_limit(self) -> int:
+        """Keys the index may hold before it must grow: an inserting kernel stops there and
+        the caller resumes after `make_room()`."""
+        return min(int(self._buckets.shape[0] * _MAX_LOAD), self._skeys.shape[0])
+
+    def make_room(self) -> None:
+        """Grow whichever of the buckets and the key array is full (at `insert_limit`)."""
+        if self.size >= int(self._buckets.shape[0] * _MAX_LOAD):
+            self._grow()
+        if self.size >= self._skeys.shape[0]:
+            self._grow_keys(self.size + 1)
 
     def find_gather(self, keys: np.ndarray, values: np.ndarray, out: np.ndarray,
                     pos: np.ndarray) -> tuple[np.ndarray, int]:
@@ -252,15 +285,8 @@ class KeyIndex:
         return self._skeys[:self.size].copy()
 
 
-def dedup_index(keys: np.ndarray) -> tuple[KeyIndex, np.ndarray]:
-    """(index of the unique keys, slot = place in first-seen order; inverse) for one batch
-    of uint64 keys: the index also answers later "which of these keys are in that set"."""
-    index = KeyIndex(capacity=max(16, keys.size // 2))
-    inverse, _ = index.find_or_insert(keys.reshape(-1))
-    return index, inverse.reshape(keys.shape)
-
-
 def dedup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(unique keys in first-seen order, inverse) for one batch of uint64 keys."""
-    index, inverse = dedup_index(keys)
-    return index.keys(), inverse
+    index = KeyIndex(capacity=max(16, keys.size // 2))
+    inverse, _ = index.find_or_insert(keys.reshape(-1))
+    return index.keys(), inverse.reshape(keys.shape)
