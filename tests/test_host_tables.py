@@ -165,7 +165,7 @@ def test_checkpoint_restores_host_tables_onto_another_server_count(tmp_path):
     batches = make_batches(3, seed=16)
     first = Trainer(model, MeshConfig(), cfg)
     first.fit(batches)
-    assert (tmp_path / "checkpoints" / str(first.step) / "ps" / "rows.npz").exists()
+    assert (tmp_path / "checkpoints" / str(first.step) / "ps" / "weights" / "values.npy").exists()
     spec = [table_spec(t) for t in model.tables()]
     second = Trainer(model, MeshConfig(), cfg, ps=embedded(spec, servers=3))
     assert second.restore() == first.step
@@ -186,5 +186,5 @@ def test_ps_snapshots_follow_checkpoint_retention(tmp_path):
                       checkpoint_every=1, keep_checkpoints=2)
     Trainer(model, MeshConfig(), cfg).fit(make_batches(5, seed=17))
     ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    snaps = sorted(int(p.parent.parent.name) for p in (tmp_path / "checkpoints").glob("*/ps/rows.npz"))
+    snaps = sorted(int(p.parents[2].name) for p in (tmp_path / "checkpoints").glob("*/ps/weights/values.npy"))
     assert snaps == ckpts == [4, 5]  # the PS rows are an item of each step: kept and dropped with it
