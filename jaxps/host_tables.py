@@ -37,6 +37,7 @@ from jaxps.ps.client import DaemonPool, PSClient, embedded
 from jaxps.ps.clock import DONE
 from jaxps.ps.keyindex import KeyIndex
 from jaxps.ps.server import SYNC_STATS, TableSpec
+from jaxps.snapshot import Pieces, Snapshot, joined
 from jaxps.tables.host_plan import Dedup, dedup_ids
 from jaxps.tables.routing import grown_capacity
 from jaxps.tables.table import Table
@@ -313,11 +314,10 @@ class HostTables:
 
     def snapshot(self, step: int | None = None) -> dict[str, dict[str, np.ndarray]]:
         """Every table's stored rows once every queued push has landed (`snapshot_async`,
-        waited for)."""
-        return self.snapshot_async(step).result()
+        waited for, its pieces joined)."""
+        return joined(self.snapshot_async(step).result())
 
-    def snapshot_async(self, step: int | None = None,
-                       wait_for_mark: bool = False) -> "Future[dict[str, dict[str, np.ndarray]]]":
+    def snapshot_async(self, step: int | None = None, wait_for_mark: bool = False) -> "Future[Snapshot | Pieces]":
         """Every table's stored rows right after the pushes queued so far, without making
         the training thread or the next pushes wait for a copy. The push thread runs
         pushes one at a time, in order: between the last queued push and the next one it
@@ -330,7 +330,8 @@ class HostTables:
         pushes of steps <= step are applied, and none of step + 1 (they wait for this
         group's, which queues behind the mark). Servers that may fail over (`ring_source`)
         are copied at once on the push thread: a mark would die with its server.
-        wait_for_mark: return once the rows are marked (not copied)."""
+        wait_for_mark: return once the rows are marked (not copied). A table's rows may come
+        in pieces (one per partition: jaxps.snapshot writes them without joining them)."""
         marked = self._pusher.submit(self._mark, step, list(self._inflight))
         if wait_for_mark:
             marked.result()
@@ -350,7 +351,7 @@ class HostTables:
             rows = {name: self.ps.export(name) for name in self.names}
             return lambda: rows
         marks = {name: self.ps.mark(name) for name in self.names}
-        return lambda: {name: self.ps.export(name, marks=m) for name, m in marks.items()}
+        return lambda: {name: self.ps.export_pieces(name, marks=m) for name, m in marks.items()}
 
     def wait_clock(self, clock: int) -> None:
         """A worker group: block until every server would answer this group's pull at

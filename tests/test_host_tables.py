@@ -156,23 +156,31 @@ def test_wide_deep_tower_staged_over_the_pipeline_equals_replicated(schedule):
     np.testing.assert_allclose(staged.predict(batches), plain.predict(batches), rtol=1e-5, atol=1e-7)
 
 
-def test_checkpoint_restores_host_tables_onto_another_server_count(tmp_path):
-    """fit() snapshots the PS rows with the device state at the same step; a trainer with a
-    3-server group restores them and predicts exactly like the original."""
+def test_checkpoint_restores_host_tables_onto_another_server_count_and_mesh(tmp_path):
+    """fit() on 8 devices with 4 PS servers snapshots the PS rows with the device state at
+    the same step; a trainer on 4 devices with 3 servers restores both: every row,
+    optimizer slot and dense value equal, and it predicts like the original."""
     model = SparseLR(SparseLRConfig(rows=ROWS, placement=HostTable("hashed"),
                                     optimizer=rowwise.make("adagrad", **OPTIMIZERS["adagrad"])))
     cfg = TrainConfig(progress=False, tensorboard=False, out_dir=str(tmp_path), compilation_cache="")
     batches = make_batches(3, seed=16)
-    first = Trainer(model, MeshConfig(), cfg)
-    first.fit(batches)
-    assert (tmp_path / "checkpoints" / str(first.step) / "ps" / "rows.npz").exists()
     spec = [table_spec(t) for t in model.tables()]
-    second = Trainer(model, MeshConfig(), cfg, ps=embedded(spec, servers=3))
+    first = Trainer(model, MeshConfig(), cfg, ps=embedded(spec, servers=4))
+    first.fit(batches)
+    assert (tmp_path / "checkpoints" / str(first.step) / "ps" / "weights" / "values.npy").exists()
+    second = Trainer(model, make_mesh(MeshConfig(data=4), jax.devices()[:4]), cfg, ps=embedded(spec, servers=3))
     assert second.restore() == first.step
-    np.testing.assert_allclose(second.predict(batches), first.predict(batches), rtol=1e-6)
     keys = np.arange(ROWS, dtype=np.uint64)
     np.testing.assert_array_equal(second.steps.host.ps.pull("weights", keys),
                                   first.steps.host.ps.pull("weights", keys))
+    want, got = first.steps.host.ps.export("weights"), second.steps.host.ps.export("weights")
+    order_want, order_got = np.argsort(want["keys"]), np.argsort(got["keys"])
+    for field in want:  # keys, values and the Adagrad accumulator, row for row
+        np.testing.assert_array_equal(got[field][order_got], want[field][order_want], err_msg=field)
+    for a, b in zip(jax.tree.leaves(second.state), jax.tree.leaves(first.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert second.state["dense"]["bias"].sharding.mesh.devices.size == 4
+    np.testing.assert_allclose(second.predict(batches), first.predict(batches), rtol=1e-6)
     # the optimizer slots came back too: one more identical step keeps them equal
     first.fit(batches[:1])
     second.fit(batches[:1])
@@ -186,5 +194,5 @@ def test_ps_snapshots_follow_checkpoint_retention(tmp_path):
                       checkpoint_every=1, keep_checkpoints=2)
     Trainer(model, MeshConfig(), cfg).fit(make_batches(5, seed=17))
     ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    snaps = sorted(int(p.parent.parent.name) for p in (tmp_path / "checkpoints").glob("*/ps/rows.npz"))
+    snaps = sorted(int(p.parents[2].name) for p in (tmp_path / "checkpoints").glob("*/ps/weights/values.npy"))
     assert snaps == ckpts == [4, 5]  # the PS rows are an item of each step: kept and dropped with it

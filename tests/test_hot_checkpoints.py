@@ -83,16 +83,16 @@ def test_the_ps_snapshot_is_written_off_the_training_thread(tmp_path, monkeypatc
     wait has a generous limit so that a regression fails instead of hanging)."""
     steps_done = threading.Semaphore(0)
     seen = {}
-    write = snapshot.write_npz
+    write = snapshot.write_rows
 
-    def slow_write(path, arrays):
+    def slow_write(directory, rows):
         if "thread" not in seen:  # the step-2 snapshot (the step-4 one is written normally)
             seen["thread"] = threading.current_thread()
             seen["released"] = all(steps_done.acquire(timeout=60) for _ in range(2))
             seen["step_on_disk_while_writing"] = (tmp_path / "checkpoints" / "2").exists()
-        write(path, arrays)
+        write(directory, rows)
 
-    monkeypatch.setattr(snapshot, "write_npz", slow_write)
+    monkeypatch.setattr(snapshot, "write_rows", slow_write)
     t = Trainer(_model(), MeshConfig(), _config(tmp_path, checkpoint_every=2, checkpoint=False))
     push = t.steps.host.push
 
@@ -120,21 +120,21 @@ def test_the_snapshot_copied_off_thread_holds_exactly_the_rows_after_its_step(tm
     t = Trainer(_model(), MeshConfig(), _config(tmp_path / "run", checkpoint_every=3, checkpoint=False))
     pushed_after = threading.Semaphore(0)
     held = {}
-    push, export = t.steps.host.push, t.steps.host.ps.export
+    push, export = t.steps.host.push, t.steps.host.ps.export_pieces
 
     def counting_push(plans, grads, step):
         push(plans, grads, step)
         if step > 3:
             t.steps.host._inflight[-1].add_done_callback(lambda _: pushed_after.release())
 
-    def held_export(table, at=None, marks=None):
-        if marks is not None and "released" not in held:  # the step-3 snapshot's copy
+    def held_export(table, marks):
+        if "released" not in held:  # the step-3 snapshot's copy
             held["thread"] = threading.current_thread()
             held["released"] = all(pushed_after.acquire(timeout=60) for _ in range(2))
-        return export(table, at, marks)
+        return export(table, marks)
 
     t.steps.host.push = counting_push
-    t.steps.host.ps.export = held_export
+    t.steps.host.ps.export_pieces = held_export
     t.fit(batches)
     assert held["released"] and held["thread"] is not threading.main_thread()
     got = t.checkpointer.ps_snapshot(3)["weights"]

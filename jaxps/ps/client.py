@@ -70,6 +70,9 @@ class InProcessTransport:
     def export(self, table, at=None, ticket=None):
         return self.server.export(table, ticket) if at is None else self.server.export_cut(table, at)
 
+    def export_pieces(self, table, ticket=None):
+        return self.server.export_pieces(table, ticket)
+
     def mark(self, table):
         return self.server.mark(table)
 
@@ -358,6 +361,14 @@ class PSClient:
                 parts = [self.transports[s].export(table) if at is None else self.transports[s].export(table, at)
                          for s in self.ring.servers]
             return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return self._with_retries("export", call)
+
+    def export_pieces(self, table: str, marks: dict[str, int]) -> list[dict[str, np.ndarray]]:
+        """`export(table, marks=...)` in pieces, not joined (a snapshot writer streams them to
+        its files): a server in this process gives one per partition, a remote one a single
+        piece (its reply)."""
+        def call():
+            return [p for s, t in marks.items() for p in self.transports[s].export_pieces(table, ticket=t)]
         return self._with_retries("export", call)
 
     def mark(self, table: str) -> dict[str, int]:

@@ -431,6 +431,10 @@ class GrpcTransport:
         buf = self._call("export", lambda: bytearray().join(self._export(data, timeout=self.timeout * 10)))
         return self._fields("export", self._reply("export", buf, wire.EXPORT_REPLY))
 
+    def export_pieces(self, table: str, ticket: int | None = None) -> list[dict[str, np.ndarray]]:
+        """`export` as a list of pieces: one (the server joins its partitions into one reply)."""
+        return [self.export(table, ticket=ticket)]
+
     def _fields(self, method: str, reply: wire.Message) -> dict[str, np.ndarray]:
         """A reply's named arrays; a reply that does not name them is lost data."""
         try:

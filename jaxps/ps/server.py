@@ -709,6 +709,12 @@ class PSServer:
         """A snapshot of every row of `table` in the partitions this server is the primary of
         (backups hold copies), partition by partition under each partition's lock (a
         consistent cut when no push is in flight); `ticket`: the rows at that `mark`."""
+        parts = self.export_pieces(table, ticket)
+        return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def export_pieces(self, table: str, ticket: int | None = None) -> list[dict[str, np.ndarray]]:
+        """`export`'s rows as one piece per partition, not joined: a snapshot writer streams
+        them to its files one after the other (no rows: one empty piece, for the shapes)."""
         spec = self.tables.get(table)
         if spec is None:
             raise PSError(f"server {self.name}: unknown table {table!r}")
@@ -725,8 +731,8 @@ class PSServer:
         if not parts:
             empty = {"keys": np.zeros(0, np.uint64), "values": np.zeros((0, spec.dim), np.float32)}
             empty.update({f"slot_{n}": np.zeros((0, spec.dim), np.float32) for n in spec.optimizer.slots})
-            return empty
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            parts = [empty]
+        return parts
 
     def load(self, table: str, rows: dict[str, np.ndarray], only_missing: bool = False) -> None:
         """Store snapshot rows whose partitions this server owns (any ring may have written
