@@ -54,8 +54,17 @@ def _state_handler() -> ocp.StandardCheckpointHandler:
     Orbax matches StandardSave/StandardRestore to that class -- with the PyTree handler it
     builds, less compression.)"""
     handler = ocp.StandardCheckpointHandler()
-    handler._impl = ocp.PyTreeCheckpointHandler(use_compression=False)
+    # Orbax (0.12) has no public switch for this; `_impl` is private, so replace it only
+    # where it is what we expect: another Orbax keeps its default (compressed) and
+    # `state_uncompressed()` says so instead of the save breaking
+    if isinstance(getattr(handler, "_impl", None), ocp.PyTreeCheckpointHandler):
+        handler._impl = ocp.PyTreeCheckpointHandler(use_compression=False)
     return handler
+
+
+def state_uncompressed() -> bool:
+    """Whether this Orbax lets `_state_handler` write the device state without zstd."""
+    return isinstance(getattr(_state_handler(), "_impl", None), ocp.PyTreeCheckpointHandler)
 
 
 class Checkpointer:
