@@ -1,8 +1,9 @@
-"""Worker groups of several processes each: `jaxps launch local --groups 2 --workers 2`
+"""Worker groups of several processes each: `jaxps launch local --groups 2 --workers-per-group 2`
 starts 2 groups of 2 real jax.distributed processes (2 CPU devices each, every group its
 own coordinator) sharing one gRPC PS server. Under BSP they train exactly as 2 groups of
 one 4-device process each (in threads here) and as one group on the summed batch; under
 SSP every process's share is pushed once per step and the clocks stay within the bound."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -43,15 +44,16 @@ def _files(tmp_path):
     return files
 
 
-def _launch(tmp_path, files, sync, *extra):
+def _launch(tmp_path, files, sync, *extra, resume=False):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cmd = [sys.executable, "-m", "jaxps.cli", "launch", "local", "--servers", "1", "--groups", str(GROUPS),
-           "--workers", str(PROCS), "--sync", sync, "--cpu-devices", "2", "--timeout", "240", "--",
-           sys.executable, "-m", "jaxps.cli", "train", f"data.train={files[0]},{files[1]}",
+           "--workers-per-group", str(PROCS), "--sync", sync, "--cpu-devices", "2", "--timeout", "240", "--",
+           sys.executable, "-m", "jaxps.cli", "train", *(["--resume"] if resume else []), f"data.train={files[0]},{files[1]}",
            f"data.eval={files[0]}", f"data.batch_size={GLOBAL_BATCH}", "data.max_nnz=6", f"model.rows={ROWS}",
            "model.placement=host:hashed", "train.out_dir=mp", *TRAIN, *extra]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert not resume or "resumed from" in out.stdout
     # each group is one 4-device mesh over its 2 processes
     assert "[group 1 worker 1]" in out.stdout and "on 4 cpu device(s)" in out.stdout
     return [json.loads((tmp_path / "mp" / f"group-{g}" / "metrics.json").read_text()) for g in range(GROUPS)]
@@ -128,9 +130,13 @@ def test_bsp_groups_of_two_processes_equal_one_process_groups_and_one_group(tmp_
 
 @pytest.mark.slow
 def test_ssp_groups_of_two_processes_stay_within_the_bound(tmp_path):
+    """Under ssp:1 with periodic checkpoints (the servers cut at every second step once all
+    4 processes completed it): every share pushed once per step, the gap in bound."""
     files = _files(tmp_path)
-    metrics = _launch(tmp_path, files, "ssp:1")
+    metrics = _launch(tmp_path, files, "ssp:1", "train.checkpoint_every=2")
     steps = metrics[0]["train"]["steps"]
+    ckpt = Checkpointer(str(tmp_path / "mp" / "group-0" / "checkpoints"), read_only=True)
+    assert 2 in ckpt.steps() and ckpt.has_ps(2)  # read from the servers' cut at step 2
     for m in metrics:
         sync = m["ps"]["__sync__"]
         assert sync["sync"] == "ssp:1" and sync["clocks"] == ["done"] * (GROUPS * PROCS)
@@ -138,3 +144,33 @@ def test_ssp_groups_of_two_processes_stay_within_the_bound(tmp_path):
         assert sync["max_gap"] <= 2
         assert np.isfinite(m["eval"]["logloss"]) and m["eval"]["examples"] == LINES
     assert metrics[0]["ps"]["weights"]["pushes"] == 4 * steps  # no share lost or applied twice
+
+
+@pytest.mark.slow
+def test_groups_of_two_processes_resume_like_an_uninterrupted_run(tmp_path):
+    """One epoch of a 2 x 2 BSP job, then `jaxps train --resume` of a second epoch on fresh
+    servers (group 0's process 0 loads the PS snapshot, every process restores its group's
+    device state): the same rows and dense parameters as 2 one-process groups training
+    both epochs without a stop."""
+    files = _files(tmp_path)
+    _launch(tmp_path, files, "bsp", "train.epochs=1")
+    metrics = _launch(tmp_path, files, "bsp", "train.epochs=2", resume=True)
+    steps = metrics[0]["train"]["steps"]
+    ckpt = Checkpointer(str(tmp_path / "mp" / "group-0" / "checkpoints"), read_only=True)
+    snap = ckpt.ps_snapshot(steps)
+
+    shards = _group_batches(files)
+    ps = embedded([], servers=1)
+    config = dataclasses.replace(_config(tmp_path / "threads"), epochs=2)
+    groups = [Trainer(build_model(MODEL), make_mesh(MeshConfig(), jax.devices()[4 * g:4 * g + 4]), config,
+                      ps=PSClient(ps.ring, ps.transports, []), group=WorkerGroup(g, GROUPS, "bsp"))
+              for g in range(GROUPS)]
+    _, errors = run_concurrently([lambda g=g: groups[g].fit(shards[g]) for g in range(GROUPS)])
+    assert not errors, errors
+    assert steps == groups[0].step == 2 * len(shards[0])
+    got, want = _sorted(snap["weights"]), _sorted(groups[0].steps.host.ps.export("weights"))
+    np.testing.assert_array_equal(got["keys"], want["keys"])
+    for field in want:
+        np.testing.assert_allclose(got[field], want[field], rtol=2e-5, atol=1e-7, err_msg=field)
+    np.testing.assert_allclose(_sorted(snap[DENSE_TABLE])["values"].reshape(-1)[0],
+                               np.asarray(groups[0].state["dense"]["bias"]), rtol=1e-5, atol=1e-7)
