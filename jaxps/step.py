@@ -75,7 +75,8 @@ class StepBuilder:
         embedded in-process group); ps_strict, ps_max_inflight_pushes, ps_threads: see HostTables.
         group: this trainer is one worker group of several (jaxps.groups): every namespace
         lives in the PS, the dense parameters as one table updated there by
-        `dense_row_optimizer` (name, learning rate) instead of `dense_tx`."""
+        `dense_row_optimizer` (name, learning rate) instead of `dense_tx`. A group may span
+        several processes (its own jax.distributed job): each reports its own clock."""
         if loss_reduction not in ("sum", "mean"):
             raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
         self.model, self.mesh, self.dense_tx = model, mesh, dense_tx

@@ -48,7 +48,8 @@ def _launch(tmp_path, files, sync, *extra, resume=False):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cmd = [sys.executable, "-m", "jaxps.cli", "launch", "local", "--servers", "1", "--groups", str(GROUPS),
            "--workers-per-group", str(PROCS), "--sync", sync, "--cpu-devices", "2", "--timeout", "240", "--",
-           sys.executable, "-m", "jaxps.cli", "train", *(["--resume"] if resume else []), f"data.train={files[0]},{files[1]}",
+           sys.executable, "-m", "jaxps.cli", "train", *(["--resume"] if resume else []),
+           f"data.train={files[0]},{files[1]}",
            f"data.eval={files[0]}", f"data.batch_size={GLOBAL_BATCH}", "data.max_nnz=6", f"model.rows={ROWS}",
            "model.placement=host:hashed", "train.out_dir=mp", *TRAIN, *extra]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
