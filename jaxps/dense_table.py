@@ -5,6 +5,10 @@ consistency model says), unflattens it into the model's parameter tree on the de
 and pushes the dense gradient back flattened; the servers apply the row-wise form of the
 dense optimizer (SGD, Adagrad and Adam are element-wise, so rows of `ROW_WIDTH` floats
 update exactly as optax updates the whole arrays, up to Adagrad's epsilon placement).
+
+A group of several processes splits the rows in contiguous blocks (`share`): process r
+pulls and pushes block r, and the device sees the blocks in order as one [count * C]
+array, so the parameters read straight off its first `size` floats.
 """
 from __future__ import annotations
 
@@ -51,10 +55,20 @@ class DenseTable:
     def keys(self) -> np.ndarray:
         return np.arange(self.rows, dtype=np.uint64)
 
-    def flatten(self, tree) -> jax.Array:
-        """[rows, ROW_WIDTH] (zero padded) of a parameter (or gradient) tree, on device."""
+    def share(self, rank: int, count: int, multiple: int = 1) -> tuple[np.ndarray, int]:
+        """(keys, C) of process `rank` of `count`: its block of C rows (C a multiple of
+        `multiple`, its `data` shards; the same in every process) starts at rank * C, and
+        the rows past the table's end are padding it neither pulls nor pushes."""
+        cap = -(-self.rows // count)
+        cap = -(-cap // multiple) * multiple
+        return np.arange(min(rank * cap, self.rows), min((rank + 1) * cap, self.rows), dtype=np.uint64), cap
+
+    def flatten(self, tree, rows: int | None = None) -> jax.Array:
+        """[rows (default: the table's), ROW_WIDTH] (zero padded) of a parameter (or
+        gradient) tree, on device."""
+        rows = self.rows if rows is None else rows
         flat = jnp.concatenate([jnp.ravel(l) for l in jax.tree.leaves(tree)])
-        return jnp.pad(flat, (0, self.rows * ROW_WIDTH - self.size)).reshape(self.rows, ROW_WIDTH)
+        return jnp.pad(flat, (0, rows * ROW_WIDTH - self.size)).reshape(rows, ROW_WIDTH)
 
     def unflatten(self, block: jax.Array):
         flat = block.reshape(-1)

@@ -17,7 +17,10 @@ Worker groups (`group`): every pull of a training step carries the group's clock
 waits at the servers as the consistency model says; each step's pushes are followed by
 a clock message, and under BSP the servers apply all groups' pushes of a step as one.
 The clock gate replaces the strict repair. The model's dense parameters then live in
-the PS too (`dense`: one table pulled whole each step, see jaxps.dense_table).
+the PS too (`dense`: one table pulled whole each step, see jaxps.dense_table). A group of
+several processes reports one clock per process (`WorkerGroup.clock_id`), each pulling
+and pushing its share of every table, the dense one included (rows split in contiguous
+blocks: each dense row's gradient, summed over the group's whole batch, is pushed once).
 """
 from __future__ import annotations
 
@@ -147,13 +150,13 @@ class HostTables:
         """A worker group (re)starts at `step`: join the servers' clocks there."""
         self._clock = step
         if self.group is not None:
-            self.ps.clock(self.group.index, step, self.group.count, self.group.policy, self.cut_every)
+            self.ps.clock(self.group.clock_id, step, self.group.clocks, self.group.policy, self.cut_every)
 
     def finish(self) -> None:
         """A worker group is done: its pushes land and it stops holding the others back."""
         self.flush()
         if self.group is not None:
-            self.ps.clock(self.group.index, DONE, self.group.count, self.group.policy, self.cut_every)
+            self.ps.clock(self.group.clock_id, DONE, self.group.clocks, self.group.policy, self.cut_every)
 
     def plan(self, batch, share: ProcessShare | None = None) -> dict[str, HostPlan]:
         """Each table's unique keys and inverse; `share`: of this process's share of a
@@ -169,7 +172,11 @@ class HostTables:
             plans[name] = HostPlan(d.index.keys(), d.slots.reshape(batch.mask.shape),
                                    self._capacity(name, d.unique), d.index)
         if self.dense is not None:
-            plans[DENSE_TABLE] = HostPlan(self.dense.keys, None, self.dense.rows)
+            if share is None:
+                plans[DENSE_TABLE] = HostPlan(self.dense.keys, None, self.dense.rows)
+            else:  # this process's contiguous block of the dense rows
+                keys, cap = self.dense.share(share.rank, share.count, share.local_shards)
+                plans[DENSE_TABLE] = HostPlan(keys, None, cap)
         self.seconds["plan"] += time.perf_counter() - t0
         return plans
 
@@ -201,7 +208,7 @@ class HostTables:
             mark = self._applied
         group, clock = -1, 0
         if self.group is not None and training:
-            group, clock = self.group.index, self._clock
+            group, clock = self.group.clock_id, self._clock
             self._clock += 1
         out = {}
         t0 = time.perf_counter()
@@ -220,7 +227,7 @@ class HostTables:
 
     def pull_dense(self, final: bool = False) -> np.ndarray:
         """The dense table's rows now; `final`: once every group finished (BSP/SSP)."""
-        group = self.group.index if final and self.group is not None else -1
+        group = self.group.clock_id if final and self.group is not None else -1
         return self.ps.pull(DENSE_TABLE, self.dense.keys, group, DONE)
 
     def repair(self, plans: dict[str, HostPlan], rows: dict[str, np.ndarray], mark: int) -> None:
@@ -269,7 +276,7 @@ class HostTables:
             self._inflight.popleft().result()
         self.seconds["push_blocked"] += time.perf_counter() - t0
 
-        group = self.group.index if self.group is not None else -1
+        group = self.group.clock_id if self.group is not None else -1
 
         def send():
             t0 = time.perf_counter()
@@ -280,7 +287,7 @@ class HostTables:
             self.seconds["grads_wait"] += t1 - t0
             self.seconds["push"] += time.perf_counter() - t1
             if group >= 0:  # this step is complete: the servers may release the next pulls
-                self.ps.clock(group, step, self.group.count, self.group.policy, self.cut_every)
+                self.ps.clock(group, step, self.group.clocks, self.group.policy, self.cut_every)
             with self._lock:
                 self._applied += 1
 
@@ -356,7 +363,7 @@ class HostTables:
     def wait_clock(self, clock: int) -> None:
         """A worker group: block until every server would answer this group's pull at
         `clock`."""
-        self.ps.wait_clock(self.group.index, clock)
+        self.ps.wait_clock(self.group.clock_id, clock)
 
     def wait_for_restore(self, step: int) -> None:
         """A resumed worker group other than group 0: wait until group 0 joined the clocks

@@ -13,6 +13,7 @@ A gradient of a whole table never exists: differentiation is w.r.t. the unique r
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from dataclasses import dataclass
@@ -74,7 +75,8 @@ class StepBuilder:
         embedded in-process group); ps_strict, ps_max_inflight_pushes, ps_threads: see HostTables.
         group: this trainer is one worker group of several (jaxps.groups): every namespace
         lives in the PS, the dense parameters as one table updated there by
-        `dense_row_optimizer` (name, learning rate) instead of `dense_tx`."""
+        `dense_row_optimizer` (name, learning rate) instead of `dense_tx`. A group may span
+        several processes (its own jax.distributed job): each reports its own clock."""
         if loss_reduction not in ("sum", "mean"):
             raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
         self.model, self.mesh, self.dense_tx = model, mesh, dense_tx
@@ -105,9 +107,8 @@ class StepBuilder:
                                   num_rows=l.table.rows, salt=l.table.salt)
                         for n, l in self.layouts.items()}
         self.block_widths: dict[str, int] = {}  # Blocked tables: nonzeros per (block, example), grown
-        if group is not None and jax.process_count() > 1:
-            raise NotImplementedError("worker groups of several processes each: run one process per worker "
-                                      "group (jaxps launch local --groups N)")
+        if group is not None:  # a group of several processes keeps one server clock per process
+            group = dataclasses.replace(group, processes=jax.process_count(), process=jax.process_index())
         # load the routing kernel while JAX initialises the state (it takes ~0.1-0.3 s)
         threading.Thread(target=routing_warm_up, daemon=True, name="jaxps-route-warmup").start()
         self.graphdef, shapes = nnx.split(model.init_dense(nnx.Rngs(0)))
@@ -156,7 +157,7 @@ class StepBuilder:
         metrics = self.replicated
         if self.host is not None and jax.process_count() > 1:  # row gradients stay with their owners
             metrics = {"loss": self.replicated, "examples": self.replicated,
-                       "host_grads": {name: self.batch_sharding for name in self.host.tables}}
+                       "host_grads": {name: self.batch_sharding for name in self.host.names}}
         self.train_step = jax.jit(self._train_step, donate_argnums=0,
                                   out_shardings=(jax.tree.map(lambda a: a.sharding, state), metrics))
         return state
@@ -325,7 +326,7 @@ class StepBuilder:
 
     def set_dense(self, state: State, rows: np.ndarray) -> State:
         """Worker groups: the dense parameters from the PS table's rows (e.g. at the end)."""
-        dense = jax.jit(self.dense_table.unflatten)(jax.device_put(rows, self.replicated))
+        dense = jax.jit(self.dense_table.unflatten)(_replicated_input(rows, self.replicated))
         dense = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), dense, state["dense"])
         return dict(state, dense=dense)
 
@@ -406,7 +407,8 @@ class StepBuilder:
         if self.host is not None:  # the servers apply these: summed gradient per unique row
             metrics["host_grads"] = {name: g_unique[name] * self.grad_scale for name in self.host.tables}
             if self.dense_table is not None:
-                metrics["host_grads"][DENSE_TABLE] = self.dense_table.flatten(g_dense) * self.grad_scale
+                block_rows = batch["plans"][DENSE_TABLE]["rows"].shape[0]  # every process's block
+                metrics["host_grads"][DENSE_TABLE] = self.dense_table.flatten(g_dense, block_rows) * self.grad_scale
         return new_state, metrics
 
     def _eval_step(self, state: State, batch: State) -> jax.Array:

@@ -389,7 +389,10 @@ class Trainer:
         # state first: restoring next to it would need twice the largest namespace.
         like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                             self.state)
-        if self.steps.host is not None and self._writes_ps():  # one loader per job, as one writer
+        # one loader per job, as one writer (group 0's process 0); reading the snapshot
+        # through Orbax is a collective of the writer's jax.distributed job, though: every
+        # process of that group takes part
+        if self.steps.host is not None and (self.group is None or self.group.index == 0):
             if self.checkpointer.has_ps(step):
                 snap = self.checkpointer.ps_snapshot(step)
             elif os.path.exists(self._legacy_ps_path(step)):
@@ -397,7 +400,9 @@ class Trainer:
             else:
                 raise ValueError(f"checkpoint {self.checkpointer.directory}/{step} has no snapshot of the "
                                  f"host tables {sorted(self.steps.host.names)}")
-            self.steps.host.load(snap)
+            if self._writes_ps():
+                self.steps.host.load(snap)
+            del snap
         if self.steps.host is not None and jax.process_count() > 1:
             barrier()  # no process pulls before the snapshot is loaded
         self.state = None

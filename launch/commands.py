@@ -9,6 +9,7 @@ from typing import Sequence
 USAGE = ("jaxps launch local --workers 2 -- jaxps train data.train=a.svm,b.svm\n"
          "jaxps launch local --servers 2 -- jaxps train model.placement=host\n"
          "jaxps launch local --servers 2 --groups 4 --sync ssp:3 -- jaxps train model.placement=host\n"
+         "jaxps launch local --servers 1 --groups 2 --workers-per-group 2 -- jaxps train model.placement=host\n"
          "jaxps launch slurm --servers 2 --groups 1 --workers-per-group 4 --out job.sbatch -- jaxps train ...\n"
          "jaxps launch node ...   (what every task/pod/host of a cluster template runs)")
 
@@ -17,7 +18,8 @@ def add_parsers(la: argparse.ArgumentParser) -> None:
     from jaxps.launch.node import add_layout_args, add_node_args
     sub = la.add_subparsers(dest="where", required=True, metavar="{local,node,slurm,k8s,tpu}")
     lo = sub.add_parser("local", help="all processes on this machine, on loopback")
-    lo.add_argument("--workers", type=int, default=1, help="worker processes (one jax.distributed process each)")
+    lo.add_argument("--workers", "--workers-per-group", dest="workers", type=int, default=1,
+                    help="worker processes (of each group: one jax.distributed job per group)")
     lo.add_argument("--servers", type=int, default=0, help="PS server processes for the model's host tables")
     lo.add_argument("--replicas", type=int, default=0,
                     help="backups per PS partition (hot standby); > 0 also runs a server manager for failover")

@@ -1,6 +1,7 @@
 """`jaxps launch local`: run the processes of one job on this machine, on loopback: M
 parameter-server processes (`--servers`) and N worker processes (`--workers`), or G
-worker groups of N processes each (`--groups`, `--sync`: see jaxps.groups).
+worker groups of N processes each (`--groups`, `--sync`: see jaxps.groups; every group
+is its own jax.distributed job with its own coordinator, as on a cluster).
 
 Each worker gets the environment a cluster scheduler would give it (coordinator address,
 process count, process id; see jaxps.runtime) and calls `jax.distributed.initialize`

@@ -245,3 +245,49 @@ def test_a_pull_waiting_at_the_clock_gate_does_not_hold_up_interpreter_exit():
     proc = subprocess.run([sys.executable, "-c", _STUCK_PULL], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "exiting" in proc.stdout
+
+
+def test_a_group_of_several_processes_settles_a_step_once_every_process_reported_it():
+    """Groups of 2 processes each keep one server clock per process (WorkerGroup.clock_id):
+    BSP applies nothing of a step until all 4 processes pushed their shares and clocked it,
+    then the sum of the 4 pushes once (SGD: -lr * sum, closed form)."""
+    members = [WorkerGroup(g, 2, "bsp", processes=2, process=p) for g in range(2) for p in range(2)]
+    assert [m.clock_id for m in members] == [0, 1, 2, 3] and {m.clocks for m in members} == {4}
+    with pytest.raises(ValueError, match="process 2 of 2"):
+        WorkerGroup(0, 2, processes=2, process=2)
+    server = _server(Sync(0), 4, rowwise.SGD(learning_rate=0.1))
+    keys = np.arange(4, dtype=np.uint64)
+    grads = [np.full((2, 2), m.clock_id + 1, np.float32) for m in members]
+    for m in members:  # process p of each group pushes its share: keys p and p + 2
+        server.push("t", keys[m.process::2], grads[m.clock_id], (m.clock_id, 0), step=1, group=m.clock_id)
+    for m in members[:3]:
+        server.clock(m.clock_id, 1, m.clocks, Sync(0))
+        assert server.clocks.settled == 0 and not server.pull("t", keys).any()  # group 1 is half done
+    assert server.clock(members[3].clock_id, 1, 4, Sync(0)) == 1
+    want = np.zeros((4, 2), np.float32)
+    for m in members:
+        want[m.process::2] += -0.1 * grads[m.clock_id]
+    np.testing.assert_allclose(server.pull("t", keys), want, rtol=1e-6)
+
+
+
+def test_dense_table_shares_cover_every_row_once_in_contiguous_blocks():
+    """The dense table split over a group's processes: block r of C rows starts at r * C, C
+    a multiple of each process's data shards, every row pulled and pushed by one process;
+    and the parameters read back from the [count * C] block (padding after the rows)."""
+    from jaxps.dense_table import DenseTable
+    tree = {"w": np.arange(700, dtype=np.float32).reshape(7, 100), "b": np.float32(-1.0)}
+    table = DenseTable.of(tree, "sgd", 0.1)
+    assert table.rows == 3  # 701 floats in rows of 256
+    for count, multiple in ((1, 1), (2, 2), (4, 1), (4, 2)):
+        shares = [table.share(r, count, multiple) for r in range(count)]
+        cap = shares[0][1]
+        assert {c for _, c in shares} == {cap} and cap % multiple == 0 and cap * count >= table.rows
+        for r, (keys, _) in enumerate(shares):
+            np.testing.assert_array_equal(keys, np.arange(r * cap, min((r + 1) * cap, table.rows)))
+        np.testing.assert_array_equal(np.concatenate([k for k, _ in shares]), table.keys)
+        block = np.asarray(table.flatten(tree, count * cap))
+        assert block.shape == (count * cap, 256)
+        back = table.unflatten(block)
+        np.testing.assert_array_equal(np.asarray(back["w"]), tree["w"])
+        assert float(back["b"]) == -1.0

@@ -90,7 +90,8 @@ class GroupClocks:
                 self.group_wait_seconds = [0.0] * groups
             elif (self.groups, self.sync) != (groups, sync):
                 raise ValueError(f"this server runs {self.groups} worker groups under {self.sync}; "
-                                 f"a client asked for {groups} under {sync}")
+                                 f"a client asked for {groups} under {sync} (a group of several processes "
+                                 f"counts one clock per process: every group needs as many processes)")
 
     def _check(self, group: int) -> None:
         if self.groups is None:
