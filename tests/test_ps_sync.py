@@ -116,6 +116,35 @@ def test_a_pull_waiting_for_a_dead_group_times_out_naming_the_clocks():
         Sync.parse("ssp:-1")
 
 
+def test_killing_an_in_process_server_fails_the_pulls_waiting_at_its_gate():
+    """A pull blocked at a server's clock gate when the server dies gets a retryable
+    ConnectionError within a bounded time (a gRPC call to a SIGKILLed process fails so),
+    and so does every later call through that transport."""
+    from jaxps.ps.client import InProcessTransport
+
+    server = _server(Sync(0), 2)
+    transport = InProcessTransport(server)
+    server.clock(0, 1, 2, Sync(0))  # group 1 has not completed step 1: a pull at 1 waits
+    errors: list[BaseException] = []
+
+    def pull():
+        try:
+            transport.pull("t", np.arange(3, dtype=np.uint64), 0, 1)
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    waiter = threading.Thread(target=pull)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not errors  # blocked at the gate: group 1 never reports
+    transport.kill()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], ConnectionError), errors
+    with pytest.raises(ConnectionError, match="down"):
+        transport.pull("t", np.arange(3, dtype=np.uint64))
+
+
 def _sparse_lr(opt="adagrad"):
     return SparseLR(SparseLRConfig(rows=ROWS, placement=HostTable("hashed"),
                                    optimizer=rowwise.make(opt, learning_rate=0.05)))

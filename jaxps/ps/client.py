@@ -49,7 +49,10 @@ class InProcessTransport:
         return self._server
 
     def kill(self) -> None:
+        """Later calls fail, and so do pulls waiting at its clock gate (a gRPC call in
+        flight to a SIGKILLed server fails the same way)."""
         self.alive = False
+        self._server.clocks.fail(ConnectionError(f"PS server {self._server.name} is down"))
 
     def pull(self, table, keys, group=-1, clock=0, ring_version=-1, client=-1, out=None):
         """`out`: write the rows there (no copy; only an in-process server can)."""

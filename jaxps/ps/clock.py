@@ -79,6 +79,7 @@ class GroupClocks:
         self.wait_seconds = 0.0
         self.group_wait_seconds: list[float] = []  # per group: where the waiting happens
         self.max_gap = 0           # largest (clock of a pulling group - slowest clock) seen
+        self._down: BaseException | None = None  # set by `fail`: waiting pulls raise it
 
     def configure(self, groups: int, sync: Sync) -> None:
         """Set the number of groups and the model; idempotent, a different one is refused."""
@@ -124,6 +125,14 @@ class GroupClocks:
                 self._settled = settled
                 self._cond.notify_all()
 
+    def fail(self, error: BaseException) -> None:
+        """The server is gone: every waiting (and later) pull raises `error`, as a killed
+        process's calls fail, so its clients retry elsewhere instead of waiting for clock
+        messages that can no longer arrive."""
+        with self._cond:
+            self._down = error
+            self._cond.notify_all()
+
     def wait(self, group: int, clock: int, timeout: float | None) -> float:
         """Block a pull of `group` at `clock` until the slowest group reached
         clock - staleness (and, under BSP, its pushes are applied). Returns seconds waited."""
@@ -141,6 +150,8 @@ class GroupClocks:
             t0 = time.perf_counter()
             deadline = None if timeout is None else time.monotonic() + timeout
             while not self._ready(need):
+                if self._down is not None:
+                    raise self._down
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise SyncTimeout(f"worker group {group} at clock {clock} waited {timeout:.0f} s for the "
