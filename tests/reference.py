@@ -96,3 +96,19 @@ def sparse_lr_reference(batches, rows_of, rows: int, opt: str, hp: dict, bias_lr
         o.apply(touched, g[touched][:, None], t)
         bias -= bias_lr * dlogit.sum()
     return o, bias, losses
+
+
+def planted_parts(folder, lines: int, model_seed: int, sample_seed: int, parts: int = 2) -> list[str]:
+    """`parts` libsvm files of `lines` examples each from one planted model (6 fields, 40
+    ids per field), for the multi-process tests that split them over processes."""
+    import os
+
+    from jaxps.data import PlantedModel, SyntheticConfig, write_libsvm
+
+    planted = PlantedModel(SyntheticConfig(num_fields=6, vocab_size=40, seed=model_seed))
+    files = []
+    for i in range(parts):
+        b, _ = planted.sample(lines, seed=sample_seed + i)
+        files.append(os.path.join(str(folder), f"part{i}.svm"))
+        write_libsvm(files[-1], b)
+    return files

@@ -10,24 +10,20 @@ import sys
 import numpy as np
 import pytest
 
-from jaxps.data import PlantedModel, ReaderConfig, SyntheticConfig, write_libsvm
+from jaxps.data import ReaderConfig
 from jaxps.data.batch import concat
 from jaxps.data.readers import batches
 from jaxps.job import ModelConfig, build_model
 from jaxps.mesh import MeshConfig
 from jaxps.trainer import TrainConfig, Trainer
+from reference import planted_parts
 
 ROWS, GLOBAL_BATCH, LINES = 4096, 512, 3000
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
-    planted = PlantedModel(SyntheticConfig(num_fields=6, vocab_size=40, seed=7))
-    files = []
-    for i in range(2):
-        b, _ = planted.sample(LINES, seed=10 + i)
-        files.append(str(tmp_path / f"part{i}.svm"))
-        write_libsvm(files[-1], b)
+    files = planted_parts(tmp_path, LINES, model_seed=7, sample_seed=10)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     cmd = [sys.executable, "-m", "jaxps.cli", "launch", "local", "--workers", "2", "--cpu-devices", "4",
            "--timeout", "240", "--", sys.executable, "-m", "jaxps.cli", "train",
@@ -73,13 +69,7 @@ def _global_batches(files):
 
 
 def _write_parts(tmp_path, seed):
-    planted = PlantedModel(SyntheticConfig(num_fields=6, vocab_size=40, seed=seed))
-    files = []
-    for i in range(2):
-        b, _ = planted.sample(LINES, seed=seed + 3 + i)
-        files.append(str(tmp_path / f"part{i}.svm"))
-        write_libsvm(files[-1], b)
-    return files
+    return planted_parts(tmp_path, LINES, model_seed=seed, sample_seed=seed + 3)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxps.checkpoint import Checkpointer
-from jaxps.data import PlantedModel, ReaderConfig, SyntheticConfig, write_libsvm
+from jaxps.data import ReaderConfig
 from jaxps.data.batch import concat
 from jaxps.data.dataset import FileDataset
 from jaxps.data.readers import batches
@@ -25,7 +25,7 @@ from jaxps.job import ModelConfig, build_model
 from jaxps.mesh import MeshConfig, make_mesh
 from jaxps.ps.client import PSClient, embedded
 from jaxps.trainer import TrainConfig, Trainer
-from reference import run_concurrently
+from reference import planted_parts, run_concurrently
 
 ROWS, GLOBAL_BATCH, LINES = 4096, 256, 1200   # GLOBAL_BATCH: one group's batch per step
 GROUPS, PROCS = 2, 2
@@ -35,13 +35,7 @@ TRAIN = ["train.progress=false", "train.tensorboard=false", "train.compilation_c
 
 
 def _files(tmp_path):
-    planted = PlantedModel(SyntheticConfig(num_fields=6, vocab_size=40, seed=17))
-    files = []
-    for i in range(2):
-        b, _ = planted.sample(LINES, seed=20 + i)
-        files.append(str(tmp_path / f"part{i}.svm"))
-        write_libsvm(files[-1], b)
-    return files
+    return planted_parts(tmp_path, LINES, model_seed=17, sample_seed=20)
 
 
 def _launch(tmp_path, files, sync, *extra, resume=False):
