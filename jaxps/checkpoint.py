@@ -54,17 +54,16 @@ def _state_handler() -> ocp.StandardCheckpointHandler:
     Orbax matches StandardSave/StandardRestore to that class -- with the PyTree handler it
     builds, less compression.)"""
     handler = ocp.StandardCheckpointHandler()
-    # Orbax (0.12) has no public switch for this; `_impl` is private, so replace it only
-    # where it is what we expect: another Orbax keeps its default (compressed) and
-    # `state_uncompressed()` says so instead of the save breaking
-    if isinstance(getattr(handler, "_impl", None), ocp.PyTreeCheckpointHandler):
+    if state_uncompressed():
         handler._impl = ocp.PyTreeCheckpointHandler(use_compression=False)
     return handler
 
 
 def state_uncompressed() -> bool:
-    """Whether this Orbax lets `_state_handler` write the device state without zstd."""
-    return isinstance(getattr(_state_handler(), "_impl", None), ocp.PyTreeCheckpointHandler)
+    """Whether this Orbax lets `_state_handler` write the device state without zstd. Orbax
+    (0.12) has no public switch; `_impl` is private, so it is replaced only where it is what
+    we expect: another Orbax keeps its default (compressed) instead of the save breaking."""
+    return isinstance(getattr(ocp.StandardCheckpointHandler(), "_impl", None), ocp.PyTreeCheckpointHandler)
 
 
 class Checkpointer:

@@ -185,9 +185,9 @@ def cmd_schedule(args) -> int:
     from jaxps.parallel.schedule import build, draw
     sched = build(args.kind, args.stages, args.microbatches, args.virtual)
     print(sched.render())
-    cost = "B = W = 1 forward" if sched.split else "backward = 2 forwards"
+    cost, lockstep = sched.lockstep_summary()
     print(f"{sched.kind}: {sched.ticks} ticks, bubble fraction {sched.bubble_fraction():.4f}, "
-          f"lockstep with {cost} {sched.lockstep_bubble(2.0):.4f} "
+          f"lockstep with {cost} {lockstep:.4f} "
           f"(theory (S-1)/(V*M+S-1) = {sched.theory_bubble():.4f}), "
           f"max activations stashed per stage {max(sched.max_stash())}")
     if args.png:

@@ -244,7 +244,9 @@ class HostTables:
             return
         for name, p in plans.items():
             since = [log.get(i) for i in range(mark, issued)]
-            if any(entry is None for entry in since):  # too old to know: pull the batch again
+            # too old to know, or the dense table (every push carries all of its rows): pull
+            # the batch again, with no per-step index of keys that are all shared anyway
+            if name == DENSE_TABLE or any(entry is None for entry in since):
                 shared = np.ones(p.keys.shape[0], bool)
                 for f in list(self._inflight):
                     f.result()

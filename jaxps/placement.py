@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from jaxps.mesh import AXES, axis_size
+from jaxps.parallel.schedule import KINDS
 
 if TYPE_CHECKING:  # JAX only where shardings are built: a PS server reads placements too
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -89,8 +90,8 @@ class Staged:
     microbatches: int = 4
     schedule: str = "1f1b"   # one of SCHEDULES (jaxps.parallel.schedule), run with the loss inside
     realm: ClassVar[int] = 4
-    SCHEDULES: ClassVar[tuple[str, ...]] = ("gpipe", "1f1b", "1f1b-paired", "gpipe-split", "1f1b-split",
-                                            "zb-h1")  # one chunk per stage
+    # one chunk per stage: every kind but the interleaved ones
+    SCHEDULES: ClassVar[tuple[str, ...]] = tuple(k for k in KINDS if "interleaved" not in k)
 
     def __post_init__(self):
         if self.schedule not in self.SCHEDULES:

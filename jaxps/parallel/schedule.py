@@ -157,6 +157,11 @@ class Schedule:
         s, m, v = self.stages, self.microbatches, self.virtual
         return (s - 1) / (v * m + s - 1)
 
+    def lockstep_summary(self) -> tuple[str, float]:
+        """(the cost model in words, the lockstep bubble under it): a backward costs 2
+        forwards, i.e. B = W = 1 forward in the split kinds."""
+        return ("B = W = 1 forward" if self.split else "backward = 2 forwards"), self.lockstep_bubble(2.0)
+
     def lockstep_bubble(self, backward_cost: float = 2.0) -> float:
         """Idle time over all stage-time when every tick lasts as long as its slowest op (a
         forward costs 1, a backward `backward_cost`): the SPMD executor's ticks are
@@ -438,14 +443,11 @@ def draw(sched: Schedule, path: str) -> None:
     ax.set_ylim(0, sched.stages)
     ax.set_yticks([sched.stages - 0.5 - s for s in range(sched.stages)],
                   [f"stage {s}" for s in range(sched.stages)])
-    if sched.split:
-        ax.set_xlabel("tick (blue: forward, orange: B = input gradient, green: W = weight gradient)")
-        cost = "B = W = 1 forward"
-    else:
-        ax.set_xlabel("tick (blue: forward, orange: backward; darker: later virtual chunk)")
-        cost = "backward = 2 forwards"
+    ax.set_xlabel("tick (blue: forward, orange: B = input gradient, green: W = weight gradient)" if sched.split
+                  else "tick (blue: forward, orange: backward; darker: later virtual chunk)")
+    cost, lockstep = sched.lockstep_summary()
     ax.set_title(f"{sched.kind}: S={sched.stages} M={sched.microbatches} V={sched.virtual}  "
-                 f"bubble {sched.bubble_fraction():.3f}\nlockstep ({cost}) {sched.lockstep_bubble(2.0):.3f} "
+                 f"bubble {sched.bubble_fraction():.3f}\nlockstep ({cost}) {lockstep:.3f} "
                  f"(theory {sched.theory_bubble():.3f})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
