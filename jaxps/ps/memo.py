@@ -52,10 +52,13 @@ class PullMemo:
     fresh_keys: np.ndarray
     fresh: np.ndarray
 
-    @property
-    def nbytes(self) -> int:
-        return (self.keys.nbytes + self.order.nbytes + self.ordered_keys.nbytes + self.slots.nbytes
-                + self.fresh_keys.nbytes + self.fresh.nbytes)
+    def __post_init__(self):
+        # `fresh` is sized for every key but filled only for the absent ones (np.empty: the
+        # untouched pages are never resident), so the budget counts the filled rows only;
+        # counting all would evict memos of a warm table long before `per_client`
+        filled = int(np.count_nonzero(self.slots < 0))
+        self.nbytes = (self.keys.nbytes + self.order.nbytes + self.ordered_keys.nbytes + self.slots.nbytes
+                       + self.fresh_keys.nbytes + filled * self.fresh.strides[0])
 
     def slots_for(self, run: int, store) -> np.ndarray | None:
         """The pull's slots of run `run` if they are still valid in `store` (call with the
