@@ -11,7 +11,7 @@ Peers on the same batches: PyTorch (EmbeddingBag(sparse) + Adagrad, in-process) 
 DistributedModelParallel table-wise over gloo). `ratio_vs_torchrec` = jaxps on-mesh samples/s
 over TorchRec's; null with `torchrec_note` saying why when TorchRec is missing or fails.
 
-Usage: python benchmarks/host_vs_device.py [--quick] [--batch 4096] [--dim 16] [--devices 1]
+Usage: python benchmarks/host_vs_device.py [--quick] [--batch 4096] [--dim 16] [--devices 1] [--hidden 256 128]
        [--torchrec-procs 2] [--ps-threads 1] [--switch-interval-ms 5]
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from jaxps.trainer import TrainConfig, Trainer  # noqa: E402
 
 def seconds_per_step(placement, batches, args, strict=True) -> tuple[float, dict]:
     model = WideDeep(WideDeepConfig(num_slots=39, embed_rows=args.rows, embed_dim=args.dim,
-                                    wide_rows=args.rows, hidden=(256, 128), embed_placement=placement))
+                                    wide_rows=args.rows, hidden=tuple(args.hidden), embed_placement=placement))
     mesh = make_mesh(MeshConfig(data=args.devices), jax.devices()[:args.devices])
     t = Trainer(model, mesh, TrainConfig(progress=False, tensorboard=False, checkpoint=False,
                                          log_every=10_000, dense_optimizer="adam", dense_learning_rate=1e-3,
@@ -73,8 +73,11 @@ def torch_seconds_per_step(batches, args) -> float | None:
     wide = torch.nn.EmbeddingBag(args.rows, 1, mode="sum", sparse=True)
     torch.nn.init.normal_(embed.weight, std=0.05)
     torch.nn.init.zeros_(wide.weight)
-    tower = torch.nn.Sequential(torch.nn.Linear(39 * args.dim, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128),
-                                torch.nn.ReLU(), torch.nn.Linear(128, 1))
+    widths = [39 * args.dim, *args.hidden]
+    layers: list = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    tower = torch.nn.Sequential(*layers, torch.nn.Linear(widths[-1], 1))
     sparse_opt = torch.optim.Adagrad(list(embed.parameters()) + list(wide.parameters()), lr=0.05)
     dense_opt = torch.optim.Adam(tower.parameters(), lr=1e-3)
     data = [(torch.from_numpy(rows_of(b.ids).astype(np.int64)), torch.from_numpy(b.vals),
@@ -113,7 +116,8 @@ def torchrec_run(batches, args) -> tuple[dict | None, str | None]:
                  vals=np.concatenate([b.vals for b in batches]),
                  labels=np.concatenate([b.labels for b in batches]))
         return torchrun("peers_torchrec.py", args.torchrec_procs,
-                        ["--data", path, "--batch", args.batch, "--rows", args.rows, "--dim", args.dim],
+                        ["--data", path, "--batch", args.batch, "--rows", args.rows, "--dim", args.dim,
+                         "--hidden", *args.hidden],
                         timeout=900, retries=1)
 
 
@@ -123,6 +127,9 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=16)
     p.add_argument("--rows", type=int, default=1 << 22, help="hashed rows of both tables")
     p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--hidden", type=int, nargs="+", default=[256, 128],
+                   help="deep tower widths; a narrow tower (e.g. --hidden 16) makes the device step "
+                        "short, as an accelerator's is, so the host path's own cost shows on a CPU")
     p.add_argument("--torchrec-procs", type=int, default=2, help="torchrun processes of the TorchRec peer")
     p.add_argument("--ps-threads", type=int, default=1,
                    help="threads per request of the embedded PS server (PSServer threads; for many-core hosts)")
@@ -144,7 +151,7 @@ def main(argv=None) -> int:
     trec_sps = trec["samples_per_sec"] if trec else None
     emit("host_vs_device", {
         "batch_size": args.batch, "embed_dim": args.dim, "rows": args.rows, "steps": steps,
-        "devices": args.devices, "ps_threads": args.ps_threads, "switch_interval_ms": 1e3 * sys.getswitchinterval(),
+        "devices": args.devices, "hidden": args.hidden, "ps_threads": args.ps_threads, "switch_interval_ms": 1e3 * sys.getswitchinterval(),
         "seconds_per_step_device": device_s,
         "seconds_per_step_host_strict": host_s, "seconds_per_step_host_nonstrict": loose_s,
         "ratio": host_s / device_s, "ratio_nonstrict": loose_s / device_s,

@@ -75,7 +75,7 @@ def to_kjt(rows: np.ndarray, vals: np.ndarray) -> KeyedJaggedTensor:
 
 def build(args: argparse.Namespace, slots: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
     """DistributedModelParallel with table-wise sharding and the fused/dense optimizers."""
-    model = WideDeep(args.rows, args.dim, slots)
+    model = WideDeep(args.rows, args.dim, slots, tuple(args.hidden))
     apply_optimizer_in_backward(RowWiseAdagrad, model.ebc.parameters(), {"lr": args.lr})
     world = dist.get_world_size()
     planner = EmbeddingShardingPlanner(
@@ -97,6 +97,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4096, help="global batch (split over processes)")
     ap.add_argument("--rows", type=int, default=1 << 22)
     ap.add_argument("--dim", type=int, default=16)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[256, 128], help="deep tower widths")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--dense-lr", type=float, default=1e-3)
