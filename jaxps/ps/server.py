@@ -452,8 +452,7 @@ class PSServer:
                 part, lo, hi = part_list[run], lo_list[run], lo_list[run + 1]
                 store, lock = self._store(table, part)
                 with lock:
-                    marks = self._marks.setdefault((table, part), {})
-                    if seq <= marks.get(cid, -1):  # applied (or held) before: a retry
+                    if self._retry((table, part), cid, seq):
                         return False
                     if not hold and group >= 0 and self.cut_every and self._held_for_cut(
                             (step, group, table, part, cid, seq), ordered_keys[lo:hi], grads, order[lo:hi]):
@@ -471,7 +470,7 @@ class PSServer:
                         self._before_write((table, part), store, ordered_keys[lo:hi])
                         store.push(ordered_keys[lo:hi], grads, step, order[lo:hi],
                                    None if memo is None else memo.slots_for(run, store))
-                    marks[cid] = seq
+                    self._landed((table, part), cid, seq)
                     return True
             kernel = self._push_kernel(spec) if store_mod.FUSED and BATCHED else None
             if kernel is not None and not hold and (group < 0 or not self.cut_every) and keys.shape[0]:
@@ -512,15 +511,13 @@ class PSServer:
                 batched = True
                 for r in range(r0, r1):
                     part, store = part_list[r], held[r][0]
-                    marks = self._marks.setdefault((table, part), {})
-                    if seq <= marks.get(cid, -1):  # applied (or held) before: a retry
+                    if self._retry((table, part), cid, seq):
                         continue
                     apply[r] = True
                     batched = arrays.sync(part, store) and batched
                     if memo is not None and memo.slots_for(r, store) is None:  # stale: looked up again
                         slots[lo_list[r]:lo_list[r + 1]] = no_fresh
-                    if self._pending.get((table, part)):
-                        self._before_write((table, part), store, ordered_keys[lo_list[r]:lo_list[r + 1]])
+                    self._before_write((table, part), store, ordered_keys[lo_list[r]:lo_list[r + 1]])
                 if not apply[r0:r1].any():
                     return False
                 done = r0  # runs below it are applied by the kernel
@@ -544,7 +541,7 @@ class PSServer:
                         lo, hi = lo_list[r], lo_list[r + 1]
                         store.push(ordered_keys[lo:hi], grads, step, order[lo:hi],
                                    None if memo is None else memo.slots_for(r, store))
-                    self._marks[(table, part)][cid] = seq
+                    self._landed((table, part), cid, seq)
                 return True
         return any(self._each_span(self._spans(bounds), push_span))
 
@@ -674,9 +671,20 @@ class PSServer:
                             self._pending.get((name, part), {}).pop(old, None)
             return ticket
 
+    def _retry(self, key: tuple[str, int], cid: int, seq: int) -> bool:
+        """(With the partition's lock.) Whether push request (cid, seq) reached partition
+        `key` before (applied or held there): a client's retry, which both push paths skip."""
+        return seq <= self._marks.get(key, {}).get(cid, -1)
+
+    def _landed(self, key: tuple[str, int], cid: int, seq: int) -> None:
+        """(With the partition's lock.) Push request (cid, seq) was applied or held at
+        partition `key`: its retries are skipped (`_retry`)."""
+        self._marks.setdefault(key, {})[cid] = seq
+
     def _before_write(self, key: tuple[str, int], store: PartitionStore, keys: np.ndarray | None = None) -> None:
         """(With the partition's lock.) Marked snapshots of the partition keep what a write
-        of unique `keys` changes; `keys` None (a load, a drop): they copy it whole first."""
+        of unique `keys` changes; `keys` None (a load, a drop): they copy it whole first.
+        Nothing to do (one dict lookup) while the partition has no pending mark."""
         marked = self._pending.get(key)
         for pending in marked.values() if marked else ():
             if keys is None:
