@@ -36,7 +36,7 @@ from jaxps.ps.initrows import init_salt
 from jaxps.ps.keyindex import dedup
 from jaxps.ps.memo import PullMemo, PullMemos
 from jaxps.ps.ring import Ring, partition_runs, partition_runs_keys
-from jaxps.ps.store import PartitionStore
+from jaxps.ps.store import PartitionStore, join_rows
 
 
 class PSError(ValueError):
@@ -717,8 +717,7 @@ class PSServer:
         """A snapshot of every row of `table` in the partitions this server is the primary of
         (backups hold copies), partition by partition under each partition's lock (a
         consistent cut when no push is in flight); `ticket`: the rows at that `mark`."""
-        parts = self.export_pieces(table, ticket)
-        return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return join_rows(self.export_pieces(table, ticket))
 
     def export_pieces(self, table: str, ticket: int | None = None) -> list[dict[str, np.ndarray]]:
         """`export`'s rows as one piece per partition, not joined: a snapshot writer streams
@@ -774,8 +773,8 @@ class PSServer:
                 marks.setdefault(table, []).extend(
                     (part, cid, seq) for cid, seq in self._marks.get((table, part), {}).items())
         for table, pieces in rows.items():  # one array per field: the receiver re-splits by key
-            for field in pieces[0]:
-                out[f"rows/{table}/{field}"] = np.concatenate([r[field] for r in pieces])
+            for field, joined in join_rows(pieces).items():
+                out[f"rows/{table}/{field}"] = joined
             out[f"marks/{table}"] = np.array(marks.get(table, []), np.uint64).reshape(-1, 3)
         with self._held_lock:
             held = [(step, h) for step, hs in self._held.items() for h in hs if h[2] in want]
