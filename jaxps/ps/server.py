@@ -105,6 +105,33 @@ class Frozen(PSError):
     """The server is frozen for a membership change: retry after refreshing the ring."""
 
 
+def _pack_pushes(out: dict[str, np.ndarray], prefix: str, pushes: list[tuple]) -> None:
+    """Held pushes (step, group, table, partition, client id, seq, keys, grads) as a
+    partition copy's arrays: per table, `{prefix}/{table}/meta` (one row of step, group,
+    partition, client id, seq, key count a push), `.../keys` and `.../grads` (joined)."""
+    for table in sorted({p[2] for p in pushes}):
+        mine = [p for p in pushes if p[2] == table]
+        out[f"{prefix}/{table}/meta"] = np.array([[step, g, part, cid, seq, keys.shape[0]]
+                                                  for step, g, _, part, cid, seq, keys, _ in mine], np.int64)
+        out[f"{prefix}/{table}/keys"] = np.concatenate([p[6] for p in mine])
+        out[f"{prefix}/{table}/grads"] = np.concatenate([p[7] for p in mine])
+
+
+def _unpack_pushes(data: dict[str, np.ndarray], prefix: str) -> list[tuple]:
+    """`_pack_pushes`'s arrays back as held pushes (each its own copy of keys and grads),
+    in the order they were packed."""
+    pushes = []
+    for key in [k for k in data if k.startswith(f"{prefix}/") and k.endswith("/meta")]:
+        table = key[len(prefix) + 1:-len("/meta")]
+        keys = np.asarray(data[f"{prefix}/{table}/keys"], np.uint64)
+        grads = np.asarray(data[f"{prefix}/{table}/grads"], np.float32)
+        o = 0
+        for step, g, part, cid, seq, n in np.asarray(data[key], np.int64).reshape(-1, 6).tolist():
+            pushes.append((step, g, table, part, cid, seq, keys[o:o + n].copy(), grads[o:o + n].copy()))
+            o += n
+    return pushes
+
+
 class PSServer:
     def __init__(self, name: str, ring: Ring, tables: Sequence[TableSpec], replicas: int = 0,
                  wait_timeout: float | None = 600.0, threads: int = 1):
@@ -744,17 +771,26 @@ class PSServer:
     def load(self, table: str, rows: dict[str, np.ndarray], only_missing: bool = False) -> None:
         """Store snapshot rows whose partitions this server owns (any ring may have written
         them); `only_missing`: leave rows already stored as they are."""
+        self._validate(table, np.asarray(rows["keys"], np.uint64))
+        self._load_rows(table, rows, only_missing, check=True)
+
+    def _load_rows(self, table: str, rows: dict[str, np.ndarray], only_missing: bool = False,
+                   check: bool = False) -> int:
+        """Store exported rows partition by partition, each under its lock (marked snapshots
+        copy a partition whole first). `check`: refuse them, before storing any, if a
+        partition is not one this server replicates. Returns the partitions written."""
         keys = np.asarray(rows["keys"], np.uint64)
-        self._validate(table, keys)
         order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
-        for part in parts:
-            self._check(table, int(part), write=True)
+        if check:
+            for part in parts:
+                self._check(table, int(part), write=True)
         ordered = {k: (v[order] if v.ndim == 1 else take_rows(v, order)) for k, v in rows.items()}
         for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
             store, lock = self._store(table, part)
             with lock:
                 self._before_write((table, part), store)
                 store.load({k: v[lo:hi] for k, v in ordered.items()}, only_missing)
+        return parts.shape[0]
 
     # ------------------------------------------------------------------ partition copies
     def export_partitions(self, parts: Sequence[int]) -> dict[str, np.ndarray]:
@@ -777,13 +813,9 @@ class PSServer:
                 out[f"rows/{table}/{field}"] = joined
             out[f"marks/{table}"] = np.array(marks.get(table, []), np.uint64).reshape(-1, 3)
         with self._held_lock:
-            held = [(step, h) for step, hs in self._held.items() for h in hs if h[2] in want]
-        for table in sorted({h[1] for _, h in held}):
-            mine = [(step, h) for step, h in held if h[1] == table]
-            out[f"held/{table}/meta"] = np.array([[step, g, part, cid, seq, keys.shape[0]]
-                                                  for step, (g, _, part, cid, seq, keys, _) in mine], np.int64)
-            out[f"held/{table}/keys"] = np.concatenate([h[5] for _, h in mine])
-            out[f"held/{table}/grads"] = np.concatenate([h[6] for _, h in mine])
+            held = [(step, g, t, part, cid, seq, keys, grads) for step, hs in self._held.items()
+                    for g, t, part, cid, seq, keys, grads in hs if part in want]
+        _pack_pushes(out, "held", held)
         if self.clocks.groups is not None:  # a new replica must gate pulls as the others do
             st = self.clocks.sync.staleness
             out["clocks/config"] = np.array([self.clocks.groups, -1 if st is None else st, self.clocks.settled,
@@ -791,12 +823,7 @@ class PSServer:
             out["clocks/values"] = np.array(self.clocks.clocks(), np.int64)
         with self._held_lock:
             cut_held = [h for h in self._cut_held if h[3] in want]
-        for table in sorted({h[2] for h in cut_held}):
-            mine = [h for h in cut_held if h[2] == table]
-            out[f"cutheld/{table}/meta"] = np.array([[h[0], h[1], h[3], h[4], h[5], h[6].shape[0]] for h in mine],
-                                                    np.int64)
-            out[f"cutheld/{table}/keys"] = np.concatenate([h[6] for h in mine])
-            out[f"cutheld/{table}/grads"] = np.concatenate([h[7] for h in mine])
+        _pack_pushes(out, "cutheld", cut_held)
         return out
 
     def load_partitions(self, data: dict[str, np.ndarray]) -> int:
@@ -815,16 +842,9 @@ class PSServer:
             self.clocks.publish(settled)
             with self._held_lock:
                 self._held_through = max(self._held_through, settled)
-        for key in [k for k in data if k.startswith("cutheld/") and k.endswith("/meta")]:
-            table = key[len("cutheld/"):-len("/meta")]
-            keys = np.asarray(data[f"cutheld/{table}/keys"], np.uint64)
-            grads = np.asarray(data[f"cutheld/{table}/grads"], np.float32)
-            o = 0
-            with self._held_lock:
-                for step, g, part, cid, seq, n in np.asarray(data[key], np.int64).tolist():
-                    self._cut_held.append((step, g, table, part, cid, seq, keys[o:o + n].copy(),
-                                           grads[o:o + n].copy()))
-                    o += n
+        cut_held = _unpack_pushes(data, "cutheld")
+        with self._held_lock:
+            self._cut_held.extend(cut_held)
             self._cut_held.sort(key=lambda h: h[0])
         rows: dict[str, dict[str, np.ndarray]] = {}
         for key, value in data.items():
@@ -837,27 +857,11 @@ class PSServer:
                         marks = self._marks.setdefault((rest[0], part), {})
                         marks[cid] = max(marks.get(cid, -1), seq)
         for table, r in rows.items():  # the manager decides: it sets the new ring next
-            keys = np.asarray(r["keys"], np.uint64)
-            order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
-            ordered = {k: (v[order] if v.ndim == 1 else take_rows(np.ascontiguousarray(v), order))
-                       for k, v in r.items()}
-            for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
-                store, lock = self._store(table, part)
-                with lock:
-                    self._before_write((table, part), store)
-                    store.load({k: v[lo:hi] for k, v in ordered.items()})
-                pieces += 1
-        for key in [k for k in data if k.startswith("held/") and k.endswith("/meta")]:
-            table = key[len("held/"):-len("/meta")]
-            meta = np.asarray(data[key], np.int64).reshape(-1, 6)
-            keys = np.asarray(data[f"held/{table}/keys"], np.uint64)
-            grads = np.asarray(data[f"held/{table}/grads"], np.float32)
-            o = 0
-            with self._held_lock:
-                for step, g, part, cid, seq, n in meta.tolist():
-                    self._held.setdefault(step, []).append((g, table, part, cid, seq, keys[o:o + n].copy(),
-                                                            grads[o:o + n].copy()))
-                    o += n
+            pieces += self._load_rows(table, r)
+        held = _unpack_pushes(data, "held")
+        with self._held_lock:
+            for step, *push in held:
+                self._held.setdefault(step, []).append(tuple(push))
         self._apply_overdue()
         return pieces
 
