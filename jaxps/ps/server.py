@@ -276,20 +276,28 @@ class PSServer:
             return True
 
     # ------------------------------------------------------------------ partitions
+    def _make_once(self, cache: dict, key, make):
+        """cache[key] after a lock-free miss: made by `make()` under the meta lock unless
+        another thread made it meanwhile (double-checked: once made, the request path
+        finds it without a shared lock)."""
+        with self._meta_lock:
+            value = cache.get(key)
+            if value is None:
+                value = cache[key] = make()
+        return value
+
     def _store(self, table: str, part: int) -> tuple[PartitionStore, threading.Lock]:
         key = (table, part)
         store = self._stores.get(key)
         if store is None:
-            with self._meta_lock:
-                store = self._stores.get(key)
-                if store is None:
-                    spec = self.tables[table]
-                    budget = None if spec.max_rows is None else -(-spec.max_rows // self.ring.num_partitions)
-                    store = PartitionStore(spec.dim, spec.optimizer, spec.init_scale, spec.seed,
-                                           spec.min_count, budget)
-                    self._locks[key] = threading.Lock()
-                    self._stores[key] = store
+            store = self._make_once(self._stores, key, functools.partial(self._new_store, key))
         return store, self._locks[key]
+
+    def _new_store(self, key: tuple[str, int]) -> PartitionStore:
+        spec = self.tables[key[0]]
+        budget = None if spec.max_rows is None else -(-spec.max_rows // self.ring.num_partitions)
+        self._locks[key] = threading.Lock()  # before the store is seen: its readers take this lock next
+        return PartitionStore(spec.dim, spec.optimizer, spec.init_scale, spec.seed, spec.min_count, budget)
 
     def _check_parts(self, table: str, parts: np.ndarray, write: bool = False) -> None:
         """`_check` of every partition of a request at once (one numpy test, not one
@@ -368,13 +376,10 @@ class PSServer:
     def _table_arrays(self, table: str) -> PartitionArrays:
         arrays = self._arrays.get(table)
         if arrays is None:
-            with self._meta_lock:
-                arrays = self._arrays.get(table)
-                if arrays is None:
-                    spec = self.tables[table]
-                    kernel = self._push_kernel(spec)
-                    arrays = self._arrays[table] = PartitionArrays(
-                        self.ring.num_partitions, spec.dim, None if kernel is None else kernel[3])
+            spec = self.tables[table]
+            kernel = self._push_kernel(spec)
+            arrays = self._make_once(self._arrays, table, functools.partial(
+                PartitionArrays, self.ring.num_partitions, spec.dim, None if kernel is None else kernel[3]))
         return arrays
 
     @staticmethod
@@ -608,10 +613,15 @@ class PSServer:
     def _apply_each(self, held: list) -> None:
         """Apply cut-held pushes one by one, in the order given (SSP/ASP: no summing)."""
         for step, _, table, part, _, _, keys, grads in held:
-            store, lock = self._store(table, part)
-            with lock:
-                self._before_write((table, part), store, keys)
-                store.push(keys, grads, step)
+            self._apply(table, part, keys, grads, step)
+
+    def _apply(self, table: str, part: int, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
+        """Apply a push that was held (for a cut, or summed for a BSP step) to one partition,
+        under its lock; marked snapshots keep their pre-images first."""
+        store, lock = self._store(table, part)
+        with lock:
+            self._before_write((table, part), store, keys)
+            store.push(keys, grads, step)
 
     def export_cut(self, table: str, at: int) -> dict[str, np.ndarray]:
         """The rows of `table` (primary partitions) at cut step `at`: once every group
@@ -641,10 +651,7 @@ class PSServer:
                 summed = np.zeros((keys.shape[0], grads.shape[1]), np.float32)
                 np.add.at(summed, inverse, grads)
                 grads = summed
-            store, lock = self._store(table, part)
-            with lock:
-                self._before_write((table, part), store, keys)
-                store.push(keys, grads, step)
+            self._apply(table, part, keys, grads, step)
 
     # ------------------------------------------------------------------ worker groups
     def clock(self, group: int, clock: int, groups: int, sync: Sync, cut_every: int = 0) -> int:
