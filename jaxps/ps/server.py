@@ -254,6 +254,13 @@ class PSServer:
         del self._stores[key], self._locks[key]
         self._marks.pop(key, None)
 
+    def _primary_stores(self, table: str) -> list[tuple[tuple[str, int], PartitionStore]]:
+        """((table, partition), store) of each stored partition of `table` this server is
+        the primary of: those a snapshot (`export`, `mark`) takes; backups hold copies."""
+        owners = self.ring.owners()
+        me = self.ring.servers.index(self.name) if self.name in self.ring.servers else -1
+        return [(key, store) for key, store in list(self._stores.items()) if key[0] == table and owners[key[1]] == me]
+
     def _replicated_parts(self) -> set[int]:
         if self.name not in self.ring.servers:
             return set()
@@ -688,12 +695,10 @@ class PSServer:
         while pushes go on (copy-on-write, jaxps.ps.cow). Returns the ticket."""
         if table not in self.tables:
             raise PSError(f"server {self.name}: unknown table {table!r}")
-        owners = self.ring.owners()
-        me = self.ring.servers.index(self.name) if self.name in self.ring.servers else -1
         with self._meta_lock:
             ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
             copies: dict[int, PendingCopy] = {}
-            for key in [k for k in self._stores if k[0] == table and owners[k[1]] == me]:
+            for key, _ in self._primary_stores(table):
                 with self._locks[key]:
                     copies[key[1]] = self._pending.setdefault(key, {})[ticket] = PendingCopy()
             self._tickets[ticket] = (table, copies)
@@ -763,12 +768,9 @@ class PSServer:
             parts = self._collect(table, ticket)
         else:
             parts = []
-            owners = self.ring.owners()
-            me = self.ring.servers.index(self.name) if self.name in self.ring.servers else -1
-            for (t, part), store in list(self._stores.items()):
-                if t == table and owners[part] == me:
-                    with self._locks[(t, part)]:
-                        parts.append(store.export())
+            for key, store in self._primary_stores(table):
+                with self._locks[key]:
+                    parts.append(store.export())
         if not parts:
             empty = {"keys": np.zeros(0, np.uint64), "values": np.zeros((0, spec.dim), np.float32)}
             empty.update({f"slot_{n}": np.zeros((0, spec.dim), np.float32) for n in spec.optimizer.slots})
