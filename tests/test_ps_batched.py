@@ -166,3 +166,77 @@ def test_pulls_without_memo_leave_the_pushs_memo_in_place():
     c.pull("t", batches[2][:10])
     c.push("t", batches[1], np.ones((100, DIM), np.float32), 2)
     assert (memos.hits, memos.misses) == (1, 1)
+
+
+class _LosesReply:
+    """A server's transport whose next push lands (on the keys `lands` picks) and then fails
+    as a lost reply would: the client retries the whole push with the same request id."""
+
+    def __init__(self, inner: InProcessTransport):
+        self.inner, self.lands = inner, None
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def push(self, table, keys, grads, request_id, step, group=-1, ring_version=-1):
+        lands, self.lands = self.lands, None
+        if lands is None:
+            return self.inner.push(table, keys, grads, request_id, step, group, ring_version)
+        sel = lands(keys)
+        self.inner.push(table, keys[sel], grads[sel], request_id, step, group, ring_version)
+        raise ConnectionError("reply lost")
+
+
+def test_retried_and_replicated_pushes_with_a_pending_mark_equal_numpy_on_both_paths(monkeypatch):
+    """The batched and the per-partition push share the exactly-once claim and the
+    copy-on-write step: pushes to primaries and backups (replicas=1), retries whose first
+    attempt landed on a whole server or on some of its partitions, and a mark pending
+    meanwhile give every replica the rows of a flat numpy table that applied each push
+    once, bit for bit, on both paths; the mark exports the rows it was taken at."""
+    opt = rowwise.make("adagrad", learning_rate=0.3)
+    spec = TableSpec("t", DIM, opt, init_scale=0.1, seed=5)
+    kernel_calls = []
+    push_runs = server_mod.push_runs
+    monkeypatch.setattr(server_mod, "push_runs", lambda *a: kernel_calls.append(1) or push_runs(*a))
+    universe = mix64(np.arange(1, 3001, dtype=np.uint64))
+    for use_batched in (True, False):
+        monkeypatch.setattr(server_mod, "BATCHED", use_batched)
+        group = embedded([spec], servers=3, num_partitions=32, replicas=1)
+        flaky = {n: _LosesReply(t) for n, t in group.transports.items()}
+        client = PSClient(group.ring, flaky, [spec], replicas=1, ring_source=lambda: (group.ring, flaky))
+        values = init_rows(universe, DIM, 0.1, 5)
+        state = {"accumulator": np.full((universe.size, DIM), opt.slot_init("accumulator"), np.float32)}
+        rng = np.random.default_rng(11)
+        kernel_calls.clear()
+        for step in range(1, 8):
+            pick = rng.permutation(universe.size)[:800]
+            keys = universe[pick]
+            grads = rng.normal(size=(pick.size, DIM)).astype(np.float32)
+            client.pull("t", keys)  # memos on the primaries (a backup's push misses them)
+            if step == 3:
+                at_mark = client.export("t")
+                mark = client.mark("t")
+            if step == 4:  # ps-0 applied all of it, ps-1 the keys of its even partitions
+                flaky["ps-0"].lands = lambda k: np.ones(k.size, bool)
+                flaky["ps-1"].lands = lambda k: partition_of(k, 32) % 2 == 0
+            client.push("t", keys, grads, step)
+            numpy_reference(opt, values, state, pick, grads, np.arange(pick.size), step)
+        assert client.retries == 1
+        servers = [t.server for t in group.transports.values()]
+        # the retry: nothing new to ps-0 and ps-2 (whose first attempt succeeded), ps-1's odd partitions
+        assert [s.stats()["t"]["duplicate_pushes"] for s in servers] == [1, 0, 1]
+        assert bool(kernel_calls) == use_batched
+        stored = np.zeros(universe.size, np.int64)  # replicas of each key over the servers
+        for s in servers:  # every replica, primary or backup
+            rows = s.export_partitions(range(32))
+            where = np.searchsorted(universe, rows["rows/t/keys"], sorter=np.argsort(universe))
+            where = np.argsort(universe)[where]
+            np.testing.assert_array_equal(universe[where], rows["rows/t/keys"])
+            np.testing.assert_array_equal(rows["rows/t/values"], values[where])
+            np.testing.assert_array_equal(rows["rows/t/slot_accumulator"], state["accumulator"][where])
+            stored[where] += 1
+        assert set(stored[stored > 0].tolist()) == {2}
+        got, want = client.export("t", marks=mark), at_mark
+        og, ow = np.argsort(got["keys"]), np.argsort(want["keys"])
+        for k in want:
+            np.testing.assert_array_equal(got[k][og], want[k][ow], err_msg=k)

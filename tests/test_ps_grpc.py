@@ -269,6 +269,40 @@ def test_serve_in_process_without_token_and_stop():
         serve("ps-9", Ring(8, 4, ["ps-0"]), SPECS)
 
 
+def _ipv6_loopback() -> bool:
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_servers_and_the_manager_listen_on_an_ipv6_host():
+    """Both start through `start_grpc_server` (the manager's own copy bound "::1:0")."""
+    from jaxps.ps.manager import RemoteRing, ServerManager, serve_manager
+
+    srv, port = serve("ps-0", Ring(8, 4, ["ps-0"]), SPECS, host="::1")
+    group = embedded([], servers=2, num_partitions=8)
+    msrv, mport = serve_manager(ServerManager(group.ring, group.transports), {"ps-0": "a:1", "ps-1": "b:2"},
+                                host="::1")
+    try:
+        with GrpcTransport(f"[::1]:{port}", timeout=10) as t:
+            assert t.push("once", np.array([7], np.uint64), np.ones((1, 2), np.float32), (1, 1), 1)
+            np.testing.assert_array_equal(t.pull("once", np.array([7], np.uint64)), -np.ones((1, 2)))
+        source = RemoteRing(f"[::1]:{mport}")
+        ring, transports = source()
+        assert (ring.servers, ring.version) == (group.ring.servers, group.ring.version)
+        for t in transports.values():
+            t.close()
+        source.channel.close()
+    finally:
+        srv.stop(0).wait(5)
+        msrv.stop(0).wait(5)
+
+
 def test_server_process_imports_no_jax_and_needs_its_token(tmp_path):
     code = ("import jaxps.ps.serve, jaxps.ps.grpc_transport, jaxps.ps.wire, sys; "
             "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if m.startswith('jax'))")

@@ -142,3 +142,44 @@ def test_eviction_keeps_the_budget_and_the_most_recent_rows():
     old = client.pull("t", keys[:50])       # pushed first: evicted, read as initial rows
     np.testing.assert_array_equal(recent, -np.ones((50, 1)))
     np.testing.assert_array_equal(old, np.zeros((50, 1)))
+
+
+@pytest.mark.parametrize("sync", ["bsp", "ssp-cuts"])
+def test_held_pushes_of_two_tables_travel_with_a_partition_copy(sync):
+    """Pushes held for a BSP step or for an SSP cut, in two tables, copied to a new
+    replica (`export_partitions` -> `load_partitions`): once both groups complete the
+    step, the copy holds the source's rows bit for bit, each push applied once (SGD with
+    lr 1: a row is minus the sum of its gradients)."""
+    from jaxps.ps.clock import Sync
+
+    mode, cut_every = (Sync(0), 0) if sync == "bsp" else (Sync(3), 2)
+    specs = [TableSpec(n, 2, rowwise.SGD(learning_rate=1.0), kind="hashed", rows=64) for n in ("a", "b")]
+    ring = Ring(8, 8, ["s", "t"])
+    source, target = PSServer("s", ring, specs, replicas=1), PSServer("t", ring, specs, replicas=1)
+    for g in (0, 1):
+        source.clock(g, 0, 2, mode, cut_every)
+    rng = np.random.default_rng(4)
+    want = {n: np.zeros((64, 2), np.float32) for n in ("a", "b")}
+    pushed = {n: set() for n in ("a", "b")}
+    # (group, step): BSP holds every step-1 push; with cuts every 2 steps, pushes of steps past 2 wait for the cut
+    pushes = [(0, 1), (1, 1)] if sync == "bsp" else [(0, 1), (0, 3), (1, 4), (1, 1)]
+    for seq, (group, step) in enumerate(pushes):
+        for name in ("a", "b"):
+            keys = np.unique(rng.integers(0, 64, 40)).astype(np.uint64)
+            grads = rng.integers(-4, 5, (keys.size, 2)).astype(np.float32)  # small integers: sums are exact
+            assert source.push(name, keys, grads, (group, seq), step, group)
+            want[name][keys.astype(np.int64)] -= grads
+            pushed[name].update(keys.tolist())
+    copied = source.export_partitions(range(8))
+    assert f"{'held' if sync == 'bsp' else 'cutheld'}/b/meta" in copied
+    target.load_partitions(copied)
+    for server in (source, target):
+        for g in (0, 1):
+            server.clock(g, 2, 2, mode, cut_every)
+    got = {s.name: s.export_partitions(range(8)) for s in (source, target)}
+    for name in ("a", "b"):
+        for s in (source, target):
+            rows = got[s.name]
+            keys = rows[f"rows/{name}/keys"].astype(np.int64)
+            assert sorted(keys.tolist()) == sorted(pushed[name])
+            np.testing.assert_array_equal(rows[f"rows/{name}/values"], want[name][keys])

@@ -24,7 +24,7 @@ from numba.typed import List
 
 from jaxps.ps.fused import _adagrad, _sgd
 from jaxps.ps.initrows import fill_row
-from jaxps.ps.keyindex import _MAX_LOAD, _find_gather, _hash, _probe
+from jaxps.ps.keyindex import _MAX_LOAD, _find_gather, _slot_or_insert
 
 _ONE = np.uint64(1)
 SGD_KIND, ADAGRAD_KIND = 0, 1
@@ -97,15 +97,11 @@ def push_runs(buckets, skeys, values, acc, kbits, shift, tshift, sizes, limits, 
             if slots[i] >= 0:
                 continue
             k = keys[i]
-            h, tag = _hash(k, sh, tsh)
-            s, h = _probe(b, kb, smask, mask, sk, k, h, tag)
+            s = _slot_or_insert(b, kb, smask, mask, sh, tsh, sk, k, size, limits[p])
             if s < 0:
-                if size >= limits[p]:
-                    sizes[p] = size
-                    return r
-                s = size
-                b[h] = (tag << kb) | np.uint64(size + 1)
-                sk[size] = k
+                sizes[p] = size
+                return r
+            if s == size:
                 size += 1
                 j = -1 - slots[i]
                 if j < fresh_keys.shape[0] and fresh_keys[j] == k:

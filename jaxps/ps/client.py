@@ -22,6 +22,7 @@ from jaxps.memory import put_rows, take_rows
 from jaxps.ps.clock import Sync
 from jaxps.ps.ring import Ring, partition_of
 from jaxps.ps.server import Frozen, PSServer, TableSpec, WrongOwner
+from jaxps.ps.store import join_rows
 
 
 class Transport(Protocol):
@@ -363,7 +364,7 @@ class PSClient:
             else:
                 parts = [self.transports[s].export(table) if at is None else self.transports[s].export(table, at)
                          for s in self.ring.servers]
-            return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            return join_rows(parts)
         return self._with_retries("export", call)
 
     def export_pieces(self, table: str, marks: dict[str, int]) -> list[dict[str, np.ndarray]]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxps.memory import take_rows
 from jaxps.ps.keyindex import KeyIndex
-from jaxps.ps.store import PartitionStore
+from jaxps.ps.store import PartitionStore, join_rows
 
 
 class PendingCopy:
@@ -62,7 +62,7 @@ def finish(rows: dict[str, np.ndarray], pending: PendingCopy) -> dict[str, np.nd
         return rows
     since = pending.written.find(rows["keys"]) >= 0
     if pending.old:
-        old = {k: np.concatenate([p[k] for p in pending.old]) for k in pending.old[0]}
+        old = join_rows(pending.old)
         at_mark = KeyIndex(capacity=max(16, 2 * old["keys"].shape[0]))
         at_mark.find_or_insert(old["keys"])  # slot i holds pre-image i (the keys are unique)
         where = at_mark.find(rows["keys"])

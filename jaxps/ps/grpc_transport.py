@@ -297,16 +297,25 @@ def make_server(ps: PSServer, host: str = "127.0.0.1", port: int = 0, token: str
                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_workers: int = 16,
                 chunk_bytes: int = CHUNK_BYTES) -> tuple[grpc.Server, int]:
     """A started gRPC server for `ps` on host:port (port 0: any free port) and its port."""
-    srv = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"jaxps-{ps.name}"),
-                      options=message_options() + [("grpc.so_reuseport", 0)])
-    srv.add_generic_rpc_handlers((PSServicer(ps, token, max_request_bytes, chunk_bytes).generic_handler(),))
+    return start_grpc_server(PSServicer(ps, token, max_request_bytes, chunk_bytes).generic_handler(), host, port,
+                             f"PS server {ps.name}", f"jaxps-{ps.name}", max_workers,
+                             message_options() + [("grpc.so_reuseport", 0)])
+
+
+def start_grpc_server(handler, host: str, port: int, what: str, thread_prefix: str, max_workers: int,
+                      options: list[tuple[str, object]] | None = None) -> tuple[grpc.Server, int]:
+    """A started gRPC server of `handler` on host:port (port 0: any free port; an IPv6
+    host is bracketed) and its port; a failed bind raises OSError naming `what`. The PS
+    servers' and the manager's."""
+    srv = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=thread_prefix), options=options)
+    srv.add_generic_rpc_handlers((handler,))
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = srv.add_insecure_port(where)
     except RuntimeError as e:  # grpc raises on a failed bind in recent versions
-        raise OSError(f"PS server {ps.name}: cannot bind {where}: {e}") from None
+        raise OSError(f"{what}: cannot bind {where}: {e}") from None
     if not bound:
-        raise OSError(f"PS server {ps.name}: cannot bind {where}")
+        raise OSError(f"{what}: cannot bind {where}")
     srv.start()
     return srv, bound
 

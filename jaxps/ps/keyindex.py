@@ -83,6 +83,23 @@ def _probe(buckets, kbits, smask, mask, skeys, k, h, tag):
         h = (h + 1) & mask
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _slot_or_insert(buckets, kbits, smask, mask, shift, tshift, skeys, k, size, limit):
+    """k's slot, storing k at slot `size` when absent (so the slot is `size` exactly when
+    k is new: the caller counts it). Absent with the index at `limit` keys: -1, nothing
+    stored (the caller grows it, resumes). The one find-or-insert step of every inserting
+    kernel (here, `jaxps.tables.host_plan`, `jaxps.ps.batched`)."""
+    h, tag = _hash(k, shift, tshift)
+    s, h = _probe(buckets, kbits, smask, mask, skeys, k, h, tag)
+    if s >= 0:
+        return s
+    if size >= limit:
+        return -1
+    buckets[h] = (tag << kbits) | np.uint64(size + 1)
+    skeys[size] = k
+    return size
+
+
 @numba.njit(cache=True, nogil=True)
 def _find(buckets, kbits, shift, tshift, skeys, keys, out, sink):
     """out[i] = slot of keys[i] or -1; returns the number of absent keys."""
@@ -126,20 +143,13 @@ def _find_or_insert(buckets, kbits, shift, tshift, skeys, keys, out, is_new, siz
     if keys.shape[0] > 1:
         sink[0] = _prefetch(buckets, kbits, shift, tshift, skeys, keys)
     for i in range(keys.shape[0]):
-        k = keys[i]
-        h, tag = _hash(k, shift, tshift)
-        s, h = _probe(buckets, kbits, smask, mask, skeys, k, h, tag)
-        if s >= 0:
-            out[i] = s
-            is_new[i] = False
-            continue
-        if size >= limit:
+        s = _slot_or_insert(buckets, kbits, smask, mask, shift, tshift, skeys, keys[i], size, limit)
+        if s < 0:
             return i, size
-        buckets[h] = (tag << kbits) | np.uint64(size + 1)
-        skeys[size] = k
-        out[i] = size
-        is_new[i] = True
-        size += 1
+        out[i] = s
+        is_new[i] = s == size
+        if s == size:
+            size += 1
     return keys.shape[0], size
 
 

@@ -230,16 +230,11 @@ def serve_manager(manager: ServerManager, addresses: Mapping[str, str], host: st
         return wire.encode(wire.Message(wire.ADMIN_REPLY, meta=wire.json_meta(
             {"version": done.version, "copied": done.copied, "seconds": done.seconds})))
 
-    from concurrent.futures import ThreadPoolExecutor
-    srv = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="jaxps-manager"))
-    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+    from jaxps.ps.grpc_transport import start_grpc_server
+    handler = grpc.method_handlers_generic_handler(
         MANAGER_SERVICE, {"Ring": grpc.unary_unary_rpc_method_handler(ring),
-                          "Change": grpc.unary_unary_rpc_method_handler(change)}),))
-    bound = srv.add_insecure_port(f"{host}:{port}")
-    if not bound:
-        raise OSError(f"PS manager: cannot bind {host}:{port}")
-    srv.start()
-    return srv, bound
+                          "Change": grpc.unary_unary_rpc_method_handler(change)})
+    return start_grpc_server(handler, host, port, "PS manager", "jaxps-manager", max_workers=4)
 
 
 class RemoteRing:

@@ -36,7 +36,7 @@ from jaxps.ps.initrows import init_salt
 from jaxps.ps.keyindex import dedup
 from jaxps.ps.memo import PullMemo, PullMemos
 from jaxps.ps.ring import Ring, partition_runs, partition_runs_keys
-from jaxps.ps.store import PartitionStore
+from jaxps.ps.store import PartitionStore, join_rows
 
 
 class PSError(ValueError):
@@ -103,6 +103,33 @@ BATCHED = True  # one kernel call per request span (jaxps.ps.batched); tests tur
 
 class Frozen(PSError):
     """The server is frozen for a membership change: retry after refreshing the ring."""
+
+
+def _pack_pushes(out: dict[str, np.ndarray], prefix: str, pushes: list[tuple]) -> None:
+    """Held pushes (step, group, table, partition, client id, seq, keys, grads) as a
+    partition copy's arrays: per table, `{prefix}/{table}/meta` (one row of step, group,
+    partition, client id, seq, key count a push), `.../keys` and `.../grads` (joined)."""
+    for table in sorted({p[2] for p in pushes}):
+        mine = [p for p in pushes if p[2] == table]
+        out[f"{prefix}/{table}/meta"] = np.array([[step, g, part, cid, seq, keys.shape[0]]
+                                                  for step, g, _, part, cid, seq, keys, _ in mine], np.int64)
+        out[f"{prefix}/{table}/keys"] = np.concatenate([p[6] for p in mine])
+        out[f"{prefix}/{table}/grads"] = np.concatenate([p[7] for p in mine])
+
+
+def _unpack_pushes(data: dict[str, np.ndarray], prefix: str) -> list[tuple]:
+    """`_pack_pushes`'s arrays back as held pushes (each its own copy of keys and grads),
+    in the order they were packed."""
+    pushes = []
+    for key in [k for k in data if k.startswith(f"{prefix}/") and k.endswith("/meta")]:
+        table = key[len(prefix) + 1:-len("/meta")]
+        keys = np.asarray(data[f"{prefix}/{table}/keys"], np.uint64)
+        grads = np.asarray(data[f"{prefix}/{table}/grads"], np.float32)
+        o = 0
+        for step, g, part, cid, seq, n in np.asarray(data[key], np.int64).reshape(-1, 6).tolist():
+            pushes.append((step, g, table, part, cid, seq, keys[o:o + n].copy(), grads[o:o + n].copy()))
+            o += n
+    return pushes
 
 
 class PSServer:
@@ -227,6 +254,13 @@ class PSServer:
         del self._stores[key], self._locks[key]
         self._marks.pop(key, None)
 
+    def _primary_stores(self, table: str) -> list[tuple[tuple[str, int], PartitionStore]]:
+        """((table, partition), store) of each stored partition of `table` this server is
+        the primary of: those a snapshot (`export`, `mark`) takes; backups hold copies."""
+        owners = self.ring.owners()
+        me = self.ring.servers.index(self.name) if self.name in self.ring.servers else -1
+        return [(key, store) for key, store in list(self._stores.items()) if key[0] == table and owners[key[1]] == me]
+
     def _replicated_parts(self) -> set[int]:
         if self.name not in self.ring.servers:
             return set()
@@ -249,20 +283,28 @@ class PSServer:
             return True
 
     # ------------------------------------------------------------------ partitions
+    def _make_once(self, cache: dict, key, make):
+        """cache[key] after a lock-free miss: made by `make()` under the meta lock unless
+        another thread made it meanwhile (double-checked: once made, the request path
+        finds it without a shared lock)."""
+        with self._meta_lock:
+            value = cache.get(key)
+            if value is None:
+                value = cache[key] = make()
+        return value
+
     def _store(self, table: str, part: int) -> tuple[PartitionStore, threading.Lock]:
         key = (table, part)
         store = self._stores.get(key)
         if store is None:
-            with self._meta_lock:
-                store = self._stores.get(key)
-                if store is None:
-                    spec = self.tables[table]
-                    budget = None if spec.max_rows is None else -(-spec.max_rows // self.ring.num_partitions)
-                    store = PartitionStore(spec.dim, spec.optimizer, spec.init_scale, spec.seed,
-                                           spec.min_count, budget)
-                    self._locks[key] = threading.Lock()
-                    self._stores[key] = store
+            store = self._make_once(self._stores, key, functools.partial(self._new_store, key))
         return store, self._locks[key]
+
+    def _new_store(self, key: tuple[str, int]) -> PartitionStore:
+        spec = self.tables[key[0]]
+        budget = None if spec.max_rows is None else -(-spec.max_rows // self.ring.num_partitions)
+        self._locks[key] = threading.Lock()  # before the store is seen: its readers take this lock next
+        return PartitionStore(spec.dim, spec.optimizer, spec.init_scale, spec.seed, spec.min_count, budget)
 
     def _check_parts(self, table: str, parts: np.ndarray, write: bool = False) -> None:
         """`_check` of every partition of a request at once (one numpy test, not one
@@ -341,13 +383,10 @@ class PSServer:
     def _table_arrays(self, table: str) -> PartitionArrays:
         arrays = self._arrays.get(table)
         if arrays is None:
-            with self._meta_lock:
-                arrays = self._arrays.get(table)
-                if arrays is None:
-                    spec = self.tables[table]
-                    kernel = self._push_kernel(spec)
-                    arrays = self._arrays[table] = PartitionArrays(
-                        self.ring.num_partitions, spec.dim, None if kernel is None else kernel[3])
+            spec = self.tables[table]
+            kernel = self._push_kernel(spec)
+            arrays = self._make_once(self._arrays, table, functools.partial(
+                PartitionArrays, self.ring.num_partitions, spec.dim, None if kernel is None else kernel[3]))
         return arrays
 
     @staticmethod
@@ -452,8 +491,7 @@ class PSServer:
                 part, lo, hi = part_list[run], lo_list[run], lo_list[run + 1]
                 store, lock = self._store(table, part)
                 with lock:
-                    marks = self._marks.setdefault((table, part), {})
-                    if seq <= marks.get(cid, -1):  # applied (or held) before: a retry
+                    if self._retry((table, part), cid, seq):
                         return False
                     if not hold and group >= 0 and self.cut_every and self._held_for_cut(
                             (step, group, table, part, cid, seq), ordered_keys[lo:hi], grads, order[lo:hi]):
@@ -471,7 +509,7 @@ class PSServer:
                         self._before_write((table, part), store, ordered_keys[lo:hi])
                         store.push(ordered_keys[lo:hi], grads, step, order[lo:hi],
                                    None if memo is None else memo.slots_for(run, store))
-                    marks[cid] = seq
+                    self._landed((table, part), cid, seq)
                     return True
             kernel = self._push_kernel(spec) if store_mod.FUSED and BATCHED else None
             if kernel is not None and not hold and (group < 0 or not self.cut_every) and keys.shape[0]:
@@ -512,15 +550,13 @@ class PSServer:
                 batched = True
                 for r in range(r0, r1):
                     part, store = part_list[r], held[r][0]
-                    marks = self._marks.setdefault((table, part), {})
-                    if seq <= marks.get(cid, -1):  # applied (or held) before: a retry
+                    if self._retry((table, part), cid, seq):
                         continue
                     apply[r] = True
                     batched = arrays.sync(part, store) and batched
                     if memo is not None and memo.slots_for(r, store) is None:  # stale: looked up again
                         slots[lo_list[r]:lo_list[r + 1]] = no_fresh
-                    if self._pending.get((table, part)):
-                        self._before_write((table, part), store, ordered_keys[lo_list[r]:lo_list[r + 1]])
+                    self._before_write((table, part), store, ordered_keys[lo_list[r]:lo_list[r + 1]])
                 if not apply[r0:r1].any():
                     return False
                 done = r0  # runs below it are applied by the kernel
@@ -544,7 +580,7 @@ class PSServer:
                         lo, hi = lo_list[r], lo_list[r + 1]
                         store.push(ordered_keys[lo:hi], grads, step, order[lo:hi],
                                    None if memo is None else memo.slots_for(r, store))
-                    self._marks[(table, part)][cid] = seq
+                    self._landed((table, part), cid, seq)
                 return True
         return any(self._each_span(self._spans(bounds), push_span))
 
@@ -584,10 +620,15 @@ class PSServer:
     def _apply_each(self, held: list) -> None:
         """Apply cut-held pushes one by one, in the order given (SSP/ASP: no summing)."""
         for step, _, table, part, _, _, keys, grads in held:
-            store, lock = self._store(table, part)
-            with lock:
-                self._before_write((table, part), store, keys)
-                store.push(keys, grads, step)
+            self._apply(table, part, keys, grads, step)
+
+    def _apply(self, table: str, part: int, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
+        """Apply a push that was held (for a cut, or summed for a BSP step) to one partition,
+        under its lock; marked snapshots keep their pre-images first."""
+        store, lock = self._store(table, part)
+        with lock:
+            self._before_write((table, part), store, keys)
+            store.push(keys, grads, step)
 
     def export_cut(self, table: str, at: int) -> dict[str, np.ndarray]:
         """The rows of `table` (primary partitions) at cut step `at`: once every group
@@ -617,10 +658,7 @@ class PSServer:
                 summed = np.zeros((keys.shape[0], grads.shape[1]), np.float32)
                 np.add.at(summed, inverse, grads)
                 grads = summed
-            store, lock = self._store(table, part)
-            with lock:
-                self._before_write((table, part), store, keys)
-                store.push(keys, grads, step)
+            self._apply(table, part, keys, grads, step)
 
     # ------------------------------------------------------------------ worker groups
     def clock(self, group: int, clock: int, groups: int, sync: Sync, cut_every: int = 0) -> int:
@@ -657,12 +695,10 @@ class PSServer:
         while pushes go on (copy-on-write, jaxps.ps.cow). Returns the ticket."""
         if table not in self.tables:
             raise PSError(f"server {self.name}: unknown table {table!r}")
-        owners = self.ring.owners()
-        me = self.ring.servers.index(self.name) if self.name in self.ring.servers else -1
         with self._meta_lock:
             ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
             copies: dict[int, PendingCopy] = {}
-            for key in [k for k in self._stores if k[0] == table and owners[k[1]] == me]:
+            for key, _ in self._primary_stores(table):
                 with self._locks[key]:
                     copies[key[1]] = self._pending.setdefault(key, {})[ticket] = PendingCopy()
             self._tickets[ticket] = (table, copies)
@@ -674,9 +710,20 @@ class PSServer:
                             self._pending.get((name, part), {}).pop(old, None)
             return ticket
 
+    def _retry(self, key: tuple[str, int], cid: int, seq: int) -> bool:
+        """(With the partition's lock.) Whether push request (cid, seq) reached partition
+        `key` before (applied or held there): a client's retry, which both push paths skip."""
+        return seq <= self._marks.get(key, {}).get(cid, -1)
+
+    def _landed(self, key: tuple[str, int], cid: int, seq: int) -> None:
+        """(With the partition's lock.) Push request (cid, seq) was applied or held at
+        partition `key`: its retries are skipped (`_retry`)."""
+        self._marks.setdefault(key, {})[cid] = seq
+
     def _before_write(self, key: tuple[str, int], store: PartitionStore, keys: np.ndarray | None = None) -> None:
         """(With the partition's lock.) Marked snapshots of the partition keep what a write
-        of unique `keys` changes; `keys` None (a load, a drop): they copy it whole first."""
+        of unique `keys` changes; `keys` None (a load, a drop): they copy it whole first.
+        Nothing to do (one dict lookup) while the partition has no pending mark."""
         marked = self._pending.get(key)
         for pending in marked.values() if marked else ():
             if keys is None:
@@ -709,8 +756,7 @@ class PSServer:
         """A snapshot of every row of `table` in the partitions this server is the primary of
         (backups hold copies), partition by partition under each partition's lock (a
         consistent cut when no push is in flight); `ticket`: the rows at that `mark`."""
-        parts = self.export_pieces(table, ticket)
-        return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return join_rows(self.export_pieces(table, ticket))
 
     def export_pieces(self, table: str, ticket: int | None = None) -> list[dict[str, np.ndarray]]:
         """`export`'s rows as one piece per partition, not joined: a snapshot writer streams
@@ -722,12 +768,9 @@ class PSServer:
             parts = self._collect(table, ticket)
         else:
             parts = []
-            owners = self.ring.owners()
-            me = self.ring.servers.index(self.name) if self.name in self.ring.servers else -1
-            for (t, part), store in list(self._stores.items()):
-                if t == table and owners[part] == me:
-                    with self._locks[(t, part)]:
-                        parts.append(store.export())
+            for key, store in self._primary_stores(table):
+                with self._locks[key]:
+                    parts.append(store.export())
         if not parts:
             empty = {"keys": np.zeros(0, np.uint64), "values": np.zeros((0, spec.dim), np.float32)}
             empty.update({f"slot_{n}": np.zeros((0, spec.dim), np.float32) for n in spec.optimizer.slots})
@@ -737,17 +780,26 @@ class PSServer:
     def load(self, table: str, rows: dict[str, np.ndarray], only_missing: bool = False) -> None:
         """Store snapshot rows whose partitions this server owns (any ring may have written
         them); `only_missing`: leave rows already stored as they are."""
+        self._validate(table, np.asarray(rows["keys"], np.uint64))
+        self._load_rows(table, rows, only_missing, check=True)
+
+    def _load_rows(self, table: str, rows: dict[str, np.ndarray], only_missing: bool = False,
+                   check: bool = False) -> int:
+        """Store exported rows partition by partition, each under its lock (marked snapshots
+        copy a partition whole first). `check`: refuse them, before storing any, if a
+        partition is not one this server replicates. Returns the partitions written."""
         keys = np.asarray(rows["keys"], np.uint64)
-        self._validate(table, keys)
         order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
-        for part in parts:
-            self._check(table, int(part), write=True)
+        if check:
+            for part in parts:
+                self._check(table, int(part), write=True)
         ordered = {k: (v[order] if v.ndim == 1 else take_rows(v, order)) for k, v in rows.items()}
         for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
             store, lock = self._store(table, part)
             with lock:
                 self._before_write((table, part), store)
                 store.load({k: v[lo:hi] for k, v in ordered.items()}, only_missing)
+        return parts.shape[0]
 
     # ------------------------------------------------------------------ partition copies
     def export_partitions(self, parts: Sequence[int]) -> dict[str, np.ndarray]:
@@ -766,17 +818,13 @@ class PSServer:
                 marks.setdefault(table, []).extend(
                     (part, cid, seq) for cid, seq in self._marks.get((table, part), {}).items())
         for table, pieces in rows.items():  # one array per field: the receiver re-splits by key
-            for field in pieces[0]:
-                out[f"rows/{table}/{field}"] = np.concatenate([r[field] for r in pieces])
+            for field, joined in join_rows(pieces).items():
+                out[f"rows/{table}/{field}"] = joined
             out[f"marks/{table}"] = np.array(marks.get(table, []), np.uint64).reshape(-1, 3)
         with self._held_lock:
-            held = [(step, h) for step, hs in self._held.items() for h in hs if h[2] in want]
-        for table in sorted({h[1] for _, h in held}):
-            mine = [(step, h) for step, h in held if h[1] == table]
-            out[f"held/{table}/meta"] = np.array([[step, g, part, cid, seq, keys.shape[0]]
-                                                  for step, (g, _, part, cid, seq, keys, _) in mine], np.int64)
-            out[f"held/{table}/keys"] = np.concatenate([h[5] for _, h in mine])
-            out[f"held/{table}/grads"] = np.concatenate([h[6] for _, h in mine])
+            held = [(step, g, t, part, cid, seq, keys, grads) for step, hs in self._held.items()
+                    for g, t, part, cid, seq, keys, grads in hs if part in want]
+        _pack_pushes(out, "held", held)
         if self.clocks.groups is not None:  # a new replica must gate pulls as the others do
             st = self.clocks.sync.staleness
             out["clocks/config"] = np.array([self.clocks.groups, -1 if st is None else st, self.clocks.settled,
@@ -784,12 +832,7 @@ class PSServer:
             out["clocks/values"] = np.array(self.clocks.clocks(), np.int64)
         with self._held_lock:
             cut_held = [h for h in self._cut_held if h[3] in want]
-        for table in sorted({h[2] for h in cut_held}):
-            mine = [h for h in cut_held if h[2] == table]
-            out[f"cutheld/{table}/meta"] = np.array([[h[0], h[1], h[3], h[4], h[5], h[6].shape[0]] for h in mine],
-                                                    np.int64)
-            out[f"cutheld/{table}/keys"] = np.concatenate([h[6] for h in mine])
-            out[f"cutheld/{table}/grads"] = np.concatenate([h[7] for h in mine])
+        _pack_pushes(out, "cutheld", cut_held)
         return out
 
     def load_partitions(self, data: dict[str, np.ndarray]) -> int:
@@ -808,16 +851,9 @@ class PSServer:
             self.clocks.publish(settled)
             with self._held_lock:
                 self._held_through = max(self._held_through, settled)
-        for key in [k for k in data if k.startswith("cutheld/") and k.endswith("/meta")]:
-            table = key[len("cutheld/"):-len("/meta")]
-            keys = np.asarray(data[f"cutheld/{table}/keys"], np.uint64)
-            grads = np.asarray(data[f"cutheld/{table}/grads"], np.float32)
-            o = 0
-            with self._held_lock:
-                for step, g, part, cid, seq, n in np.asarray(data[key], np.int64).tolist():
-                    self._cut_held.append((step, g, table, part, cid, seq, keys[o:o + n].copy(),
-                                           grads[o:o + n].copy()))
-                    o += n
+        cut_held = _unpack_pushes(data, "cutheld")
+        with self._held_lock:
+            self._cut_held.extend(cut_held)
             self._cut_held.sort(key=lambda h: h[0])
         rows: dict[str, dict[str, np.ndarray]] = {}
         for key, value in data.items():
@@ -830,27 +866,11 @@ class PSServer:
                         marks = self._marks.setdefault((rest[0], part), {})
                         marks[cid] = max(marks.get(cid, -1), seq)
         for table, r in rows.items():  # the manager decides: it sets the new ring next
-            keys = np.asarray(r["keys"], np.uint64)
-            order, parts, bounds = partition_runs(keys, self.ring.num_partitions)
-            ordered = {k: (v[order] if v.ndim == 1 else take_rows(np.ascontiguousarray(v), order))
-                       for k, v in r.items()}
-            for part, lo, hi in zip(parts.tolist(), bounds[:-1].tolist(), bounds[1:].tolist()):
-                store, lock = self._store(table, part)
-                with lock:
-                    self._before_write((table, part), store)
-                    store.load({k: v[lo:hi] for k, v in ordered.items()})
-                pieces += 1
-        for key in [k for k in data if k.startswith("held/") and k.endswith("/meta")]:
-            table = key[len("held/"):-len("/meta")]
-            meta = np.asarray(data[key], np.int64).reshape(-1, 6)
-            keys = np.asarray(data[f"held/{table}/keys"], np.uint64)
-            grads = np.asarray(data[f"held/{table}/grads"], np.float32)
-            o = 0
-            with self._held_lock:
-                for step, g, part, cid, seq, n in meta.tolist():
-                    self._held.setdefault(step, []).append((g, table, part, cid, seq, keys[o:o + n].copy(),
-                                                            grads[o:o + n].copy()))
-                    o += n
+            pieces += self._load_rows(table, r)
+        held = _unpack_pushes(data, "held")
+        with self._held_lock:
+            for step, *push in held:
+                self._held.setdefault(step, []).append(tuple(push))
         self._apply_overdue()
         return pieces
 

@@ -9,6 +9,7 @@ device table of the same seed agree. A push stores it and applies the row-wise o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -19,6 +20,14 @@ from jaxps.ps.initrows import init_rows
 from jaxps.ps.keyindex import KeyIndex, grown_capacity
 
 FUSED = True  # use jaxps.ps.fused kernels where they equal the numpy update (tests turn it off)
+
+
+def join_rows(pieces: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Exported rows (`PartitionStore.export`'s fields) of several pieces as one, field by
+    field in piece order; a single piece is returned as it is (no copy)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
 
 @dataclass

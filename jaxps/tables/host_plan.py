@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxps.hashing import mix64_scalar
 from jaxps.memory import aligned_empty
-from jaxps.ps.keyindex import KeyIndex, _hash, _probe
+from jaxps.ps.keyindex import KeyIndex, _slot_or_insert
 
 _ONE = np.uint64(1)
 
@@ -47,14 +47,10 @@ def _dedup_kernel(ids, mask, hashed, salt, num_rows, start, buckets, kbits, shif
         if hashed:
             m = mix64_scalar(k ^ salt)
             k = (m & rmask) if pow2 else (m % np.uint64(num_rows))  # a mask: same value, no division
-        h, tag = _hash(k, shift, tshift)
-        s, h = _probe(buckets, kbits, smask, mask_b, skeys, k, h, tag)
+        s = _slot_or_insert(buckets, kbits, smask, mask_b, shift, tshift, skeys, k, size, limit)
         if s < 0:
-            if size >= limit:
-                return i, size
-            buckets[h] = (tag << kbits) | np.uint64(size + 1)
-            skeys[size] = k
-            s = size
+            return i, size
+        if s == size:
             size += 1
             if owners > 1:
                 o = np.int64(mix64_scalar(k) % np.uint64(owners))
