@@ -54,7 +54,7 @@ def start_servers(partitions: int) -> tuple[dict, dict]:
                               "--partitions", str(partitions), "--replicas", "2", "--token-env", "JAXPS_PS_TOKEN",
                               "--grace", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         procs[name] = p
-        ready, _, _ = select.select([p.stdout], [], [], 60)
+        ready, _, _ = select.select([p.stdout], [], [], 240)  # a fresh checkout compiles numba kernels first
         line = p.stdout.readline() if ready else ""
         if " listening on " not in line:
             raise RuntimeError(f"server {name} did not start: {line!r}")

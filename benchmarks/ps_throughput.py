@@ -141,7 +141,7 @@ def run_grpc(n_rows, dim, partitions, keys_all, key_batches, prepop_batch, out_d
                  "--partitions", str(partitions), "--tables", tables_json, "--workers", "8", "--grace", "2"],
                 cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             procs.append(proc)
-            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            ready, _, _ = select.select([proc.stdout], [], [], 240)  # a fresh checkout compiles numba kernels first
             line = proc.stdout.readline() if ready else ""
             prefix = f"jaxps ps-server {name} listening on 127.0.0.1:"
             if not line.startswith(prefix):
