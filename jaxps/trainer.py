@@ -106,6 +106,7 @@ class Trainer:
         self._checkpointer: Checkpointer | None = None
         self._position = (0, 0)               # (epoch, batches of it trained): the data position
         self._resume_at: tuple[int, int] | None = None  # set by resume(): where fit() continues
+        self.ps_restored: dict | None = None  # set by restore() on the one process that loaded the PS
 
     # ------------------------------------------------------------------ info
     def plan(self) -> str:
@@ -373,7 +374,9 @@ class Trainer:
     def restore(self, step: int | None = None) -> int:
         """Restore the latest (or given) checkpoint onto this trainer's mesh, which may have
         another shape than the one that wrote it, and its PS snapshot onto this trainer's
-        servers, however many (worker groups: group 0 loads it)."""
+        servers, however many. One process reads and loads the snapshot, the one that writes
+        it (group 0's process 0); the others wait for it (this job's processes at a barrier,
+        other worker groups at the servers' clocks: HostTables.wait_for_restore)."""
         step = self.latest_complete_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.checkpointer.directory}")
@@ -389,20 +392,12 @@ class Trainer:
         # state first: restoring next to it would need twice the largest namespace.
         like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                             self.state)
-        # one loader per job, as one writer (group 0's process 0); reading the snapshot
-        # through Orbax is a collective of the writer's jax.distributed job, though: every
-        # process of that group takes part
         if self.steps.host is not None and (self.group is None or self.group.index == 0):
-            if self.checkpointer.has_ps(step):
-                snap = self.checkpointer.ps_snapshot(step)
-            elif os.path.exists(self._legacy_ps_path(step)):
-                snap = unflatten(read_npz(self._legacy_ps_path(step)))
-            else:
+            if not self._complete(self.checkpointer, step):  # every process fails alike
                 raise ValueError(f"checkpoint {self.checkpointer.directory}/{step} has no snapshot of the "
                                  f"host tables {sorted(self.steps.host.names)}")
-            if self._writes_ps():
-                self.steps.host.load(snap)
-            del snap
+            if self._writes_ps():  # one reader restores the servers (however many); the rest wait
+                self.ps_restored = self._load_ps(step)
         if self.steps.host is not None and jax.process_count() > 1:
             barrier()  # no process pulls before the snapshot is loaded
         self.state = None
@@ -413,6 +408,17 @@ class Trainer:
         data = meta.get("data") or {}
         self._position = (int(data.get("epoch", 0)), int(data.get("batches", 0)))
         return self.step
+
+    def _load_ps(self, step: int) -> dict:
+        """Read step's PS snapshot (this process alone) and load it into the servers, where
+        their ring puts each row. Returns what was loaded, for the report."""
+        if self.checkpointer.has_ps(step):
+            snap = self.checkpointer.ps_snapshot(step)
+        else:
+            snap = unflatten(read_npz(self._legacy_ps_path(step)))
+        self.steps.host.load(snap)
+        return {"step": step, "rows": {name: int(rows["keys"].shape[0]) for name, rows in snap.items()},
+                "servers": len(self.steps.host.ps.ring.servers)}
 
     def write_metrics(self, result: dict) -> str:
         """metrics.json (process 0); NaN (e.g. AUC with one class) is written as null."""

@@ -260,3 +260,46 @@ def test_ssp_groups_write_periodic_checkpoints_from_the_servers_cuts(tmp_path):
     assert {2, 4}.issubset(set(steps))
     snap = trainers[0].checkpointer.ps_snapshot(4)
     assert set(snap) == {"weights", "__dense__"} and snap["weights"]["keys"].size > 0
+
+
+class _Process1:
+    """`jax` as process 1 of a multi-process job sees it, inside jaxps.trainer only."""
+
+    def __getattr__(self, name):
+        return getattr(jax, name)
+
+    @staticmethod
+    def process_index():
+        return 1
+
+
+def test_one_process_reads_the_ps_snapshot_and_loads_it_onto_any_number_of_servers(tmp_path, monkeypatch):
+    """A checkpoint written from one server: a process other than process 0 restores the
+    device state without reading the PS snapshot at all (Orbax's read is a collective of
+    every process; one reader is all the servers need); process 0 reads it once and loads
+    it onto three servers, which then hold exactly the rows trained before."""
+    import jaxps.trainer as trainer_module
+    from jaxps.checkpoint import Checkpointer
+
+    batches = make_batches(3, seed=34)
+    first = Trainer(_model(), MeshConfig(), _config(tmp_path))
+    first.fit(batches)
+    reads = []
+    read = Checkpointer.ps_snapshot
+    monkeypatch.setattr(Checkpointer, "ps_snapshot", lambda self, step: reads.append(step) or read(self, step))
+
+    servers = embedded([], servers=3)
+    other = Trainer(_model(), MeshConfig(), _config(tmp_path), ps=PSClient(servers.ring, servers.transports, []))
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module, "jax", _Process1())
+        assert other.restore() == 3
+    assert reads == [] and other.ps_restored is None
+    assert sum(s.server.stats()["weights"]["keys"] for s in servers.transports.values()) == 0
+    np.testing.assert_array_equal(np.asarray(other.state["dense"]["bias"]), np.asarray(first.state["dense"]["bias"]))
+
+    lead = Trainer(_model(), MeshConfig(), _config(tmp_path), ps=PSClient(servers.ring, servers.transports, []))
+    assert lead.restore() == 3 and reads == [3]
+    want = first.steps.host.ps.export("weights")
+    assert lead.ps_restored == {"step": 3, "rows": {"weights": want["keys"].size}, "servers": 3}
+    assert all(s.server.stats()["weights"]["keys"] > 0 for s in servers.transports.values())
+    np.testing.assert_array_equal(lead.steps.host.ps.pull("weights", KEYS), first.steps.host.ps.pull("weights", KEYS))
