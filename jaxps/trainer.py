@@ -35,6 +35,9 @@ from jaxps.runtime import allgather_host, allreduce_sum_host, barrier, enable_co
 from jaxps.step import StepBuilder, dense_optimizer
 
 
+LOSS_LOG = "train_loss.jsonl"  # {"step", "loss"} per step, read back every log_every steps
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 1
@@ -249,7 +252,11 @@ class Trainer:
             writer.add_scalar("train/examples_per_sec", rate, pending[-1][0])
         if bar is not None:
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        self.history.extend({"step": s, "loss": l} for (s, _), l in zip(pending, losses))
+        records = [{"step": s, "loss": l} for (s, _), l in zip(pending, losses)]
+        self.history.extend(records)
+        if jax.process_index() == 0:  # appended: a resumed run continues the killed one's curve
+            with open(os.path.join(self.config.out_dir, LOSS_LOG), "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
         pending.clear()
         return losses
 
