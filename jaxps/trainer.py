@@ -164,8 +164,8 @@ class Trainer:
         start_epoch, skip = self._resume_at or (0, 0)
         if host is not None:
             host.begin(host_step)
-            if self._resume_at is not None and self.group is not None and self.group.index > 0:
-                host.wait_for_restore(host_step)  # group 0 loads the PS snapshot first
+            if self._resume_at is not None and self.group is not None and self.group.count > 1:
+                host.wait_for_restore(host_step)  # every process resumed there; group 0 loaded the PS
         self._resume_at = None
         try:
             for epoch in range(start_epoch, cfg.epochs):
