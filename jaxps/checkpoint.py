@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxps.snapshot import Pieces, Snapshot, SnapshotHandler, SnapshotRestore, SnapshotSave
+from jaxps.snapshot import Pieces, Snapshot, SnapshotHandler, SnapshotSave, read_rows
 
 PS_ITEM = "ps"
 
@@ -138,9 +138,11 @@ class Checkpointer:
         return os.path.isdir(os.path.join(self.directory, str(step), PS_ITEM))
 
     def ps_snapshot(self, step: int) -> Snapshot:
+        """The PS rows of a (complete) step, read by this process alone: Orbax's restore
+        is a collective of every process of the job, but one reader restores the servers
+        (Trainer.restore) while the others need not read the rows at all."""
         self._drain()
-        out = self.manager.restore(step, args=ocp.args.Composite(**{PS_ITEM: SnapshotRestore()}))
-        return out[PS_ITEM]
+        return read_rows(os.path.join(self.directory, str(step), PS_ITEM))
 
     def meta(self, step: int | None = None) -> dict:
         """The JSON metadata saved with a step (the latest by default)."""

@@ -85,6 +85,10 @@ def cmd_train(args) -> int:
         if jax.process_index() == 0:
             print(f"resumed from {trainer.checkpointer.directory}/{step}" if step is not None else
                   f"no complete checkpoint in {trainer.checkpointer.directory}: starting fresh", flush=True)
+        if trainer.ps_restored:  # the one process that read the PS snapshot
+            r = trainer.ps_restored
+            print(f"loaded the PS snapshot of step {r['step']} ({sum(r['rows'].values())} rows of "
+                  f"{len(r['rows'])} tables) onto {r['servers']} server(s)", flush=True)
     report = {"data": {"train": train_ds.stats, "eval": eval_ds.stats if eval_ds else None},
               "config": dataclasses.asdict(cfg)}
     if info:

@@ -37,7 +37,7 @@ from jaxps.dense_table import DENSE_TABLE, DenseTable
 from jaxps.groups import WorkerGroup
 from jaxps.memory import aligned_empty
 from jaxps.ps.client import DaemonPool, PSClient, embedded
-from jaxps.ps.clock import DONE
+from jaxps.ps.clock import DONE, SyncTimeout
 from jaxps.ps.keyindex import KeyIndex
 from jaxps.ps.server import SYNC_STATS, TableSpec
 from jaxps.snapshot import Pieces, Snapshot, joined
@@ -367,15 +367,27 @@ class HostTables:
         `clock`."""
         self.ps.wait_clock(self.group.clock_id, clock)
 
+    RESTORE_TIMEOUT = 600.0  # seconds a resumed process waits for the others (the gate's limit)
+
     def wait_for_restore(self, step: int) -> None:
-        """A resumed worker group other than group 0: wait until group 0 joined the clocks
-        at `step`, which it does only after loading the PS snapshot (`begin`) -- so no group
-        pulls rows the snapshot is about to overwrite. Needs a bound on staleness."""
-        s = self.group.policy.staleness
-        if s is None:
-            raise ValueError(f"resuming {self.group.count} worker groups under asp: nothing makes the "
-                             f"others wait for group 0 to load the PS snapshot; resume under bsp or ssp:N")
-        self.wait_clock(step + s)  # ready once the slowest group (group 0, last) reached `step`
+        """A resumed worker-group process (of any group; after `begin(step)`): wait until
+        every process of every group joined the servers' clocks at `step`. Group 0 joins
+        only after loading the PS snapshot, so no group pulls rows the load is about to
+        overwrite (and drop: `load` clears first) -- under asp too, which has no gate. And
+        no pull is made while fresh servers still count a process that has not announced
+        itself at clock 0 (its clock is `step`): the gaps they record (`max_gap`) stay
+        those of the training, not of the restart. The servers' clocks are polled (their
+        gate cannot wait for a clock to reach `step` under asp); once per resume."""
+        deadline = time.monotonic() + self.RESTORE_TIMEOUT
+        while True:
+            clocks = [st[SYNC_STATS]["clocks"] for st in self.ps.stats().values()]
+            if all(c == "done" or c >= step for per_server in clocks for c in per_server):
+                return
+            if time.monotonic() > deadline:
+                raise SyncTimeout(f"worker group {self.group.index} waited {self.RESTORE_TIMEOUT:.0f} s for every "
+                                  f"process to resume at step {step} (group 0 loads the PS snapshot first); "
+                                  f"clocks {clocks}")
+            time.sleep(0.02)
 
     def load(self, snapshot: dict[str, dict[str, np.ndarray]]) -> None:
         """Make the servers hold exactly the snapshot's rows (onto any number of servers:

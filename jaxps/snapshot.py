@@ -31,22 +31,24 @@ Snapshot = dict[str, Rows]        # table -> its rows
 Pieces = dict[str, list[Rows]]    # table -> its rows in pieces (e.g. partitions), in any order
 
 
+def pieces_of(table: str, value: "Rows | list[Rows]") -> list[Rows]:
+    """A table's rows as a list of pieces (a Rows dict is one piece). An empty list is
+    refused: it has no fields, dtypes or widths, so neither a joined array nor a file could
+    say what the table holds (a table without rows is one empty piece: what servers export)."""
+    pieces = [value] if isinstance(value, dict) else list(value)
+    if not pieces:
+        raise ValueError(f"PS snapshot: table {table!r} has no pieces (an empty table is one piece of "
+                         f"zero rows, for its fields' shapes)")
+    return pieces
+
+
 def joined(pieces: "Pieces | Snapshot") -> Snapshot:
     """Each table's pieces as one array per field (a Snapshot passes unchanged)."""
     out: Snapshot = {}
     for table, rows in pieces.items():
-        if isinstance(rows, dict):
-            out[table] = rows
-        elif len(rows) == 1:
-            out[table] = rows[0]
-        else:
-            out[table] = {k: np.concatenate([p[k] for p in rows]) for k in rows[0]}
+        parts = pieces_of(table, rows)
+        out[table] = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return out
-
-
-def flatten(snapshot: Snapshot) -> dict[str, np.ndarray]:
-    """{"<table>/<field>": array}: one flat namespace (the legacy .npz's)."""
-    return {f"{table}/{field}": a for table, rows in snapshot.items() for field, a in rows.items()}
 
 
 def unflatten(arrays: dict[str, np.ndarray]) -> Snapshot:
@@ -103,11 +105,10 @@ def write_rows(directory: str, rows: "Snapshot | Pieces") -> None:
     """Every table's fields as `<directory>/<table>/<field>.npy` (module-level so tests can
     slow it down)."""
     for table, value in rows.items():
-        pieces = [value] if isinstance(value, dict) else list(value)
+        pieces = pieces_of(table, value)
         folder = os.path.join(directory, _component(table, "table"))
         os.makedirs(folder, exist_ok=True)
-        fields = pieces[0].keys() if pieces else ()
-        for field in fields:
+        for field in pieces[0]:
             write_npy(os.path.join(folder, _component(field, "field") + ".npy"), [p[field] for p in pieces])
 
 
@@ -130,6 +131,13 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def _write_once(directory, rows: "Snapshot | Pieces") -> None:
+    """Process 0 writes the rows: every process of the job saves the step through Orbax,
+    but the snapshot is one (the PS's), not a share per process."""
+    if ocp.multihost.process_index() == 0:
+        write_rows(os.fspath(directory), rows)
+
+
 class SnapshotHandler(ocp.handlers.AsyncCheckpointHandler):
     """Orbax handler of the PS item: the write runs on Orbax's commit thread, and so does
     the wait for a snapshot still being copied (`SnapshotSave(future)`): the caller's
@@ -138,17 +146,14 @@ class SnapshotHandler(ocp.handlers.AsyncCheckpointHandler):
     async def _write(self, rows: "Snapshot | Pieces | Future", directory) -> None:
         if isinstance(rows, Future):
             rows = await asyncio.wrap_future(rows)
-        if ocp.multihost.process_index() == 0:
-            write_rows(os.fspath(directory), rows)
+        _write_once(directory, rows)
 
     async def async_save(self, directory, args: "SnapshotSave") -> list[Any]:
         return [ocp_future.CommitFutureAwaitingContractedSignals(self._write(args.rows, directory),
                                                                  name="jaxps_ps_snapshot")]
 
     def save(self, directory, args: "SnapshotSave") -> None:
-        rows = args.rows.result() if isinstance(args.rows, Future) else args.rows
-        if ocp.multihost.process_index() == 0:
-            write_rows(os.fspath(directory), rows)
+        _write_once(directory, args.rows.result() if isinstance(args.rows, Future) else args.rows)
 
     def restore(self, directory, args: "SnapshotRestore | None" = None) -> Snapshot:
         return read_rows(os.fspath(directory))

@@ -35,6 +35,9 @@ from jaxps.runtime import allgather_host, allreduce_sum_host, barrier, enable_co
 from jaxps.step import StepBuilder, dense_optimizer
 
 
+LOSS_LOG = "train_loss.jsonl"  # {"step", "loss"} per step, read back every log_every steps
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 1
@@ -106,6 +109,7 @@ class Trainer:
         self._checkpointer: Checkpointer | None = None
         self._position = (0, 0)               # (epoch, batches of it trained): the data position
         self._resume_at: tuple[int, int] | None = None  # set by resume(): where fit() continues
+        self.ps_restored: dict | None = None  # set by restore() on the one process that loaded the PS
 
     # ------------------------------------------------------------------ info
     def plan(self) -> str:
@@ -160,8 +164,8 @@ class Trainer:
         start_epoch, skip = self._resume_at or (0, 0)
         if host is not None:
             host.begin(host_step)
-            if self._resume_at is not None and self.group is not None and self.group.index > 0:
-                host.wait_for_restore(host_step)  # group 0 loads the PS snapshot first
+            if self._resume_at is not None and self.group is not None and self.group.count > 1:
+                host.wait_for_restore(host_step)  # every process resumed there; group 0 loaded the PS
         self._resume_at = None
         try:
             for epoch in range(start_epoch, cfg.epochs):
@@ -248,7 +252,11 @@ class Trainer:
             writer.add_scalar("train/examples_per_sec", rate, pending[-1][0])
         if bar is not None:
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-        self.history.extend({"step": s, "loss": l} for (s, _), l in zip(pending, losses))
+        records = [{"step": s, "loss": l} for (s, _), l in zip(pending, losses)]
+        self.history.extend(records)
+        if jax.process_index() == 0:  # appended: a resumed run continues the killed one's curve
+            with open(os.path.join(self.config.out_dir, LOSS_LOG), "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
         pending.clear()
         return losses
 
@@ -373,7 +381,9 @@ class Trainer:
     def restore(self, step: int | None = None) -> int:
         """Restore the latest (or given) checkpoint onto this trainer's mesh, which may have
         another shape than the one that wrote it, and its PS snapshot onto this trainer's
-        servers, however many (worker groups: group 0 loads it)."""
+        servers, however many. One process reads and loads the snapshot, the one that writes
+        it (group 0's process 0); the others wait for it (this job's processes at a barrier,
+        other worker groups at the servers' clocks: HostTables.wait_for_restore)."""
         step = self.latest_complete_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.checkpointer.directory}")
@@ -389,20 +399,12 @@ class Trainer:
         # state first: restoring next to it would need twice the largest namespace.
         like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                             self.state)
-        # one loader per job, as one writer (group 0's process 0); reading the snapshot
-        # through Orbax is a collective of the writer's jax.distributed job, though: every
-        # process of that group takes part
         if self.steps.host is not None and (self.group is None or self.group.index == 0):
-            if self.checkpointer.has_ps(step):
-                snap = self.checkpointer.ps_snapshot(step)
-            elif os.path.exists(self._legacy_ps_path(step)):
-                snap = unflatten(read_npz(self._legacy_ps_path(step)))
-            else:
+            if not self._complete(self.checkpointer, step):  # every process fails alike
                 raise ValueError(f"checkpoint {self.checkpointer.directory}/{step} has no snapshot of the "
                                  f"host tables {sorted(self.steps.host.names)}")
-            if self._writes_ps():
-                self.steps.host.load(snap)
-            del snap
+            if self._writes_ps():  # one reader restores the servers (however many); the rest wait
+                self.ps_restored = self._load_ps(step)
         if self.steps.host is not None and jax.process_count() > 1:
             barrier()  # no process pulls before the snapshot is loaded
         self.state = None
@@ -413,6 +415,17 @@ class Trainer:
         data = meta.get("data") or {}
         self._position = (int(data.get("epoch", 0)), int(data.get("batches", 0)))
         return self.step
+
+    def _load_ps(self, step: int) -> dict:
+        """Read step's PS snapshot (this process alone) and load it into the servers, where
+        their ring puts each row. Returns what was loaded, for the report."""
+        if self.checkpointer.has_ps(step):
+            snap = self.checkpointer.ps_snapshot(step)
+        else:
+            snap = unflatten(read_npz(self._legacy_ps_path(step)))
+        self.steps.host.load(snap)
+        return {"step": step, "rows": {name: int(rows["keys"].shape[0]) for name, rows in snap.items()},
+                "servers": len(self.steps.host.ps.ring.servers)}
 
     def write_metrics(self, result: dict) -> str:
         """metrics.json (process 0); NaN (e.g. AUC with one class) is written as null."""

@@ -112,3 +112,19 @@ def planted_parts(folder, lines: int, model_seed: int, sample_seed: int, parts: 
         files.append(os.path.join(str(folder), f"part{i}.svm"))
         write_libsvm(files[-1], b)
     return files
+
+
+def ring_move_spread(servers: int, copies: int, vnodes: int, partitions: int) -> float:
+    """Relative standard deviation of the (partition, replica) pairs one server holds on a
+    consistent-hash ring -- what a join or leave of that server copies -- around its mean
+    share copies/servers of all partitions * copies pairs. Two independent sources:
+
+    * geometry: the server's share of the ring is a sum of `vnodes` arcs out of
+      servers * vnodes, Beta-distributed with relative variance ~(1 - f) / vnodes
+      (f = 1/servers); being in a replica set of `copies` averages `copies` such regions,
+      dividing it by ~copies;
+    * sampling: each partition's point falls in that region independently, so the count
+      is Binomial(partitions, copies * f), relative variance (1 - copies f) / (partitions copies f).
+    """
+    f = 1.0 / servers
+    return ((1 - f) / (copies * vnodes) + (1 - copies * f) / (partitions * copies * f)) ** 0.5

@@ -146,10 +146,10 @@ def test_the_snapshot_copied_off_thread_holds_exactly_the_rows_after_its_step(tm
     assert not np.array_equal(t.steps.host.ps.pull("weights", KEYS), ref.steps.host.ps.pull("weights", KEYS))
 
 
-def _group_trainers(out_dir, ps, count=2, **kw):
+def _group_trainers(out_dir, ps, count=2, sync="bsp", **kw):
     return [Trainer(_model("adagrad"), make_mesh(MeshConfig(), jax.devices()[4 * g:4 * g + 4]),
                     _config(out_dir, dense_optimizer="sgd", **kw), ps=PSClient(ps.ring, ps.transports, []),
-                    group=WorkerGroup(g, count, "bsp"))
+                    group=WorkerGroup(g, count, sync))
             for g in range(count)]
 
 
@@ -193,6 +193,9 @@ def test_worker_groups_resume_from_a_consistent_cut(tmp_path):
         second[0].fit(shards[0])
 
     assert not _run([group1, group0])
+    # no pull was made while the fresh servers still counted group 0 at clock 0: the gaps
+    # they record are the training's (BSP: at most s + 1 = 1), not the restart's 4
+    assert second[0].steps.host.stats()["__sync__"]["max_gap"] <= 1
     want = ref[0].steps.host.ps.pull("weights", KEYS)
     assert np.abs(want).max() > 1e-3
     np.testing.assert_allclose(second[0].steps.host.ps.pull("weights", KEYS), want, rtol=1e-6, atol=1e-8)
@@ -201,6 +204,59 @@ def test_worker_groups_resume_from_a_consistent_cut(tmp_path):
                                    np.asarray(ref[g].state["dense"]["bias"]), rtol=1e-6, atol=1e-8)
         np.testing.assert_allclose([h["loss"] for h in second[g].history],
                                    [h["loss"] for h in ref[g].history[4:]], rtol=1e-6)
+
+
+def _sorted(rows):
+    order = np.argsort(rows["keys"])
+    return {k: v[order] for k, v in rows.items()}
+
+
+def test_asp_worker_groups_resume_once_group_0_loaded_the_snapshot(tmp_path):
+    """ASP has no clock gate to hold a resumed group back, yet a group that pulled before
+    group 0 loaded the snapshot would train on rows the load then drops. Two ASP groups
+    (cuts every 2 steps) die at step 5; resumed from the cut at 4 onto 3 fresh servers
+    (2 wrote it), group 1 starts first and pulls and pushes nothing until group 0 loaded
+    the snapshot: at that moment the servers hold exactly the checkpoint's rows and
+    optimizer slots, whatever their number. Both then finish without ever waiting at a
+    gate (asp), every clock done, and cut a checkpoint at 6."""
+    shards = [make_batches(7, seed=43), make_batches(7, seed=44)]
+    first = _group_trainers(tmp_path, embedded([], servers=2), sync="asp", checkpoint_every=2)
+    errors = _run([lambda g=g: first[g].fit(Crashing(shards[g], crash_at=5)) for g in range(2)])
+    assert len(errors) == 2 and all("crash" in str(e) for e in errors)
+
+    fresh = embedded([], servers=3)
+    second = _group_trainers(tmp_path, fresh, sync="asp", checkpoint_every=2)
+    servers = [t.server for t in fresh.transports.values()]
+    seen = {}
+
+    def group1():
+        assert second[1].resume() == 4
+        second[1].fit(shards[1])
+
+    def group0():
+        deadline = time.monotonic() + 60  # start once group 1 joined the clocks at 4 (and waits)
+        while any(s.clocks.groups is None or s.clocks.clocks()[1] < 4 for s in servers):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)  # room for a pull group 1 must not make
+        assert second[0].resume() == 4
+        seen["stats"] = [s.stats()["weights"] for s in servers]
+        seen["rows"] = {name: second[0].steps.host.ps.export(name) for name in second[0].steps.host.names}
+        second[0].fit(shards[0])
+
+    assert not _run([group1, group0])
+    assert all(st["pulls"] == st["pushes"] == 0 and st["keys"] > 0 for st in seen["stats"])
+    snap = second[0].checkpointer.ps_snapshot(4)
+    assert set(seen["rows"]) == set(snap) == {"weights", "__dense__"}
+    for name, rows in snap.items():
+        got, want = _sorted(seen["rows"][name]), _sorted(rows)
+        assert sorted(got) == sorted(want) and want["keys"].size > 0
+        for field in want:
+            np.testing.assert_array_equal(got[field], want[field], err_msg=f"{name}/{field}")
+    sync = second[0].steps.host.stats()["__sync__"]
+    assert sync["sync"] == "asp" and sync["clocks"] == ["done", "done"] and sync["waits"] == 0
+    assert [t.step for t in second] == [7, 7] and 6 in second[0].checkpointer.steps()
+    assert second[0].checkpointer.has_ps(6)
 
 
 def test_ssp_servers_cut_at_checkpoint_steps_while_groups_run_ahead(tmp_path):
@@ -260,3 +316,46 @@ def test_ssp_groups_write_periodic_checkpoints_from_the_servers_cuts(tmp_path):
     assert {2, 4}.issubset(set(steps))
     snap = trainers[0].checkpointer.ps_snapshot(4)
     assert set(snap) == {"weights", "__dense__"} and snap["weights"]["keys"].size > 0
+
+
+class _Process1:
+    """`jax` as process 1 of a multi-process job sees it, inside jaxps.trainer only."""
+
+    def __getattr__(self, name):
+        return getattr(jax, name)
+
+    @staticmethod
+    def process_index():
+        return 1
+
+
+def test_one_process_reads_the_ps_snapshot_and_loads_it_onto_any_number_of_servers(tmp_path, monkeypatch):
+    """A checkpoint written from one server: a process other than process 0 restores the
+    device state without reading the PS snapshot at all (Orbax's read is a collective of
+    every process; one reader is all the servers need); process 0 reads it once and loads
+    it onto three servers, which then hold exactly the rows trained before."""
+    import jaxps.trainer as trainer_module
+    from jaxps.checkpoint import Checkpointer
+
+    batches = make_batches(3, seed=34)
+    first = Trainer(_model(), MeshConfig(), _config(tmp_path))
+    first.fit(batches)
+    reads = []
+    read = Checkpointer.ps_snapshot
+    monkeypatch.setattr(Checkpointer, "ps_snapshot", lambda self, step: reads.append(step) or read(self, step))
+
+    servers = embedded([], servers=3)
+    other = Trainer(_model(), MeshConfig(), _config(tmp_path), ps=PSClient(servers.ring, servers.transports, []))
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module, "jax", _Process1())
+        assert other.restore() == 3
+    assert reads == [] and other.ps_restored is None
+    assert sum(s.server.stats()["weights"]["keys"] for s in servers.transports.values()) == 0
+    np.testing.assert_array_equal(np.asarray(other.state["dense"]["bias"]), np.asarray(first.state["dense"]["bias"]))
+
+    lead = Trainer(_model(), MeshConfig(), _config(tmp_path), ps=PSClient(servers.ring, servers.transports, []))
+    assert lead.restore() == 3 and reads == [3]
+    want = first.steps.host.ps.export("weights")
+    assert lead.ps_restored == {"step": 3, "rows": {"weights": want["keys"].size}, "servers": 3}
+    assert all(s.server.stats()["weights"]["keys"] > 0 for s in servers.transports.values())
+    np.testing.assert_array_equal(lead.steps.host.ps.pull("weights", KEYS), first.steps.host.ps.pull("weights", KEYS))

@@ -38,9 +38,10 @@ def _files(tmp_path):
     return planted_parts(tmp_path, LINES, model_seed=17, sample_seed=20)
 
 
-def _launch(tmp_path, files, sync, *extra, resume=False):
+def _launch(tmp_path, files, sync, *extra, resume=False, servers=1, output=None):
+    """Run the 2 x 2 job; returns each group's metrics (`output`: a list to get stdout)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    cmd = [sys.executable, "-m", "jaxps.cli", "launch", "local", "--servers", "1", "--groups", str(GROUPS),
+    cmd = [sys.executable, "-m", "jaxps.cli", "launch", "local", "--servers", str(servers), "--groups", str(GROUPS),
            "--workers-per-group", str(PROCS), "--sync", sync, "--cpu-devices", "2", "--timeout", "240", "--",
            sys.executable, "-m", "jaxps.cli", "train", *(["--resume"] if resume else []),
            f"data.train={files[0]},{files[1]}",
@@ -51,6 +52,8 @@ def _launch(tmp_path, files, sync, *extra, resume=False):
     assert not resume or "resumed from" in out.stdout
     # each group is one 4-device mesh over its 2 processes
     assert "[group 1 worker 1]" in out.stdout and "on 4 cpu device(s)" in out.stdout
+    if output is not None:
+        output.append(out.stdout)
     return [json.loads((tmp_path / "mp" / f"group-{g}" / "metrics.json").read_text()) for g in range(GROUPS)]
 
 
@@ -169,3 +172,61 @@ def test_groups_of_two_processes_resume_like_an_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(got[field], want[field], rtol=2e-5, atol=1e-7, err_msg=field)
     np.testing.assert_allclose(_sorted(snap[DENSE_TABLE])["values"].reshape(-1)[0],
                                np.asarray(groups[0].state["dense"]["bias"]), rtol=1e-5, atol=1e-7)
+
+
+def _snapshot(tmp_path, step):
+    return Checkpointer(str(tmp_path / "mp" / "group-0" / "checkpoints"), read_only=True).ps_snapshot(step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sync", ["ssp:1", "asp"])
+def test_ssp_and_asp_groups_of_two_processes_resume_from_a_hot_checkpoint(tmp_path, sync):
+    """2 groups x 2 processes under SSP/ASP, one epoch (5 steps) on one server, cuts every
+    5 steps. What a resume makes exact there, whatever the timing of the groups:
+    * restored rows: resumed onto 2 servers with nothing left to train, the servers hold
+      the snapshot exactly (rows, optimizer slots, the dense table): the checkpoint the
+      resumed job writes again at step 5 (the servers' cut of what they hold) equals it;
+      one process read it (group 0's process 0, "loaded ... onto 2 server(s)");
+    * clocks: a second epoch resumed onto one server starts every process's clock at 5:
+      each group trains steps 6-10 only (the data position), every process pushes its share
+      once per step (20 pushes of each table, none of steps 1-5), every clock ends done
+      (asp: each group's own; the others' are between 5 and 10 or done);
+    * the bound: ssp:1 pulls never ran more than s + 1 ahead (the gap is measured before
+      the wait); asp never waited at a gate (its resume waits for group 0's load apart)."""
+    files = _files(tmp_path)
+    extra = ("train.checkpoint_every=5",)
+    steps = _launch(tmp_path, files, sync, *extra)[0]["train"]["steps"]
+    assert steps == 5
+    before = _snapshot(tmp_path, steps)
+
+    out: list[str] = []
+    metrics = _launch(tmp_path, files, sync, *extra, resume=True, servers=2, output=out)
+    assert [m["train"]["steps"] for m in metrics] == [steps, steps]
+    loaded = [line for line in out[0].splitlines() if "loaded the PS snapshot" in line]
+    assert len(loaded) == 1 and loaded[0].startswith("[group 0 worker 0]") and "onto 2 server(s)" in loaded[0]
+    assert out[0].count("resumed from") == GROUPS  # each group's process 0 reports
+    after = _snapshot(tmp_path, steps)
+    assert set(after) == set(before) == {"weights", DENSE_TABLE}
+    for table in before:
+        got, want = _sorted(after[table]), _sorted(before[table])
+        assert sorted(got) == sorted(want) and want["keys"].size > 0
+        for field in want:
+            np.testing.assert_array_equal(got[field], want[field], err_msg=f"{table}/{field}")
+
+    metrics = _launch(tmp_path, files, sync, *extra, "train.epochs=2", resume=True)
+    for g, m in enumerate(metrics):
+        assert m["train"]["steps"] == 2 * steps
+        s = m["ps"]["__sync__"]
+        assert s["sync"] == sync
+        if sync == "asp":  # its final pull waits for nobody: another group may still be at work
+            mine = s["clocks"][g * PROCS:(g + 1) * PROCS]
+            assert mine == ["done"] * PROCS and all(c == "done" or steps <= c <= 2 * steps for c in s["clocks"])
+            assert s["waits"] == 0
+        else:
+            assert s["clocks"] == ["done"] * (GROUPS * PROCS) and s["max_gap"] <= 2
+        assert np.isfinite(m["eval"]["logloss"]) and m["eval"]["examples"] == LINES
+    for table in ("weights", DENSE_TABLE):  # the group that finished last saw every push
+        pushes = [m["ps"][table]["pushes"] for m in metrics]
+        assert max(pushes) == GROUPS * PROCS * steps, table
+    final = _snapshot(tmp_path, 2 * steps)
+    assert not np.array_equal(_sorted(final["weights"])["values"], _sorted(before["weights"])["values"])

@@ -13,7 +13,7 @@ from jaxps.placement import HostTable
 from jaxps.ps.client import PSClient, embedded
 from jaxps.ps.manager import ServerManager
 from jaxps.trainer import TrainConfig, Trainer
-from reference import run_concurrently
+from reference import ring_move_spread, run_concurrently
 from test_sparse_lr_exact import ROWS, make_batches
 
 
@@ -70,9 +70,36 @@ def test_killing_servers_mid_run_loses_nothing(tmp_path, killed):
     assert ps.retries > 0
 
 
-def test_join_and_leave_move_about_one_nth_of_the_partitions(tmp_path):
+def _spy_copies(transports: dict) -> set:
+    """The (partition, target server) pairs a manager copies through these transports (it
+    exports partitions from one source, then loads them into one target, pair by pair)."""
+    copied, exported = set(), []
+
+    def spy(name, t):
+        export, load = t.export_partitions, t.load_partitions
+
+        def exporting(parts):
+            exported.append([int(p) for p in parts])
+            return export(parts)
+
+        def loading(data):
+            copied.update((p, name) for p in exported.pop())
+            return load(data)
+        t.export_partitions, t.load_partitions = exporting, loading
+
+    for name, t in transports.items():
+        spy(name, t)
+    return copied
+
+
+def test_join_and_leave_copy_exactly_the_replicas_that_change_hands(tmp_path):
     """A server joins and another leaves while training runs: equal final parameters, and
-    each change copies about 1/n of the (partition, replica) pairs."""
+    each change copies exactly the (partition, replica) pairs whose holder changed between
+    the rings before and after it (`Ring.gains`): the joiner gains the partitions whose new
+    replica set holds it, the leaver's partitions one new holder each, no other partition
+    moves. Their fraction of all pairs is 1/n within the 3-sigma band the ring's vnodes and
+    partitions allow (`reference.ring_move_spread`; here +-33% for n = 5, 64 vnodes, 256
+    partitions, one backup)."""
     batches = make_batches(8, seed=32)
     ref = _trainer(embedded([table_spec(t) for t in _model().tables()]), tmp_path / "ref")
     ref.fit(batches)
@@ -84,20 +111,37 @@ def test_join_and_leave_move_about_one_nth_of_the_partitions(tmp_path):
     t = _trainer(ps, tmp_path / "elastic")
     joiner = spare.transports["ps-4"]
     joiner.server.set_ring(group.ring)  # it learns the real ring from the manager on join
+    copied = _spy_copies({**group.transports, "ps-4": joiner})
+    rings, seen = [group.ring], []
 
     def changes():
         joiner.server.create_table(table_spec(_model().tables()[0]))
         for spec in ps.tables.values():
             joiner.server.create_table(spec)
-        manager.join("ps-4", joiner)
-        manager.remove(["ps-1"])
+        for change in (lambda: manager.join("ps-4", joiner), lambda: manager.remove(["ps-1"])):
+            change()
+            rings.append(manager.ring)
+            seen.append(set(copied))
+            copied.clear()
 
     t.fit(_killing(batches, 4, changes))
     join, leave = manager.changes
     assert (join.kind, leave.kind) == ("join", "leave")
-    for c, n in ((join, 5), (leave, 5)):
-        frac = c.copied / (group.ring.num_partitions * 2)
-        assert 0.3 / n < frac < 2.5 / n, (c.kind, frac)
+    k, parts = 1, group.ring.num_partitions
+    for i, (c, who) in enumerate(((join, "ps-4"), (leave, "ps-1"))):
+        before, after = rings[i], rings[i + 1]
+        want = {(p, s) for p, new in before.gains(after, k).items() for s in new}
+        assert seen[i] == want and c.copied == len(want), c.kind
+        # from the rings' replica sets directly: who gains what
+        if c.kind == "join":
+            holds = {p for p in range(parts) if after.servers.index(who) in after.replicas(k)[p]}
+            assert want == {(p, who) for p in holds}
+        else:
+            held = {p for p in range(parts) if before.servers.index(who) in before.replicas(k)[p]}
+            assert {p for p, _ in want} == held and len(want) == len(held)  # one new holder each
+        n = 5  # servers of the larger ring: the joiner's or leaver's share is 1/5
+        frac = c.copied / (parts * (k + 1))
+        assert abs(frac * n - 1) < 3 * ring_move_spread(n, k + 1, group.ring.vnodes, parts), (c.kind, frac)
     keys = np.arange(ROWS, dtype=np.uint64)
     np.testing.assert_array_equal(ps.pull("weights", keys), ref.steps.host.ps.pull("weights", keys))
 

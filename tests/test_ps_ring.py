@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from jaxps.ps.ring import Ring, partition_of, partition_runs, partition_runs_keys
+from reference import ring_move_spread
 
 
 def test_partitions_spread_keys_and_are_stable():
@@ -40,6 +41,32 @@ def test_join_and_leave_move_about_one_nth(n):
     assert set(np.array(ring.owner_names())[moved]) == {"ps-0"}
     assert len(moved) == int((ring.owners() == 0).sum())
     assert joined.version == ring.version + 1
+
+
+@pytest.mark.parametrize("vnodes", [64, 256])
+def test_join_copies_spread_as_derived(vnodes):
+    """`Ring.gains` of a join over 40 sets of server names (5 servers after it, one backup):
+    only the joiner gains, in exactly the partitions whose new replica set holds it; the
+    copied fraction of (partition, replica) pairs has mean 1/n and the spread
+    `reference.ring_move_spread` derives (to within the sampling error of 40 draws), every
+    draw within 3.5 sigma (the largest of 40 normal draws passes that with chance ~2%;
+    one draw passes 3 sigma with chance 0.3%: the band of a single change). (More vnodes shrink only its geometric half: with 256
+    partitions, the binomial half dominates.)"""
+    n, k, parts = 5, 1, 256
+    sigma = ring_move_spread(n, k + 1, vnodes, parts)
+    scaled = []
+    for seed in range(40):
+        names = [f"s{seed}-{i}" for i in range(n - 1)]
+        before = Ring(parts, vnodes, names)
+        after = before.with_servers(names + [f"s{seed}-new"])
+        gains = before.gains(after, k)
+        holds = {p for p in range(parts) if n - 1 in after.replicas(k)[p]}
+        assert set(gains) == holds and all(g == [f"s{seed}-new"] for g in gains.values())
+        scaled.append(len(gains) / (parts * (k + 1)) * n)
+    scaled = np.array(scaled)
+    assert np.all(np.abs(scaled - 1) < 3.5 * sigma), (scaled.min(), scaled.max(), sigma)
+    assert abs(scaled.mean() - 1) < 3 * sigma / np.sqrt(len(scaled))
+    assert 0.6 * sigma < scaled.std() < 1.4 * sigma, (scaled.std(), sigma)
 
 
 def test_ring_rejects_bad_membership():

@@ -1,6 +1,7 @@
-"""`jaxps train --resume` after the trainer process was SIGKILLed mid-run: the same final
-loss and eval as an uninterrupted run, also onto another mesh (8 -> 4 devices) and another
-number of PS server processes (`jaxps launch local --servers 4`, then `--servers 3`)."""
+"""`jaxps train --resume` after the trainer process was SIGKILLed mid-run: the same loss
+curve (the loss of every step, `train_loss.jsonl`), final loss and eval as an
+uninterrupted run, also onto another mesh (8 -> 4 devices) and another number of PS server
+processes (`jaxps launch local --servers 4`, then `--servers 3`)."""
 import json
 import os
 import signal
@@ -59,6 +60,27 @@ def reference(tmp_path_factory):
     return root, args, _metrics(root / "ref" / "metrics.json")
 
 
+def _losses(out_dir) -> list[tuple[int, float]]:
+    """(step, loss) of every step a run (and the runs resuming it) trained, in order."""
+    path = out_dir / "train_loss.jsonl"
+    return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def _resumed_curve(out_dir, killed, stdout, reference, rtol):
+    """The resumed run's steps are exactly those after the checkpoint it resumed from, up
+    to the end, and each one's loss is the uninterrupted run's at that step; so are the
+    killed run's (it logged up to the kill)."""
+    step = int(stdout.split("resumed from ", 1)[1].split()[0].rsplit("/", 1)[1])
+    assert 0 < step <= KILL_AT
+    want = dict(reference)
+    assert [s for s, _ in reference] == list(range(1, 25))
+    assert [s for s, _ in killed] == list(range(1, KILL_AT + 1))
+    resumed = _losses(out_dir)[len(killed):]
+    assert [s for s, _ in resumed] == list(range(step + 1, 25))
+    for s, loss in killed + resumed:
+        assert loss == pytest.approx(want[s], rel=rtol), s
+
+
 def _same(got, want, rtol):
     assert got["train"]["steps"] == want["train"]["steps"] == 24
     assert got["train"]["final_loss"] == pytest.approx(want["train"]["final_loss"], rel=rtol)
@@ -71,8 +93,10 @@ def test_sigkilled_run_resumes_like_an_uninterrupted_one(reference):
     root, args, want = reference
     _run(KILLED + ["train"] + args + ["train.out_dir=killed"], root, expect=-signal.SIGKILL)
     assert not (root / "killed" / "metrics.json").exists()
+    killed = _losses(root / "killed")
     out = _run(JAXPS + ["train", "--resume"] + args + ["train.out_dir=killed"], root)
     assert "resumed from" in out.stdout
+    _resumed_curve(root / "killed", killed, out.stdout, _losses(root / "ref"), 1e-6)
     got = _metrics(root / "killed" / "metrics.json")
     _same(got, want, 1e-6)
     # the data position was restored: only the batches after the checkpoint were trained
@@ -89,7 +113,10 @@ def test_resume_onto_4_devices_and_3_server_processes(reference):
                root, expect=None)
     assert "[ps-3] jaxps ps-server ps-3 listening" in out.stdout
     assert not (root / "moved" / "metrics.json").exists()
+    killed = _losses(root / "moved")
     out = _run(launch + ["--servers", "3", "--"] + JAXPS + ["train", "--resume"] + args
                + ["train.out_dir=moved", "mesh.data=4"], root, devices=4)
     assert "resumed from" in out.stdout and "[ps-3]" not in out.stdout
+    assert "onto 3 server(s)" in out.stdout  # the one reader loaded the snapshot onto the new ring
+    _resumed_curve(root / "moved", killed, out.stdout, _losses(root / "ref"), 1e-5)
     _same(_metrics(root / "moved" / "metrics.json"), want, 1e-5)

@@ -68,8 +68,24 @@ def test_short_writes_are_resumed(tmp_path, monkeypatch):
 
 def test_a_step_written_as_rows_npz_still_restores(tmp_path):
     rows = {"embed": _pieces(np.random.default_rng(2), [11])[0]}
-    np.savez(tmp_path / snapshot.LEGACY_FILENAME, **snapshot.flatten(rows))  # as steps were written before
+    # as steps were written before: one .npz of "<table>/<field>" arrays
+    np.savez(tmp_path / snapshot.LEGACY_FILENAME, **{f"embed/{k}": a for k, a in rows["embed"].items()})
     _assert_rows_equal(snapshot.read_rows(str(tmp_path))["embed"], rows["embed"])
+
+
+def test_an_empty_piece_list_is_refused_alike_and_an_empty_piece_round_trips(tmp_path):
+    """`joined` and `write_rows` agree: a table of no pieces has no fields to join or write
+    (written, it would restore as a table without keys), so both refuse it; a table
+    without rows is one piece of zero rows, and joins and writes to the same arrays."""
+    for call in (snapshot.joined, lambda rows: snapshot.write_rows(str(tmp_path / "none"), rows)):
+        with pytest.raises(ValueError, match="no pieces"):
+            call({"t": []})
+    assert not (tmp_path / "none" / "t").exists()
+    empty = _pieces(np.random.default_rng(4), [0])
+    snapshot.write_rows(str(tmp_path / "empty"), {"t": empty})
+    got = snapshot.read_rows(str(tmp_path / "empty"))["t"]
+    _assert_rows_equal(got, snapshot.joined({"t": empty})["t"])
+    assert got["values"].shape == (0, 3) and got["keys"].dtype == np.uint64
 
 
 @pytest.mark.parametrize("name", ["a/b", "..", ""])

@@ -128,17 +128,15 @@ class ServerManager:
             for s in live:
                 self.transports[s].freeze()
                 frozen.append(s)
-            old_sets, new_sets = old.replicas(self.replicas), new.replicas(self.replicas)
+            old_sets = old.replicas(self.replicas)
             copies: dict[tuple[str, str], list[int]] = {}   # (source, target) -> partitions
-            for p in range(old.num_partitions):
+            for p, targets in old.gains(new, self.replicas).items():
                 have = [old.servers[i] for i in old_sets[p] if old.servers[i] not in dead]
-                want = [new.servers[i] for i in new_sets[p]]
-                if not have:
+                if not have:  # (a dead holder is never in the new set: every new holder gains p)
                     change.lost.append(p)
                     continue
-                for target in want:
-                    if target not in have:
-                        copies.setdefault((have[0], target), []).append(p)
+                for target in targets:
+                    copies.setdefault((have[0], target), []).append(p)
             for (source, target), parts in sorted(copies.items()):
                 data = self.transports[source].export_partitions(parts)
                 self.transports[target].load_partitions(data)

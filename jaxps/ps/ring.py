@@ -144,6 +144,21 @@ class Ring:
         """The ring after a membership change (next version)."""
         return Ring(self.num_partitions, self.vnodes, list(servers), self.version + 1)
 
+    def gains(self, other: "Ring", k: int) -> dict[int, list[str]]:
+        """The (partition, replica) copies a change from this ring to `other` needs: for
+        each partition whose replica set (primary + k backups, `replicas`) gains servers,
+        the gaining servers by name, in `other`'s replica order. A server that stays in a
+        partition's set keeps its rows, so these, and only these, are copied."""
+        before = self.replicas(k) if self.servers else np.zeros((self.num_partitions, 0), np.int64)
+        after = other.replicas(k)
+        out: dict[int, list[str]] = {}
+        for p in range(other.num_partitions):
+            had = {self.servers[i] for i in before[p]}
+            new = [other.servers[i] for i in after[p] if other.servers[i] not in had]
+            if new:
+                out[p] = new
+        return out
+
     def moves(self, other: "Ring") -> np.ndarray:
         """Partitions whose owning server (by name) differs between two rings."""
         a = np.array(self.owner_names() if self.servers else [""] * self.num_partitions)
