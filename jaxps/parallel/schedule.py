@@ -175,10 +175,15 @@ class Schedule:
         half = backward_cost / 2
         return self._lockstep({"F": 1.0, "B": half if self.split else backward_cost, "W": half})
 
+    def lockstep_span(self, cost: dict[str, float]) -> float:
+        """The step's length when every tick lasts as long as its costliest cell, an op of
+        kind k costing cost[k] ("F", "B", "W"; a paired cell the sum of its two): with
+        measured op times, what this executor would take without per-tick overhead."""
+        return sum(max(sum(cost[op.kind] for op in cell) for cell in row) for row in self.table)
+
     def _lockstep(self, cost: dict[str, float]) -> float:
-        span = sum(max(sum(cost[op.kind] for op in cell) for cell in row) for row in self.table)
         busy = sum(cost[op.kind] for _, _, op in self.ops())
-        return 1.0 - busy / (span * self.stages)
+        return 1.0 - busy / (self.lockstep_span(cost) * self.stages)
 
     def max_stash(self) -> list[int]:
         """Per stage, the most microbatch-chunks whose forward ran and backward (in a split
