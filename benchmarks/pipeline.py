@@ -1,26 +1,51 @@
 """Pipeline schedules executed as one SPMD program: bubble vs theory, 1F1B (and zero bubble) vs GPipe memory.
 
-Bubble, from per-stage busy time: for M in a few counts, time a pipelined value-and-grad
-step of an MLP stack (S stages of Linear+tanh, residual). A stage's busy time per
-microbatch u (one block's forward and backward, with the executor's per-op costs) is the
-slope of GPipe's step time in M: GPipe's ticks are all-forward or all-backward, so
-T(M) = (M + S - 1) * u + fixed, exactly linear. Every schedule runs the same ops, so its
-bubble at M is 1 - V*M*u / T(M) (V virtual chunks, each one block here), compared with
-(S-1)/(M+S-1) (GPipe, 1F1B) and the circular form (S-1)/(V*M+S-1) (interleaved). (A
-slope fit of each schedule's own T(M) would hide idle time that grows with M in the
-slope.) Timings are the minimum over rounds that interleave every (schedule, M), so a
-busy neighbour only makes a round slower, never the figure.
+Bubble. A schedule's bubble at M microbatches is 1 - V*M*u / T(M): T its step time, u a
+stage's busy seconds per microbatch and block (V blocks per stage in the interleaved
+kinds). Two estimates of u, both reported:
+- direct (the headline, `bubble_measured`, `bubble_ratio`): a block's ops timed with every
+  stage running its own at once, M microbatches per call (`op_fns`: F, the whole backward
+  from the stashed residuals, and its B and W halves), u = F + backward, or F + B + W in
+  the split kinds, per microbatch. It charges the schedule everything that is not its ops
+  (the executor's per-tick work, waiting at the ticks' ppermutes), which is what the
+  issue's target is about, and it rests on no fit.
+- slope (`bubble_measured_slope`): the slope of GPipe's T(M) over M = S..4S, whose ticks
+  are all-forward or all-backward, so T(M) = (M + S - 1) u + fixed. On a loaded machine
+  T(M) is not linear (negative fixed costs measured), and per-tick overhead lands in u,
+  so this one flatters every schedule (GPipe's own comes out near 0).
+Per kind also `bubble_lockstep_measured_ops`, the table's lockstep bubble at the measured
+op costs (`Schedule.lockstep_span`; it differs from the unit-cost model where B and W
+cost unlike amounts), and `overhead_s_per_tick`, step time beyond that span per tick.
+Timings are minima over rounds that interleave every (schedule, M) and op, so a busy
+neighbour only makes a round slower, never the figure.
 
-`bubble_lockstep_model` is what the table predicts for this executor: its ticks are
-synchronous (a ppermute ends each), so a tick lasts as long as its slowest op on any
-stage, and where 1F1B and interleaved run a forward beside a backward the forward's
+The layout (`bubble_layout`). Stages must run concurrently for an idle tick to cost time,
+and on a CPU backend the simulated devices are threads of one process that share one
+intra-op thread pool: with 8 devices on fewer cores the stages take turns, and even with
+one device per core a device's ops spread over its neighbours' threads (an idle stage
+lends its core). So on CPU the bubble is timed in a subprocess (_pipeline_bubble.py, its
+own XLA_FLAGS, `bubble_env`) on min(--stages, cores) >= 2 stages, one device per core,
+data = model = 1, each device single-threaded: NPROC=1, Eigen single-threaded, YNN and
+XNNPACK fusions off, and the step compiled while the process is on one core (`one_core`:
+XLA splits a fusion into as many tasks as cores at compile time). The JSON's
+`bubble_layout` says {stages, devices, threads}; `bubble_measurable` is false (with
+`bubble_note`) only with fewer than 2 cores or if that subprocess fails. Other backends
+time it in this process on --stages devices. The width and microbatch size there are
+--bubble-width/--bubble-batch (1024, 256): measured on 2 cores, a microbatch of 512
+doubled the run time and gave the same direct bubbles within noise (the per-tick
+overhead grows with the microbatch: it is activation traffic and waiting, not a fixed
+launch cost to amortize).
+
+`bubble_lockstep_model` is what the table predicts for this executor at unit costs: its
+ticks are synchronous (a ppermute ends each), so a tick lasts as long as its slowest op on
+any stage, and where 1F1B and interleaved run a forward beside a backward the forward's
 stage waits (`Schedule.lockstep_bubble`, backward = 2 forwards, the pullback's matmuls).
-GPipe's equals theory; 1F1B's and interleaved's exceed it, and the measurement shows it.
-Their paired forms ("1f1b-paired", "interleaved-paired": a tick carries a forward and a
-backward on each stage in the steady state) predict theory again; paired 1F1B pays with
-2S-1 stash entries instead of S (`memory_1f1b_paired_vs_gpipe`). "zb-h1" splits the
-backward into B (input gradient) and W (weight gradient, deferred): one op per cell, each
-costing about a forward, so its lockstep model (B = W = 1 forward) is its table bubble,
+GPipe's equals theory; 1F1B's and interleaved's exceed it. Their paired forms
+("1f1b-paired", "interleaved-paired": a tick carries a forward and a backward on each
+stage in the steady state) predict theory again; paired 1F1B pays with 2S-1 stash
+entries instead of S (`memory_1f1b_paired_vs_gpipe`). "zb-h1" splits the backward into B
+(input gradient) and W (weight gradient, deferred): one op per cell, each costing about
+a forward, so its lockstep model (B = W = 1 forward) is its table bubble,
 (S-1)/(3M+S-1), a third of the theory, with 1F1B's stash bound S; it keeps the output
 gradients until the W's (`memory_zb_h1_vs_gpipe`). `zb_h1_lockstep` lists its lockstep
 bubble over the theory for a few (S, M), from the tables alone. The split forms of every
@@ -29,21 +54,14 @@ ops) predict 2(S-1)/(3VM+2(S-1)), 0.68-0.79x the theory, with the base kind's me
 "interleaved-zb" (W deferred as in zb-h1) (S-1)/(3VM+S-1).
 
 Per kind (`per_kind`): family, lockstep model over theory at the benchmark's (S, 4S),
-the measured ratio where measurable, compiled temporaries at M = 4S over GPipe's (V = 1;
-the interleaved kinds run a model of V blocks per stage, so over interleaved's), and
-samples/s. `best_per_family`: the kind of each family (gpipe, 1f1b, interleaved) with the
-lowest lockstep model, and its figures; `bubble_ratio_vs_theory` stays the worst measured
-schedule's, `bubble_ratio_vs_theory_best_per_family` the worst family's best (the issue's
-target: each family's schedule within 1.1x), both null where not measurable. With
---quick only GPipe is timed at every M (its slope is the busy time), the others at the
-largest M, the only one their figures use.
-
-This is only a measurement when the stages run concurrently. On a CPU backend, the
-simulated devices (XLA_FLAGS=--xla_force_host_platform_device_count=8) are threads of
-one process: with fewer cores than devices, stages take turns, an idle cell costs only
-its tick's overhead, and the step times measure overhead, not the schedule. There the
-JSON says `bubble_measurable: false` with the reason and reports no bubble figures (the
-step times are still there). Run it on a machine with at least as many cores as devices.
+the measured ratio (at the bubble layout's S and 4S), compiled temporaries at M = 4S
+over GPipe's (V = 1; the interleaved kinds run a model of V blocks per stage, so over
+interleaved's), and samples/s on the full mesh (data 2 x stage S). `best_per_family`:
+the kind of each family (gpipe, 1f1b, interleaved) with the lowest lockstep model, and
+its figures; `bubble_ratio_vs_theory` is the worst measured schedule's,
+`bubble_ratio_vs_theory_best_per_family` the worst family's best (the issue's target:
+each family's schedule within 1.1x), both null where not measurable
+(`bubble_ratio_vs_theory_slope`: the worst by the slope estimate).
 
 Memory: compiled temporaries (`memory_analysis().temp_size_in_bytes`, per device) of the
 same step under 1F1B and GPipe at M = 4S (the headline) and 8S, with the default stash
@@ -56,11 +74,15 @@ schedule's samples/s over best torch schedule's, null with `torch_note` saying w
 torch (optional: pip install torch==2.13.0) is missing or fails.
 
 Usage: python benchmarks/pipeline.py [--quick] [--stages 4] [--width 512] [--batch 128]
-       [--rounds N] [--torch-stages 2] [--torch-layers 8] [--torch-width 1024] [--torch-batch 512]
+       [--rounds N] [--bubble-width 1024] [--bubble-batch 256] [--bubble-rounds N]
+       [--torch-stages 2] [--torch-layers 8] [--torch-width 1024] [--torch-batch 512]
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -71,11 +93,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from _common import emit, machine_info, parser  # noqa: E402
 from _pipeline_vs_torch import MLPSpec, compare  # noqa: E402
 from jaxps.mesh import MeshConfig, make_mesh  # noqa: E402
-from jaxps.parallel.pipeline import pipeline_value_and_grad  # noqa: E402
+from jaxps.parallel.pipeline import _residual_roles, pipeline_value_and_grad  # noqa: E402
 from jaxps.parallel.schedule import PAIRED, SPLIT, build  # noqa: E402
 
 SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("1f1b-paired", 1), ("interleaved-paired", 2),
@@ -115,14 +138,39 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def bubble_measurability(devices: int) -> tuple[bool, str | None]:
-    """(measurable, why not): stages must run concurrently for idle ticks to cost time."""
-    cores = usable_cores()
-    if jax.default_backend() == "cpu" and cores < devices:
-        return False, (f"{devices} simulated CPU devices share {cores} cores: stages cannot run "
-                       "concurrently, so an idle tick costs only its overhead and the step-time "
-                       f"slope measures overhead, not the schedule's bubble (needs >= {devices} cores)")
-    return True, None
+SINGLE_THREAD_FLAGS = ("--xla_cpu_multi_thread_eigen=false", "--xla_cpu_experimental_ynn_fusion_type=",
+                       "--xla_cpu_use_xnnpack=false")
+
+
+def bubble_layout(stages: int, cores: int) -> dict[str, int] | None:
+    """The CPU mesh the bubble is timed on: one device per core, stages = min(stages,
+    cores), at least 2 (None with fewer cores: no two stages could run at once), data =
+    model = 1, one thread per device."""
+    S = min(stages, cores)
+    if S < 2:
+        return None
+    return {"stages": S, "devices": S, "threads": 1}
+
+
+def bubble_env(layout: dict[str, int], env: dict[str, str]) -> dict[str, str]:
+    """env for the bubble subprocess: `layout["devices"]` host devices, single-threaded (XLA
+    reads XLA_FLAGS when jax is imported, hence a process of its own). NPROC=1: the CPU
+    client sizes its intra-op pool from it (else one thread per core, which every device's
+    ops share, so an idle stage lends its core to a busy one and hides the bubble); Eigen
+    single-threaded and the YNN and XNNPACK fusions (which parallelize dots on that pool)
+    off. Other XLA_FLAGS in env are kept."""
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(
+        ("--xla_force_host_platform_device_count",) + tuple(f.split("=")[0] for f in SINGLE_THREAD_FLAGS))]
+    flags += [f"--xla_force_host_platform_device_count={layout['devices']}", *SINGLE_THREAD_FLAGS]
+    return {**env, "XLA_FLAGS": " ".join(flags), "NPROC": str(layout["threads"])}
+
+
+def busy_direct(kind: str, ops: dict[str, float]) -> float:
+    """A stage's busy seconds per microbatch and block from one device's op times: forward
+    plus whole backward, or, in a split kind, forward plus B plus W (each with its own
+    launch, as the executor's conditionals run them)."""
+    split = kind in SPLIT
+    return ops["F"] + (ops["B"] + ops["W"] if split else ops["BW"])
 
 
 def time_rounds(fns: dict[Any, tuple[Callable, tuple]], rounds: int, reps: int) -> dict[Any, float]:
@@ -149,14 +197,141 @@ def busy_per_microbatch(S: int, gpipe_times: dict[int, float]) -> dict[str, floa
     return {"busy_s_per_microbatch": float(u), "fixed_s": float(a - (S - 1) * u)}
 
 
-def bubble(kind: str, S: int, V: int, times: dict[int, float], u: float) -> dict[str, float]:
-    """Measured bubble at the largest M: step time not spent busy, over step time."""
+def bubble(kind: str, S: int, V: int, times: dict[int, float], busy: dict[str, float],
+           ops: dict[str, float] | None = None) -> dict[str, Any]:
+    """Measured bubble at the largest M, step time not spent busy over step time, from each
+    estimate of a stage's busy seconds per microbatch and block (`busy`: "direct", from
+    `busy_direct`, and/or "slope", GPipe's); the headline (`bubble_measured`,
+    `bubble_ratio`) uses the direct one where there is one. With the op times (`op_fns`'s
+    F, BW, B, W), also the lockstep model at those costs (`bubble_lockstep_measured_ops`:
+    what the table's synchronous ticks cost with real, unequal ops) and the step time
+    beyond its span per tick (`overhead_s_per_tick`: the executor's and the
+    synchronisation's)."""
     M = max(times)
     sched = build(kind, S, M, V)
-    measured = 1.0 - V * M * u / times[M]
-    return {"bubble_measured": measured, "bubble_theory": sched.theory_bubble(),
-            "bubble_ratio": measured / sched.theory_bubble(),
-            "bubble_lockstep_model": sched.lockstep_bubble(2.0)}
+    theory = sched.theory_bubble()
+    out: dict[str, Any] = {"bubble_theory": theory, "bubble_lockstep_model": sched.lockstep_bubble(2.0)}
+    for name, u in busy.items():
+        out[f"bubble_measured_{name}"] = 1.0 - V * M * u / times[M]
+        out[f"bubble_ratio_{name}"] = out[f"bubble_measured_{name}"] / theory
+    head = "direct" if "direct" in busy else "slope"
+    out.update(bubble_measured=out[f"bubble_measured_{head}"], bubble_ratio=out[f"bubble_ratio_{head}"],
+               bubble_estimator=head)
+    if ops is not None:
+        span = sched.lockstep_span({"F": ops["F"], "B": ops["B"] if sched.split else ops["BW"], "W": ops["W"]})
+        out.update(bubble_lockstep_measured_ops=1.0 - V * M * busy_direct(kind, ops) / span,
+                   overhead_s_per_tick=(times[M] - span) / sched.ticks)
+    return out
+
+
+def op_fns(mesh, D: int, B: int, M: int) -> dict[str, tuple[Callable, tuple]]:
+    """A block's ops for M microbatches, one after another, run by every stage of `mesh` at
+    once (each on its own microbatches, no communication): "F" the forwards (h and the
+    stash entry: the pullback's input-dependent leaves, `_residual_roles`), "BW" the
+    backwards from the stash (d x out, d params summed: as the executor's backward
+    conditional does), "B" and "W" their input- and weight-gradient halves. Per op,
+    divide by M. Every core is busy, as in the pipeline's busy ticks (an op timed beside
+    idle cores would borrow them, or on a loaded machine a larger share of one), and one
+    call lasts about as long as a stage's busy time in a step, so load that comes and
+    goes hits the ops as it hits the steps they are compared with."""
+    S = mesh.shape["stage"]
+    spec = P("stage")
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    p = jax.device_put(params_for(S, 1, D), sharding)
+    xs = jax.device_put(jnp.full((S, M, B, D), 0.5, jnp.float32), sharding)
+    gs = jax.device_put(jnp.full((S, M, B, D), 0.01, jnp.float32), sharding)
+    p0 = jax.tree.map(lambda a: a[0], p)
+    roles = _residual_roles(block, p0, xs[0, 0])
+
+    def local(f):  # f on each stage's block, microbatches and output gradients
+        return jax.jit(jax.shard_map(lambda *a: jax.tree.map(lambda v: v[None], f(*(jax.tree.map(
+            lambda v: v[0], b) for b in a))), mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+
+    def fwd(p, xs):
+        def one(x):
+            h, pullback = jax.vjp(block, p, x)
+            return h, tuple(v for v, r in zip(jax.tree.leaves(pullback), roles) if r == "stash")
+        return jax.lax.map(one, xs)
+
+    def pullback(p, x, saved):  # as the executor's: recomputed leaves, stashed ones swapped in
+        leaves, treedef = jax.tree.flatten(jax.vjp(block, p, x)[1])
+        it = iter(saved)
+        return jax.tree.unflatten(treedef, [next(it) if r == "stash" else v for v, r in zip(leaves, roles)])
+
+    def bwd(half):
+        def run(p, xs, stash, gs):
+            def one(acc, m):
+                x, saved, g = m
+                dp, dx = pullback(p, x, saved)(g)
+                return (jax.tree.map(jnp.add, acc, dp) if half != 1 else acc), (dx if half != 0 else ())
+            return jax.lax.scan(one, jax.tree.map(jnp.zeros_like, p), (xs, stash, gs))
+        return local(run)
+
+    stash = local(fwd)(p, xs)[1]
+    return {"F": (local(fwd), (p, xs)), "BW": (bwd(None), (p, xs, stash, gs)),
+            "B": (bwd(1), (p, xs, stash, gs)), "W": (bwd(0), (p, xs, stash, gs))}
+
+
+@contextlib.contextmanager
+def one_core():
+    """Every thread of this process on one core while XLA compiles, then back on its own
+    cores. XLA:CPU splits a large elementwise fusion into as many parallel tasks as the
+    cores it may schedule on when it compiles, and runs them on the client's thread pool,
+    which all simulated devices share: then one stage's op runs partly on its neighbour's
+    thread, waits behind that thread's matmul where their ticks mix ops (a forward beside a
+    backward), and borrows an idle neighbour's core where they don't. Compiled under one
+    core, every op of a device runs on that device's thread."""
+    tids = [int(t) for t in os.listdir("/proc/self/task")]
+    masks = {t: os.sched_getaffinity(t) for t in tids}
+    core = min(os.sched_getaffinity(0))
+    for t in tids:
+        os.sched_setaffinity(t, {core})
+    try:
+        yield
+    finally:
+        for t in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(t), masks.get(int(t), masks[tids[0]]))
+
+
+def measure_bubble(cfg: dict[str, Any], devices: list | None = None) -> dict[str, Any]:
+    """Step times on a (data 1 x stage S x model 1) mesh (GPipe at every count of
+    cfg["counts"], the other schedules at the largest) and the per-op times of `op_fns`,
+    rounds interleaving all of them. Runs where the bubble layout's devices are: in
+    _pipeline_bubble.py's process on CPU."""
+    S, D, B, counts = cfg["stages"], cfg["width"], cfg["batch"], cfg["counts"]
+    mesh = make_mesh(MeshConfig(data=1, stage=S, model=1), (devices or jax.devices())[:S])
+    fns = {}
+    for kind, V in cfg["schedules"]:
+        for M in (counts if kind == "gpipe" else counts[-1:]):
+            xs = ys = jnp.ones((M, B, D), jnp.float32)
+            fns[kind, M] = (step_fn(kind, S, M, V, mesh)[1], (params_for(S, V, D), xs, ys))
+    for name, fn in op_fns(mesh, D, B, counts[-1]).items():
+        fns["op", name] = fn
+    if cfg["layout"]["threads"] == 1:  # compiled for one thread each (see one_core)
+        with one_core():
+            fns = {k: (fn.lower(*args).compile(), args) for k, (fn, args) in fns.items()}
+    t0 = time.perf_counter()
+    t = time_rounds(fns, cfg["rounds"], cfg["reps"])
+    return {"timing_seconds": time.perf_counter() - t0, "process_devices": jax.device_count(),
+            "op_seconds": {name: t["op", name] / counts[-1] for name in ("F", "BW", "B", "W")},
+            "step_seconds": {kind: {M: t[kind, M] for M in counts if (kind, M) in t} for kind, _ in cfg["schedules"]}}
+
+
+def bubble_in_subprocess(cfg: dict[str, Any], timeout: float = 900) -> tuple[dict[str, Any] | None, str | None]:
+    """measure_bubble(cfg) in _pipeline_bubble.py under `bubble_env(cfg["layout"])`: (its
+    JSON with integer microbatch counts, None) or (None, why it failed)."""
+    env = bubble_env(cfg["layout"], dict(os.environ))
+    try:
+        r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pipeline_bubble.py"),
+                            json.dumps(cfg)], env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"bubble subprocess timed out after {timeout:.0f}s"
+    lines = r.stdout.strip().splitlines()
+    if r.returncode or not lines:
+        return None, f"bubble subprocess exited {r.returncode}: {r.stderr.strip()[-600:]}"
+    out = json.loads(lines[-1])
+    out["step_seconds"] = {k: {int(m): t for m, t in v.items()} for k, v in out["step_seconds"].items()}
+    return out, None
 
 
 def memory(S: int, D: int, B: int, mesh) -> dict[str, Any]:
@@ -198,7 +373,9 @@ def per_kind(S: int, M: int, schedules: dict[str, Any], mem: dict[str, Any]) -> 
         row = {"family": family(kind), "virtual": sched.virtual, "lockstep_model": sched.lockstep_bubble(2.0),
                "theory": sched.theory_bubble(),
                "lockstep_model_vs_theory": sched.lockstep_bubble(2.0) / sched.theory_bubble(),
-               "measured_vs_theory": entry.get("bubble_ratio"), "max_stash": max(sched.max_stash()),
+               "measured_vs_theory": entry.get("bubble_ratio"),
+               "measured_lockstep_at_op_costs": entry.get("bubble_lockstep_measured_ops"),
+               "measured_overhead_s_per_tick": entry.get("overhead_s_per_tick"), "max_stash": max(sched.max_stash()),
                "samples_per_sec": entry["samples_per_sec"]}
         if kind in plain:
             row["memory_vs_gpipe"] = plain[kind] / plain["gpipe"]
@@ -230,12 +407,33 @@ def zb_lockstep(pairs=((2, 8), (4, 8), (4, 16), (8, 32), (8, 64))) -> dict[str, 
     return out
 
 
+def bubble_run(args, S: int) -> tuple[dict[str, Any] | None, str | None]:
+    """(measure_bubble's result with its layout, None) or (None, why there is none). On CPU
+    the layout has one single-threaded device per core and runs in a subprocess (its own
+    XLA_FLAGS); elsewhere in this process on the first S devices."""
+    cores = usable_cores()
+    cpu = jax.default_backend() == "cpu"
+    layout = bubble_layout(S, cores) if cpu else {"stages": S, "devices": S, "threads": None}
+    if layout is None:
+        return None, f"{cores} core(s): the bubble needs 2 stages running at once, one per core"
+    Sb = layout["stages"]
+    cfg = {"stages": Sb, "width": args.bubble_width, "batch": args.bubble_batch, "layout": layout,
+           "counts": [Sb * k for k in (1, 2, 3, 4)], "schedules": SCHEDULES,
+           "rounds": args.bubble_rounds or (5 if args.quick else 10), "reps": 3}
+    if not cpu:
+        return {"layout": layout, **measure_bubble(cfg)}, None
+    return bubble_in_subprocess(cfg)
+
+
 def main(argv=None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--stages", type=int, default=4)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--batch", type=int, default=128, help="examples per microbatch (over data=2)")
-    p.add_argument("--rounds", type=int, default=None, help="timing rounds (12 quick, 15 full)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (8 quick, 15 full)")
+    p.add_argument("--bubble-width", type=int, default=1024, help="block width D of the bubble layout's MLP")
+    p.add_argument("--bubble-batch", type=int, default=256, help="microbatch size of the bubble layout")
+    p.add_argument("--bubble-rounds", type=int, default=None, help="bubble timing rounds (5 quick, 10 full)")
     p.add_argument("--torch-stages", type=int, default=2, help="torchrun processes = jaxps stages")
     p.add_argument("--torch-layers", type=int, default=8)
     p.add_argument("--torch-width", type=int, default=1024)
@@ -244,43 +442,53 @@ def main(argv=None) -> int:
     p.add_argument("--torch-rounds", type=int, default=None, help="interleaved rounds (3 quick, 5 full)")
     args = p.parse_args(argv)
     S, D, B = args.stages, args.width, args.batch
-    rounds = args.rounds or (12 if args.quick else 15)
+    rounds = args.rounds or (8 if args.quick else 15)
     reps = 3 if args.quick else 4
     mesh = make_mesh(MeshConfig(data=2, stage=S, model=8 // (2 * S)))
     devices = mesh.devices.size
-    measurable, why_not = bubble_measurability(devices)
-    counts = (S, 2 * S, 3 * S, 4 * S) if args.quick else (S, 2 * S, 3 * S, 4 * S, 6 * S)
+    counts = (S, 2 * S, 3 * S, 4 * S)
+    # throughput on the full mesh at the largest count; the bubble on its own layout (below)
     fns = {}
     for kind, V in SCHEDULES:
-        for M in (counts if kind == "gpipe" or not args.quick else counts[-1:]):
-            xs = ys = jnp.ones((M, B, D), jnp.float32)
-            fns[kind, M] = (step_fn(kind, S, M, V, mesh)[1], (params_for(S, V, D), xs, ys))
+        xs = ys = jnp.ones((counts[-1], B, D), jnp.float32)
+        fns[kind] = (step_fn(kind, S, counts[-1], V, mesh)[1], (params_for(S, V, D), xs, ys))
     t0 = time.perf_counter()
     times = time_rounds(fns, rounds, reps)
     result: dict[str, Any] = {
         "stages": S, "width": D, "microbatch_size": B, "microbatch_counts": counts, "devices": devices,
         "backend": jax.default_backend(), "cores": usable_cores(), "timing_rounds": rounds,
-        "timing_seconds": time.perf_counter() - t0,
-        "bubble_measurable": measurable, "bubble_note": why_not, "schedules": {}}
-    if measurable:
-        fit = busy_per_microbatch(S, {M: times["gpipe", M] for M in counts})
-        result.update(fit)
+        "timing_seconds": time.perf_counter() - t0, "schedules": {}}
+    bub, why_not = bubble_run(args, S)
+    result.update(bubble_measurable=bub is not None, bubble_note=why_not,
+                  bubble_layout=bub["layout"] if bub else None, bubble_width=args.bubble_width,
+                  bubble_microbatch_size=args.bubble_batch)
+    if bub:
+        Sb = bub["layout"]["stages"]
+        gpipe = bub["step_seconds"]["gpipe"]
+        fit = busy_per_microbatch(Sb, gpipe)
+        result.update(fit, bubble_microbatch_counts=sorted(gpipe), bubble_op_seconds=bub["op_seconds"],
+                      bubble_timing_seconds=bub["timing_seconds"])
     for kind, V in SCHEDULES:
-        steps = {M: times[kind, M] for M in counts if (kind, M) in times}
-        entry: dict[str, Any] = {"virtual": V, "step_seconds": steps,
-                                 "ticks": {M: build(kind, S, M, V).ticks for M in steps},
-                                 "samples_per_sec": counts[-1] * B / steps[counts[-1]]}
-        if measurable:
-            entry.update(bubble(kind, S, V, steps, fit["busy_s_per_microbatch"]))
+        entry: dict[str, Any] = {"virtual": V, "step_seconds": {counts[-1]: times[kind]},
+                                 "ticks": {counts[-1]: build(kind, S, counts[-1], V).ticks},
+                                 "samples_per_sec": counts[-1] * B / times[kind]}
+        if bub:
+            steps = bub["step_seconds"][kind]
+            u = busy_direct(kind, bub["op_seconds"])
+            entry.update(bubble_step_seconds=steps, busy_s_per_microbatch_direct=u,
+                         **bubble(kind, Sb, V, steps, {"direct": u, "slope": fit["busy_s_per_microbatch"]},
+                                  bub["op_seconds"]))
         result["schedules"][kind] = entry
     mem = memory(S, D, B, mesh)
     kinds = per_kind(S, counts[-1], result["schedules"], mem)
     best = best_per_family(kinds)
     result.update(
         bubble_ratio_vs_theory=(max(r["bubble_ratio"] for r in result["schedules"].values())
-                                if measurable else None),
+                                if bub else None),
         bubble_ratio_vs_theory_best_per_family=(max(r["measured_vs_theory"] for r in best.values())
-                                                if measurable else None),
+                                                if bub else None),
+        bubble_ratio_vs_theory_slope=(max(r["bubble_ratio_slope"] for r in result["schedules"].values())
+                                      if bub else None),
         lockstep_model_vs_theory_best_per_family=max(r["lockstep_model_vs_theory"] for r in best.values()),
         per_kind=kinds, best_per_family=best,
         memory_1f1b_split_vs_gpipe=mem[f"M={4 * S}"]["temp_bytes"]["1f1b-split"] / mem[f"M={4 * S}"]["temp_bytes"]["gpipe"],

@@ -138,3 +138,72 @@ def test_run_sklearn_small(tmp_path: Path) -> None:
     r = peers.run_sklearn(train, test, bits=12, batch_size=1000, eta0=0.05, max_nnz=5)
     assert r["train_examples"] == 3000 and r["test_examples"] == 1000
     assert r["examples_per_sec"] > 0 and 0.5 < r["auc"] <= 1 and r["logloss"] < 0.7
+
+
+def test_pipeline_bubble_layout_and_env() -> None:
+    """One single-threaded device per core, at least 2 stages; other XLA flags survive."""
+    import pipeline
+
+    assert pipeline.bubble_layout(4, 2) == {"stages": 2, "devices": 2, "threads": 1}
+    assert pipeline.bubble_layout(4, 16) == {"stages": 4, "devices": 4, "threads": 1}
+    assert pipeline.bubble_layout(4, 1) is None
+    env = pipeline.bubble_env({"stages": 2, "devices": 2, "threads": 1},
+                              {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/d",
+                               "HOME": "/h"})
+    flags = env["XLA_FLAGS"].split()
+    assert "--xla_force_host_platform_device_count=2" in flags and "--xla_dump_to=/tmp/d" in flags
+    assert not any(f.endswith("=8") for f in flags)
+    assert set(pipeline.SINGLE_THREAD_FLAGS) <= set(flags) and env["NPROC"] == "1" and env["HOME"] == "/h"
+    assert pipeline.bubble_env({"stages": 2, "devices": 2, "threads": 1}, env) == env  # idempotent
+
+
+def test_pipeline_bubble_estimates_closed_form() -> None:
+    """Synthetic step times T(M) = span + c * ticks, with a span the lockstep model gives at
+    the op costs: both estimates of u recover the busy time, so GPipe's measured bubble is
+    its theory, a split kind's is its lockstep bubble at those costs plus what c adds, and
+    the overhead per tick comes back as c."""
+    import pipeline
+    from jaxps.parallel.schedule import build
+
+    S, c = 2, 2e-4
+    ops = {"F": 1e-3, "BW": 2e-3, "B": 1.2e-3, "W": 0.8e-3}
+    u = pipeline.busy_direct("gpipe", ops)
+    assert u == pytest.approx(3e-3) and pipeline.busy_direct("zb-h1", ops) == pytest.approx(3e-3)
+
+    def step(kind: str, M: int, V: int = 1) -> float:
+        sched = build(kind, S, M, V)
+        cost = {"F": ops["F"], "B": ops["B"] if sched.split else ops["BW"], "W": ops["W"]}
+        return sched.lockstep_span(cost) + c * sched.ticks
+
+    gpipe = {M: step("gpipe", M) for M in (2, 4, 6, 8)}
+    fit = pipeline.busy_per_microbatch(S, gpipe)  # T = (M + 1) u + 2 (M + 1) c: slope u + 2c
+    assert fit["busy_s_per_microbatch"] == pytest.approx(u + 2 * c)
+    g = pipeline.bubble("gpipe", S, 1, gpipe, {"direct": u, "slope": fit["busy_s_per_microbatch"]}, ops)
+    T8 = gpipe[8]
+    assert g["bubble_estimator"] == "direct" and g["bubble_measured"] == g["bubble_measured_direct"]
+    assert g["bubble_measured_direct"] == pytest.approx(1 - 8 * u / T8)
+    assert g["bubble_measured_slope"] == pytest.approx(1 - 8 * (u + 2 * c) / T8)
+    assert g["bubble_lockstep_measured_ops"] == pytest.approx(g["bubble_theory"]) == pytest.approx(1 / 9)
+    assert g["overhead_s_per_tick"] == pytest.approx(c)
+    zb = pipeline.bubble("zb-h1", S, 1, {8: step("zb-h1", 8)}, {"direct": u}, ops)
+    span = step("zb-h1", 8) - c * build("zb-h1", S, 8).ticks
+    assert zb["bubble_lockstep_measured_ops"] == pytest.approx(1 - 8 * u / span)
+    assert zb["bubble_lockstep_measured_ops"] > zb["bubble_lockstep_model"]  # B costs more than W here
+    assert zb["overhead_s_per_tick"] == pytest.approx(c) and zb["bubble_ratio"] == zb["bubble_ratio_direct"]
+    only_slope = pipeline.bubble("gpipe", S, 1, gpipe, {"slope": u})
+    assert only_slope["bubble_estimator"] == "slope" and "overhead_s_per_tick" not in only_slope
+
+
+def test_pipeline_bubble_subprocess_runs_on_its_layout() -> None:
+    """The bubble subprocess gets its own device count from bubble_env and returns every
+    (schedule, M) step time and op time (tiny sizes: the values are not checked)."""
+    import pipeline
+
+    layout = {"stages": 2, "devices": 2, "threads": 1}
+    cfg = {"stages": 2, "width": 16, "batch": 4, "layout": layout, "counts": [2, 4],
+           "schedules": [["gpipe", 1], ["zb-h1", 1]], "rounds": 1, "reps": 1}
+    out, why = pipeline.bubble_in_subprocess(cfg, timeout=300)
+    assert why is None, why
+    assert out["layout"] == layout and out["process_devices"] == 2
+    assert set(out["step_seconds"]["gpipe"]) == {2, 4} and set(out["step_seconds"]["zb-h1"]) == {4}
+    assert set(out["op_seconds"]) == {"F", "BW", "B", "W"} and min(out["op_seconds"].values()) > 0

@@ -319,3 +319,17 @@ def test_paired_ticks_make_the_lockstep_bubble_theory(kind, S, M, V):
     else:  # the stash bound is interleaved's (no more live entries than unpaired)
         assert max(paired.max_stash()) <= max(plain.max_stash())
         assert paired.buffer_slots(True, True).stash <= plain.buffer_slots(True, True).stash
+
+
+@pytest.mark.parametrize("S,M", [(2, 8), (4, 8), (4, 16)])
+def test_lockstep_span_closed_forms(S, M):
+    """GPipe's ticks are M + S - 1 forward ones then as many backward ones; paired 1F1B's
+    are S - 1 forwards, M pairs and S - 1 backwards (the module docstring): both spans are
+    (F + B)(M + S - 1) for any op costs, and with unit costs a one-op-per-cell table's span
+    is its tick count."""
+    cost = {"F": 1.5, "B": 3.25, "W": 0.0}
+    for kind in ("gpipe", "1f1b-paired"):
+        assert build(kind, S, M).lockstep_span(cost) == pytest.approx((1.5 + 3.25) * (M + S - 1))
+    for kind in ("1f1b", "zb-h1", "gpipe-split"):
+        sched = build(kind, S, M)
+        assert sched.lockstep_span({"F": 1.0, "B": 1.0, "W": 1.0}) == sched.ticks

@@ -313,51 +313,59 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                     return jnp.where(last, loss_grads[m % KL], grads_in[c, m % KG])
                 return grads_in[c, m % KG]
 
-            # the backward conditional's parameter gradient: none under a split (W's instead)
-            dp_of = (lambda dp: ()) if split else (lambda dp: dp)
+            def accumulate(g, dp, c):
+                """g + dp into chunk c's gradient, inside the conditional that computes dp: the
+                no-op branch returns g as is (XLA aliases it: no copy), so a tick without a
+                parameter gradient neither makes a zero one nor adds it (a parameter-sized
+                write and add per tick; the split kinds run 3VM + S - 1 ticks)."""
+                if V > 1:
+                    return jax.tree.map(lambda a, d: a.at[c].add(d), g, dp)
+                return jax.tree.map(jnp.add, g, dp)
+
+            # the backward conditional accumulates the parameter gradient, except under a
+            # split (the W conditional does)
+            acc = (lambda g, dp, c: g) if split else accumulate
             if split:  # a cell's one B or W reads its output gradient here, outside the
                 # conditionals: it lives until the W (up to S slots), and a read inside would
                 # copy the whole ring every tick
                 g_out = output_grad(jnp.where(is_b, cb, cw), jnp.where(is_b, mb, mw),
                                     jnp.where(is_b, last_b, last_w))
 
-            def no_bwd(_):
-                return jnp.zeros_like(x0), dp_of(zeros(pb)), 0.0, zeros(hp), no_y
+            def no_bwd(g):
+                return jnp.zeros_like(x0), g, 0.0, zeros(hp), no_y
 
-            def bwd(_):
+            def bwd(g):
                 _, pullback = pullback_of(pb, x_b, stashed(cb, mb))
                 g_h = g_out if split else output_grad(cb, mb, last_b)
                 if loss_at_forward and not own_loss_grads and sched.paired:  # (passing h in costs a copy)
                     g_h = jnp.where(same_tick, h, g_h)
                 dp, dx = pullback(g_h)
-                return dx, dp_of(dp), 0.0, zeros(hp), no_y
+                return dx, acc(g, dp, cb), 0.0, zeros(hp), no_y
 
-            def bwd_loss(_):  # the last stage's backward under remat, recomputing h
+            def bwd_loss(g):  # the last stage's backward under remat, recomputing h
                 h, pullback = pullback_of(pb, x_b, stashed(cb, mb))
                 l_m, (g_head, g_h, g_y) = head_grads(h, y_b)
                 dp, dx = pullback(g_h)
-                return dx, dp_of(dp), l_m, g_head, g_y
+                return dx, acc(g, dp, cb), l_m, g_head, g_y
 
             bwd_branches = (no_bwd, bwd) if loss_at_forward else (no_bwd, bwd, bwd_loss)
-            dx, dp, l_b, dh_b, dy_b = jax.lax.switch(
-                jnp.where(is_b, jnp.where(evaluates_loss_b, 2, 1), 0), bwd_branches, None)
-            c_dp = cb
+            dx, gsum, l_b, dh_b, dy_b = jax.lax.switch(
+                jnp.where(is_b, jnp.where(evaluates_loss_b, 2, 1), 0), bwd_branches, gsum)
             if split:  # W: the parameter gradient from the same stash entry and output gradient
-                def no_w(_):
-                    return zeros(pw)
+                def no_w(g):
+                    return g
 
-                def wgt(_):
+                def wgt(g):
                     _, pullback = pullback_of(pw, x_w, stashed(cw, mw))
-                    return pullback(g_out)[0]
+                    return accumulate(g, pullback(g_out)[0], cw)
 
-                def wgt_loss(_):  # under remat the last stage recomputes h and its loss gradient
+                def wgt_loss(g):  # under remat the last stage recomputes h and its loss gradient
                     h, pullback = pullback_of(pw, x_w, stashed(cw, mw))
-                    return pullback(head_grads(h, y_w)[1][1])[0]
+                    return accumulate(g, pullback(head_grads(h, y_w)[1][1])[0], cw)
 
                 w_branches = (no_w, wgt) if loss_at_forward else (no_w, wgt, wgt_loss)
-                dp = jax.lax.switch(jnp.where(is_w, jnp.where(last_w & (not loss_at_forward), 2, 1), 0),
-                                    w_branches, None)
-                c_dp = cw
+                gsum = jax.lax.switch(jnp.where(is_w, jnp.where(last_w & (not loss_at_forward), 2, 1), 0),
+                                      w_branches, gsum)
             l_m = l_f + l_b
             dh = jax.tree.map(jnp.add, dh_f, dh_b)
             hsum = jax.tree.map(jnp.add, hsum, dh)
@@ -382,10 +390,6 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                                    keep_own | got_grad, jnp.where(keep_own, h, dx_in))
             else:
                 grads_in = _put_if(grads_in, (jnp.clip(c_down, 0, V - 1), tab.b_mb[t, nxt] % KG), got_grad, dx_in)
-            if V > 1:
-                gsum = jax.tree.map(lambda g, d: g.at[c_dp].add(d), gsum, dp)
-            else:
-                gsum = jax.tree.map(jnp.add, gsum, dp)
             # the first global stage's input gradient is d loss / d xs[m]
             if input_grads:
                 dxs = _put_if(dxs, (mb,), first_b & is_b, dx)

@@ -175,10 +175,15 @@ class Schedule:
         half = backward_cost / 2
         return self._lockstep({"F": 1.0, "B": half if self.split else backward_cost, "W": half})
 
+    def lockstep_span(self, cost: dict[str, float]) -> float:
+        """The step's length when every tick lasts as long as its costliest cell, an op of
+        kind k costing cost[k] ("F", "B", "W"; a paired cell the sum of its two): with
+        measured op times, what this executor would take without per-tick overhead."""
+        return sum(max(sum(cost[op.kind] for op in cell) for cell in row) for row in self.table)
+
     def _lockstep(self, cost: dict[str, float]) -> float:
-        span = sum(max(sum(cost[op.kind] for op in cell) for cell in row) for row in self.table)
         busy = sum(cost[op.kind] for _, _, op in self.ops())
-        return 1.0 - busy / (span * self.stages)
+        return 1.0 - busy / (self.lockstep_span(cost) * self.stages)
 
     def max_stash(self) -> list[int]:
         """Per stage, the most microbatch-chunks whose forward ran and backward (in a split
@@ -347,62 +352,33 @@ def _ready(op: Op, g: int, G: int, done: set, cell: tuple[Op, ...] = ()) -> bool
     return own and (g == G - 1 or ("B", op.microbatch, g + 1) in done)
 
 
-def _replay(sched: Schedule, orders: list[list[Op]]) -> None:
-    """One op per cell: each stage runs its next op as soon as it is ready."""
+def _replay(sched: Schedule, orders: list[list[Op]], paired: bool = False) -> None:
+    """Each stage runs, at every tick, the next op of its program as soon as it is ready; or,
+    `paired`, up to a forward and a backward per cell: the stage keeps its program's order of
+    forwards and its order of backwards, and runs the next forward if ready, then the next
+    backward if ready (its own forward may be the one just run). With 1F1B's orders the
+    paired replay is the derivation in the module docstring: F(m, s) at tick m + s, B(m, s)
+    at m + 2(S-1) - s."""
     S, G = sched.stages, sched.stages * sched.virtual
+    # per stage, the queues whose heads may share a cell: one, or forwards and backwards
+    queues = [[[op for op in o if op.kind == "F"], [op for op in o if op.kind != "F"]] if paired else [o]
+              for o in orders]
     done: set[tuple[str, int, int]] = set()  # (kind, microbatch, global stage) finished
-    nxt = [0] * S
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        row: list[tuple[Op, ...]] = [()] * S
-        for s in range(S):
-            if nxt[s] < len(orders[s]):
-                op = orders[s][nxt[s]]
-                if _ready(op, sched.global_stage(s, op.chunk), G, done):
-                    row[s] = (op,)
-        if not any(row):
-            raise RuntimeError(f"{sched.kind} schedule deadlocks at tick {len(sched.table)}")
-        for s, cell in enumerate(row):
-            for op in cell:
-                done.add((op.kind, op.microbatch, sched.global_stage(s, op.chunk)))
-                nxt[s] += 1
-                remaining -= 1
-        sched.table.append(row)
-
-
-def _replay_paired(sched: Schedule, orders: list[list[Op]]) -> None:
-    """Up to a forward and a backward per cell: each stage keeps its program's order of
-    forwards and its order of backwards, and at every tick runs the next forward if ready,
-    then the next backward if ready (its own forward may be the one just run). With 1F1B's
-    orders this is the derivation in the module docstring: F(m, s) at tick m + s, B(m, s) at
-    m + 2(S-1) - s."""
-    S, G = sched.stages, sched.stages * sched.virtual
-    fq = [[op for op in o if op.kind == "F"] for o in orders]
-    bq = [[op for op in o if op.kind == "B"] for o in orders]
-    done: set[tuple[str, int, int]] = set()
-    nf, nb = [0] * S, [0] * S
-    while any(nb[s] < len(bq[s]) for s in range(S)):
+    nxt = [[0] * len(q) for q in queues]
+    while any(n < len(q) for qs, ns in zip(queues, nxt) for q, n in zip(qs, ns)):
         row: list[tuple[Op, ...]] = []
         for s in range(S):
             cell: tuple[Op, ...] = ()
-            if nf[s] < len(fq[s]):
-                op = fq[s][nf[s]]
-                if _ready(op, sched.global_stage(s, op.chunk), G, done):
-                    cell = (op,)
-            if nb[s] < len(bq[s]):
-                op = bq[s][nb[s]]
-                if _ready(op, sched.global_stage(s, op.chunk), G, done, cell):
-                    cell += (op,)
+            for q, n in zip(queues[s], nxt[s]):
+                if n < len(q) and _ready(q[n], sched.global_stage(s, q[n].chunk), G, done, cell):
+                    cell += (q[n],)
             row.append(cell)
         if not any(row):
             raise RuntimeError(f"{sched.kind} schedule deadlocks at tick {len(sched.table)}")
         for s, cell in enumerate(row):
             for op in cell:
                 done.add((op.kind, op.microbatch, sched.global_stage(s, op.chunk)))
-                if op.kind == "F":
-                    nf[s] += 1
-                else:
-                    nb[s] += 1
+                nxt[s][1 if paired and op.kind != "F" else 0] += 1
         sched.table.append(row)
 
 
@@ -416,7 +392,7 @@ def build(kind: str, stages: int, microbatches: int, virtual: int = 1) -> Schedu
     else:
         orders = _orders(PAIRED.get(kind, kind), stages, microbatches, virtual)
     sched = Schedule(kind, stages, microbatches, virtual)
-    (_replay_paired if kind in PAIRED else _replay)(sched, orders)
+    _replay(sched, orders, paired=kind in PAIRED)
     return sched
 
 
