@@ -241,7 +241,6 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
             is_w, mw, cw = tab.w_on[t, s], tab.w_mb[t, s], tab.w_chunk[t, s]  # (split schedules)
             first_f, last_f = (s == 0) & (cf == 0), (s == S - 1) & (cf == V - 1)
             first_b, last_b = (s == 0) & (cb == 0), (s == S - 1) & (cb == V - 1)
-            pf, pb, pw = chunk_params(cf), chunk_params(cb), chunk_params(cw)
             last_w = (s == S - 1) & (cw == V - 1)
             y_f = jax.tree.map(lambda a: a[mf], ys)
             y_b = jax.tree.map(lambda a: a[mb], ys)
@@ -280,11 +279,11 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                 return jnp.zeros_like(x0), no_saved, 0.0, zeros(hp), no_y
 
             def fwd(_):
-                h, saved = forward(pf, x_f)
+                h, saved = forward(chunk_params(cf), x_f)
                 return h, saved, 0.0, zeros(hp), no_y
 
             def fwd_loss(_):  # the last stage's forward; it sends nothing: h is d loss / d h
-                h, saved = forward(pf, x_f)
+                h, saved = forward(chunk_params(cf), x_f)
                 l_m, (g_head, g_h, g_y) = head_grads(h, y_f)
                 return g_h, saved, l_m, g_head, g_y
 
@@ -335,7 +334,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                 return jnp.zeros_like(x0), g, 0.0, zeros(hp), no_y
 
             def bwd(g):
-                _, pullback = pullback_of(pb, x_b, stashed(cb, mb))
+                _, pullback = pullback_of(chunk_params(cb), x_b, stashed(cb, mb))
                 g_h = g_out if split else output_grad(cb, mb, last_b)
                 if loss_at_forward and not own_loss_grads and sched.paired:  # (passing h in costs a copy)
                     g_h = jnp.where(same_tick, h, g_h)
@@ -343,7 +342,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                 return dx, acc(g, dp, cb), 0.0, zeros(hp), no_y
 
             def bwd_loss(g):  # the last stage's backward under remat, recomputing h
-                h, pullback = pullback_of(pb, x_b, stashed(cb, mb))
+                h, pullback = pullback_of(chunk_params(cb), x_b, stashed(cb, mb))
                 l_m, (g_head, g_h, g_y) = head_grads(h, y_b)
                 dp, dx = pullback(g_h)
                 return dx, acc(g, dp, cb), l_m, g_head, g_y
@@ -356,11 +355,11 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
                     return g
 
                 def wgt(g):
-                    _, pullback = pullback_of(pw, x_w, stashed(cw, mw))
+                    _, pullback = pullback_of(chunk_params(cw), x_w, stashed(cw, mw))
                     return accumulate(g, pullback(g_out)[0], cw)
 
                 def wgt_loss(g):  # under remat the last stage recomputes h and its loss gradient
-                    h, pullback = pullback_of(pw, x_w, stashed(cw, mw))
+                    h, pullback = pullback_of(chunk_params(cw), x_w, stashed(cw, mw))
                     return accumulate(g, pullback(head_grads(h, y_w)[1][1])[0], cw)
 
                 w_branches = (no_w, wgt) if loss_at_forward else (no_w, wgt, wgt_loss)
