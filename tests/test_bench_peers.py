@@ -116,7 +116,7 @@ def test_torchrec_run_without_and_with_peer(monkeypatch: pytest.MonkeyPatch) -> 
 
     import host_vs_device as hvd
 
-    args = argparse.Namespace(rows=1000, batch=32, dim=4, torchrec_procs=2)
+    args = argparse.Namespace(rows=1000, batch=32, dim=4, hidden=[8, 4], torchrec_procs=2)
     batches = _wide_deep_batches(3, 32)
     monkeypatch.setattr(hvd, "missing", lambda *m: "torchrec is not installed")
     assert hvd.torchrec_run(batches, args) == (None, "torchrec is not installed")
@@ -126,6 +126,7 @@ def test_torchrec_run_without_and_with_peer(monkeypatch: pytest.MonkeyPatch) -> 
         data = np.load(argv[argv.index("--data") + 1])
         assert script == "peers_torchrec.py" and n == 2
         assert data["rows"].shape == (96, 39) and data["rows"].max() < 1000 and data["labels"].shape == (96,)
+        assert argv[argv.index("--hidden") + 1:][:2] == [8, 4]  # the tower jaxps runs
         return {"samples_per_sec": 10.0}, None
     monkeypatch.setattr(hvd, "torchrun", fake)
     assert hvd.torchrec_run(batches, args) == ({"samples_per_sec": 10.0}, None)
@@ -140,7 +141,7 @@ def test_real_torchrec_peer() -> None:
 
     import host_vs_device as hvd
 
-    args = argparse.Namespace(rows=1000, batch=64, dim=4, torchrec_procs=2)
+    args = argparse.Namespace(rows=1000, batch=64, dim=4, hidden=[8], torchrec_procs=2)
     res, why = hvd.torchrec_run(_wide_deep_batches(4, 64), args)
     assert why is None, why
     assert res["samples_per_sec"] > 0 and res["steps"] == 4 and res["sharding"] == "table_wise"
