@@ -281,16 +281,21 @@ def one_core():
     thread, waits behind that thread's matmul where their ticks mix ops (a forward beside a
     backward), and borrows an idle neighbour's core where they don't. Compiled under one
     core, every op of a device runs on that device's thread."""
-    tids = [int(t) for t in os.listdir("/proc/self/task")]
-    masks = {t: os.sched_getaffinity(t) for t in tids}
-    core = min(os.sched_getaffinity(0))
-    for t in tids:
-        os.sched_setaffinity(t, {core})
+    masks = {}
+    for t in map(int, os.listdir("/proc/self/task")):
+        with contextlib.suppress(ProcessLookupError):  # a thread that exited meanwhile
+            masks[t] = os.sched_getaffinity(t)
+    everything = os.sched_getaffinity(0)
+    core = min(everything)
+    for t in masks:
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(t, {core})
     try:
         yield
     finally:
-        for t in os.listdir("/proc/self/task"):
-            os.sched_setaffinity(int(t), masks.get(int(t), masks[tids[0]]))
+        for t in map(int, os.listdir("/proc/self/task")):
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(t, masks.get(t, everything))
 
 
 def measure_bubble(cfg: dict[str, Any], devices: list | None = None) -> dict[str, Any]:
@@ -329,7 +334,10 @@ def bubble_in_subprocess(cfg: dict[str, Any], timeout: float = 900) -> tuple[dic
     lines = r.stdout.strip().splitlines()
     if r.returncode or not lines:
         return None, f"bubble subprocess exited {r.returncode}: {r.stderr.strip()[-600:]}"
-    out = json.loads(lines[-1])
+    try:
+        out = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return None, f"bubble subprocess printed no JSON last: {lines[-1][:300]!r}"
     out["step_seconds"] = {k: {int(m): t for m, t in v.items()} for k, v in out["step_seconds"].items()}
     return out, None
 

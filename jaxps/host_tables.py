@@ -36,7 +36,7 @@ import numpy as np
 from jaxps.dense_table import DENSE_TABLE, DenseTable
 from jaxps.groups import WorkerGroup
 from jaxps.memory import aligned_empty
-from jaxps.ps.client import DaemonPool, PSClient, embedded
+from jaxps.ps.client import DaemonPool, PSClient, embedded, retryable
 from jaxps.ps.clock import DONE, SyncTimeout
 from jaxps.ps.keyindex import KeyIndex
 from jaxps.ps.server import SYNC_STATS, TableSpec
@@ -377,12 +377,20 @@ class HostTables:
         no pull is made while fresh servers still count a process that has not announced
         itself at clock 0 (its clock is `step`): the gaps they record (`max_gap`) stay
         those of the training, not of the restart. The servers' clocks are polled (their
-        gate cannot wait for a clock to reach `step` under asp); once per resume."""
+        gate cannot wait for a clock to reach `step` under asp); once per resume. The
+        servers must be fresh ones (`jaxps launch` starts them with the job): servers that
+        kept running hold the old clocks, already past `step`, and would not hold anyone."""
         deadline = time.monotonic() + self.RESTORE_TIMEOUT
+        clocks: list = []
         while True:
-            clocks = [st[SYNC_STATS]["clocks"] for st in self.ps.stats().values()]
-            if all(c == "done" or c >= step for per_server in clocks for c in per_server):
-                return
+            try:
+                clocks = [st[SYNC_STATS]["clocks"] for st in self.ps.stats().values()]
+            except Exception as e:  # noqa: BLE001 -- a server briefly unreachable: poll again
+                if not retryable(e):
+                    raise
+            else:
+                if all(c == "done" or c >= step for per_server in clocks for c in per_server):
+                    return
             if time.monotonic() > deadline:
                 raise SyncTimeout(f"worker group {self.group.index} waited {self.RESTORE_TIMEOUT:.0f} s for every "
                                   f"process to resume at step {step} (group 0 loads the PS snapshot first); "

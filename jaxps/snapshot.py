@@ -25,6 +25,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_args
 from orbax.checkpoint import future as ocp_future
 
+from jaxps.ps.store import join_rows
+
 LEGACY_FILENAME = "rows.npz"      # steps written before the per-field .npy files
 Rows = dict[str, np.ndarray]      # one table's {"keys", "values", "slot_<name>", ...}
 Snapshot = dict[str, Rows]        # table -> its rows
@@ -46,8 +48,7 @@ def joined(pieces: "Pieces | Snapshot") -> Snapshot:
     """Each table's pieces as one array per field (a Snapshot passes unchanged)."""
     out: Snapshot = {}
     for table, rows in pieces.items():
-        parts = pieces_of(table, rows)
-        out[table] = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        out[table] = join_rows(pieces_of(table, rows))
     return out
 
 

@@ -38,6 +38,22 @@ from jaxps.step import StepBuilder, dense_optimizer
 LOSS_LOG = "train_loss.jsonl"  # {"step", "loss"} per step, read back every log_every steps
 
 
+def _trim_loss_log(path: str, step: int) -> None:
+    """Keep the loss log's lines of steps <= `step` (where this fit starts): the file stays
+    one curve -- a fresh run in an old out_dir starts it anew, a resumed run replaces the
+    steps the killed run logged after its checkpoint."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 1
@@ -160,6 +176,8 @@ class Trainer:
         first_step_seconds = None
         running: list[float] = []
         host_step = self.step  # counted on the host: reading state["step"] would sync
+        if jax.process_index() == 0:
+            _trim_loss_log(os.path.join(cfg.out_dir, LOSS_LOG), host_step)
         host = self.steps.host
         start_epoch, skip = self._resume_at or (0, 0)
         if host is not None:
@@ -254,7 +272,7 @@ class Trainer:
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         records = [{"step": s, "loss": l} for (s, _), l in zip(pending, losses)]
         self.history.extend(records)
-        if jax.process_index() == 0:  # appended: a resumed run continues the killed one's curve
+        if jax.process_index() == 0:  # appended: `fit` first drops the lines past its start step
             with open(os.path.join(self.config.out_dir, LOSS_LOG), "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
         pending.clear()

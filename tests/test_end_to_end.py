@@ -190,3 +190,26 @@ def test_cli_wide_deep_on_criteo_with_host_embeddings(tmp_path):
     metrics = json.loads((tmp_path / "runs/jaxps/metrics.json").read_text())
     assert metrics["ps"]["embed"]["keys"] > 1000 and metrics["ps"]["embed"]["pushes"] == metrics["train"]["steps"]
     assert metrics["eval"]["auc"] > 0.65
+
+
+def test_loss_log_is_one_curve(tmp_path):
+    """train_loss.jsonl holds every step's loss once, in order: a second fit appends its
+    steps, a fresh trainer in the same out_dir starts the file anew (it does not add to
+    the old run's curve), and the losses are the ones `fit` kept in `history`."""
+    planted = PlantedModel(SyntheticConfig(num_fields=5, vocab_size=50, seed=4))
+    data, _ = planted.sample(2048, 1)
+    batches = _split(data, 512)
+    cfg = TrainConfig(progress=False, tensorboard=False, checkpoint=False, log_every=1, out_dir=str(tmp_path))
+    path = tmp_path / "train_loss.jsonl"
+
+    def curve():
+        return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines())]
+
+    first = Trainer(SparseLR(SparseLRConfig(rows=1000)), MeshConfig(), cfg)
+    first.fit(batches)
+    first.fit(batches[:2])
+    assert [s for s, _ in curve()] == [1, 2, 3, 4, 5, 6]
+    assert curve() == [(r["step"], r["loss"]) for r in first.history]
+    again = Trainer(SparseLR(SparseLRConfig(rows=1000)), MeshConfig(), cfg)
+    again.fit(batches[:3])
+    assert curve() == [(r["step"], r["loss"]) for r in again.history] and len(curve()) == 3

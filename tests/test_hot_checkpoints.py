@@ -239,6 +239,8 @@ def test_asp_worker_groups_resume_once_group_0_loaded_the_snapshot(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         time.sleep(0.2)  # room for a pull group 1 must not make
+        assert all(st.get("pulls", 0) == st.get("pushes", 0) == 0
+                   for s in servers for name, st in s.stats().items() if name != "__sync__")
         assert second[0].resume() == 4
         seen["stats"] = [s.stats()["weights"] for s in servers]
         seen["rows"] = {name: second[0].steps.host.ps.export(name) for name in second[0].steps.host.names}

@@ -61,23 +61,24 @@ def reference(tmp_path_factory):
 
 
 def _losses(out_dir) -> list[tuple[int, float]]:
-    """(step, loss) of every step a run (and the runs resuming it) trained, in order."""
+    """(step, loss) of every step in a run's loss log (`jaxps.trainer.LOSS_LOG`), in order."""
     path = out_dir / "train_loss.jsonl"
     return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines())]
 
 
 def _resumed_curve(out_dir, killed, stdout, reference, rtol):
-    """The resumed run's steps are exactly those after the checkpoint it resumed from, up
-    to the end, and each one's loss is the uninterrupted run's at that step; so are the
-    killed run's (it logged up to the kill)."""
+    """The killed run logged up to the kill; the resumed one dropped its lines past the
+    checkpoint it resumed from and logged from there on, so the file is one curve, steps
+    1..24, each loss the uninterrupted run's at that step."""
     step = int(stdout.split("resumed from ", 1)[1].split()[0].rsplit("/", 1)[1])
     assert 0 < step <= KILL_AT
     want = dict(reference)
     assert [s for s, _ in reference] == list(range(1, 25))
     assert [s for s, _ in killed] == list(range(1, KILL_AT + 1))
-    resumed = _losses(out_dir)[len(killed):]
-    assert [s for s, _ in resumed] == list(range(step + 1, 25))
-    for s, loss in killed + resumed:
+    curve = _losses(out_dir)
+    assert [s for s, _ in curve] == list(range(1, 25))
+    assert curve[:step] == killed[:step]  # kept as the killed run wrote them
+    for s, loss in killed + curve:
         assert loss == pytest.approx(want[s], rel=rtol), s
 
 

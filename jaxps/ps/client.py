@@ -171,7 +171,7 @@ def _start_all(pool: "ThreadPoolExecutor | DaemonPool", calls: Sequence[Callable
     return futures
 
 
-def _retryable(e: BaseException) -> bool:
+def retryable(e: BaseException) -> bool:
     """A failure a newer ring may cure: a dead or frozen server, a moved partition."""
     if isinstance(e, (Frozen, WrongOwner, ConnectionError)):
         return True
@@ -213,7 +213,7 @@ class PSClient:
             try:
                 return call()
             except Exception as e:  # noqa: BLE001
-                if self.ring_source is None or not _retryable(e) or time.monotonic() > deadline:
+                if self.ring_source is None or not retryable(e) or time.monotonic() > deadline:
                     raise
                 self.retries += 1
                 time.sleep(delay)

@@ -891,8 +891,9 @@ class PSServer:
         """Per table: counters and sizes; under `SYNC_STATS`, the worker-group clocks
         (when groups are configured)."""
         out = {}
-        for table, s in self._stats.items():
-            stores = [st for (t, _), st in self._stores.items() if t == table]
+        every = list(self._stores.items())  # one copy: a load may add stores meanwhile
+        for table, s in list(self._stats.items()):
+            stores = [st for (t, _), st in every if t == table]
             out[table] = dict(s, keys=sum(st.size for st in stores), bytes=sum(st.nbytes for st in stores),
                               partitions=len(stores), admitted=sum(st.admitted for st in stores),
                               rejected=sum(st.rejected for st in stores),
