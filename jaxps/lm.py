@@ -9,7 +9,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P

@@ -306,8 +306,6 @@ def test_ssp_servers_cut_at_checkpoint_steps_while_groups_run_ahead(tmp_path):
 def test_ssp_groups_write_periodic_checkpoints_from_the_servers_cuts(tmp_path):
     """Two SSP worker groups with train.checkpoint_every: group 0's PS snapshot at step k
     is the servers' cut at k (every group's pushes of steps <= k, none later)."""
-    import threading
-
     ps = embedded([], servers=2)
     trainers = [Trainer(_model(), make_mesh(MeshConfig(), jax.devices()[4 * g:4 * g + 4]),
                         _config(tmp_path, checkpoint_every=2), ps=PSClient(ps.ring, ps.transports, []),

@@ -26,7 +26,6 @@ from typing import Sequence
 
 import grpc
 
-from jaxps.optim import rowwise
 from jaxps.ps.grpc_transport import DEFAULT_MAX_REQUEST_BYTES, make_server
 from jaxps.ps.ring import Ring
 from jaxps.ps.server import PSServer, TableSpec
