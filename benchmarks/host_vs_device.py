@@ -12,7 +12,7 @@ DistributedModelParallel table-wise over gloo). `ratio_vs_torchrec` = jaxps on-m
 over TorchRec's; null with `torchrec_note` saying why when TorchRec is missing or fails.
 
 Usage: python benchmarks/host_vs_device.py [--quick] [--batch 4096] [--dim 16] [--devices 1] [--hidden 256 128]
-       [--torchrec-procs 2] [--ps-threads 1] [--switch-interval-ms 5]
+       [--torchrec-procs 2] [--ps-threads 1] [--also-ps-threads 2 4] [--switch-interval-ms 5]
 """
 from __future__ import annotations
 
@@ -37,13 +37,14 @@ from jaxps.placement import HostTable, RowSharded  # noqa: E402
 from jaxps.trainer import TrainConfig, Trainer  # noqa: E402
 
 
-def seconds_per_step(placement, batches, args, strict=True) -> tuple[float, dict]:
+def seconds_per_step(placement, batches, args, strict=True, ps_threads=None) -> tuple[float, dict]:
     model = WideDeep(WideDeepConfig(num_slots=39, embed_rows=args.rows, embed_dim=args.dim,
                                     wide_rows=args.rows, hidden=tuple(args.hidden), embed_placement=placement))
     mesh = make_mesh(MeshConfig(data=args.devices), jax.devices()[:args.devices])
     t = Trainer(model, mesh, TrainConfig(progress=False, tensorboard=False, checkpoint=False,
                                          log_every=10_000, dense_optimizer="adam", dense_learning_rate=1e-3,
-                                         compilation_cache="", ps_strict=strict, ps_threads=args.ps_threads))
+                                         compilation_cache="", ps_strict=strict,
+                                         ps_threads=ps_threads or args.ps_threads))
     t.fit(batches[:3])  # compile and warm the tables
     host = t.steps.host
     before = dict(host.seconds) if host is not None else {}
@@ -133,6 +134,9 @@ def main(argv=None) -> int:
     p.add_argument("--torchrec-procs", type=int, default=2, help="torchrun processes of the TorchRec peer")
     p.add_argument("--ps-threads", type=int, default=1,
                    help="threads per request of the embedded PS server (PSServer threads; for many-core hosts)")
+    p.add_argument("--also-ps-threads", type=int, nargs="*", default=[],
+                   help="more thread counts to time the HostTable steps with (by_ps_threads), e.g. 2 4 8 on a "
+                        "many-core accelerator host: the A/B that decides the default there, in the same run")
     p.add_argument("--switch-interval-ms", type=float, default=None,
                    help="sys.setswitchinterval for the whole run (default: Python's 5 ms): a thread that "
                         "returns from a nogil call may wait this long for a busy training thread's GIL")
@@ -146,6 +150,11 @@ def main(argv=None) -> int:
     device_s, _ = seconds_per_step(RowSharded("data"), batches, args)
     host_s, host_extra = seconds_per_step(HostTable("hashed"), batches, args, strict=True)
     loose_s, loose_extra = seconds_per_step(HostTable("hashed"), batches, args, strict=False)
+    by_threads = {}
+    for n in args.also_ps_threads:
+        strict_n = seconds_per_step(HostTable("hashed"), batches, args, True, n)[0]
+        loose_n = seconds_per_step(HostTable("hashed"), batches, args, False, n)[0]
+        by_threads[n] = {"ratio": strict_n / device_s, "ratio_nonstrict": loose_n / device_s}
     torch_s = torch_seconds_per_step(batches, args)
     trec, trec_why = torchrec_run(batches, args)
     trec_sps = trec["samples_per_sec"] if trec else None
@@ -154,7 +163,7 @@ def main(argv=None) -> int:
         "devices": args.devices, "hidden": args.hidden, "ps_threads": args.ps_threads, "switch_interval_ms": 1e3 * sys.getswitchinterval(),
         "seconds_per_step_device": device_s,
         "seconds_per_step_host_strict": host_s, "seconds_per_step_host_nonstrict": loose_s,
-        "ratio": host_s / device_s, "ratio_nonstrict": loose_s / device_s,
+        "ratio": host_s / device_s, "ratio_nonstrict": loose_s / device_s, "by_ps_threads": by_threads,
         "repaired_rows_strict": host_extra.get("repaired_rows"),
         "host_ms_per_step_strict": host_extra.get("host_ms_per_step"),
         "host_ms_per_step_nonstrict": loose_extra.get("host_ms_per_step"),
