@@ -454,16 +454,15 @@ def main(argv=None) -> int:
     reps = 3 if args.quick else 4
     mesh = make_mesh(MeshConfig(data=2, stage=S, model=8 // (2 * S)))
     devices = mesh.devices.size
-    counts = (S, 2 * S, 3 * S, 4 * S)
-    # throughput on the full mesh at the largest count; the bubble on its own layout (below)
+    M = 4 * S  # throughput on the full mesh at M = 4S; the bubble on its own layout (below)
     fns = {}
     for kind, V in SCHEDULES:
-        xs = ys = jnp.ones((counts[-1], B, D), jnp.float32)
-        fns[kind] = (step_fn(kind, S, counts[-1], V, mesh)[1], (params_for(S, V, D), xs, ys))
+        xs = ys = jnp.ones((M, B, D), jnp.float32)
+        fns[kind] = (step_fn(kind, S, M, V, mesh)[1], (params_for(S, V, D), xs, ys))
     t0 = time.perf_counter()
     times = time_rounds(fns, rounds, reps)
     result: dict[str, Any] = {
-        "stages": S, "width": D, "microbatch_size": B, "microbatch_counts": counts, "devices": devices,
+        "stages": S, "width": D, "microbatch_size": B, "microbatches": M, "devices": devices,
         "backend": jax.default_backend(), "cores": usable_cores(), "timing_rounds": rounds,
         "timing_seconds": time.perf_counter() - t0, "schedules": {}}
     bub, why_not = bubble_run(args, S)
@@ -477,9 +476,8 @@ def main(argv=None) -> int:
         result.update(fit, bubble_microbatch_counts=sorted(gpipe), bubble_op_seconds=bub["op_seconds"],
                       bubble_timing_seconds=bub["timing_seconds"])
     for kind, V in SCHEDULES:
-        entry: dict[str, Any] = {"virtual": V, "step_seconds": {counts[-1]: times[kind]},
-                                 "ticks": {counts[-1]: build(kind, S, counts[-1], V).ticks},
-                                 "samples_per_sec": counts[-1] * B / times[kind]}
+        entry: dict[str, Any] = {"virtual": V, "step_seconds": {M: times[kind]},
+                                 "ticks": {M: build(kind, S, M, V).ticks}, "samples_per_sec": M * B / times[kind]}
         if bub:
             steps = bub["step_seconds"][kind]
             u = busy_direct(kind, bub["op_seconds"])
@@ -488,7 +486,7 @@ def main(argv=None) -> int:
                                   bub["op_seconds"]))
         result["schedules"][kind] = entry
     mem = memory(S, D, B, mesh)
-    kinds = per_kind(S, counts[-1], result["schedules"], mem)
+    kinds = per_kind(S, M, result["schedules"], mem)
     best = best_per_family(kinds)
     result.update(
         bubble_ratio_vs_theory=(max(r["bubble_ratio"] for r in result["schedules"].values())
