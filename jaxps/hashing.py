@@ -57,6 +57,19 @@ def field_id_scalar(field: int, value: np.uint64) -> np.uint64:
     return mix64_scalar(np.uint64(value) ^ (f * GOLDEN))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def hashed_row(key: np.uint64, salt: np.uint64, num_rows: int) -> np.uint64:
+    """numba scalar twin of `Table.rows_for`: mix64(key ^ salt) % num_rows, the one
+    id -> row rule of device tables (routing) and hashed host tables (host_plan). A
+    power-of-two row count takes a mask (same value, no 64-bit division; the test is
+    loop-invariant where this is inlined)."""
+    m = mix64_scalar(np.uint64(key) ^ salt)
+    n = np.uint64(num_rows)
+    if (n & (n - _ONE)) == 0:
+        return m & (n - _ONE)
+    return m % n
+
+
 def seed_mask(seed: int) -> np.uint64:
     """Per-table salt so two tables hashing the same ids use unrelated rows."""
     return mix64(np.array([seed], dtype=np.uint64) * GOLDEN + GOLDEN)[0]  # arrays wrap silently

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from jaxps.hashing import mix64_scalar
+from jaxps.hashing import hashed_row, mix64_scalar
 from jaxps.memory import aligned_empty
 from jaxps.ps.keyindex import KeyIndex, _slot_or_insert
 
@@ -37,16 +37,13 @@ def _dedup_kernel(ids, mask, hashed, salt, num_rows, start, buckets, kbits, shif
     n = ids.shape[0]
     mask_b = buckets.shape[0] - 1
     smask = (_ONE << kbits) - _ONE
-    pow2 = (num_rows & (num_rows - 1)) == 0
-    rmask = np.uint64(num_rows - 1)
     for i in range(start, n):
         if not mask[i]:
             inverse[i] = 0
             continue
         k = np.uint64(ids[i])
         if hashed:
-            m = mix64_scalar(k ^ salt)
-            k = (m & rmask) if pow2 else (m % np.uint64(num_rows))  # a mask: same value, no division
+            k = hashed_row(k, salt, num_rows)
         s = _slot_or_insert(buckets, kbits, smask, mask_b, shift, tshift, skeys, k, size, limit)
         if s < 0:
             return i, size

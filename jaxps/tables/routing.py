@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from jaxps.hashing import mix64_scalar
+from jaxps.hashing import hashed_row
 from jaxps.memory import aligned_empty, aligned_full
 
 
@@ -36,8 +36,6 @@ def _plan_kernel(keys_in, mask, hashed, salt, num_rows, rows_per_shard, capacity
         log2 += 1
     hshift = np.uint64(64 - log2)
     max_used = hkeys.shape[0] // 2  # keep load <= 0.5; past it, give up and retry bigger
-    pow2 = (num_rows & (num_rows - 1)) == 0
-    rmask = np.uint64(num_rows - 1)
     n_used = 0
     bad = -1
     for i in range(n):
@@ -45,9 +43,7 @@ def _plan_kernel(keys_in, mask, hashed, salt, num_rows, rows_per_shard, capacity
             inverse[i] = 0
             continue
         if hashed:
-            h64 = mix64_scalar(np.uint64(keys_in[i]) ^ salt)
-            # a power-of-two row count takes a mask: same value, no 64-bit division
-            r = np.int64(h64 & rmask) if pow2 else np.int64(h64 % np.uint64(num_rows))
+            r = np.int64(hashed_row(keys_in[i], salt, num_rows))
         else:
             r = np.int64(keys_in[i])
             if r < 0 or r >= num_rows:
