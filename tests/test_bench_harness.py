@@ -141,7 +141,7 @@ def test_run_sklearn_small(tmp_path: Path) -> None:
 
 
 def test_pipeline_bubble_layout_and_env() -> None:
-    """One single-threaded device per core, at least 2 stages; other XLA flags survive."""
+    """One device per core (NPROC=1), at least 2 stages; other XLA flags survive."""
     import pipeline
 
     assert pipeline.bubble_layout(4, 2) == {"stages": 2, "devices": 2, "threads": 1}
@@ -194,6 +194,38 @@ def test_pipeline_bubble_estimates_closed_form() -> None:
     assert only_slope["bubble_estimator"] == "slope" and "overhead_s_per_tick" not in only_slope
 
 
+def test_trace_idle_fractions_closed_form() -> None:
+    """Steps are groups of overlapping executions, one per device; a step's idle fraction is
+    the rendezvous waits inside it over its executions' summed spans. Short executions
+    (other jitted calls) are left out, a group of another size is skipped, and a trace
+    without executions gives no steps."""
+    import _trace_idle as ti
+
+    def ev(name, ts, dur):
+        return {"ph": "X", "name": name, "ts": ts, "dur": dur}
+    events = [ev(ti.EXECUTE, 0, 100), ev(ti.EXECUTE, 2, 100),          # step 1: spans 200
+              ev(ti.WAIT + "1/2", 10, 20), ev(ti.WAIT + "1/2", 50, 10), ev("Rendezvous", 10, 25),
+              ev(ti.EXECUTE, 110, 3),                                    # a small call: left out
+              ev(ti.EXECUTE, 200, 90), ev(ti.EXECUTE, 201, 110),         # step 2: spans 200
+              ev(ti.WAIT + "1/2", 250, 50),
+              ev(ti.EXECUTE, 400, 95)]                                   # one device only: skipped
+    assert ti.step_idle_fractions(events, 2) == pytest.approx([30 / 200, 50 / 200])
+    assert ti.step_idle_fractions([ev(ti.WAIT + "1/2", 0, 5)], 2) == []
+
+
+def test_pipeline_bubble_headline_is_the_traced_idle() -> None:
+    """With a traced idle fraction the headline is it (over the theory); the direct and
+    slope estimates stay beside it."""
+    import pipeline
+
+    ops = {"F": 1e-3, "BW": 2e-3, "B": 1.2e-3, "W": 0.8e-3}
+    times = {8: 0.03}
+    out = pipeline.bubble("gpipe", 2, 1, times, {"direct": 3e-3}, ops, {"median": 0.125, "steps": [0.12, 0.125, 0.2]})
+    assert out["bubble_estimator"] == "trace" and out["bubble_measured"] == 0.125
+    assert out["bubble_ratio"] == pytest.approx(0.125 * 9) and out["bubble_trace_steps"] == [0.12, 0.125, 0.2]
+    assert out["bubble_measured_direct"] == pytest.approx(1 - 8 * 3e-3 / 0.03)
+
+
 def test_pipeline_bubble_subprocess_runs_on_its_layout() -> None:
     """The bubble subprocess gets its own device count from bubble_env and returns every
     (schedule, M) step time and op time (tiny sizes: the values are not checked)."""
@@ -207,3 +239,6 @@ def test_pipeline_bubble_subprocess_runs_on_its_layout() -> None:
     assert out["layout"] == layout and out["process_devices"] == 2
     assert set(out["step_seconds"]["gpipe"]) == {2, 4} and set(out["step_seconds"]["zb-h1"]) == {4}
     assert set(out["op_seconds"]) == {"F", "BW", "B", "W"} and min(out["op_seconds"].values()) > 0
+    for kind in ("gpipe", "zb-h1"):  # the profiler's trace of 7 steps at the largest M
+        idle = out["idle"][kind]
+        assert 1 <= len(idle["steps"]) <= 7 and all(0 <= f < 1 for f in idle["steps"]), idle  # tiny steps: some may merge

@@ -75,6 +75,19 @@ def _shift_if(pred: jax.Array, x: jax.Array, perm: list[tuple[int, int]]) -> jax
     return jax.lax.cond(pred, lambda v: jax.lax.ppermute(v, "stage", perm), jnp.zeros_like, x)
 
 
+def _after_all(*trees: Any) -> jax.Array:
+    """True, computed from one element of every tree: a send whose predicate includes it
+    waits for all of them. A ppermute is a rendezvous of all stages, and XLA schedules a
+    tick's activation send right after the forward conditional unless told otherwise (an
+    optimization_barrier does not survive XLA:CPU's passes), so a stage that ran a
+    backward beside a neighbour's forward waited at that send for the forward, then ran its
+    backward while the neighbour waited at the gradient send: the tick lasted F + B, not
+    max(F, B) (traced at S = 2, M = 8: zb-h1 idle 0.34 of the step). x * 0 is a zero or NaN,
+    never infinite, and XLA does not fold it (floats), so the result is always True."""
+    firsts = [leaf.reshape(-1)[0].astype(jnp.float32) for tree in trees for leaf in jax.tree.leaves(tree)]
+    return ~jnp.isinf(sum(firsts) * 0.0)
+
+
 def _put_if(buf: jax.Array, index: tuple, cond: jax.Array, value: jax.Array) -> jax.Array:
     """buf with buf[index] = value where cond: a one-slot update XLA does in place (a
     `where` over the whole buffer would copy it every tick; a `where` over the slot would
@@ -376,8 +389,9 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
             # what arrives here this tick, for which microbatch and chunk (from the table):
             # from stage s-1's forward of chunk c (or stage S-1's chunk c-1 when s == 0), and
             # back from stage s+1's backward of chunk c (or stage 0's chunk c+1 when s == S-1)
-            h_in = _shift_if(sends_fwd[t], h, up)
-            dx_in = _shift_if(sends_bwd[t], dx, down)
+            after = _after_all(h, dx, gsum)
+            h_in = _shift_if(sends_fwd[t] & after, h, up)
+            dx_in = _shift_if(sends_bwd[t] & after, dx, down)
             c_up = tab.f_chunk[t, prev] + jnp.where(s == 0, 1, 0)
             c_down = tab.b_chunk[t, nxt] - jnp.where(s == S - 1, 1, 0)
             got_act = tab.f_on[t, prev] & ((s > 0) | (c_up < V)) & (S > 1)
