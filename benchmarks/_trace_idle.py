@@ -6,7 +6,8 @@ the trace records as a "ThunkExecutor::Execute (wait for completion)" event per 
 execution, and a device that reaches a collective (the ticks' ppermutes, the final psums)
 before its peers blocks in XLA's rendezvous, recorded as a "Wait: pending_threads=k/n"
 event. A step's idle fraction is its devices' wait time over the sum of their execution
-spans, i.e. 1 - busy / (S x span) with busy everything a device runs: its ops and the
+spans from the last device's launch, i.e. 1 - busy / (S x span) with busy everything a
+device runs: its ops and the
 executor's own per-tick work (which `pipeline.bubble`'s `overhead_s_per_tick` reports
 apart). What the fraction misses: a device that idles without blocking in a rendezvous
 (none on this executor: every tick ends in its ppermutes).
@@ -42,7 +43,10 @@ def trace_events(trace_dir: str) -> list[dict[str, Any]]:
 def step_idle_fractions(events: list[dict[str, Any]], devices: int) -> list[float]:
     """Idle fraction of each step in the trace: steps are the groups of `devices`
     overlapping executions (executions shorter than a fifth of the longest, other small
-    jitted calls, are left out); a group of another size is skipped."""
+    jitted calls, are left out; a group of another size is skipped), counted from the
+    last device's start: the host launches the devices' executions one after another
+    (0.5-10 ms apart measured on 2 cores), and a device waiting at its first rendezvous
+    for a neighbour not yet launched is the launch's delay, not the schedule's bubble."""
     execs = sorted((e for e in events if e["name"] == EXECUTE), key=lambda e: e["ts"])
     if not execs:
         return []
@@ -60,9 +64,10 @@ def step_idle_fractions(events: list[dict[str, Any]], devices: int) -> list[floa
     for g in groups:
         if len(g) != devices:
             continue
-        lo, hi = min(e["ts"] for e in g), max(e["ts"] + e["dur"] for e in g)
-        waited = sum(w["dur"] for w in waits if lo <= w["ts"] < hi)
-        out.append(waited / sum(e["dur"] for e in g))
+        lo, hi = max(e["ts"] for e in g), max(e["ts"] + e["dur"] for e in g)
+        span = sum(e["ts"] + e["dur"] - lo for e in g)
+        waited = sum(max(0.0, min(w["ts"] + w["dur"], hi) - max(w["ts"], lo)) for w in waits)
+        out.append(waited / span)
     return out
 
 

@@ -156,6 +156,7 @@ def usable_cores() -> int:
 
 
 SINGLE_THREAD_FLAGS = ("--xla_cpu_multi_thread_eigen=false", "--xla_cpu_use_xnnpack=false")
+MALLOC_KEEP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=34359738368:glibc.malloc.top_pad=268435456"
 
 
 def bubble_layout(stages: int, cores: int) -> dict[str, int] | None:
@@ -169,16 +170,23 @@ def bubble_layout(stages: int, cores: int) -> dict[str, int] | None:
 
 
 def bubble_env(layout: dict[str, int], env: dict[str, str]) -> dict[str, str]:
-    """env for the bubble subprocess: `layout["devices"]` host devices, single-threaded (XLA
-    reads XLA_FLAGS when jax is imported, hence a process of its own). NPROC=1: the CPU
-    client sizes its intra-op pool from it (else one thread per core, which every device's
-    ops share, so an idle stage lends its core to a busy one and hides the bubble); Eigen
-    single-threaded and the YNN and XNNPACK fusions (which parallelize dots on that pool)
-    off. Other XLA_FLAGS in env are kept."""
+    """env for the bubble subprocess: `layout["devices"]` host devices (XLA reads XLA_FLAGS
+    when jax is imported, hence a process of its own), NPROC=1, Eigen single-threaded and
+    XNNPACK off. The devices still share one intra-op pool (measured with 2 devices: 2
+    threads, and a device alone spreads a dot over both), but within a step each device
+    holds a pool thread, running or blocked in a rendezvous, so an idle stage lends its
+    neighbour no core (see the module docstring). Other XLA_FLAGS in env are kept.
+
+    GLIBC_TUNABLES (unless env sets it): the CPU client mallocs a step's temporaries per
+    execution, glibc returns the large ones to the OS on free, and the next step faults
+    them in again, ~1.25 ms per 4 MB touched first, on different ticks on different stages
+    (traced: a stage's first backward, its gradient accumulator), each a wait for its
+    neighbour. With mmap off and no trimming the memory stays with the process, as an
+    accelerator's allocator keeps its pool (gpipe idle 0.118-0.123 vs 0.123-0.144)."""
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(
         ("--xla_force_host_platform_device_count",) + tuple(f.split("=")[0] for f in SINGLE_THREAD_FLAGS))]
     flags += [f"--xla_force_host_platform_device_count={layout['devices']}", *SINGLE_THREAD_FLAGS]
-    return {**env, "XLA_FLAGS": " ".join(flags), "NPROC": str(layout["threads"])}
+    return {"GLIBC_TUNABLES": MALLOC_KEEP, **env, "XLA_FLAGS": " ".join(flags), "NPROC": str(layout["threads"])}
 
 
 def busy_direct(kind: str, ops: dict[str, float]) -> float:

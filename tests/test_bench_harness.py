@@ -154,6 +154,7 @@ def test_pipeline_bubble_layout_and_env() -> None:
     assert "--xla_force_host_platform_device_count=2" in flags and "--xla_dump_to=/tmp/d" in flags
     assert not any(f.endswith("=8") for f in flags)
     assert set(pipeline.SINGLE_THREAD_FLAGS) <= set(flags) and env["NPROC"] == "1" and env["HOME"] == "/h"
+    assert env["GLIBC_TUNABLES"] == pipeline.MALLOC_KEEP  # set unless the caller's env has its own
     assert pipeline.bubble_env({"stages": 2, "devices": 2, "threads": 1}, env) == env  # idempotent
 
 
@@ -196,20 +197,22 @@ def test_pipeline_bubble_estimates_closed_form() -> None:
 
 def test_trace_idle_fractions_closed_form() -> None:
     """Steps are groups of overlapping executions, one per device; a step's idle fraction is
-    the rendezvous waits inside it over its executions' summed spans. Short executions
-    (other jitted calls) are left out, a group of another size is skipped, and a trace
-    without executions gives no steps."""
+    the rendezvous waits inside it over its executions' summed spans, both from the last
+    device's launch (a wait for a device not yet launched is the launch's). Short
+    executions (other jitted calls) are left out, a group of another size is skipped, and
+    a trace without executions gives no steps."""
     import _trace_idle as ti
 
     def ev(name, ts, dur):
         return {"ph": "X", "name": name, "ts": ts, "dur": dur}
-    events = [ev(ti.EXECUTE, 0, 100), ev(ti.EXECUTE, 2, 100),          # step 1: spans 200
+    events = [ev(ti.EXECUTE, 0, 102), ev(ti.EXECUTE, 2, 100),          # step 1: spans 100 + 100 from 2
+              ev(ti.WAIT + "1/2", 0, 5),                                 # waiting for the launch: 3 of it before 2
               ev(ti.WAIT + "1/2", 10, 20), ev(ti.WAIT + "1/2", 50, 10), ev("Rendezvous", 10, 25),
               ev(ti.EXECUTE, 110, 3),                                    # a small call: left out
-              ev(ti.EXECUTE, 200, 90), ev(ti.EXECUTE, 201, 110),         # step 2: spans 200
+              ev(ti.EXECUTE, 200, 90), ev(ti.EXECUTE, 200, 110),         # step 2: spans 200
               ev(ti.WAIT + "1/2", 250, 50),
               ev(ti.EXECUTE, 400, 95)]                                   # one device only: skipped
-    assert ti.step_idle_fractions(events, 2) == pytest.approx([30 / 200, 50 / 200])
+    assert ti.step_idle_fractions(events, 2) == pytest.approx([33 / 200, 50 / 200])
     assert ti.step_idle_fractions([ev(ti.WAIT + "1/2", 0, 5)], 2) == []
 
 
