@@ -84,8 +84,9 @@ def _after_all(*trees: Any) -> jax.Array:
     backward while the neighbour waited at the gradient send: the tick lasted F + B, not
     max(F, B) (traced at S = 2, M = 8: zb-h1 idle 0.34 of the step). x * 0 is a zero or NaN,
     never infinite, and XLA does not fold it (floats), so the result is always True."""
-    firsts = [leaf.reshape(-1)[0].astype(jnp.float32) for tree in trees for leaf in jax.tree.leaves(tree)]
-    return ~jnp.isinf(sum(firsts) * 0.0)
+    firsts = [leaf.reshape(-1)[0].astype(jnp.float32) for tree in trees for leaf in jax.tree.leaves(tree)
+              if leaf.size]
+    return ~jnp.isinf(sum(firsts, jnp.float32(0)) * 0.0)
 
 
 def _put_if(buf: jax.Array, index: tuple, cond: jax.Array, value: jax.Array) -> jax.Array:
