@@ -1,6 +1,6 @@
 """Bubble timing for benchmarks/pipeline.py in a process of its own (`pipeline.bubble_in_subprocess`).
 
-The parent sets XLA_FLAGS and NPROC (`pipeline.bubble_env`: one single-threaded simulated
+The parent sets XLA_FLAGS, NPROC and GLIBC_TUNABLES (`pipeline.bubble_env`: one simulated
 CPU device per core of the bubble layout) before this process imports jax, which reads
 them only then; here `pipeline.measure_bubble` times the schedules and a block's ops on
 that layout. Prints its result as one JSON object, the last stdout line.

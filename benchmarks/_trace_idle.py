@@ -1,16 +1,20 @@
 """Per-stage idle time of a jitted step, read from a JAX profiler trace: the pipeline bubble
 measured as idle time (the issue's "from per-stage busy time"), with no model of op costs.
 
-On the CPU backend each simulated device runs its step as one thunk-executor call, which
-the trace records as a "ThunkExecutor::Execute (wait for completion)" event per device and
-execution, and a device that reaches a collective (the ticks' ppermutes, the final psums)
-before its peers blocks in XLA's rendezvous, recorded as a "Wait: pending_threads=k/n"
-event. A step's idle fraction is its devices' wait time over the sum of their execution
-spans from the last device's launch, i.e. 1 - busy / (S x span) with busy everything a
-device runs: its ops and the
-executor's own per-tick work (which `pipeline.bubble`'s `overhead_s_per_tick` reports
-apart). What the fraction misses: a device that idles without blocking in a rendezvous
-(none on this executor: every tick ends in its ppermutes).
+On the CPU backend a device that reaches a collective (the ticks' ppermutes, the final
+psums) before its peers blocks in XLA's rendezvous, which the trace records as a
+"Rendezvous" event with a "Wait: pending_threads=k/n" event inside while it waits. The
+step must begin with a rendezvous of all devices (`pipeline.start_barrier`): the host
+launches the devices' executions one after another (0.5-16 ms apart measured on 2 cores),
+and without it the order of launches would decide whether the fill's idle shows (a device
+launched after its first input was ready never waits for it). A step runs from the host's
+launch ("CommonPjRtLoadedExecutable::Execute (...)", one per step) to the next; its
+pipelined part from the end of that first rendezvous (every device running) to the end of
+the last event on a device thread. Its idle fraction is the waits inside that part over S
+times its length, i.e. 1 - busy / (S x span) with busy everything a device runs: its ops
+and the executor's own per-tick work (which `pipeline.bubble`'s `overhead_s_per_tick`
+reports apart). Device threads are those that hold rendezvous events; the trace's
+per-execution events do not bound an execution (at small sizes they last 0 us).
 
 The event names are XLA:CPU's (jaxlib 0.10); where a trace has none of them the result is
 None and the caller says so.
@@ -25,7 +29,8 @@ import statistics
 import tempfile
 from typing import Any, Callable
 
-EXECUTE = "ThunkExecutor::Execute (wait for completion)"
+LAUNCH = "CommonPjRtLoadedExecutable::Execute ("
+RENDEZVOUS = "Rendezvous"
 WAIT = "Wait: pending_threads="
 
 
@@ -40,45 +45,46 @@ def trace_events(trace_dir: str) -> list[dict[str, Any]]:
     return [e for e in events if e.get("ph") == "X" and "dur" in e]
 
 
+def _end(e: dict[str, Any]) -> float:
+    return e["ts"] + e["dur"]
+
+
 def step_idle_fractions(events: list[dict[str, Any]], devices: int) -> list[float]:
-    """Idle fraction of each step in the trace: steps are the groups of `devices`
-    overlapping executions (executions shorter than a fifth of the longest, other small
-    jitted calls, are left out; a group of another size is skipped), counted from the
-    last device's start: the host launches the devices' executions one after another
-    (0.5-10 ms apart measured on 2 cores), and a device waiting at its first rendezvous
-    for a neighbour not yet launched is the launch's delay, not the schedule's bubble."""
-    execs = sorted((e for e in events if e["name"] == EXECUTE), key=lambda e: e["ts"])
-    if not execs:
-        return []
-    longest = max(e["dur"] for e in execs)
-    execs = [e for e in execs if e["dur"] >= 0.2 * longest]
-    groups: list[list[dict[str, Any]]] = []
-    end = float("-inf")
-    for e in execs:
-        if e["ts"] > end:
-            groups.append([])
-        groups[-1].append(e)
-        end = max(end, e["ts"] + e["dur"])
+    """Idle fraction of the pipelined part of each step in the trace (see the module
+    docstring); a step with fewer than `devices` rendezvous, or none after its first, is
+    skipped."""
+    launches = sorted(e["ts"] for e in events if e["name"].startswith(LAUNCH))
+    meets = sorted((e for e in events if e["name"] == RENDEZVOUS), key=lambda e: e["ts"])
+    device_threads = {e["tid"] for e in meets}
     waits = [e for e in events if e["name"].startswith(WAIT)]
+    on_devices = [e for e in events if e["tid"] in device_threads]
     out = []
-    for g in groups:
-        if len(g) != devices:
+    for k, start in enumerate(launches):
+        stop = launches[k + 1] if k + 1 < len(launches) else float("inf")
+        first = [e for e in meets if start <= e["ts"] < stop][:devices]
+        if len(first) < devices:
             continue
-        lo, hi = max(e["ts"] for e in g), max(e["ts"] + e["dur"] for e in g)
-        span = sum(e["ts"] + e["dur"] - lo for e in g)
-        waited = sum(max(0.0, min(w["ts"] + w["dur"], hi) - max(w["ts"], lo)) for w in waits)
-        out.append(waited / span)
+        begin = max(map(_end, first))  # every device past the start barrier
+        end = max((_end(e) for e in on_devices if start <= e["ts"] < stop), default=begin)
+        if end <= begin:
+            continue
+        waited = sum(max(0.0, min(_end(w), end) - max(w["ts"], begin)) for w in waits if start <= w["ts"] < stop)
+        out.append(waited / (devices * (end - begin)))
     return out
 
 
 def idle_fraction(fn: Callable[[], Any], devices: int, steps: int = 5) -> dict[str, Any] | None:
-    """Run `fn` (one step, blocking until done) `steps` times under the profiler: {"median",
-    "steps": each step's idle fraction}, or None when the trace holds no step of `devices`
-    executions (a backend or version without these events)."""
+    """Run `fn` (one step that begins with a rendezvous of all `devices`, blocking until
+    done) `steps` times under the profiler: {"median", "steps": each step's idle fraction},
+    or None when there is no profiler or the trace holds no such step (a backend or
+    version without these events)."""
     import jax
 
     with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
+        try:
+            jax.profiler.start_trace(d)
+        except Exception:  # noqa: BLE001 - no profiler here (a backend without one): no figure
+            return None
         try:
             for _ in range(steps):
                 fn()

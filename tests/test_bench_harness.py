@@ -196,23 +196,26 @@ def test_pipeline_bubble_estimates_closed_form() -> None:
 
 
 def test_trace_idle_fractions_closed_form() -> None:
-    """Steps are groups of overlapping executions, one per device; a step's idle fraction is
-    the rendezvous waits inside it over its executions' summed spans, both from the last
-    device's launch (a wait for a device not yet launched is the launch's). Short
-    executions (other jitted calls) are left out, a group of another size is skipped, and
-    a trace without executions gives no steps."""
+    """A step runs from one host launch to the next; its pipelined part from the end of its
+    first rendezvous of all devices (the start barrier) to the last event on a device
+    thread (one that holds rendezvous). Idle = waits inside that part over devices x its
+    length: waits before the barrier (a late launch) and on other threads' spans do not
+    count. A step with fewer rendezvous than devices is skipped; no launches, no steps."""
     import _trace_idle as ti
 
-    def ev(name, ts, dur):
-        return {"ph": "X", "name": name, "ts": ts, "dur": dur}
-    events = [ev(ti.EXECUTE, 0, 102), ev(ti.EXECUTE, 2, 100),          # step 1: spans 100 + 100 from 2
-              ev(ti.WAIT + "1/2", 0, 5),                                 # waiting for the launch: 3 of it before 2
-              ev(ti.WAIT + "1/2", 10, 20), ev(ti.WAIT + "1/2", 50, 10), ev("Rendezvous", 10, 25),
-              ev(ti.EXECUTE, 110, 3),                                    # a small call: left out
-              ev(ti.EXECUTE, 200, 90), ev(ti.EXECUTE, 200, 110),         # step 2: spans 200
-              ev(ti.WAIT + "1/2", 250, 50),
-              ev(ti.EXECUTE, 400, 95)]                                   # one device only: skipped
-    assert ti.step_idle_fractions(events, 2) == pytest.approx([33 / 200, 50 / 200])
+    def ev(name, ts, dur, tid=1):
+        return {"ph": "X", "name": name, "ts": ts, "dur": dur, "tid": tid}
+    launch = ti.LAUNCH + "jit_step)"
+    events = [ev(launch, 0, 1, tid=9), ev("[0] " + launch, 0, 1, tid=9),
+              ev(ti.RENDEZVOUS, 1, 9, tid=1), ev(ti.WAIT + "1/2", 1, 9, tid=1),   # device 1 waits for the launch
+              ev(ti.RENDEZVOUS, 8, 2, tid=2),                                     # barrier done at 10
+              ev(ti.RENDEZVOUS, 30, 25, tid=2), ev(ti.WAIT + "1/2", 30, 20, tid=2),
+              ev(ti.RENDEZVOUS, 52, 3, tid=1),
+              ev("dot", 55, 45, tid=1),                                           # ends at 100
+              ev("python work", 0, 500, tid=9),                                   # not a device thread
+              ev(launch, 200, 1, tid=9),                                          # step 2: one rendezvous only
+              ev(ti.RENDEZVOUS, 210, 5, tid=1)]
+    assert ti.step_idle_fractions(events, 2) == pytest.approx([20 / (2 * 90)])
     assert ti.step_idle_fractions([ev(ti.WAIT + "1/2", 0, 5)], 2) == []
 
 
@@ -235,7 +238,7 @@ def test_pipeline_bubble_subprocess_runs_on_its_layout() -> None:
     import pipeline
 
     layout = {"stages": 2, "devices": 2, "threads": 1}
-    cfg = {"stages": 2, "width": 16, "batch": 4, "layout": layout, "counts": [2, 4],
+    cfg = {"stages": 2, "width": 128, "batch": 32, "layout": layout, "counts": [2, 4],
            "schedules": [["gpipe", 1], ["zb-h1", 1]], "rounds": 1, "reps": 1}
     out, why = pipeline.bubble_in_subprocess(cfg, timeout=300)
     assert why is None, why
@@ -244,4 +247,4 @@ def test_pipeline_bubble_subprocess_runs_on_its_layout() -> None:
     assert set(out["op_seconds"]) == {"F", "BW", "B", "W"} and min(out["op_seconds"].values()) > 0
     for kind in ("gpipe", "zb-h1"):  # the profiler's trace of 7 steps at the largest M
         idle = out["idle"][kind]
-        assert 1 <= len(idle["steps"]) <= 7 and all(0 <= f < 1 for f in idle["steps"]), idle  # tiny steps: some may merge
+        assert idle is not None and len(idle["steps"]) == 7 and all(0 <= f < 1 for f in idle["steps"]), idle
