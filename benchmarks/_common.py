@@ -11,6 +11,8 @@ import argparse
 import json
 import os
 import platform
+import select
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -91,3 +93,14 @@ def machine_info() -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - any import failure just means "no jax"
         info["jax"] = None
     return info
+
+
+def server_address(proc: "subprocess.Popen[str]", name: str, timeout: float = 240.0) -> str:
+    """HOST:PORT from a started `jaxps.ps.serve` process's first stdout line (`... listening
+    on HOST:PORT`). The wait is long: a fresh checkout compiles the numba kernels first
+    (over 60 s measured on a loaded 2-core machine)."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else ""
+    if " listening on " not in line:
+        raise RuntimeError(f"server {name} did not start within {timeout:.0f}s: {line!r}")
+    return line.rsplit(" listening on ", 1)[1].strip()

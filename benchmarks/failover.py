@@ -21,7 +21,6 @@ Usage: python benchmarks/failover.py [--quick] [--rows 1000000] [--heartbeat 0.1
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -32,7 +31,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
 
-from _common import emit, machine_info, parser  # noqa: E402
+from _common import emit, machine_info, parser, server_address  # noqa: E402
 from jaxps.launch.local import stop_processes  # noqa: E402
 from jaxps.optim import rowwise  # noqa: E402
 from jaxps.ps.client import PSClient  # noqa: E402
@@ -54,11 +53,7 @@ def start_servers(partitions: int) -> tuple[dict, dict]:
                               "--partitions", str(partitions), "--replicas", "2", "--token-env", "JAXPS_PS_TOKEN",
                               "--grace", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         procs[name] = p
-        ready, _, _ = select.select([p.stdout], [], [], 240)  # a fresh checkout compiles numba kernels first
-        line = p.stdout.readline() if ready else ""
-        if " listening on " not in line:
-            raise RuntimeError(f"server {name} did not start: {line!r}")
-        transports[name] = GrpcTransport(line.rsplit(" ", 1)[1].strip(), token=TOKEN, timeout=10)
+        transports[name] = GrpcTransport(server_address(p, name), token=TOKEN, timeout=10)
     return procs, transports
 
 

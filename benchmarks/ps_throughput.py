@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import numpy as np  # noqa: E402
 
-from _common import emit, machine_info, parser  # noqa: E402
+from _common import emit, machine_info, parser, server_address  # noqa: E402
 from jaxps.hashing import mix64  # noqa: E402
 from jaxps.launch.local import stop_processes  # noqa: E402
 from jaxps.optim.rowwise import Adagrad  # noqa: E402
@@ -117,7 +117,6 @@ def grpc_available() -> bool:
 def run_grpc(n_rows, dim, partitions, keys_all, key_batches, prepop_batch, out_dir) -> dict:
     """The same workload on 2 server processes (python -m jaxps.ps.serve) over gRPC on loopback."""
     import json
-    import select
     import subprocess
 
     from jaxps.ps.client import PSClient
@@ -141,12 +140,7 @@ def run_grpc(n_rows, dim, partitions, keys_all, key_batches, prepop_batch, out_d
                  "--partitions", str(partitions), "--tables", tables_json, "--workers", "8", "--grace", "2"],
                 cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             procs.append(proc)
-            ready, _, _ = select.select([proc.stdout], [], [], 240)  # a fresh checkout compiles numba kernels first
-            line = proc.stdout.readline() if ready else ""
-            prefix = f"jaxps ps-server {name} listening on 127.0.0.1:"
-            if not line.startswith(prefix):
-                raise RuntimeError(f"server {name} did not start: {line!r}")
-            addrs[name] = f"127.0.0.1:{int(line[len(prefix):])}"
+            addrs[name] = server_address(proc, name)
         ring = Ring(partitions, 64, names)
         transports = {n: GrpcTransport(a, timeout=120) for n, a in addrs.items()}
         client = PSClient(ring, transports, table_specs(tables))
