@@ -131,9 +131,10 @@ def loss(h, y):
 
 def probe_loss(h, y):
     """The bubble layout's loss, a linear probe: its gradient is y itself, so the last stage
-    runs about no work the others don't (one elementwise pass and a sum). The theory assumes equal stages; `loss`'s elementwise
-    passes cost ~12% of a forward at D = 1024 on one core, and the other stages waited on
-    the last one at every forward tick for them (gpipe's idle 0.128 vs 0.123, traced)."""
+    runs little work the others don't (one elementwise pass and a sum). The theory assumes
+    equal stages; `loss`'s elementwise passes cost ~12% of a forward at D = 1024 on one
+    core, and the other stages waited on the last one at every forward tick for them
+    (gpipe's idle 0.128 vs 0.123, traced)."""
     return jnp.sum(h * y)
 
 
@@ -145,7 +146,7 @@ def params_for(S, V, D):
 def start_barrier(mesh, p) -> jax.Array:
     """0.0, from an all-reduce over `stage` of the parameters times 0 (not folded: floats):
     a step that adds it to its input starts pipelining only once every stage is running.
-    The host launches the devices' executions one after another (0.5-10 ms apart on 2
+    The host launches the devices' executions one after another (0.5-16 ms apart on 2
     cores), and which stage starts first would otherwise decide whether the fill's idle
     shows in the trace (a stage launched after its input was ready never waits for it)."""
     leaf = jax.tree.leaves(p)[0]
@@ -172,7 +173,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-SINGLE_THREAD_FLAGS = ("--xla_cpu_multi_thread_eigen=false", "--xla_cpu_use_xnnpack=false")
+BUBBLE_XLA_FLAGS = ("--xla_cpu_multi_thread_eigen=false", "--xla_cpu_use_xnnpack=false")
 MALLOC_KEEP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=34359738368:glibc.malloc.top_pad=268435456"
 
 
@@ -201,8 +202,8 @@ def bubble_env(layout: dict[str, int], env: dict[str, str]) -> dict[str, str]:
     neighbour. With mmap off and no trimming the memory stays with the process, as an
     accelerator's allocator keeps its pool (gpipe idle 0.118-0.123 vs 0.123-0.144)."""
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(
-        ("--xla_force_host_platform_device_count",) + tuple(f.split("=")[0] for f in SINGLE_THREAD_FLAGS))]
-    flags += [f"--xla_force_host_platform_device_count={layout['devices']}", *SINGLE_THREAD_FLAGS]
+        ("--xla_force_host_platform_device_count",) + tuple(f.split("=")[0] for f in BUBBLE_XLA_FLAGS))]
+    flags += [f"--xla_force_host_platform_device_count={layout['devices']}", *BUBBLE_XLA_FLAGS]
     return {"GLIBC_TUNABLES": MALLOC_KEEP, **env, "XLA_FLAGS": " ".join(flags), "NPROC": str(layout["threads"])}
 
 
@@ -365,9 +366,11 @@ def measure_bubble(cfg: dict[str, Any], devices: list | None = None) -> dict[str
             fns = {k: (fn.lower(*args).compile(), args) for k, (fn, args) in fns.items()}
     t0 = time.perf_counter()
     t = time_rounds(fns, cfg["rounds"], cfg["reps"])
+    t1 = time.perf_counter()
     idle = {kind: idle_fraction(lambda fn=fns[kind, counts[-1]]: jax.block_until_ready(fn[0](*fn[1])), S, steps=7)
             for kind, _ in cfg["schedules"]}
-    return {"timing_seconds": time.perf_counter() - t0, "process_devices": jax.device_count(), "idle": idle,
+    return {"timing_seconds": t1 - t0, "trace_seconds": time.perf_counter() - t1,
+            "process_devices": jax.device_count(), "idle": idle,
             "op_seconds": {name: t["op", name] / counts[-1] for name in ("F", "BW", "B", "W")},
             "step_seconds": {kind: {M: t[kind, M] for M in counts if (kind, M) in t} for kind, _ in cfg["schedules"]}}
 

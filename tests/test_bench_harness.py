@@ -153,7 +153,7 @@ def test_pipeline_bubble_layout_and_env() -> None:
     flags = env["XLA_FLAGS"].split()
     assert "--xla_force_host_platform_device_count=2" in flags and "--xla_dump_to=/tmp/d" in flags
     assert not any(f.endswith("=8") for f in flags)
-    assert set(pipeline.SINGLE_THREAD_FLAGS) <= set(flags) and env["NPROC"] == "1" and env["HOME"] == "/h"
+    assert set(pipeline.BUBBLE_XLA_FLAGS) <= set(flags) and env["NPROC"] == "1" and env["HOME"] == "/h"
     assert env["GLIBC_TUNABLES"] == pipeline.MALLOC_KEEP  # set unless the caller's env has its own
     assert pipeline.bubble_env({"stages": 2, "devices": 2, "threads": 1}, env) == env  # idempotent
 
