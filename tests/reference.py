@@ -128,3 +128,18 @@ def ring_move_spread(servers: int, copies: int, vnodes: int, partitions: int) ->
     """
     f = 1.0 / servers
     return ((1 - f) / (copies * vnodes) + (1 - copies * f) / (partitions * copies * f)) ** 0.5
+
+
+def sorted_rows(rows: dict) -> dict:
+    """Exported PS rows ({"keys", "values", "slot_<name>", ...}) ordered by key: servers and
+    snapshots hold them in partition order, which depends on the ring."""
+    order = np.argsort(rows["keys"])
+    return {k: v[order] for k, v in rows.items()}
+
+
+def assert_same_rows(got: dict, want: dict, what: str) -> None:
+    """The same non-empty rows, field for field, bit for bit, whatever their order."""
+    got, want = sorted_rows(got), sorted_rows(want)
+    assert sorted(got) == sorted(want) and want["keys"].size > 0, (what, sorted(got), sorted(want))
+    for field in want:
+        np.testing.assert_array_equal(got[field], want[field], err_msg=f"{what}/{field}")

@@ -25,7 +25,7 @@ from jaxps.job import ModelConfig, build_model
 from jaxps.mesh import MeshConfig, make_mesh
 from jaxps.ps.client import PSClient, embedded
 from jaxps.trainer import TrainConfig, Trainer
-from reference import planted_parts, run_concurrently
+from reference import assert_same_rows, planted_parts, run_concurrently, sorted_rows
 
 ROWS, GLOBAL_BATCH, LINES = 4096, 256, 1200   # GLOBAL_BATCH: one group's batch per step
 GROUPS, PROCS = 2, 2
@@ -72,11 +72,6 @@ def _config(out_dir):
                        dense_learning_rate=0.01, compilation_cache="", out_dir=str(out_dir))
 
 
-def _sorted(rows):
-    order = np.argsort(rows["keys"])
-    return {k: v[order] for k, v in rows.items()}
-
-
 @pytest.mark.slow
 def test_bsp_groups_of_two_processes_equal_one_process_groups_and_one_group(tmp_path):
     files = _files(tmp_path)
@@ -106,15 +101,15 @@ def test_bsp_groups_of_two_processes_equal_one_process_groups_and_one_group(tmp_
     one.fit([concat([a, b]) for a, b in zip(*shards)])
     assert groups[0].step == one.step == steps
 
-    got = _sorted(snap["weights"])
+    got = sorted_rows(snap["weights"])
     for want in (groups[0].steps.host.ps.export("weights"), one.steps.host.ps.export("weights")):
-        want = _sorted(want)
+        want = sorted_rows(want)
         np.testing.assert_array_equal(got["keys"], want["keys"])
         for field in want:
             np.testing.assert_allclose(got[field], want[field], rtol=2e-5, atol=1e-7, err_msg=field)
     assert np.abs(got["values"]).max() > 1e-2
     # the dense parameters (the bias) the 2x2 job trained in the PS
-    dense = _sorted(snap[DENSE_TABLE])["values"].reshape(-1)[0]
+    dense = sorted_rows(snap[DENSE_TABLE])["values"].reshape(-1)[0]
     np.testing.assert_allclose(dense, np.asarray(groups[0].state["dense"]["bias"]), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(dense, np.asarray(one.state["dense"]["bias"]), rtol=1e-5, atol=1e-7)
     assert abs(float(dense)) > 1e-3
@@ -166,11 +161,11 @@ def test_groups_of_two_processes_resume_like_an_uninterrupted_run(tmp_path):
     _, errors = run_concurrently([lambda g=g: groups[g].fit(shards[g]) for g in range(GROUPS)])
     assert not errors, errors
     assert steps == groups[0].step == 2 * len(shards[0])
-    got, want = _sorted(snap["weights"]), _sorted(groups[0].steps.host.ps.export("weights"))
+    got, want = sorted_rows(snap["weights"]), sorted_rows(groups[0].steps.host.ps.export("weights"))
     np.testing.assert_array_equal(got["keys"], want["keys"])
     for field in want:
         np.testing.assert_allclose(got[field], want[field], rtol=2e-5, atol=1e-7, err_msg=field)
-    np.testing.assert_allclose(_sorted(snap[DENSE_TABLE])["values"].reshape(-1)[0],
+    np.testing.assert_allclose(sorted_rows(snap[DENSE_TABLE])["values"].reshape(-1)[0],
                                np.asarray(groups[0].state["dense"]["bias"]), rtol=1e-5, atol=1e-7)
 
 
@@ -208,10 +203,7 @@ def test_ssp_and_asp_groups_of_two_processes_resume_from_a_hot_checkpoint(tmp_pa
     after = _snapshot(tmp_path, steps)
     assert set(after) == set(before) == {"weights", DENSE_TABLE}
     for table in before:
-        got, want = _sorted(after[table]), _sorted(before[table])
-        assert sorted(got) == sorted(want) and want["keys"].size > 0
-        for field in want:
-            np.testing.assert_array_equal(got[field], want[field], err_msg=f"{table}/{field}")
+        assert_same_rows(after[table], before[table], table)
 
     metrics = _launch(tmp_path, files, sync, *extra, "train.epochs=2", resume=True)
     for g, m in enumerate(metrics):
@@ -229,4 +221,4 @@ def test_ssp_and_asp_groups_of_two_processes_resume_from_a_hot_checkpoint(tmp_pa
         pushes = [m["ps"][table]["pushes"] for m in metrics]
         assert max(pushes) == GROUPS * PROCS * steps, table
     final = _snapshot(tmp_path, 2 * steps)
-    assert not np.array_equal(_sorted(final["weights"])["values"], _sorted(before["weights"])["values"])
+    assert not np.array_equal(sorted_rows(final["weights"])["values"], sorted_rows(before["weights"])["values"])

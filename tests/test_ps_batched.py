@@ -17,15 +17,14 @@ from jaxps.ps.ring import partition_of
 from jaxps.ps.server import TableSpec
 from jaxps.ps.store import PartitionStore
 from jaxps.host_tables import HostPlan
+from reference import assert_same_rows, sorted_rows
 
 DIM = 4
 PARTS = 64
 
 
 def _export_sorted(client, table="t"):
-    x = client.export(table)
-    o = np.argsort(x["keys"])
-    return {k: v[o] for k, v in x.items()}
+    return sorted_rows(client.export(table))
 
 
 @pytest.mark.parametrize("opt,scale", [("adagrad", 0.1), ("sgd", 0.0), ("adagrad", 0.0)])
@@ -236,7 +235,4 @@ def test_retried_and_replicated_pushes_with_a_pending_mark_equal_numpy_on_both_p
             np.testing.assert_array_equal(rows["rows/t/slot_accumulator"], state["accumulator"][where])
             stored[where] += 1
         assert set(stored[stored > 0].tolist()) == {2}
-        got, want = client.export("t", marks=mark), at_mark
-        og, ow = np.argsort(got["keys"]), np.argsort(want["keys"])
-        for k in want:
-            np.testing.assert_array_equal(got[k][og], want[k][ow], err_msg=k)
+        assert_same_rows(client.export("t", marks=mark), at_mark, "t at its mark")

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from jaxps.trainer import LOSS_LOG
+
 ARGS = ["model.placement=host:hashed", "model.rows=65536", "data.synthetic.n_train=12000",
         "data.synthetic.n_test=3000", "data.batch_size=512", "train.progress=false",
         "train.tensorboard=false", "train.log_every=6", "train.checkpoint_every=6",
@@ -61,8 +63,8 @@ def reference(tmp_path_factory):
 
 
 def _losses(out_dir) -> list[tuple[int, float]]:
-    """(step, loss) of every step in a run's loss log (`jaxps.trainer.LOSS_LOG`), in order."""
-    path = out_dir / "train_loss.jsonl"
+    """(step, loss) of every step in a run's loss log, in order."""
+    path = out_dir / LOSS_LOG
     return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines())]
 
 
