@@ -15,14 +15,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxps.mesh import MeshConfig, make_mesh
 from jaxps.parallel.pipeline import pipeline_value_and_grad
-from jaxps.parallel.schedule import build
+from jaxps.parallel.schedule import DEFAULT, build
 from jaxps.parallel.tensor import spec_for
 
 
 @dataclass
 class LMConfig:
     mesh: MeshConfig = field(default_factory=lambda: MeshConfig(data=2, stage=2, model=2))
-    schedule: str = "1f1b"
+    schedule: str = DEFAULT
     microbatches: int = 4
     batch: int = 32               # global sequences per step
     steps: int = 60

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from jaxps.mesh import AXES, axis_size
-from jaxps.parallel.schedule import KINDS
+from jaxps.parallel.schedule import DEFAULT, KINDS
 
 if TYPE_CHECKING:  # JAX only where shardings are built: a PS server reads placements too
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -88,7 +88,7 @@ class Staged:
 
     axis: str = "stage"
     microbatches: int = 4
-    schedule: str = "1f1b"   # one of SCHEDULES (jaxps.parallel.schedule), run with the loss inside
+    schedule: str = DEFAULT  # one of SCHEDULES (jaxps.parallel.schedule), run with the loss inside
     realm: ClassVar[int] = 4
     # one chunk per stage: every kind but the interleaved ones
     SCHEDULES: ClassVar[tuple[str, ...]] = tuple(k for k in KINDS if "interleaved" not in k)
@@ -180,7 +180,7 @@ def parse(text: str) -> Placement:
     if kind == "staged":
         m, _, schedule = arg.partition(":")
         try:
-            return Staged(microbatches=int(m) if m else 4, schedule=schedule or "1f1b")
+            return Staged(microbatches=int(m) if m else 4, schedule=schedule or DEFAULT)
         except ValueError as e:
             raise ValueError(f"placement {text!r}: {e}") from None
     if kind == "blocked":

@@ -4,7 +4,9 @@ import itertools
 
 import pytest
 
-from jaxps.parallel.schedule import SPLIT, build
+from jaxps.lm import LMConfig
+from jaxps.parallel.schedule import DEFAULT, SPLIT, build
+from jaxps.placement import Staged
 
 CASES = [("gpipe", s, m, 1) for s, m in itertools.product((2, 4), (4, 8))] + \
         [(k, s, m, 1) for k, s, m in itertools.product(("1f1b", "1f1b-paired"), (1, 2, 3, 4), (1, 4, 8, 16))] + \
@@ -52,6 +54,17 @@ def test_1f1b_stash_is_bounded_by_stages_and_gpipe_is_not(S, M):
     assert build("gpipe", S, M).max_stash()[0] == M
     # paired 1F1B: stage s holds 2(S-1-s)+1 (the round trip in synchronous ticks; see schedule.py)
     assert build("1f1b-paired", S, M).max_stash() == [min(M, 2 * (S - 1 - s) + 1) for s in range(S)]
+
+
+@pytest.mark.parametrize("S,M", [(2, 8), (4, 8), (4, 16), (8, 32)])
+def test_default_schedule_keeps_1f1b_stash_bound_and_beats_its_lockstep_bubble(S, M):
+    """The default a Staged tower runs (schedule.DEFAULT, see why there): 1F1B's bound on
+    microbatches held per stage, and in synchronous ticks a bubble below the theory, where
+    the textbook 1F1B table's is above it."""
+    default, plain = build(DEFAULT, S, M), build("1f1b", S, M)
+    assert max(default.max_stash()) <= S
+    assert default.lockstep_bubble(2.0) < default.theory_bubble() < plain.lockstep_bubble(2.0)
+    assert Staged().schedule == DEFAULT and LMConfig().schedule == DEFAULT
 
 
 @pytest.mark.parametrize("kind", ["gpipe", "1f1b", "1f1b-paired"])
