@@ -205,7 +205,9 @@ def test_interleaved_pipeline_equals_unpipelined(kind, S, M, V, data, remat):
 
 @pytest.mark.parametrize("kind,V,remat", [("1f1b", 1, False), ("1f1b", 1, True), ("1f1b-paired", 1, False),
                                            ("1f1b-paired", 1, True), ("zb-h1", 1, False), ("zb-h1", 1, True),
-                                           ("1f1b-split", 1, False), ("interleaved-zb", 2, False)])
+                                           ("1f1b-split", 1, False), ("interleaved-zb", 2, False),
+                                           ("gpipe", 1, False), ("gpipe-split", 1, False), ("interleaved", 2, False),
+                                           ("interleaved-paired", 2, False), ("interleaved-split", 2, False)])
 def test_pipeline_composes_with_tensor_parallel_blocks(kind, V, remat):
     """DP x PP x TP on a 2x2x2 mesh: each stage's block is Megatron-split over `model`
     (column then row), the pipeline runs over `stage` (V chunks per stage), the batch over
