@@ -37,7 +37,7 @@ from jaxps.dense_table import DENSE_TABLE, DenseTable
 from jaxps.groups import WorkerGroup
 from jaxps.memory import aligned_empty
 from jaxps.ps.client import DaemonPool, PSClient, embedded, retryable
-from jaxps.ps.clock import DONE, SyncTimeout
+from jaxps.ps.clock import DONE, GATE_TIMEOUT, SyncTimeout
 from jaxps.ps.keyindex import KeyIndex
 from jaxps.ps.server import SYNC_STATS, TableSpec
 from jaxps.snapshot import Pieces, Snapshot, joined
@@ -367,7 +367,7 @@ class HostTables:
         `clock`."""
         self.ps.wait_clock(self.group.clock_id, clock)
 
-    RESTORE_TIMEOUT = 600.0  # seconds a resumed process waits for the others (the gate's limit)
+    RESTORE_TIMEOUT = GATE_TIMEOUT  # seconds a resumed process waits for the others
 
     def wait_for_restore(self, step: int) -> None:
         """A resumed worker-group process (of any group; after `begin(step)`): wait until

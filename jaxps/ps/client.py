@@ -116,7 +116,7 @@ class DaemonPool:
     """`submit` as ThreadPoolExecutor's, on daemon threads. A worker group's pull may wait
     at the servers' clock gate for groups that never come (a dead or finished job);
     ThreadPoolExecutor joins its threads at interpreter exit, so such a pull would hold the
-    process up for the gate's whole timeout (600 s). Abandoning a waiting read is safe."""
+    process up for the gate's whole timeout (clock.GATE_TIMEOUT). Abandoning a waiting read is safe."""
 
     def __init__(self, max_workers: int, thread_name_prefix: str):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

@@ -20,6 +20,10 @@ import time
 from dataclasses import dataclass
 
 DONE = 1 << 62   # the clock of a group that finished: it no longer holds anyone back
+# Seconds a pull (or a resumed process) waits at the clock gate for slower worker groups
+# before it fails: long enough for a peer group's restart (compile, snapshot load), short
+# enough that a dead group stops the others with an error, not forever.
+GATE_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True)

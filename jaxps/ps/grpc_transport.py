@@ -34,7 +34,7 @@ import grpc
 import numpy as np
 
 from jaxps.ps import wire
-from jaxps.ps.clock import Sync, SyncTimeout
+from jaxps.ps.clock import GATE_TIMEOUT, Sync, SyncTimeout
 from jaxps.ps.ring import Ring
 from jaxps.ps.server import Frozen, PSError, PSServer, TableSpec, WrongOwner
 
@@ -329,11 +329,12 @@ class GrpcTransport:
     it once; `push` then returns False for a retry whose first attempt had landed). Other
     failures raise at once: `PSRemoteError` (a `PSError`) when the server refused the
     request, `PSRPCError` otherwise. A worker group's pull may also wait up to `wait_timeout`
-    seconds at the server for slower groups (the server's own limit decides first)."""
+    seconds at the server for slower groups (the server's own limit, GATE_TIMEOUT unless set,
+    decides first)."""
 
     def __init__(self, address: str, token: str | bytes | None = None, timeout: float = 30.0,
                  attempts: int = 3, backoff: float = 0.05, chunk_bytes: int = CHUNK_BYTES,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, wait_timeout: float = 660.0):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, wait_timeout: float = GATE_TIMEOUT + 60.0):
         if chunk_bytes + 4096 > max_message_bytes:
             raise ValueError("chunk_bytes must leave room under max_message_bytes")
         if chunk_bytes < wire.HEADER_BYTES + wire.MAX_TABLE + wire.MAX_TOKEN:

@@ -29,7 +29,7 @@ from jaxps.optim import rowwise
 from jaxps.optim.rowwise import RowOptimizer
 from jaxps.ps import store as store_mod
 from jaxps.ps.batched import ADAGRAD_KIND, SGD_KIND, PartitionArrays, keep_fresh, pull_runs, push_runs
-from jaxps.ps.clock import DONE, GroupClocks, Sync, SyncTimeout
+from jaxps.ps.clock import DONE, GATE_TIMEOUT, GroupClocks, Sync, SyncTimeout
 from jaxps.ps.cow import PendingCopy, finish
 from jaxps.ps.fused import fused_update
 from jaxps.ps.initrows import init_salt
@@ -134,7 +134,7 @@ def _unpack_pushes(data: dict[str, np.ndarray], prefix: str) -> list[tuple]:
 
 class PSServer:
     def __init__(self, name: str, ring: Ring, tables: Sequence[TableSpec], replicas: int = 0,
-                 wait_timeout: float | None = 600.0, threads: int = 1):
+                 wait_timeout: float | None = GATE_TIMEOUT, threads: int = 1):
         """threads: a pull or push of at least `PARALLEL_KEYS` keys splits its partitions over
         this many threads (the numba kernels release the GIL; partitions have their own
         locks): a second core adds memory-level parallelism where one is free. Default 1:
