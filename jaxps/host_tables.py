@@ -63,13 +63,21 @@ class HostPlan:
     capacity: int
     index: KeyIndex | None = None  # keys -> their place in `keys` (dedup's; built on demand)
 
+    def positions(self, keys: np.ndarray) -> np.ndarray:
+        """Each key's place in `self.keys` (-1 where absent)."""
+        self._ensure_index()
+        return self.index.find(keys)
+
+    def _ensure_index(self) -> None:
+        if self.index is None:
+            self.index = KeyIndex(capacity=max(16, self.keys.shape[0]))
+            self.index.find_or_insert(self.keys)
+
     def mark_shared(self, keys: np.ndarray, shared: np.ndarray) -> bool:
         """shared[i] = True where self.keys[i] is one of `keys`; whether any is: a strict
         repair's overlap test, one nogil numba probe (np.isin sorts both sets under the
         GIL: ~10x slower; a find plus numpy passes handed the GIL over 3 times)."""
-        if self.index is None:
-            self.index = KeyIndex(capacity=max(16, self.keys.shape[0]))
-            self.index.find_or_insert(self.keys)
+        self._ensure_index()
         return self.index.mark_found(keys, shared) > 0
 
 
@@ -87,6 +95,16 @@ class ProcessShare:
     mask: np.ndarray                   # [global B, F] of the whole batch
     ids: Callable[[str], np.ndarray]   # feature -> its [global B, F] ids
     lo: int                            # this process's first example in the whole batch
+
+
+@dataclass
+class LocalApply:
+    """A strict repair's request to the push thread: before it sends push `index`, compute
+    that push's outcome for the keys the next step shares with it (`keys`, per table), so
+    the next step need not wait for the servers to apply it (`HostTables.repair`)."""
+    keys: dict[str, np.ndarray]
+    where: dict[str, np.ndarray]  # their places in the next step's plan
+    rows: Future  # -> {table: the new rows of `keys`}
 
 
 def _dedup(t: Table, ids: np.ndarray, mask: np.ndarray, owners: int = 1) -> Dedup:
@@ -124,7 +142,7 @@ class HostTables:
         # (training thread, at the in-flight bound), grads_wait (push thread: the step's
         # gradients come off the device) and push (push thread: the servers apply them).
         self.seconds = dict.fromkeys(("plan", "pull", "repair_probe", "repair_wait", "repair_pull", "push_blocked",
-                                      "grads_wait", "push"), 0.0)
+                                      "grads_wait", "local_apply", "push"), 0.0)
         self.capacity = {t.name: t.capacity for t in tables}
         self.strict, self.max_inflight_pushes = strict, max_inflight_pushes
         self._pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxps-push")  # in order
@@ -138,6 +156,19 @@ class HostTables:
         self._log: dict[int, tuple[Future, dict[str, np.ndarray]]] = {}  # push index -> (done, keys)
         self._lock = threading.Lock()
         self.repaired_rows = 0                             # rows pulled again by strict repairs
+        self.local_rows_applied = 0                        # rows a strict repair took from a local apply
+        # Strict local apply: a strict repair needs the previous step's push applied to the
+        # rows the next step shares with it. Instead of waiting for the servers (the push of
+        # every row of the step, then a re-pull), the push thread reads those rows and their
+        # optimizer slots before it sends the push and runs the same row-wise update
+        # (`RowOptimizer.update(numpy, ...)`, which the servers' fused kernels equal bit for
+        # bit). Exact only where this client is the rows' one writer and the servers store
+        # every pushed key as the update says: one in-process server (the embedded
+        # default), no worker group, no admission or eviction.
+        self._local = (strict and group is None and dense is None and self.ps.reads_slots
+                       and all(t.placement.min_count == 1 and t.placement.max_rows is None for t in tables))
+        self._claims: dict[int, LocalApply] = {}          # push index -> its local apply request
+        self._decided = 0                                  # pushes whose send passed the claim check
         # a gradient block's rows of this process (several processes: its shards' rows)
         self.local_rows: Callable[[object], np.ndarray] = np.asarray
 
@@ -232,8 +263,10 @@ class HostTables:
 
     def repair(self, plans: dict[str, HostPlan], rows: dict[str, np.ndarray], mark: int) -> None:
         """Strict mode: for pushes not applied at `mark`, wait for those that share keys with
-        this batch and pull the shared keys again into `rows` (in place). For SSP/ASP worker
-        groups that is read-my-writes (as in Bosen's SSP): a group's step sees all of its own
+        this batch and pull the shared keys again into `rows` (in place); with the local
+        apply (see __init__), the newest push's outcome on the shared keys comes from the
+        push thread instead, computed before that push is sent. For SSP/ASP worker groups
+        that is read-my-writes (as in Bosen's SSP): a group's step sees all of its own
         earlier pushes, and only other groups' may be up to s steps stale."""
         if not self.strict or (self.group is not None and self.group.policy.bsp):
             return  # BSP groups: the clock gate already waited for every push of the last step
@@ -242,11 +275,13 @@ class HostTables:
             log = dict(self._log)
         if issued == mark:
             return
+        since = [log.get(i) for i in range(mark, issued)]
+        claim = self._claim_local_apply(plans, since[-1], issued - 1) if self._local else None
+        waited = since[:-1] if claim is not None else since  # the last push: applied locally
         for name, p in plans.items():
-            since = [log.get(i) for i in range(mark, issued)]
             # too old to know, or the dense table (every push carries all of its rows): pull
             # the batch again, with no per-step index of keys that are all shared anyway
-            if name == DENSE_TABLE or any(entry is None for entry in since):
+            if name == DENSE_TABLE or any(entry is None for entry in waited):
                 shared = np.ones(p.keys.shape[0], bool)
                 for f in list(self._inflight):
                     f.result()
@@ -256,11 +291,13 @@ class HostTables:
                 # between the last push landing and the step (strict steps wait for it)
                 t0 = time.perf_counter()
                 shared = np.zeros(p.keys.shape[0], bool)
-                hits = [done for done, keys in since if p.mark_shared(keys[name], shared)]
+                hits = [done for done, keys in waited if p.mark_shared(keys[name], shared)]
+                if claim is not None:  # the local apply reads these after every older push landed
+                    shared[claim.where[name]] = False
                 t1 = time.perf_counter()
                 self.seconds["repair_probe"] += t1 - t0
-                for done in reversed(hits):  # pushes run in order: once the last one is
-                    done.result()            # applied the others are (this raises their errors)
+                for done in reversed(hits if shared.any() else []):  # pushes run in order: once the
+                    done.result()  # last one is applied the others are (this raises their errors)
                 self.seconds["repair_wait"] += time.perf_counter() - t1
             if shared.any():
                 t0 = time.perf_counter()
@@ -268,6 +305,49 @@ class HostTables:
                 rows[name][idx] = self.ps.pull(name, p.keys[idx], memo=False)
                 self.repaired_rows += idx.size
                 self.seconds["repair_pull"] += time.perf_counter() - t0
+        if claim is not None:  # after the re-pulls: the last push's outcome is the newest
+            t0 = time.perf_counter()
+            new_rows = claim.rows.result()
+            self.seconds["repair_wait"] += time.perf_counter() - t0
+            for name, where in claim.where.items():
+                rows[name][where] = new_rows[name]
+                self.local_rows_applied += where.shape[0]
+
+    def _claim_local_apply(self, plans: dict[str, HostPlan], last: tuple | None, index: int) -> LocalApply | None:
+        """Ask push `index` (the newest, `last` its log entry) for its outcome on the keys
+        these plans share with it; None where it is already being sent (or forgotten)."""
+        if last is None:
+            return None
+        t0 = time.perf_counter()
+        keys, where = {}, {}
+        for name, p in plans.items():
+            shared = np.zeros(p.keys.shape[0], bool)
+            p.mark_shared(last[1][name], shared)
+            where[name] = np.flatnonzero(shared)
+            keys[name] = p.keys[where[name]]
+        self.seconds["repair_probe"] += time.perf_counter() - t0
+        claim = LocalApply(keys, where, Future())
+        with self._lock:
+            if self._decided > index:
+                return None
+            self._claims[index] = claim
+        return claim
+
+    def _apply_locally(self, plans: dict[str, HostPlan], host_grads: dict, keys: dict[str, np.ndarray],
+                       step: int) -> dict[str, np.ndarray]:
+        """The rows `keys` will hold once this step's push is applied: their rows and
+        optimizer slots as the servers hold them now (every earlier push of this client is
+        applied: pushes are sent in order), updated as a server updates them."""
+        out = {}
+        for name, k in keys.items():
+            if not k.size:
+                out[name] = np.zeros((0, self.ps.tables[name].dim), np.float32)
+                continue
+            rows, slots = self.ps.pull_with_slots(name, k)
+            grads = np.ascontiguousarray(host_grads[name][plans[name].positions(k)], np.float32)
+            new, _ = self.ps.tables[name].optimizer.update(np, rows, slots, grads, np.float32(step))
+            out[name] = np.asarray(new, np.float32)
+        return out
 
     def push(self, plans: dict[str, HostPlan], grads: dict, step: int) -> None:
         """Queue the push of this step's row gradients (device arrays are read on the push
@@ -279,19 +359,37 @@ class HostTables:
         self.seconds["push_blocked"] += time.perf_counter() - t0
 
         group = self.group.clock_id if self.group is not None else -1
+        with self._lock:
+            index = self._issued
 
         def send():
-            t0 = time.perf_counter()
-            host_grads = {name: self.local_rows(grads[name]) for name in plans}  # waits for the step
-            t1 = time.perf_counter()
-            for name, p in plans.items():
-                self.ps.push(name, p.keys, host_grads[name][:p.keys.shape[0]], step, group)
-            self.seconds["grads_wait"] += t1 - t0
-            self.seconds["push"] += time.perf_counter() - t1
-            if group >= 0:  # this step is complete: the servers may release the next pulls
-                self.ps.clock(group, step, self.group.clocks, self.group.policy, self.cut_every)
-            with self._lock:
-                self._applied += 1
+            claim = None
+            try:
+                t0 = time.perf_counter()
+                host_grads = {name: self.local_rows(grads[name]) for name in plans}  # waits for the step
+                t1 = time.perf_counter()
+                with self._lock:  # from here on a repair no longer asks this push for a local apply
+                    claim = self._claims.pop(index, None)
+                    self._decided = index + 1
+                if claim is not None:
+                    claim.rows.set_result(self._apply_locally(plans, host_grads, claim.keys, step))
+                t2 = time.perf_counter()
+                for name, p in plans.items():
+                    self.ps.push(name, p.keys, host_grads[name][:p.keys.shape[0]], step, group)
+                self.seconds["grads_wait"] += t1 - t0
+                self.seconds["local_apply"] += t2 - t1
+                self.seconds["push"] += time.perf_counter() - t2
+                if group >= 0:  # this step is complete: the servers may release the next pulls
+                    self.ps.clock(group, step, self.group.clocks, self.group.policy, self.cut_every)
+                with self._lock:
+                    self._applied += 1
+            finally:  # a repair waiting on this push's local apply must not wait forever
+                with self._lock:
+                    self._decided = max(self._decided, index + 1)
+                    late = self._claims.pop(index, None)
+                for c in (claim, late):
+                    if c is not None and not c.rows.done():
+                        c.rows.set_exception(RuntimeError(f"push {index} failed before its local apply"))
 
         with self._lock:
             future = self._pusher.submit(send)

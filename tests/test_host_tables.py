@@ -44,6 +44,53 @@ def test_strict_hashed_host_table_equals_row_sharded(opt):
     assert sum(s["weights"]["keys"] for s in stats.values()) == len(touched)  # stored on push only
 
 
+@pytest.mark.parametrize("opt", ["adagrad", "ftrl", "adam", "sgd"])
+def test_strict_local_apply_equals_waiting_for_the_servers(opt):
+    """With one in-process server a strict repair takes the previous push's outcome on the
+    shared rows from the push thread's local apply instead of waiting for the servers:
+    bit-identical tables and losses to the waiting repair, and equal to the mesh's table."""
+    batches = make_batches(8, seed=15)
+    runs = {}
+    for local in (True, False):
+        model = SparseLR(SparseLRConfig(rows=ROWS, placement=HostTable("hashed"),
+                                        optimizer=rowwise.make(opt, **OPTIMIZERS[opt])))
+        t = Trainer(model, MeshConfig(), TrainConfig(progress=False, tensorboard=False, checkpoint=False,
+                                                     dense_optimizer="sgd", dense_learning_rate=0.01,
+                                                     compilation_cache=""))
+        assert t.steps.host._local  # the embedded default: one in-process server
+        t.steps.host._local = local
+        t.fit(batches)
+        runs[local] = t
+    applied = runs[True].steps.host.local_rows_applied
+    assert applied > 0 and runs[False].steps.host.local_rows_applied == 0
+    assert runs[True].steps.host.repaired_rows < runs[False].steps.host.repaired_rows
+    keys = np.arange(ROWS, dtype=np.uint64)
+    local_rows, waited_rows = (runs[k].steps.host.ps.pull("weights", keys) for k in (True, False))
+    assert np.abs(local_rows).max() > 1e-3
+    np.testing.assert_array_equal(local_rows, waited_rows)
+    assert [h["loss"] for h in runs[True].history] == [h["loss"] for h in runs[False].history]
+    dev, _ = _train(RowSharded("data"), opt, batches)
+    np.testing.assert_allclose(local_rows, np.asarray(dev.state["tables"]["weights"]["params"])[:ROWS],
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_local_apply_only_where_this_client_is_the_one_writer():
+    """Several servers, admission or eviction, worker groups, non-strict: the repair waits
+    for the servers (a local apply would not be exact there)."""
+    from jaxps.host_tables import HostTables
+    from jaxps.tables.table import Table
+
+    def local(placement, servers=1, strict=True):
+        t = Table("weights", rows=64, dim=4, placement=placement, optimizer=rowwise.make("adagrad"))
+        return HostTables([t], embedded([table_spec(t)], servers=servers), strict=strict)._local
+
+    assert local(HostTable("hashed")) and local(HostTable("collisionless"))
+    assert not local(HostTable("hashed"), servers=2)
+    assert not local(HostTable("collisionless", min_count=2))
+    assert not local(HostTable("collisionless", max_rows=32))
+    assert not local(HostTable("hashed"), strict=False)
+
+
 def test_train_config_ps_threads_split_requests_and_train_alike(monkeypatch):
     """TrainConfig.ps_threads: the embedded servers split each request's partitions over
     that many threads; training is bit-identical to one thread (partitions are disjoint)."""

@@ -74,6 +74,23 @@ def pull_runs(buckets, skeys, values, kbits, shift, tshift, parts, bounds, r0, r
         keep_fresh(bounds, r0, r1, keys, pos, out, slots, fresh_keys, fresh)
 
 
+@numba.njit(cache=True, nogil=True)
+def gather_slot_runs(acc, parts, bounds, r0, r1, pos, slots, init, out):
+    """out[pos[i]] = the optimizer slot row of keys[i] (slots[i] from `pull_runs`), `init`
+    where the key is not stored, for runs r0..r1-1: a pull's slots with its rows."""
+    dim = out.shape[1]
+    for r in range(r0, r1):
+        a = acc[parts[r]]
+        for i in range(bounds[r], bounds[r + 1]):
+            s = slots[i]
+            if s >= 0:
+                for j in range(dim):
+                    out[pos[i], j] = a[s, j]
+            else:
+                for j in range(dim):
+                    out[pos[i], j] = init
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def push_runs(buckets, skeys, values, acc, kbits, shift, tshift, sizes, limits, parts, bounds, r0, r1, apply,
               keys, grows, grads, slots, fresh_keys, fresh, scale, salt, slot_init, kind, lr, eps):

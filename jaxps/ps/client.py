@@ -55,9 +55,10 @@ class InProcessTransport:
         self.alive = False
         self._server.clocks.fail(ConnectionError(f"PS server {self._server.name} is down"))
 
-    def pull(self, table, keys, group=-1, clock=0, ring_version=-1, client=-1, out=None):
-        """`out`: write the rows there (no copy; only an in-process server can)."""
-        return self.server.pull(table, keys, group, clock, ring_version, client, out)
+    def pull(self, table, keys, group=-1, clock=0, ring_version=-1, client=-1, out=None, slots_out=None):
+        """`out`: write the rows there (no copy; only an in-process server can); `slots_out`:
+        the optimizer slots too (`PSServer.pull`)."""
+        return self.server.pull(table, keys, group, clock, ring_version, client, out, slots_out)
 
     def push(self, table, keys, grads, request_id, step, group=-1, ring_version=-1):
         return self.server.push(table, keys, grads, request_id, step, group, ring_version)
@@ -249,6 +250,26 @@ class PSClient:
                              f"[{keys.shape[0]}, {self.tables[table].dim}] array, got {out.dtype}{list(out.shape)}")
         client = self.client_id if memo else -1
         return self._with_retries("pull", lambda: self._pull(table, keys, group, clock, out, client))
+
+    @property
+    def reads_slots(self) -> bool:
+        """Whether `pull_with_slots` works: one server, in this process."""
+        return len(self.ring.servers) == 1 and isinstance(self.transports[self.ring.servers[0]],
+                                                          InProcessTransport)
+
+    def pull_with_slots(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Rows [n, dim] of unique `keys` and their optimizer slots, read together (a key's
+        row and slots are of the same push), with no memo. Only where `reads_slots`."""
+        if not self.reads_slots:
+            raise ValueError("pull_with_slots needs one in-process server")
+        keys = np.ascontiguousarray(keys, np.uint64)
+        spec = self.tables[table]
+        rows = np.empty((keys.shape[0], spec.dim), np.float32)
+        slots = {name: np.empty((keys.shape[0], spec.dim), np.float32) for name in spec.optimizer.slots}
+        server = self.ring.servers[0]
+        v = self.ring.version if self.ring_source is not None else -1
+        self._with_retries("pull", lambda: self.transports[server].pull(table, keys, -1, 0, v, -1, rows, slots))
+        return rows, slots
 
     def _server_pull(self, server: str, table, keys, group, clock, v, client, out):
         """One server's reply, in `out` when given."""

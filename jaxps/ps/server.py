@@ -28,7 +28,8 @@ from jaxps.memory import take_rows
 from jaxps.optim import rowwise
 from jaxps.optim.rowwise import RowOptimizer
 from jaxps.ps import store as store_mod
-from jaxps.ps.batched import ADAGRAD_KIND, SGD_KIND, PartitionArrays, keep_fresh, pull_runs, push_runs
+from jaxps.ps.batched import (ADAGRAD_KIND, SGD_KIND, PartitionArrays, gather_slot_runs, keep_fresh, pull_runs,
+                               push_runs)
 from jaxps.ps.clock import DONE, GATE_TIMEOUT, GroupClocks, Sync, SyncTimeout
 from jaxps.ps.cow import PendingCopy, finish
 from jaxps.ps.fused import fused_update
@@ -413,14 +414,21 @@ class PSServer:
                              f"the group is at {self.ring.version}: refresh the ring")
 
     def pull(self, table: str, keys: np.ndarray, group: int = -1, clock: int = 0,
-             ring_version: int = -1, client: int = -1, out: np.ndarray | None = None) -> np.ndarray:
+             ring_version: int = -1, client: int = -1, out: np.ndarray | None = None,
+             slots_out: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Rows [n, dim] float32 of `keys` (all in partitions this server owns), written into
         `out` when given (a C-contiguous [n, dim] float32 array; returned). With a
         worker `group` (>= 0), first wait as the consistency model requires of a pull at
         `clock` (the steps that group completed). `client` (>= 0): the id the client's
         pushes carry; its push of exactly these keys then reuses this pull's routing and
-        index lookups (`jaxps.ps.memo`)."""
+        index lookups (`jaxps.ps.memo`). `slots_out` ({optimizer slot: [n, dim] float32}):
+        also the keys' optimizer slots, read under the same locks as the rows (an unseen
+        key's are the optimizer's initial values), for a client that computes a push's
+        outcome itself (`HostTables`' strict local apply)."""
         spec = self._validate(table, keys)
+        if slots_out is not None and set(slots_out) != set(spec.optimizer.slots):
+            raise PSError(f"table {table!r}: slots_out must hold the optimizer's slots {spec.optimizer.slots}, "
+                          f"got {sorted(slots_out)}")
         if group >= 0:
             self.clocks.wait(group, clock, self.wait_timeout)
         self._fresh(ring_version)
@@ -447,12 +455,18 @@ class PSServer:
                     pull_runs(arrays.buckets, arrays.skeys, arrays.values, arrays.kbits, arrays.shift,
                               arrays.tshift, parts, bounds, r0, r1, ordered_keys, order, out, slots,
                               fresh_keys, fresh, float(spec.init_scale), salt, self._sink)
+                    if slots_out is not None and arrays.slot is not None and list(slots_out) == [arrays.slot]:
+                        gather_slot_runs(arrays.acc, parts, bounds, r0, r1, order, slots,
+                                         np.float32(spec.optimizer.slot_init(arrays.slot)), slots_out[arrays.slot])
+                        return [held[r][0].epoch for r in range(r0, r1)]
                 else:  # uint64 buckets somewhere: partition by partition
                     for r in range(r0, r1):
                         lo, hi = lo_list[r], lo_list[r + 1]
                         slots[lo:hi] = held[r][0].pull_into(ordered_keys[lo:hi], out, order[lo:hi])
                     if memo:
                         keep_fresh(bounds, r0, r1, ordered_keys, order, out, slots, fresh_keys, fresh)
+                if slots_out is not None:
+                    self._gather_slots(held, lo_list, r0, r1, slots, order, slots_out, spec.optimizer)
                 return [held[r][0].epoch for r in range(r0, r1)]
         epochs = [e for span in self._each_span(self._spans(bounds), pull_span) for e in span]
         if memo:
@@ -462,6 +476,24 @@ class PSServer:
         s["pulls"] += 1
         s["pulled_keys"] += keys.shape[0]
         return out
+
+    @staticmethod
+    def _gather_slots(held, lo_list, r0: int, r1: int, slots: np.ndarray, order: np.ndarray,
+                      slots_out: dict[str, np.ndarray], optimizer) -> None:
+        """slots_out[name][order[i]] = slot `name` of the i-th key in partition order (its
+        initial value where the key is not stored: slots[i] < 0), for partitions r0..r1."""
+        lo, hi = lo_list[r0], lo_list[r1]
+        where, pos = slots[lo:hi], order[lo:hi]
+        absent = where < 0
+        for name, dst in slots_out.items():
+            dst[pos[absent]] = optimizer.slot_init(name)
+        for r in range(r0, r1):
+            a, b = lo_list[r], lo_list[r + 1]
+            s = slots[a:b]
+            stored = s >= 0
+            if stored.any():
+                for name, dst in slots_out.items():
+                    dst[order[a:b][stored]] = held[r][0].slots[name][s[stored]]
 
     def push(self, table: str, keys: np.ndarray, grads: np.ndarray, request_id: tuple[int, int],
              step: int, group: int = -1, ring_version: int = -1) -> bool:
