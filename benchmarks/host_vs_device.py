@@ -15,7 +15,8 @@ DistributedModelParallel table-wise over gloo). `ratio_vs_torchrec` = jaxps on-m
 over TorchRec's; null with `torchrec_note` saying why when TorchRec is missing or fails.
 
 Usage: python benchmarks/host_vs_device.py [--quick] [--batch 4096] [--dim 16] [--devices 1] [--rounds N] [--hidden 256 128]
-       [--torchrec-procs 2] [--ps-threads 1] [--also-ps-threads 2 4] [--switch-interval-ms 5]
+       [--torchrec-procs 2] [--ps-threads 1] [--also-ps-threads 2 4] [--also-local-apply]
+       [--switch-interval-ms 5]
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from jaxps.placement import HostTable, RowSharded  # noqa: E402
 from jaxps.trainer import TrainConfig, Trainer  # noqa: E402
 
 
-def warm_trainer(placement, batches, args, strict=True, ps_threads=None) -> Trainer:
+def warm_trainer(placement, batches, args, strict=True, ps_threads=None, local_apply=False) -> Trainer:
     """A trainer of the benchmark's Wide&Deep with the embedding table at `placement`,
     compiled and its tables warmed on a few batches."""
     model = WideDeep(WideDeepConfig(num_slots=39, embed_rows=args.rows, embed_dim=args.dim,
@@ -49,7 +50,7 @@ def warm_trainer(placement, batches, args, strict=True, ps_threads=None) -> Trai
     t = Trainer(model, mesh, TrainConfig(progress=False, tensorboard=False, checkpoint=False,
                                          log_every=10_000, dense_optimizer="adam", dense_learning_rate=1e-3,
                                          compilation_cache="", ps_strict=strict,
-                                         ps_threads=ps_threads or args.ps_threads))
+                                         ps_threads=ps_threads or args.ps_threads, ps_local_apply=local_apply))
     t.fit(batches[:3])
     return t
 
@@ -169,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--also-ps-threads", type=int, nargs="*", default=[],
                    help="more thread counts to time the HostTable steps with (by_ps_threads), e.g. 2 4 8 on a "
                         "many-core accelerator host: the A/B that decides the default there, in the same run")
+    p.add_argument("--also-local-apply", action="store_true",
+                   help="also time strict steps with TrainConfig.ps_local_apply (ratio_local_apply): the A/B "
+                        "that decides its default on a many-core accelerator host")
     p.add_argument("--switch-interval-ms", type=float, default=None,
                    help="sys.setswitchinterval for the whole run (default: Python's 5 ms): a thread that "
                         "returns from a nogil call may wait this long for a busy training thread's GIL")
@@ -184,6 +188,8 @@ def main(argv=None) -> int:
     trainers = {"device": warm_trainer(RowSharded("data"), batches, args),
                 "strict": warm_trainer(HostTable("hashed"), batches, args, strict=True),
                 "nonstrict": warm_trainer(HostTable("hashed"), batches, args, strict=False)}
+    if args.also_local_apply:
+        trainers["strict_local"] = warm_trainer(HostTable("hashed"), batches, args, True, local_apply=True)
     for n in args.also_ps_threads:
         trainers[f"strict_{n}"] = warm_trainer(HostTable("hashed"), batches, args, True, n)
         trainers[f"nonstrict_{n}"] = warm_trainer(HostTable("hashed"), batches, args, False, n)
@@ -203,6 +209,9 @@ def main(argv=None) -> int:
         "seconds_per_step_host_strict": host_s, "seconds_per_step_host_nonstrict": loose_s,
         "ratio": host_s / device_s, "ratio_nonstrict": loose_s / device_s, "by_ps_threads": by_threads,
         "ratio_first_round": first["strict"] / first["device"],
+        "ratio_local_apply": timed["strict_local"][0] / device_s if args.also_local_apply else None,
+        "host_ms_per_step_local_apply": timed["strict_local"][1].get("host_ms_per_step") if args.also_local_apply
+        else None,
         "ratio_nonstrict_first_round": first["nonstrict"] / first["device"],
         "repaired_rows_strict": host_extra.get("repaired_rows"),
         "host_ms_per_step_strict": host_extra.get("host_ms_per_step"),

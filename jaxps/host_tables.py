@@ -157,16 +157,19 @@ class HostTables:
         self._lock = threading.Lock()
         self.repaired_rows = 0                             # rows pulled again by strict repairs
         self.local_rows_applied = 0                        # rows a strict repair took from a local apply
-        # Strict local apply: a strict repair needs the previous step's push applied to the
-        # rows the next step shares with it. Instead of waiting for the servers (the push of
-        # every row of the step, then a re-pull), the push thread reads those rows and their
-        # optimizer slots before it sends the push and runs the same row-wise update
-        # (`RowOptimizer.update(numpy, ...)`, which the servers' fused kernels equal bit for
-        # bit). Exact only where this client is the rows' one writer and the servers store
-        # every pushed key as the update says: one in-process server (the embedded
-        # default), no worker group, no admission or eviction.
-        self._local = (strict and group is None and dense is None and self.ps.reads_slots
-                       and all(t.placement.min_count == 1 and t.placement.max_rows is None for t in tables))
+        # Strict local apply (opt-in, TrainConfig.ps_local_apply): a strict repair needs the
+        # previous step's push applied to the rows the next step shares with it. Instead of
+        # waiting for the servers (the push of every row of the step, then a re-pull), the
+        # push thread reads those rows and their optimizer slots before it sends the push
+        # and runs the same row-wise update (`RowOptimizer.update(numpy, ...)`, which the
+        # servers' fused kernels equal bit for bit). Exact only where this client is the
+        # rows' one writer and the servers store every pushed key as the update says: one
+        # in-process server (the embedded default), no worker group, no admission or
+        # eviction (`local_apply_eligible`).
+        self.local_apply_eligible = (strict and group is None and dense is None and self.ps.reads_slots
+                                     and all(t.placement.min_count == 1 and t.placement.max_rows is None
+                                             for t in tables))
+        self.local_apply = False
         self._claims: dict[int, LocalApply] = {}          # push index -> its local apply request
         self._decided = 0                                  # pushes whose send passed the claim check
         # a gradient block's rows of this process (several processes: its shards' rows)
@@ -276,7 +279,8 @@ class HostTables:
         if issued == mark:
             return
         since = [log.get(i) for i in range(mark, issued)]
-        claim = self._claim_local_apply(plans, since[-1], issued - 1) if self._local else None
+        local = self.local_apply and self.local_apply_eligible
+        claim = self._claim_local_apply(plans, since[-1], issued - 1) if local else None
         waited = since[:-1] if claim is not None else since  # the last push: applied locally
         for name, p in plans.items():
             # too old to know, or the dense table (every push carries all of its rows): pull

@@ -82,6 +82,14 @@ class TrainConfig:
     # key). Raise it on many-core hosts with fast accelerators (cores left over besides the
     # input, push and XLA threads); 1 where the PS shares a few cores with the device step.
     ps_threads: int = 1
+    # Strict HostTable steps take the previous push's outcome on the rows they share with it
+    # from a local apply on the push thread (bit-identical) instead of waiting for the
+    # servers to apply it and pulling again (HostTables; one in-process server only). It
+    # takes the push off a strict step's critical path but adds ~20k lookups and an update
+    # per step: on 2 cores that extra work made strict steps slower (38-43 vs 35-37 ms), so
+    # it is off until a many-core accelerator host's A/B (host_vs_device --also-local-apply)
+    # says otherwise.
+    ps_local_apply: bool = False
 
     def __post_init__(self):
         if self.loss_reduction not in ("sum", "mean"):
@@ -116,6 +124,8 @@ class Trainer:
             self.config.dense_optimizer, self.config.dense_learning_rate), self.config.loss_reduction, ps,
             self.config.ps_strict, self.config.ps_max_inflight_pushes, group,
             (self.config.dense_optimizer, self.config.dense_learning_rate), self.config.ps_threads)
+        if self.steps.host is not None:
+            self.steps.host.local_apply = self.config.ps_local_apply
         if group is not None and group.count > 1 and not group.policy.bsp and self.steps.host is not None:
             # SSP/ASP: periodic checkpoints read cuts the servers copy at those steps (BSP
             # needs none: its steps settle one at a time)

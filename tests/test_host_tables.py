@@ -56,9 +56,9 @@ def test_strict_local_apply_equals_waiting_for_the_servers(opt):
                                         optimizer=rowwise.make(opt, **OPTIMIZERS[opt])))
         t = Trainer(model, MeshConfig(), TrainConfig(progress=False, tensorboard=False, checkpoint=False,
                                                      dense_optimizer="sgd", dense_learning_rate=0.01,
-                                                     compilation_cache=""))
-        assert t.steps.host._local  # the embedded default: one in-process server
-        t.steps.host._local = local
+                                                     compilation_cache="", ps_local_apply=local))
+        assert t.steps.host.local_apply_eligible  # the embedded default: one in-process server
+        assert t.steps.host.local_apply == local
         t.fit(batches)
         runs[local] = t
     applied = runs[True].steps.host.local_rows_applied
@@ -75,14 +75,14 @@ def test_strict_local_apply_equals_waiting_for_the_servers(opt):
 
 
 def test_local_apply_only_where_this_client_is_the_one_writer():
-    """Several servers, admission or eviction, worker groups, non-strict: the repair waits
-    for the servers (a local apply would not be exact there)."""
+    """Several servers, admission or eviction, non-strict: the repair waits for the servers
+    (a local apply would not be exact there), whatever ps_local_apply says."""
     from jaxps.host_tables import HostTables
     from jaxps.tables.table import Table
 
     def local(placement, servers=1, strict=True):
         t = Table("weights", rows=64, dim=4, placement=placement, optimizer=rowwise.make("adagrad"))
-        return HostTables([t], embedded([table_spec(t)], servers=servers), strict=strict)._local
+        return HostTables([t], embedded([table_spec(t)], servers=servers), strict=strict).local_apply_eligible
 
     assert local(HostTable("hashed")) and local(HostTable("collisionless"))
     assert not local(HostTable("hashed"), servers=2)
