@@ -34,7 +34,7 @@ run() {  # run NAME PLATFORM SECONDS ARGS...
 }
 
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tail -1 | tee -a "$log"
-run host_vs_device accel 110 --also-ps-threads 4 --also-local-apply --rounds 3
+run host_vs_device accel 110 --quick --also-ps-threads 4 --also-local-apply  # 3 interleaved rounds of 12 steps
 run pipeline cpu 180 --quick
 run checkpoint_overhead accel 120 --rounds 3 --interval-seconds 5
 run ps_throughput cpu 150
