@@ -43,7 +43,7 @@ from jaxps.trainer import TrainConfig, Trainer  # noqa: E402
 
 def warm_trainer(placement, batches, args, strict=True, ps_threads=None, local_apply=False) -> Trainer:
     """A trainer of the benchmark's Wide&Deep with the embedding table at `placement`,
-    compiled and its tables warmed on a few batches."""
+    compiled and its tables warmed on `batches` (a few, not timed)."""
     model = WideDeep(WideDeepConfig(num_slots=39, embed_rows=args.rows, embed_dim=args.dim,
                                     wide_rows=args.rows, hidden=tuple(args.hidden), embed_placement=placement))
     mesh = make_mesh(MeshConfig(data=args.devices), jax.devices()[:args.devices])
@@ -51,7 +51,7 @@ def warm_trainer(placement, batches, args, strict=True, ps_threads=None, local_a
                                          log_every=10_000, dense_optimizer="adam", dense_learning_rate=1e-3,
                                          compilation_cache="", ps_strict=strict,
                                          ps_threads=ps_threads or args.ps_threads, ps_local_apply=local_apply))
-    t.fit(batches[:3])
+    t.fit(batches)
     return t
 
 
@@ -182,17 +182,18 @@ def main(argv=None) -> int:
     steps = 12 if args.quick else 40
     rounds = args.rounds or (3 if args.quick else 5)
     planted = PlantedModel(SyntheticConfig(num_fields=39, vocab_size=10_000, seed=0))
-    data, _ = planted.sample(args.batch * steps * rounds, seed=1)
+    data, _ = planted.sample(args.batch * (3 + steps * rounds), seed=1)
     batches = [data.slice(i, i + args.batch) for i in range(0, data.size, args.batch)]
+    warm, batches = batches[:3], batches[3:]  # compile and warm on batches no round replays
     per_round = [batches[r * steps:(r + 1) * steps] for r in range(rounds)]
-    trainers = {"device": warm_trainer(RowSharded("data"), batches, args),
-                "strict": warm_trainer(HostTable("hashed"), batches, args, strict=True),
-                "nonstrict": warm_trainer(HostTable("hashed"), batches, args, strict=False)}
+    trainers = {"device": warm_trainer(RowSharded("data"), warm, args),
+                "strict": warm_trainer(HostTable("hashed"), warm, args, strict=True),
+                "nonstrict": warm_trainer(HostTable("hashed"), warm, args, strict=False)}
     if args.also_local_apply:
-        trainers["strict_local"] = warm_trainer(HostTable("hashed"), batches, args, True, local_apply=True)
+        trainers["strict_local"] = warm_trainer(HostTable("hashed"), warm, args, True, local_apply=True)
     for n in args.also_ps_threads:
-        trainers[f"strict_{n}"] = warm_trainer(HostTable("hashed"), batches, args, True, n)
-        trainers[f"nonstrict_{n}"] = warm_trainer(HostTable("hashed"), batches, args, False, n)
+        trainers[f"strict_{n}"] = warm_trainer(HostTable("hashed"), warm, args, True, n)
+        trainers[f"nonstrict_{n}"] = warm_trainer(HostTable("hashed"), warm, args, False, n)
     timed, first = interleaved_rounds(trainers, per_round)
     del trainers
     device_s = timed["device"][0]

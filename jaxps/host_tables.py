@@ -103,8 +103,8 @@ class LocalApply:
     that push's outcome for the keys the next step shares with it (`keys`, per table), so
     the next step need not wait for the servers to apply it (`HostTables.repair`)."""
     keys: dict[str, np.ndarray]
-    where: dict[str, np.ndarray]  # their places in the next step's plan
-    rows: Future  # -> {table: the new rows of `keys`}
+    where: dict[str, np.ndarray]             # their places in the next step's plan
+    rows: Future[dict[str, np.ndarray]]      # -> {table: the new rows of `keys`}
 
 
 def _dedup(t: Table, ids: np.ndarray, mask: np.ndarray, owners: int = 1) -> Dedup:
@@ -137,8 +137,9 @@ class HostTables:
         # Where the host path's time goes (seconds, summed; `stats()["__client__"]`). On a
         # fast accelerator these, not the device step, set the step time of a HostTable model:
         # plan and pull (input thread), repair_probe/repair_wait/repair_pull (training thread,
-        # strict: finding the keys shared with pushes in flight, waiting for them, pulling
-        # those keys again), push_blocked
+        # strict: finding the keys shared with pushes in flight, waiting for them -- or for
+        # a local apply's rows --, pulling those keys again), local_apply (push thread, with
+        # ps_local_apply: reading and updating the rows the next step shares), push_blocked
         # (training thread, at the in-flight bound), grads_wait (push thread: the step's
         # gradients come off the device) and push (push thread: the servers apply them).
         self.seconds = dict.fromkeys(("plan", "pull", "repair_probe", "repair_wait", "repair_pull", "push_blocked",
@@ -167,7 +168,7 @@ class HostTables:
         # in-process server (the embedded default), no worker group, no admission or
         # eviction (`local_apply_eligible`).
         self.local_apply_eligible = (strict and group is None and dense is None and self.ps.reads_slots
-                                     and all(t.placement.min_count == 1 and t.placement.max_rows is None
+                                     and self.ps.ring_source is None and all(t.placement.min_count == 1 and t.placement.max_rows is None
                                              for t in tables))
         self.local_apply = False
         self._claims: dict[int, LocalApply] = {}          # push index -> its local apply request
@@ -280,7 +281,7 @@ class HostTables:
             return
         since = [log.get(i) for i in range(mark, issued)]
         local = self.local_apply and self.local_apply_eligible
-        claim = self._claim_local_apply(plans, since[-1], issued - 1) if local else None
+        claim = self._claim_local_apply(plans, since[-1] and since[-1][1], issued - 1) if local else None
         waited = since[:-1] if claim is not None else since  # the last push: applied locally
         for name, p in plans.items():
             # too old to know, or the dense table (every push carries all of its rows): pull
@@ -317,19 +318,23 @@ class HostTables:
                 rows[name][where] = new_rows[name]
                 self.local_rows_applied += where.shape[0]
 
-    def _claim_local_apply(self, plans: dict[str, HostPlan], last: tuple | None, index: int) -> LocalApply | None:
-        """Ask push `index` (the newest, `last` its log entry) for its outcome on the keys
-        these plans share with it; None where it is already being sent (or forgotten)."""
-        if last is None:
+    def _claim_local_apply(self, plans: dict[str, HostPlan], last_keys: dict[str, np.ndarray] | None,
+                           index: int) -> LocalApply | None:
+        """Ask push `index` (the newest; `last_keys` its keys per table) for its outcome on
+        the keys these plans share with it; None where it is already being sent, is
+        forgotten, or shares nothing."""
+        if last_keys is None:
             return None
         t0 = time.perf_counter()
         keys, where = {}, {}
         for name, p in plans.items():
             shared = np.zeros(p.keys.shape[0], bool)
-            p.mark_shared(last[1][name], shared)
+            p.mark_shared(last_keys[name], shared)
             where[name] = np.flatnonzero(shared)
             keys[name] = p.keys[where[name]]
         self.seconds["repair_probe"] += time.perf_counter() - t0
+        if not any(w.size for w in where.values()):
+            return None  # nothing shared: the step need not wait for that push at all
         claim = LocalApply(keys, where, Future())
         with self._lock:
             if self._decided > index:
@@ -337,8 +342,8 @@ class HostTables:
             self._claims[index] = claim
         return claim
 
-    def _apply_locally(self, plans: dict[str, HostPlan], host_grads: dict, keys: dict[str, np.ndarray],
-                       step: int) -> dict[str, np.ndarray]:
+    def _apply_locally(self, plans: dict[str, HostPlan], host_grads: dict[str, np.ndarray],
+                       keys: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
         """The rows `keys` will hold once this step's push is applied: their rows and
         optimizer slots as the servers hold them now (every earlier push of this client is
         applied: pushes are sent in order), updated as a server updates them."""
@@ -348,7 +353,9 @@ class HostTables:
                 out[name] = np.zeros((0, self.ps.tables[name].dim), np.float32)
                 continue
             rows, slots = self.ps.pull_with_slots(name, k)
-            grads = np.ascontiguousarray(host_grads[name][plans[name].positions(k)], np.float32)
+            pos = plans[name].positions(k)
+            assert pos.min(initial=0) >= 0, "a shared key missing from its own push's plan"
+            grads = np.ascontiguousarray(host_grads[name][pos], np.float32)
             new, _ = self.ps.tables[name].optimizer.update(np, rows, slots, grads, np.float32(step))
             out[name] = np.asarray(new, np.float32)
         return out
@@ -363,11 +370,9 @@ class HostTables:
         self.seconds["push_blocked"] += time.perf_counter() - t0
 
         group = self.group.clock_id if self.group is not None else -1
-        with self._lock:
-            index = self._issued
 
         def send():
-            claim = None
+            claim, error = None, None
             try:
                 t0 = time.perf_counter()
                 host_grads = {name: self.local_rows(grads[name]) for name in plans}  # waits for the step
@@ -376,6 +381,12 @@ class HostTables:
                     claim = self._claims.pop(index, None)
                     self._decided = index + 1
                 if claim is not None:
+                    # the servers' rows must hold every earlier push: one that failed (sends run
+                    # in order, so it is done) fails this local apply with its error
+                    earlier = self._log.get(index - 1)
+                    failed = earlier[0].exception() if earlier is not None and index > 0 else None
+                    if failed is not None:
+                        raise failed
                     claim.rows.set_result(self._apply_locally(plans, host_grads, claim.keys, step))
                 t2 = time.perf_counter()
                 for name, p in plans.items():
@@ -387,15 +398,19 @@ class HostTables:
                     self.ps.clock(group, step, self.group.clocks, self.group.policy, self.cut_every)
                 with self._lock:
                     self._applied += 1
+            except BaseException as e:
+                error = e
+                raise
             finally:  # a repair waiting on this push's local apply must not wait forever
                 with self._lock:
                     self._decided = max(self._decided, index + 1)
                     late = self._claims.pop(index, None)
                 for c in (claim, late):
                     if c is not None and not c.rows.done():
-                        c.rows.set_exception(RuntimeError(f"push {index} failed before its local apply"))
+                        c.rows.set_exception(error or RuntimeError(f"push {index} ended before its local apply"))
 
         with self._lock:
+            index = self._issued
             future = self._pusher.submit(send)
             self._log[self._issued] = (future, {name: p.keys for name, p in plans.items()})
             self._log.pop(self._issued - self._KEEP_PUSHES, None)
@@ -415,6 +430,7 @@ class HostTables:
                     agg[k] = agg.get(k, 0) + v
         for table in out:
             out[table]["repaired_rows"] = self.repaired_rows
+            out[table]["local_rows_applied"] = self.local_rows_applied
         out[CLIENT_STATS] = {f"{k}_seconds": v for k, v in self.seconds.items()}
         if sync:  # worker groups: clocks from the first server; waits summed over all
             out[SYNC_STATS] = dict(sync[0], waits=sum(s["waits"] for s in sync),

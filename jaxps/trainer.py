@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -126,6 +127,10 @@ class Trainer:
             (self.config.dense_optimizer, self.config.dense_learning_rate), self.config.ps_threads)
         if self.steps.host is not None:
             self.steps.host.local_apply = self.config.ps_local_apply
+            if self.config.ps_local_apply and not self.steps.host.local_apply_eligible:
+                warnings.warn("train.ps_local_apply is on but not used: it needs strict, one in-process PS "
+                              "server, no worker group, no admission (min_count) or eviction (max_rows)",
+                              stacklevel=2)
         if group is not None and group.count > 1 and not group.policy.bsp and self.steps.host is not None:
             # SSP/ASP: periodic checkpoints read cuts the servers copy at those steps (BSP
             # needs none: its steps settle one at a time)

@@ -202,10 +202,11 @@ def test_pipeline_family_pick_is_the_tables_not_the_measurements() -> None:
     import pipeline
     from jaxps.parallel.schedule import DEFAULT
 
-    kinds = {k: {"family": pipeline.family(k), "lockstep_model": pipeline.build(k, 4, 16, V).lockstep_bubble(2.0),
+    kinds = {k: {"family": pipeline.family(k), "virtual": V,
                  "measured_vs_theory": 9.0 if k in ("gpipe-split", "zb-h1", "interleaved-zb") else 0.5}
              for k, V in pipeline.SCHEDULES}
-    best = pipeline.best_per_family(kinds)
+    best = pipeline.best_per_family(kinds, 2, 8)
+    assert best == pipeline.best_per_family(kinds, 4, 16)
     assert {f: b["kind"] for f, b in best.items()} == {"gpipe": "gpipe-split", "1f1b": DEFAULT,
                                                        "interleaved": "interleaved-zb"}
     assert all(b["measured_vs_theory"] == 9.0 for b in best.values())

@@ -74,6 +74,90 @@ def test_strict_local_apply_equals_waiting_for_the_servers(opt):
                                rtol=1e-5, atol=1e-7)
 
 
+def _gated_host_tables(local_rows):
+    """HostTables of a hashed Adagrad table with local apply on, whose push thread reads a
+    step's gradients through `local_rows` (a test holds the push there), and two batches
+    sharing hot ids."""
+    import threading
+
+    from jaxps.host_tables import HostTables
+    model = SparseLR(SparseLRConfig(rows=ROWS, placement=HostTable("hashed"),
+                                    optimizer=rowwise.make("adagrad", **OPTIMIZERS["adagrad"])))
+    (t,) = model.tables()
+    ht = HostTables([t], embedded([table_spec(t)]))
+    ht.local_apply = True
+    gate = threading.Event()
+    ht.local_rows = lambda g: local_rows(gate, g)
+    b1, b2 = make_batches(2, seed=16)
+    p1 = ht.plan(b1)
+    r1, _ = ht.pull(p1)
+    ht.push(p1, {t.name: np.random.default_rng(0).normal(size=r1[t.name].shape).astype(np.float32)}, step=1)
+    p2 = ht.plan(b2)
+    r2, mark = ht.pull(p2)  # before push 1 is applied: it waits at the gate
+    assert mark == 0
+    return ht, t.name, gate, p2, r2
+
+
+def _repair_in_thread(ht, p2, r2):
+    import threading
+    errors = []
+
+    def run():
+        try:
+            ht.repair(p2, r2, 0)
+        except Exception as e:  # noqa: BLE001 - the test checks it
+            errors.append(e)
+    th = threading.Thread(target=run)
+    th.start()
+    return th, errors
+
+
+def _wait_for(cond, seconds=10.0):
+    import time
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_local_apply_serves_the_repair_before_the_push_lands():
+    """The repair registers its claim while push 1 waits for the step's gradients; the push
+    thread then computes the shared rows, and they equal the servers' after push 1."""
+    ht, name, gate, p2, r2 = _gated_host_tables(lambda gate, g: (gate.wait(30), np.asarray(g))[1])
+    th, errors = _repair_in_thread(ht, p2, r2)
+    _wait_for(lambda: 0 in ht._claims)
+    gate.set()
+    th.join(30)
+    assert not th.is_alive() and not errors
+    assert ht.local_rows_applied > 0 and ht.repaired_rows == 0
+    ht.flush()
+    keys = p2[name].keys
+    np.testing.assert_array_equal(r2[name][:keys.shape[0]], ht.ps.pull(name, keys))
+
+
+def test_local_apply_refused_once_the_push_is_sent_falls_back_to_waiting():
+    ht, name, gate, p2, r2 = _gated_host_tables(lambda gate, g: (gate.wait(30), np.asarray(g))[1])
+    gate.set()
+    ht.flush()  # push 1 sent and applied before the repair asks
+    ht.repair(p2, r2, 0)
+    assert ht.local_rows_applied == 0 and ht.repaired_rows > 0
+    keys = p2[name].keys
+    np.testing.assert_array_equal(r2[name][:keys.shape[0]], ht.ps.pull(name, keys))
+
+
+def test_local_apply_of_a_failing_push_raises_its_error_in_the_repair():
+    def fail(gate, g):
+        gate.wait(30)
+        raise ValueError("gradients could not be read")
+    ht, _, gate, p2, r2 = _gated_host_tables(fail)
+    th, errors = _repair_in_thread(ht, p2, r2)
+    _wait_for(lambda: 0 in ht._claims)
+    gate.set()
+    th.join(30)
+    assert not th.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], ValueError), errors
+
+
 def test_local_apply_only_where_this_client_is_the_one_writer():
     """Several servers, admission or eviction, non-strict: the repair waits for the servers
     (a local apply would not be exact there), whatever ps_local_apply says."""

@@ -6,7 +6,7 @@ import pytest
 
 from jaxps.lm import LMConfig
 from jaxps.parallel.schedule import DEFAULT, SPLIT, build
-from jaxps.placement import Staged
+from jaxps.placement import parse
 
 CASES = [("gpipe", s, m, 1) for s, m in itertools.product((2, 4), (4, 8))] + \
         [(k, s, m, 1) for k, s, m in itertools.product(("1f1b", "1f1b-paired"), (1, 2, 3, 4), (1, 4, 8, 16))] + \
@@ -64,7 +64,7 @@ def test_default_schedule_keeps_1f1b_stash_bound_and_beats_its_lockstep_bubble(S
     default, plain = build(DEFAULT, S, M), build("1f1b", S, M)
     assert max(default.max_stash()) <= S
     assert default.lockstep_bubble(2.0) < default.theory_bubble() < plain.lockstep_bubble(2.0)
-    assert Staged().schedule == DEFAULT and LMConfig().schedule == DEFAULT
+    assert parse("staged:4").schedule == DEFAULT and LMConfig().schedule == DEFAULT
 
 
 @pytest.mark.parametrize("kind", ["gpipe", "1f1b", "1f1b-paired"])

@@ -342,10 +342,12 @@ KINDS = ("gpipe", "1f1b", "interleaved") + tuple(PAIRED) + tuple(SPLIT)
 # What a `Staged` tower and `jaxps lm` run unless told otherwise. The executor's ticks are
 # synchronous, so the textbook 1F1B table (a forward beside a neighbour's two-matmul
 # backward) idles 2.6x the theory where stages run at once (benchmarks/pipeline.py, traced);
-# zb-h1 keeps 1F1B's order and its stash bound of S microbatches, its ops cost about alike,
-# and it idles 0.76-0.81x the theory, for the output gradients its deferred W's keep (4
-# activations more than 1F1B at S = 4). Tightest memory: "1f1b-split" (1F1B's exactly, at
-# about the theory); under remat, where B and W each recompute the forward: "1f1b-paired".
+# zb-h1 keeps 1F1B's order and its peak of S microbatches in flight (held on every stage,
+# where 1F1B's stage s holds S - s), its ops cost about alike, and it idles 0.76-0.81x the
+# theory; its compiled temporaries at S = 4 are 3-4 activations above 1F1B's (the output
+# gradients its deferred W's keep; tests/test_pipeline.py). Tightest memory: "1f1b-split"
+# (1F1B's exactly, at about the theory); under remat, where B and W each recompute the
+# forward: "1f1b-paired".
 DEFAULT = "zb-h1"
 
 

@@ -266,9 +266,11 @@ class PSClient:
         spec = self.tables[table]
         rows = np.empty((keys.shape[0], spec.dim), np.float32)
         slots = {name: np.empty((keys.shape[0], spec.dim), np.float32) for name in spec.optimizer.slots}
-        server = self.ring.servers[0]
-        v = self.ring.version if self.ring_source is not None else -1
-        self._with_retries("pull", lambda: self.transports[server].pull(table, keys, -1, 0, v, -1, rows, slots))
+        def call():
+            ring = self.ring  # read again on a retry, as `_pull` does
+            v = ring.version if self.ring_source is not None else -1
+            return self.transports[ring.servers[0]].pull(table, keys, -1, 0, v, -1, rows, slots)
+        self._with_retries("pull", call)
         return rows, slots
 
     def _server_pull(self, server: str, table, keys, group, clock, v, client, out):

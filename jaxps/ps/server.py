@@ -426,9 +426,11 @@ class PSServer:
         key's are the optimizer's initial values), for a client that computes a push's
         outcome itself (`HostTables`' strict local apply)."""
         spec = self._validate(table, keys)
-        if slots_out is not None and set(slots_out) != set(spec.optimizer.slots):
-            raise PSError(f"table {table!r}: slots_out must hold the optimizer's slots {spec.optimizer.slots}, "
-                          f"got {sorted(slots_out)}")
+        if slots_out is not None and (set(slots_out) != set(spec.optimizer.slots) or any(
+                a.shape != (keys.shape[0], spec.dim) or a.dtype != np.float32 or not a.flags.c_contiguous
+                for a in slots_out.values())):
+            raise PSError(f"table {table!r}: slots_out must map the optimizer's slots {spec.optimizer.slots} to "
+                          f"C-contiguous float32 [{keys.shape[0]}, {spec.dim}] arrays")
         if group >= 0:
             self.clocks.wait(group, clock, self.wait_timeout)
         self._fresh(ring_version)
@@ -451,21 +453,21 @@ class PSServer:
 
         def pull_span(r0: int, r1: int) -> list[int]:
             with self._holding([lock for _, lock in held[r0:r1]]):
-                if BATCHED and all([arrays.sync(part_list[r], held[r][0]) for r in range(r0, r1)]):
+                batched = BATCHED and all([arrays.sync(part_list[r], held[r][0]) for r in range(r0, r1)])
+                if batched:
                     pull_runs(arrays.buckets, arrays.skeys, arrays.values, arrays.kbits, arrays.shift,
                               arrays.tshift, parts, bounds, r0, r1, ordered_keys, order, out, slots,
                               fresh_keys, fresh, float(spec.init_scale), salt, self._sink)
-                    if slots_out is not None and arrays.slot is not None and list(slots_out) == [arrays.slot]:
-                        gather_slot_runs(arrays.acc, parts, bounds, r0, r1, order, slots,
-                                         np.float32(spec.optimizer.slot_init(arrays.slot)), slots_out[arrays.slot])
-                        return [held[r][0].epoch for r in range(r0, r1)]
                 else:  # uint64 buckets somewhere: partition by partition
                     for r in range(r0, r1):
                         lo, hi = lo_list[r], lo_list[r + 1]
                         slots[lo:hi] = held[r][0].pull_into(ordered_keys[lo:hi], out, order[lo:hi])
                     if memo:
                         keep_fresh(bounds, r0, r1, ordered_keys, order, out, slots, fresh_keys, fresh)
-                if slots_out is not None:
+                if slots_out is not None and batched and arrays.slot is not None:  # a fused kernel's one slot
+                    gather_slot_runs(arrays.acc, parts, bounds, r0, r1, order, slots,
+                                     np.float32(spec.optimizer.slot_init(arrays.slot)), slots_out[arrays.slot])
+                elif slots_out is not None:  # a Python pass per partition (~10x slower)
                     self._gather_slots(held, lo_list, r0, r1, slots, order, slots_out, spec.optimizer)
                 return [held[r][0].epoch for r in range(r0, r1)]
         epochs = [e for span in self._each_span(self._spans(bounds), pull_span) for e in span]
