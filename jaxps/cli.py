@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from jaxps.parallel.schedule import KINDS as SCHEDULE_KINDS  # plain Python: imports no JAX
+from jaxps.parallel.schedule import DEFAULT as DEFAULT_SCHEDULE, KINDS as SCHEDULE_KINDS  # plain Python: no JAX
 
 EPILOG = """\
 config keys (defaults in jaxps.job.JobConfig; `jaxps train --print-config` shows them all):
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     lm.add_argument("config", nargs="*", help="[config.toml|json] [key=value ...] (jaxps.lm.LMConfig)")
     lm.set_defaults(fn=cmd_lm)
     sc = sub.add_parser("schedule", help="print (and draw) a pipeline schedule table")
-    sc.add_argument("--kind", default="1f1b", choices=SCHEDULE_KINDS)
+    sc.add_argument("--kind", default=DEFAULT_SCHEDULE, choices=SCHEDULE_KINDS, help="default: what Staged runs")
     sc.add_argument("--stages", type=int, default=4)
     sc.add_argument("--microbatches", type=int, default=8)
     sc.add_argument("--virtual", type=int, default=1, help="virtual chunks per stage (interleaved)")
