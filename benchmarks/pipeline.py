@@ -56,7 +56,7 @@ a forward, so its lockstep model (B = W = 1 forward) is its table bubble,
 gradients until the W's (`memory_zb_h1_vs_gpipe`). `zb_h1_lockstep` lists its lockstep
 bubble over the theory for a few (S, M), from the tables alone. The split forms of every
 family ("gpipe-split", "1f1b-split", "interleaved-split": each backward as B then W, unit
-ops) predict 2(S-1)/(3VM+2(S-1)), 0.68-0.79x the theory, with the base kind's memory;
+ops) predict 2(S-1)/(3VM+2(S-1)), 2/3-0.79x the theory, with the base kind's memory;
 "interleaved-zb" (W deferred as in zb-h1) (S-1)/(3VM+S-1).
 
 Per kind (`per_kind`): family, lockstep model over theory at the benchmark's (S, 4S),

@@ -94,6 +94,10 @@ class Staged:
     SCHEDULES: ClassVar[tuple[str, ...]] = tuple(k for k in KINDS if "interleaved" not in k)
 
     def __post_init__(self):
+        if self.axis != "stage":  # the executor's ppermutes and the model's rules name it
+            raise ValueError(f"Staged pipelines over the 'stage' mesh axis, got axis={self.axis!r}")
+        if self.microbatches < 1:
+            raise ValueError(f"Staged microbatches must be >= 1, got {self.microbatches}")
         if self.schedule not in self.SCHEDULES:
             raise ValueError(f"Staged schedule must be one of {', '.join(self.SCHEDULES)}, got {self.schedule!r}")
 

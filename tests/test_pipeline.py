@@ -180,7 +180,9 @@ def test_sends_wait_for_every_op_of_the_tick(kind, V):
                                                    ("interleaved-paired", 4, 8, 2, 2, True),
                                                    ("interleaved-split", 4, 8, 2, 2, False),
                                                    ("interleaved-zb", 2, 4, 3, 1, False),
-                                                   ("interleaved-zb", 4, 8, 2, 2, True)])
+                                                   ("interleaved-zb", 4, 8, 2, 2, True),
+                                                   ("interleaved", 1, 2, 2, 1, False),  # one stage: chunks in a ring
+                                                   ("interleaved-zb", 1, 3, 3, 2, False)])
 def test_interleaved_pipeline_equals_unpipelined(kind, S, M, V, data, remat):
     """Virtual chunks: [s, c] is global stage c*S + s; activations wrap from the last stage
     to the first (a ring ppermute). Split forms: each chunk's W accumulates into its own
@@ -201,6 +203,21 @@ def test_interleaved_pipeline_equals_unpipelined(kind, S, M, V, data, remat):
     for k in params:
         back = jnp.swapaxes(g_ref[k].reshape((V, S) + g_ref[k].shape[1:]), 0, 1)
         np.testing.assert_allclose(np.asarray(g[k]), np.asarray(back), rtol=1e-5, atol=1e-6)
+
+
+def test_interleaved_parameters_need_one_entry_per_chunk():
+    """A chunk axis shorter or longer than V is an error, not a clamped layer whose gradient
+    is dropped; pipelined_loss (one chunk per stage) refuses interleaved schedules."""
+    from jaxps.parallel.pipeline import pipelined_loss
+    S, V, M = 2, 2, 2
+    mesh = make_mesh(MeshConfig(data=1, stage=S, model=1), jax.devices()[:S])
+    xs = ys = jnp.ones((M, 2, D), jnp.float32)
+    for chunks in (1, 3):
+        params = {"w": jnp.ones((S, chunks, D, D)), "b": jnp.zeros((S, chunks, D))}
+        with pytest.raises(ValueError, match="chunks"):
+            pipeline_value_and_grad(block, loss, params, xs, ys, build("interleaved", S, M, V), mesh)
+    with pytest.raises(ValueError, match="one chunk per stage"):
+        pipelined_loss(block, lambda head, h, y: loss(h, y), build("interleaved", S, M, V), mesh)
 
 
 @pytest.mark.parametrize("kind,V,remat", [("1f1b", 1, False), ("1f1b", 1, True), ("1f1b-paired", 1, False),

@@ -64,6 +64,10 @@ def test_staged_schedule_is_checked_and_parsed():
     with pytest.raises(ValueError, match="schedule"):
         Staged(schedule="interleaved")
     assert parse("staged") == Staged() and parse("staged:8:gpipe") == Staged(microbatches=8, schedule="gpipe")
+    with pytest.raises(ValueError, match="microbatches"):
+        parse("staged:0")
+    with pytest.raises(ValueError, match="'stage' mesh axis"):
+        Staged(axis="model")
 
 
 def test_cli_trains_wide_deep_with_a_1f1b_staged_tower(tmp_path):

@@ -60,13 +60,17 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxps.parallel.schedule import Schedule
 
-def _check_stacked(params: Any, stages: int) -> None:
-    """One entry per stage along every leaf's first axis (else a stage would silently run
-    only the first of its several layers)."""
+def _check_stacked(params: Any, stages: int, virtual: int = 1) -> None:
+    """One entry per stage along every leaf's first axis and, with virtual chunks, one per
+    chunk along its second (else a stage would silently run only the first of its several
+    layers, or a chunk index out of range would read a clamped layer and drop its gradient)."""
     for leaf in jax.tree.leaves(params):
         if leaf.shape[0] != stages:
             raise ValueError(f"pipelined parameters are stacked per stage: leading axis {leaf.shape[0]} "
                              f"!= {stages} stages (one block per stage)")
+        if virtual > 1 and (leaf.ndim < 2 or leaf.shape[1] != virtual):
+            raise ValueError(f"an interleaved schedule's parameters are [stages, {virtual} chunks, ...]: "
+                             f"got a leaf of shape {list(leaf.shape)}")
 
 
 def _shift_if(pred: jax.Array, x: jax.Array, perm: list[tuple[int, int]]) -> jax.Array:
@@ -182,7 +186,7 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
     if xs.shape[0] != M or any(y.shape[0] != M for y in jax.tree.leaves(ys)):
         raise ValueError(f"expected {M} microbatches, got xs {xs.shape[0]} and ys "
                          f"{[y.shape[0] for y in jax.tree.leaves(ys)]}")
-    _check_stacked(params, S)
+    _check_stacked(params, S, V)
     tab_np = _table_arrays(sched)
     # Without remat the last global stage evaluates the loss and its gradient at its forward
     # (its residuals do not include its output h) and keeps that gradient until its backward,
@@ -395,8 +399,9 @@ def pipeline_value_and_grad(block: Callable[[Any, jax.Array], jax.Array], loss: 
             dx_in = _shift_if(sends_bwd[t] & after, dx, down)
             c_up = tab.f_chunk[t, prev] + jnp.where(s == 0, 1, 0)
             c_down = tab.b_chunk[t, nxt] - jnp.where(s == S - 1, 1, 0)
-            got_act = tab.f_on[t, prev] & ((s > 0) | (c_up < V)) & (S > 1)
-            got_grad = tab.b_on[t, nxt] & ((s < S - 1) | (c_down >= 0)) & (S > 1)
+            # (one stage with virtual chunks sends to itself: chunk c's output is chunk c+1's input)
+            got_act = tab.f_on[t, prev] & ((s > 0) | (c_up < V))
+            got_grad = tab.b_on[t, nxt] & ((s < S - 1) | (c_down >= 0))
             arrived = _put_if(arrived, (jnp.clip(c_up, 0, V - 1), tab.f_mb[t, prev] % KA), got_act, h_in)
             if loss_at_forward and not own_loss_grads:  # never both at once (see above)
                 grads_in = _put_if(grads_in, (jnp.where(keep_own, cf, jnp.clip(c_down, 0, V - 1)),
@@ -441,15 +446,19 @@ def pipelined_loss(block: Callable[[Any, jax.Array], jax.Array], loss: Callable[
                    sched: Schedule, mesh: Mesh | None = None,
                    remat: bool = False) -> Callable[[Any, Any, jax.Array, Any], jax.Array]:
     """f(params, head, xs, ys) = sum over microbatches m of loss(head, tower(xs[m]), ys[m]),
-    a scalar JAX can differentiate w.r.t. all four arguments, so a pipelined tower sits
-    inside an ordinary loss (embeddings before it, a wide part added in its head).
+    a scalar JAX can differentiate w.r.t. all four arguments (ys: float leaves), so a
+    pipelined tower sits inside an ordinary loss (embeddings before it, a wide part added in
+    its head).
 
-    Its gradient is not autodiff's: differentiating runs `sched` (GPipe or 1F1B) as one SPMD
-    program that computes the loss and every gradient at once (`pipeline_value_and_grad`),
-    and the backward pass only scales those by the incoming cotangent. This works because
-    f is the loss: the cotangent is a scalar. Evaluated without a gradient, f runs the
-    forward-only GPipe loop (`pipeline_forward`). `mesh` defaults to the ambient one;
-    `remat` as in `pipeline_value_and_grad`."""
+    Its gradient is not autodiff's: differentiating runs `sched` (any kind with one chunk per
+    stage) as one SPMD program that computes the loss and every gradient at once
+    (`pipeline_value_and_grad`), and the backward pass only scales those by the incoming
+    cotangent. This works because f is the loss: the cotangent is a scalar. Evaluated
+    without a gradient, f runs the forward-only GPipe loop (`pipeline_forward`, one chunk
+    per stage). `mesh` defaults to the ambient one; `remat` as in `pipeline_value_and_grad`."""
+    if sched.virtual > 1:
+        raise ValueError(f"pipelined_loss runs one chunk per stage; {sched.kind} has {sched.virtual} "
+                         "(call pipeline_value_and_grad for interleaved schedules)")
 
     def value_and_grads(params, head, xs, ys):
         m = mesh if mesh is not None else jax.sharding.get_abstract_mesh()

@@ -73,7 +73,7 @@ microbatch in consecutive ticks from tick S-1 on, B(m) reaches stage s at tick
 M+S-1, the first B needs S-1 more ticks to reach stage 0, which then runs 2M ops. That is
 below the theory (S-1)/(VM+S-1) = 3(S-1)/(3VM + 3(S-1)): a stage sends its input gradient
 after B, one unit, not after a whole backward's two, so the backward's fill costs S-1
-ticks instead of 2(S-1) (0.68-0.79x the theory for S in 2..8, M >= S). Memory is the base
+ticks instead of 2(S-1) (2/3-0.79x the theory for S in 2..8, M >= S; 2/3 as M grows). Memory is the base
 kind's on every stage (tested): W directly follows B in a stage's program, so no forward
 runs between them and the peak (right after a forward) is unchanged -- 1F1B-split holds
 S-s entries, GPipe-split M, interleaved-split interleaved's; only the output gradient
