@@ -116,3 +116,47 @@ def test_memos_are_bounded_per_client_and_in_bytes():
     assert m._bytes <= m.max_bytes and len(m._memos) <= 10
     assert m.take(29, "t", np.arange(100, dtype=np.uint64)) is not None   # the newest stays
     assert m.take(10, "t", np.arange(100, dtype=np.uint64)) is None
+
+
+def test_a_client_whose_memos_were_all_taken_does_not_stall_eviction():
+    """A push that takes a (client, table)'s last memo removes its entry: left empty at the
+    head of the LRU it made every later over-budget put raise (seen with worker groups that
+    finish at different times)."""
+    from jaxps.ps.memo import PullMemo, PullMemos
+
+    def memo(n):
+        k = np.arange(n, dtype=np.uint64)
+        return PullMemo(k, np.arange(n), np.zeros(1, np.int64), np.array([0, n]), k.copy(), [None], [0],
+                        np.arange(n), np.zeros(0, np.uint64), np.zeros((0, 4), np.float32))
+    m = PullMemos(per_client=2, max_bytes=3 * memo(100).nbytes)
+    m.put(1, "t", memo(100))
+    assert m.take(1, "t", np.arange(100, dtype=np.uint64)) is not None
+    for c in range(10):  # over the budget from the fourth on: evictions
+        m.put(c + 2, "t", memo(100))
+    assert (1, "t") not in m._memos and m._bytes <= m.max_bytes
+    assert m.take(11, "t", np.arange(100, dtype=np.uint64)) is not None
+
+
+def test_grpc_pulls_without_a_memo_leave_none():
+    """Over gRPC a pull made with memo=False (a strict repair's, an eval's) travels as client
+    id 0 and leaves no memo at the server; a training pull leaves one."""
+    from jaxps.ps.client import PSClient
+    from jaxps.ps.grpc_transport import GrpcTransport, make_server
+    from jaxps.ps.ring import Ring
+    from jaxps.ps.server import PSServer, TableSpec
+    from jaxps.optim import rowwise
+
+    spec = TableSpec("t", 4, rowwise.make("adagrad"), kind="hashed", rows=1000)
+    ring = Ring(num_partitions=16, servers=["s0"])
+    server = PSServer("s0", ring, [spec])
+    grpc_server, port = make_server(server)
+    try:
+        client = PSClient(ring, {"s0": GrpcTransport(f"127.0.0.1:{port}")}, [spec])
+        assert client.client_id != 0
+        keys = np.arange(50, dtype=np.uint64)
+        client.pull("t", keys, memo=False)
+        assert server._memos._bytes == 0
+        client.pull("t", keys)
+        assert server._memos._bytes > 0
+    finally:
+        grpc_server.stop(None)

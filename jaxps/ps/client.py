@@ -195,7 +195,8 @@ class PSClient:
         self.ring, self.transports = ring, dict(transports)
         self.replicas, self.ring_source, self.retry_seconds = replicas, ring_source, retry_seconds
         self.tables = {t.name: t for t in tables}
-        self.client_id = int.from_bytes(os.urandom(8), "little") >> 1 if client_id is None else client_id
+        # never 0: over gRPC a pull with client id 0 leaves no memo (a strict repair's, an eval's)
+        self.client_id = (int.from_bytes(os.urandom(8), "little") >> 1 or 1) if client_id is None else client_id
         self._seq = itertools.count()
         self.retries = 0           # calls retried on a newer ring
         # Pulls of a worker group may wait at the servers for other groups (and for this

@@ -167,7 +167,8 @@ class PSServicer:
         try:
             msg = self._receive(pieces, wire.PULL)
             (keys,) = self._arrays(msg, ("keys",))
-            rows = self.server.pull(msg.table, keys, msg.group, msg.step, msg.ring, msg.client_id)
+            # client id 0 on the wire: a pull that leaves no memo (PSClient ids are never 0)
+            rows = self.server.pull(msg.table, keys, msg.group, msg.step, msg.ring, msg.client_id or -1)
             reply = wire.encode(wire.Message(wire.PULL_REPLY, msg.table, msg.client_id, msg.seq,
                                              arrays=(rows,)))
         except Exception as e:  # noqa: BLE001 - every failure becomes a status

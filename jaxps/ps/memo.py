@@ -97,7 +97,8 @@ class PullMemos:
                 self._bytes -= memos.pop(0).nbytes
             while self._bytes > self.max_bytes and self._memos:
                 key, oldest = next(iter(self._memos.items()))
-                self._bytes -= oldest.pop(0).nbytes
+                if oldest:
+                    self._bytes -= oldest.pop(0).nbytes
                 if not oldest:
                     del self._memos[key]
 
@@ -109,6 +110,8 @@ class PullMemos:
                 m = memos[i]
                 if m.keys.shape == keys.shape and _same(m.keys, keys):
                     del memos[i]
+                    if not memos:  # an empty list at the LRU's head would stall put's eviction
+                        del self._memos[(client, table)]
                     self._bytes -= m.nbytes
                     self.hits += 1
                     return m
