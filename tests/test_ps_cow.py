@@ -81,3 +81,20 @@ def test_a_cleared_table_still_exports_its_marked_rows_and_old_marks_expire():
     with pytest.raises(PSError, match="no marked snapshot"):
         client.export("t", marks=marks[0])
     assert client.export("t", marks=marks[-1])["keys"].size == 10
+
+
+def test_marks_are_kept_per_table():
+    """A checkpoint marks every table of a model: with more tables than MAX_MARKS, the
+    first table's mark of the same checkpoint must still export."""
+    from jaxps.ps.server import PSServer, TableSpec
+    specs = [TableSpec(f"t{i}", 4, SPECS["adagrad"].optimizer, kind="hashed", rows=64)
+             for i in range(PSServer.MAX_MARKS + 1)]
+    client = embedded(specs, servers=1, num_partitions=8)
+    keys = np.arange(10, dtype=np.uint64)
+    for spec in specs:
+        client.push(spec.name, keys, np.ones((10, 4), np.float32), 1)
+    marks = {spec.name: client.mark(spec.name) for spec in specs}
+    for spec in specs:
+        client.push(spec.name, keys, np.ones((10, 4), np.float32), 2)
+    for spec in specs:
+        assert client.export(spec.name, marks=marks[spec.name])["keys"].size == 10

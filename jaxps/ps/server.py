@@ -721,7 +721,7 @@ class PSServer:
             self.clocks.publish(slowest)
             return self.clocks.settled
 
-    MAX_MARKS = 4  # marked snapshots kept at once; a newer mark drops the oldest
+    MAX_MARKS = 4  # marked snapshots kept at once per table; a newer mark drops that table's oldest
 
     def mark(self, table: str) -> int:
         """Take a snapshot of `table` (the partitions this server is the primary of) now,
@@ -736,7 +736,10 @@ class PSServer:
                 with self._locks[key]:
                     copies[key[1]] = self._pending.setdefault(key, {})[ticket] = PendingCopy()
             self._tickets[ticket] = (table, copies)
-            for old in sorted(self._tickets)[:-self.MAX_MARKS]:  # abandoned: stop keeping pre-images
+            # per table: a checkpoint marks every table of a model, so a cap over all tables
+            # dropped the first table's mark of the same checkpoint once it had > MAX_MARKS
+            mine = sorted(t for t, (name, _) in self._tickets.items() if name == table)
+            for old in mine[:-self.MAX_MARKS]:  # abandoned: stop keeping pre-images
                 name, dropped = self._tickets.pop(old)
                 for part in dropped:
                     if (name, part) in self._locks:
@@ -772,7 +775,7 @@ class PSServer:
             entry = self._tickets.pop(ticket, None)
         if entry is None or entry[0] != table:
             raise PSError(f"server {self.name}: no marked snapshot {ticket} of table {table!r} (exported "
-                          f"already, or dropped: the latest {self.MAX_MARKS} marks are kept)")
+                          f"already, or dropped: the latest {self.MAX_MARKS} marks of a table are kept)")
         parts = []
         for part, pending in sorted(entry[1].items()):
             key = (table, part)
