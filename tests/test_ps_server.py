@@ -183,3 +183,36 @@ def test_held_pushes_of_two_tables_travel_with_a_partition_copy(sync):
             keys = rows[f"rows/{name}/keys"].astype(np.int64)
             assert sorted(keys.tolist()) == sorted(pushed[name])
             np.testing.assert_array_equal(rows[f"rows/{name}/values"], want[name][keys])
+
+
+def test_load_refuses_rows_of_another_dim_dtype_or_optimizer():
+    """A snapshot of another embedding width, dtype or optimizer is refused whole, naming the
+    field, and what is stored stays; the table's own export loads back."""
+    ring = Ring(8, 8, ["a"])
+    a = PSServer("a", ring, [TableSpec("t", 4, rowwise.Adagrad())])
+    keys = np.arange(5, dtype=np.uint64)
+    a.push("t", keys, np.ones((5, 4), np.float32), (1, 1), 1)
+    good = a.export("t")
+    bad = [dict(good, values=good["values"].astype(np.float64)),          # dtype
+           dict(good, values=np.zeros((5, 8), np.float32)),                # width
+           {k: v for k, v in good.items() if k != "slot_accumulator"},     # optimizer slots
+           dict(good, extra=np.zeros((5, 4), np.float32))]
+    for rows in bad:
+        with pytest.raises(PSError, match="snapshot field"):
+            a.load("t", rows)
+    np.testing.assert_array_equal(a.export("t")["values"], good["values"])
+    a.load("t", good)
+    np.testing.assert_array_equal(a.export("t")["values"], good["values"])
+
+
+def test_a_freeze_that_times_out_leaves_the_server_writable():
+    ring = Ring(8, 8, ["a"])
+    a = PSServer("a", ring, [TableSpec("t", 4, rowwise.SGD())])
+    with a._gate:
+        a._writes += 1  # a write in progress that does not finish in time
+    with pytest.raises(TimeoutError):
+        a.freeze(timeout=0.01)
+    with a._gate:
+        a._writes -= 1
+    a.push("t", np.arange(3, dtype=np.uint64), np.ones((3, 4), np.float32), (1, 1), 1)
+    assert a.export("t")["keys"].size == 3

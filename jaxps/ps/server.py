@@ -198,6 +198,7 @@ class PSServer:
         with self._gate:
             self._frozen = True
             if not self._gate.wait_for(lambda: self._writes == 0, timeout):
+                self._frozen = False  # the caller gives up on this freeze: do not stay frozen
                 raise TimeoutError(f"server {self.name}: writes still running after {timeout}s")
 
     def unfreeze(self) -> None:
@@ -816,8 +817,21 @@ class PSServer:
 
     def load(self, table: str, rows: dict[str, np.ndarray], only_missing: bool = False) -> None:
         """Store snapshot rows whose partitions this server owns (any ring may have written
-        them); `only_missing`: leave rows already stored as they are."""
-        self._validate(table, np.asarray(rows["keys"], np.uint64))
+        them); `only_missing`: leave rows already stored as they are. The fields must be
+        exactly `keys` [n] and `values` and each optimizer slot `slot_<name>` as float32
+        [n, dim] (a snapshot of another dim or optimizer is refused, not reinterpreted)."""
+        if "keys" not in rows:
+            raise PSError(f"table {table!r}: snapshot rows have no 'keys'")
+        spec = self._validate(table, np.asarray(rows["keys"], np.uint64))
+        want = {"keys", "values"} | {f"slot_{s}" for s in spec.optimizer.slots}
+        if set(rows) != want:
+            raise PSError(f"table {table!r}: snapshot fields {sorted(rows)}, expected {sorted(want)}")
+        n = rows["keys"].shape[0]
+        for name in want - {"keys"}:
+            a = rows[name]
+            if a.dtype != np.float32 or a.shape != (n, spec.dim):
+                raise PSError(f"table {table!r}: snapshot field {name!r} is {a.dtype}{list(a.shape)}, expected "
+                              f"float32[{n}, {spec.dim}]")
         self._load_rows(table, rows, only_missing, check=True)
 
     def _load_rows(self, table: str, rows: dict[str, np.ndarray], only_missing: bool = False,
