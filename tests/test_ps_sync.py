@@ -320,3 +320,33 @@ def test_dense_table_shares_cover_every_row_once_in_contiguous_blocks():
         back = table.unflatten(block)
         np.testing.assert_array_equal(np.asarray(back["w"]), tree["w"])
         assert float(back["b"]) == -1.0
+
+
+def test_pulls_beyond_the_gate_slots_are_refused_and_retried_not_queued():
+    """A gRPC server lets at most `gate_slots` worker-group pulls wait at its clock gate, so
+    the pushes and clocks that open it always find a handler thread; a pull beyond that is
+    refused (GATE_BUSY) and the client sends it again until the gate opens."""
+    from jaxps.ps.grpc_transport import GrpcTransport, PSServicer, start_grpc_server
+
+    server = _server(Sync(0), 2)
+    servicer = PSServicer(server, gate_slots=1)
+    srv, port = start_grpc_server(servicer.generic_handler(), "127.0.0.1", 0, "test PS", "t", 4)
+    try:
+        server.clock(0, 1, 2, Sync(0))  # group 1 has not completed step 1: pulls at 1 wait
+        transport = GrpcTransport(f"127.0.0.1:{port}", wait_timeout=20.0)
+        rows: list[np.ndarray] = []
+        pullers = [threading.Thread(target=lambda: rows.append(transport.pull("t", np.arange(3, dtype=np.uint64),
+                                                                              0, 1))) for _ in range(2)]
+        for p in pullers:
+            p.start()
+        deadline = time.monotonic() + 10
+        while servicer.gate_refusals == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert servicer.gate_refusals >= 1 and not rows  # one waits in the slot, one is refused
+        assert transport.stats()  # another call still finds a handler thread
+        server.clock(1, 1, 2, Sync(0))  # the gate opens
+        for p in pullers:
+            p.join(10)
+        assert len(rows) == 2 and all(r.shape == (3, 2) for r in rows)
+    finally:
+        srv.stop(None)

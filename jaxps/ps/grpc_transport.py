@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -48,6 +49,9 @@ CHUNK_BYTES = 2 << 20            # one gRPC message carries at most this much of
 MAX_MESSAGE_BYTES = 4 << 20      # gRPC's per-message limit, set explicitly on both sides
 DEFAULT_MAX_REQUEST_BYTES = 512 << 20   # a whole request (all its pieces), server side
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# A worker group's pull that finds every clock-gate slot of a server taken is refused with
+# RESOURCE_EXHAUSTED and this text; the client waits and sends it again (until its gate limit).
+GATE_BUSY = "clock gate busy"
 
 log = logging.getLogger("jaxps.ps.grpc")
 
@@ -82,11 +86,18 @@ class PSServicer:
     """Serves one `PSServer` over gRPC (`generic_handler()` for `add_generic_rpc_handlers`)."""
 
     def __init__(self, server: PSServer, token: str | bytes | None = None,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, chunk_bytes: int = CHUNK_BYTES):
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, chunk_bytes: int = CHUNK_BYTES,
+                 gate_slots: int | None = None):
+        """gate_slots: at most this many worker-group pulls at once (each may block a handler
+        thread at the clock gate for up to the gate's limit); more are refused (GATE_BUSY)
+        and retried by the client, so the pushes and clocks that open the gate always find a
+        thread. None: no limit."""
         self.server = server
         self.token = token.encode("utf-8") if isinstance(token, str) else token
         self.max_request_bytes = int(max_request_bytes)
         self.chunk_bytes = int(chunk_bytes)
+        self._gate_slots = threading.BoundedSemaphore(gate_slots) if gate_slots else None
+        self.gate_refusals = 0
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -167,8 +178,15 @@ class PSServicer:
         try:
             msg = self._receive(pieces, wire.PULL)
             (keys,) = self._arrays(msg, ("keys",))
-            # client id 0 on the wire: a pull that leaves no memo (PSClient ids are never 0)
-            rows = self.server.pull(msg.table, keys, msg.group, msg.step, msg.ring, msg.client_id or -1)
+            gated = msg.group >= 0 and self._gate_slots is not None
+            if gated and not self._gate_slots.acquire(blocking=False):
+                self.gate_refusals += 1
+                raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{GATE_BUSY}: every slot holds a waiting pull")
+            try:  # client id 0 on the wire: a pull that leaves no memo (PSClient ids are never 0)
+                rows = self.server.pull(msg.table, keys, msg.group, msg.step, msg.ring, msg.client_id or -1)
+            finally:
+                if gated:
+                    self._gate_slots.release()
             reply = wire.encode(wire.Message(wire.PULL_REPLY, msg.table, msg.client_id, msg.seq,
                                              arrays=(rows,)))
         except Exception as e:  # noqa: BLE001 - every failure becomes a status
@@ -297,8 +315,11 @@ class PSServicer:
 def make_server(ps: PSServer, host: str = "127.0.0.1", port: int = 0, token: str | bytes | None = None,
                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_workers: int = 16,
                 chunk_bytes: int = CHUNK_BYTES) -> tuple[grpc.Server, int]:
-    """A started gRPC server for `ps` on host:port (port 0: any free port) and its port."""
-    return start_grpc_server(PSServicer(ps, token, max_request_bytes, chunk_bytes).generic_handler(), host, port,
+    """A started gRPC server for `ps` on host:port (port 0: any free port) and its port.
+    Worker-group pulls may hold all but 4 of the `max_workers` handler threads at the clock
+    gate (the rest serve the pushes and clocks that open it)."""
+    servicer = PSServicer(ps, token, max_request_bytes, chunk_bytes, gate_slots=max(1, max_workers - 4))
+    return start_grpc_server(servicer.generic_handler(), host, port,
                              f"PS server {ps.name}", f"jaxps-{ps.name}", max_workers,
                              message_options() + [("grpc.so_reuseport", 0)])
 
@@ -388,7 +409,18 @@ class GrpcTransport:
         def call():  # a bytearray: the rows come back writable, with one copy
             return bytearray().join(self._pull(wire.chunks(data, self.chunk_bytes), timeout=limit))
 
-        rows = self._reply("pull", self._call("pull", call), wire.PULL_REPLY)
+        deadline, delay = time.monotonic() + limit, 0.01
+        while True:
+            try:
+                buf = self._call("pull", call)
+                break
+            except PSRPCError as e:  # every gate slot taken: wait as the gate would have
+                if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED or GATE_BUSY not in str(e) \
+                        or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, 0.2)
+        rows = self._reply("pull", buf, wire.PULL_REPLY)
         out = rows.arrays[0] if len(rows.arrays) == 1 else None
         if out is None or out.dtype != np.float32 or out.ndim != 2 or out.shape[0] != keys.shape[0]:
             raise PSRPCError(self.address, "pull", grpc.StatusCode.DATA_LOSS,
