@@ -350,3 +350,15 @@ def test_pulls_beyond_the_gate_slots_are_refused_and_retried_not_queued():
         assert len(rows) == 2 and all(r.shape == (3, 2) for r in rows)
     finally:
         srv.stop(None)
+
+
+def test_clock_messages_are_bounded():
+    """A clock message cannot make a server allocate an unbounded clock table, and a bool is
+    not a staleness (it would pass for 0 or 1)."""
+    from jaxps.ps.clock import MAX_CLOCKS
+    server = PSServer("ps-0", Ring(16, 8, ["ps-0"]), [TableSpec("t", 2, rowwise.SGD())])
+    with pytest.raises(ValueError, match="clocks"):
+        server.clock(0, 0, MAX_CLOCKS + 1, Sync(0))
+    with pytest.raises(ValueError, match="staleness"):
+        Sync(True)
+    assert server.clock(0, 0, 2, Sync(1)) == 0  # the server still configures a sane one

@@ -24,6 +24,9 @@ DONE = 1 << 62   # the clock of a group that finished: it no longer holds anyone
 # before it fails: long enough for a peer group's restart (compile, snapshot load), short
 # enough that a dead group stops the others with an error, not forever.
 GATE_TIMEOUT = 600.0
+# Clocks a server keeps at most (groups x processes per group): a bound on what one clock
+# message may make it allocate (the first message's count is kept for the job's life).
+MAX_CLOCKS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class Sync:
     staleness: int | None = 0
 
     def __post_init__(self):
+        if isinstance(self.staleness, bool) or (self.staleness is not None and not isinstance(self.staleness, int)):
+            raise ValueError(f"sync staleness must be an int or None, got {self.staleness!r}")
         if self.staleness is not None and self.staleness < 0:
             raise ValueError(f"sync staleness must be >= 0, got {self.staleness}")
 
@@ -87,8 +92,8 @@ class GroupClocks:
 
     def configure(self, groups: int, sync: Sync) -> None:
         """Set the number of groups and the model; idempotent, a different one is refused."""
-        if groups < 1:
-            raise ValueError(f"the number of worker groups must be >= 1, got {groups}")
+        if isinstance(groups, bool) or not 1 <= groups <= MAX_CLOCKS:
+            raise ValueError(f"the number of worker-group clocks must be in [1, {MAX_CLOCKS}], got {groups}")
         with self._cond:
             if self.groups is None:
                 self.groups, self.sync, self._clocks = groups, sync, [0] * groups

@@ -52,6 +52,7 @@ RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # A worker group's pull that finds every clock-gate slot of a server taken is refused with
 # RESOURCE_EXHAUSTED and this text; the client waits and sends it again (until its gate limit).
 GATE_BUSY = "clock gate busy"
+MAX_VNODES = 4096  # a set_ring message's bound: building a ring hashes vnodes x servers points
 
 log = logging.getLogger("jaxps.ps.grpc")
 
@@ -275,6 +276,10 @@ class PSServicer:
                 return wire.encode(wire.Message(wire.ADMIN_REPLY, meta=wire.json_meta(
                     {"tables": [t.to_json() for t in self.server.table_specs()]})))
             elif op == "set_ring":
+                if not 1 <= int(meta["vnodes"]) <= MAX_VNODES or int(meta["partitions"]) != self.server.ring.num_partitions:
+                    raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"malformed request: set_ring needs this group's {self.server.ring.num_partitions} "
+                                  f"partitions and 1..{MAX_VNODES} virtual nodes")
                 self.server.set_ring(Ring(int(meta["partitions"]), int(meta["vnodes"]), list(meta["servers"]),
                                           int(meta["version"])))
             else:
