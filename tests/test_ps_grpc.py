@@ -412,3 +412,21 @@ def test_a_marked_snapshot_over_grpc_holds_the_rows_at_the_mark(transports):
         np.testing.assert_array_equal(got[k][np.argsort(got["keys"])], want[k][np.argsort(want["keys"])])
     assert client.export("ftrl")["keys"].size > want["keys"].size
     client.close()
+
+
+def test_a_pull_whose_reply_exceeds_the_limit_is_refused_before_allocating():
+    from jaxps.optim import rowwise
+    from jaxps.ps.grpc_transport import PSServicer, start_grpc_server
+    from jaxps.ps.server import PSServer, TableSpec
+    server = PSServer("ps-0", Ring(16, 8, ["ps-0"]), [TableSpec("t", 8, rowwise.SGD())])
+    srv, port = start_grpc_server(PSServicer(server, max_reply_bytes=32 * 100).generic_handler(),
+                                  "127.0.0.1", 0, "test PS", "t", 4)
+    try:
+        transport = GrpcTransport(f"127.0.0.1:{port}")
+        assert transport.pull("t", np.arange(100, dtype=np.uint64)).shape == (100, 8)
+        with pytest.raises(PSRPCError, match="reply limit") as e:
+            transport.pull("t", np.arange(101, dtype=np.uint64))
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert transport.pull("t", np.arange(3, dtype=np.uint64)).shape == (3, 8)  # still serving
+    finally:
+        srv.stop(None)

@@ -48,6 +48,7 @@ LOAD_BATCH_BYTES = 64 << 20      # a snapshot is loaded in requests of at most a
 CHUNK_BYTES = 2 << 20            # one gRPC message carries at most this much of a wire message
 MAX_MESSAGE_BYTES = 4 << 20      # gRPC's per-message limit, set explicitly on both sides
 DEFAULT_MAX_REQUEST_BYTES = 512 << 20   # a whole request (all its pieces), server side
+DEFAULT_MAX_REPLY_BYTES = 4 << 30       # a pull's rows, allocated whole before they are chunked
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # A worker group's pull that finds every clock-gate slot of a server taken is refused with
 # RESOURCE_EXHAUSTED and this text; the client waits and sends it again (until its gate limit).
@@ -88,7 +89,7 @@ class PSServicer:
 
     def __init__(self, server: PSServer, token: str | bytes | None = None,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, chunk_bytes: int = CHUNK_BYTES,
-                 gate_slots: int | None = None):
+                 gate_slots: int | None = None, max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES):
         """gate_slots: at most this many worker-group pulls at once (each may block a handler
         thread at the clock gate for up to the gate's limit); more are refused (GATE_BUSY)
         and retried by the client, so the pushes and clocks that open the gate always find a
@@ -98,6 +99,9 @@ class PSServicer:
         self.max_request_bytes = int(max_request_bytes)
         self.chunk_bytes = int(chunk_bytes)
         self._gate_slots = threading.BoundedSemaphore(gate_slots) if gate_slots else None
+        # a pull's reply is allocated whole (and encoded once more): one request must not be
+        # able to take the server's memory (a pull of 64M keys at dim 64 would be 16 GB)
+        self.max_reply_bytes = int(max_reply_bytes)
         self.gate_refusals = 0
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
@@ -179,6 +183,11 @@ class PSServicer:
         try:
             msg = self._receive(pieces, wire.PULL)
             (keys,) = self._arrays(msg, ("keys",))
+            spec = self.server.tables.get(msg.table)
+            if spec is not None and keys.shape[0] * spec.dim * 4 > self.max_reply_bytes:
+                raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"a pull of {keys.shape[0]} rows of {spec.dim} floats exceeds this server's reply "
+                              f"limit of {self.max_reply_bytes} bytes: split it")
             gated = msg.group >= 0 and self._gate_slots is not None
             if gated and not self._gate_slots.acquire(blocking=False):
                 self.gate_refusals += 1
