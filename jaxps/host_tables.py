@@ -128,6 +128,7 @@ class HostTables:
         self.group, self.dense = group, dense
         specs = [table_spec(t) for t in tables] + ([dense.spec] if dense is not None else [])
         self.ps = ps if ps is not None else embedded(specs, threads=ps_threads)
+        self._owns_ps = ps is None  # close() closes only the group it made
         # servers may start empty: they learn the model's tables from this client
         self.ps.create_tables(specs)
         self._clock = 0                                    # steps this group completed (pull side)
@@ -524,6 +525,18 @@ class HostTables:
         for name, rows in snapshot.items():
             self.ps.clear(name)
             self.ps.load(name, rows)
+
+    def close(self) -> None:
+        """Let queued pushes land, then stop the push and snapshot threads and, if this made
+        its own (embedded) server group, that group's client. Idempotent."""
+        try:
+            self.flush()
+        finally:
+            self._pusher.shutdown(wait=True)
+            self._copier.shutdown(wait=True)
+            if self._owns_ps:
+                self._owns_ps = False
+                self.ps.close()
 
     def flush(self) -> None:
         """Wait until every queued push is applied (raises a push's error)."""

@@ -363,6 +363,23 @@ class Trainer:
             barrier()
         self.checkpointer.save(step, self.state, meta, ps=ps)
 
+    def close(self) -> None:
+        """Wait for checkpoints being written, let queued PS pushes land, and stop the host
+        tables' threads (and an embedded PS group this trainer made). The trainer is done
+        after it; `with Trainer(...) as t:` calls it."""
+        try:
+            if self._checkpointer is not None:
+                self._checkpointer.wait()
+        finally:
+            if self.steps.host is not None:
+                self.steps.host.close()
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _save_final(self) -> None:
         """The checkpoint at the end of fit(); a periodic one may already hold this step
         (worker groups replace it: their dense parameters were only now pulled whole)."""

@@ -327,3 +327,19 @@ def test_ps_snapshots_follow_checkpoint_retention(tmp_path):
     ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     snaps = sorted(int(p.parents[2].name) for p in (tmp_path / "checkpoints").glob("*/ps/weights/values.npy"))
     assert snaps == ckpts == [4, 5]  # the PS rows are an item of each step: kept and dropped with it
+
+
+def test_closing_a_trainer_lands_its_pushes_and_stops_its_threads():
+    import threading
+    batches = make_batches(3, seed=17)
+    before = {t.name for t in threading.enumerate()}
+    model = SparseLR(SparseLRConfig(rows=ROWS, placement=HostTable("hashed"),
+                                    optimizer=rowwise.make("adagrad", **OPTIMIZERS["adagrad"])))
+    with Trainer(model, MeshConfig(), TrainConfig(progress=False, tensorboard=False, checkpoint=False,
+                                                  dense_optimizer="sgd", dense_learning_rate=0.01,
+                                                  compilation_cache="")) as t:
+        t.fit(batches)
+        host = t.steps.host
+    assert host._issued == host._applied == len(batches)
+    left = {t.name for t in threading.enumerate()} - before
+    assert not any(name.startswith(("jaxps-push", "jaxps-snapshot")) for name in left), left

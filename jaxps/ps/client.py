@@ -422,6 +422,8 @@ class PSClient:
         return {name: self.transports[name].stats() for name in self.ring.servers}
 
     def close(self) -> None:
+        """Stop this client's request threads (its transports stay with whoever made them:
+        several clients may share them)."""
         self._pool.shutdown(wait=True)
         self._gated_pool.shutdown(wait=True)
         self._push_pool.shutdown(wait=True)
