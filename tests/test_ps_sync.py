@@ -362,3 +362,22 @@ def test_clock_messages_are_bounded():
     with pytest.raises(ValueError, match="staleness"):
         Sync(True)
     assert server.clock(0, 0, 2, Sync(1)) == 0  # the server still configures a sane one
+
+
+def test_a_gate_timeout_over_grpc_is_final_not_retried():
+    """The gate's own limit passing is an answer (ABORTED, naming the clocks), not a
+    transient failure the transport and client would retry for many more gate limits."""
+    import grpc
+
+    from jaxps.ps.grpc_transport import GrpcTransport, PSRPCError, make_server
+    server = _server(Sync(0), 2)
+    server.wait_timeout = 0.2
+    server.clock(0, 1, 2, Sync(0))
+    srv, port = make_server(server)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(PSRPCError, match=r"clocks \[1, 0\]") as e:
+            GrpcTransport(f"127.0.0.1:{port}", wait_timeout=5.0).pull("t", np.arange(3, dtype=np.uint64), 0, 1)
+        assert e.value.code == grpc.StatusCode.ABORTED and time.monotonic() - t0 < 3.0
+    finally:
+        srv.stop(None)

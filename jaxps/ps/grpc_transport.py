@@ -170,8 +170,9 @@ class PSServicer:
             message, level = str(exc), logging.INFO
             code = (grpc.StatusCode.FAILED_PRECONDITION if isinstance(exc, WrongOwner)
                     else grpc.StatusCode.INVALID_ARGUMENT)
-        elif isinstance(exc, SyncTimeout):
-            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+        elif isinstance(exc, SyncTimeout):  # the gate's own limit passed: final, not retried (as
+            # DEADLINE_EXCEEDED it was retried by the transport and the client: 30+ minutes)
+            code, message = grpc.StatusCode.ABORTED, str(exc)
         else:
             log.exception("PS %s: internal error", method)
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
