@@ -216,3 +216,36 @@ def test_a_freeze_that_times_out_leaves_the_server_writable():
         a._writes -= 1
     a.push("t", np.arange(3, dtype=np.uint64), np.ones((3, 4), np.float32), (1, 1), 1)
     assert a.export("t")["keys"].size == 3
+
+
+def test_a_copied_settled_step_is_published_after_the_pushes_held_for_it():
+    """A replica that takes over partitions learns the source's settled BSP step; pushes it
+    holds itself for that step are applied before the step is published, so no pull it
+    releases reads the rows without them."""
+    from jaxps.ps.clock import Sync
+
+    specs = [TableSpec("a", 2, rowwise.SGD(learning_rate=1.0), kind="hashed", rows=64)]
+    ring = Ring(8, 8, ["s", "t"])
+    source, target = PSServer("s", ring, specs, replicas=1), PSServer("t", ring, specs, replicas=1)
+    for server in (source, target):
+        for g in (0, 1):
+            server.clock(g, 0, 2, Sync(0))
+    every = np.arange(64, dtype=np.uint64)
+    keys = every[ring.owners()[partition_of(every, 8)] == 1]  # the target's own partitions
+    n = keys.size
+    for g in (0, 1):  # held at the target: BSP applies step 1 once both groups completed it
+        assert target.push("a", keys, np.ones((n, 2), np.float32), (g, 1), 1, g)
+    for g in (0, 1):  # the source saw both clocks already
+        source.clock(g, 1, 2, Sync(0))
+    seen = []
+    apply_held = target._apply_held
+
+    def recording(step, held):
+        seen.append((step, target.clocks.settled))
+        return apply_held(step, held)
+
+    target._apply_held = recording
+    target.load_partitions(source.export_partitions(range(8)))
+    assert seen and all(settled < step for step, settled in seen), seen
+    assert target.clocks.settled == 1
+    np.testing.assert_array_equal(target.pull("a", keys), np.full((n, 2), -2.0, np.float32))

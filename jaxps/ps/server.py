@@ -891,6 +891,7 @@ class PSServer:
         a membership change (the ring that makes this server their replica comes next).
         Returns the number of (table, partition) pieces loaded."""
         pieces = 0
+        settled = None
         if "clocks/config" in data:
             groups, staleness, settled, cut_every, cut_taken = np.asarray(data["clocks/config"]).tolist()
             self.clocks.configure(groups, Sync(None if staleness < 0 else staleness))
@@ -899,9 +900,10 @@ class PSServer:
                 self._cut_taken = max(self._cut_taken, cut_taken)
             for g, c in enumerate(np.asarray(data["clocks/values"]).tolist()):
                 self.clocks.advance(g, c)
-            self.clocks.publish(settled)
             with self._held_lock:
                 self._held_through = max(self._held_through, settled)
+            # the source's settled step is published only after the pushes held here for it
+            # are applied (below): a BSP pull released by it must read them
         cut_held = _unpack_pushes(data, "cutheld")
         with self._held_lock:
             self._cut_held.extend(cut_held)
@@ -922,21 +924,24 @@ class PSServer:
         with self._held_lock:
             for step, *push in held:
                 self._held.setdefault(step, []).append(tuple(push))
-        self._apply_overdue()
+        self._apply_overdue(settled)
         return pieces
 
-    def _apply_overdue(self) -> None:
-        """Held pushes copied in from a replica whose steps this server already settled (its
-        clock messages arrived here before the source's): apply them now, before any pull
-        of the next step can read these partitions."""
+    def _apply_overdue(self, settled: int | None = None) -> None:
+        """Held pushes whose steps are settled -- here already (this server's clock messages
+        arrived before the source's) or at the source (`settled`, published only now) --:
+        apply them before any pull of the next step can read these partitions."""
         with self._settle_lock:
+            upto = self.clocks.settled if settled is None else max(self.clocks.settled, settled)
             with self._held_lock:
-                due = sorted(s for s in self._held if s <= self.clocks.settled)
+                due = sorted(s for s in self._held if s <= upto)
                 taken = [(s, self._held.pop(s)) for s in due]
                 release = self._released_for_cut() if self.cut_every else []
             for step, held in taken:
                 self._apply_held(step, held)
             self._apply_each(release)
+            if settled is not None:
+                self.clocks.publish(settled)
 
     def stats(self) -> dict:
         """Per table: counters and sizes; under `SYNC_STATS`, the worker-group clocks
