@@ -352,7 +352,8 @@ class StepBuilder:
             mean = total / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
             return (total if self.loss_reduction == "sum" else mean), mean
 
-        (_, loss), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(dense, unique)
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):  # for staged (pipelined) parts
+            (_, loss), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(dense, unique)
         return loss, grads
 
     def _inputs(self, dense, unique, batch):

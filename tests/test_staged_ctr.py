@@ -25,9 +25,8 @@ def _loss_and_grads(deep_placement, mesh, batch):
     state = sb.init_state(0)
     dev = sb.to_device(batch, sb.plan_batch(batch))
 
-    def f(state, dev):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return sb.loss_and_grads(state["dense"], sb._gather(state, dev), dev)
+    def f(state, dev):  # loss_and_grads sets the mesh its pipelined tower needs itself
+        return sb.loss_and_grads(state["dense"], sb._gather(state, dev), dev)
 
     return jax.jit(f)(state, dev)
 
