@@ -14,7 +14,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxps.mesh import MeshConfig, make_mesh
-from jaxps.parallel.pipeline import pipeline_value_and_grad
+from jaxps.parallel.pipeline import from_microbatches, pipeline_value_and_grad, to_microbatches
 from jaxps.parallel.schedule import DEFAULT, build
 from jaxps.parallel.tensor import spec_for
 
@@ -59,11 +59,10 @@ def train(cfg: LMConfig, log=print) -> dict:
     def step(params, opt, tokens):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         x, embed_vjp = jax.vjp(lambda e: embed(e, inputs), params["embed"])
-        xs = x.reshape(M, B // M, T, cfg.d_model)
-        ys = targets.reshape(M, B // M, T)
+        xs, ys = to_microbatches(x, M), to_microbatches(targets, M)  # strided: rows stay on their shard
         r = pipeline_value_and_grad(f, head_loss, params["blocks"], xs, ys, sched, mesh,
                                     input_grads=True, head=params["head"])
-        (g_embed,) = embed_vjp(r.inputs.reshape(x.shape))
+        (g_embed,) = embed_vjp(from_microbatches(r.inputs))
         grads = {"embed": g_embed, "blocks": r.params, "head": r.head}
         grads = jax.tree.map(lambda g: g / (B * T), grads)          # mean token loss
         updates, opt = tx.update(grads, opt, params)

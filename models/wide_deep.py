@@ -20,7 +20,7 @@ from flax import nnx
 from jaxps.model import sum_pool
 from jaxps.models.mlp import _Tower
 from jaxps.optim.rowwise import FTRL, Adagrad, RowOptimizer
-from jaxps.parallel.pipeline import pipeline_forward, pipelined_loss
+from jaxps.parallel.pipeline import from_microbatches, pipeline_forward, pipelined_loss, to_microbatches
 from jaxps.parallel.schedule import build
 from jaxps.placement import Blocked, HostTable, Placement, Replicated, RowSharded, Staged
 from jaxps.tables.table import Table
@@ -51,16 +51,6 @@ class WideDeepConfig:
 
 def _residual(p, x):
     return x + jax.nn.relu(x @ p["w"] + p["b"])
-
-
-def _to_microbatches(a: jax.Array, m: int) -> jax.Array:
-    """[B, ...] -> [M, B/M, ...], example i in microbatch i % M: each `data` shard's rows
-    stay on it (a contiguous split would move rows between shards)."""
-    return jnp.swapaxes(a.reshape((a.shape[0] // m, m) + a.shape[1:]), 0, 1)
-
-
-def _from_microbatches(a: jax.Array) -> jax.Array:
-    return jnp.swapaxes(a, 0, 1).reshape((-1,) + a.shape[2:])
 
 
 class _Deep(nnx.Module):
@@ -118,8 +108,8 @@ class WideDeep:
         tower = pipelined_loss(_residual, head_loss, build(c.deep_placement.schedule, stages, m))
         side = {"offset": self._wide(dense, emb, batch), "labels": batch["labels"], "weights": batch["weights"]}
         return tower(self._blocks(dense), {"kernel": dense.out.kernel[...], "bias": dense.out.bias[...]},
-                     _to_microbatches(dense.proj(self._deep_input(emb, batch)), m),
-                     jax.tree.map(lambda a: _to_microbatches(a, m), side))
+                     to_microbatches(dense.proj(self._deep_input(emb, batch)), m),
+                     jax.tree.map(lambda a: to_microbatches(a, m), side))
 
     def _wide(self, dense: nnx.Module, emb: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> jax.Array:
         """The wide logits plus the shared bias."""
@@ -145,7 +135,7 @@ class WideDeep:
         blocks = self._blocks(dense)
         if isinstance(c.deep_placement, Staged):  # forward only here (eval); training: summed_loss
             m = c.deep_placement.microbatches
-            h = _from_microbatches(pipeline_forward(_residual, blocks, _to_microbatches(h, m)))
+            h = from_microbatches(pipeline_forward(_residual, blocks, to_microbatches(h, m)))
         else:
             for i in range(c.deep_blocks):
                 h = _residual(jax.tree.map(lambda a: a[i], blocks), h)

@@ -60,6 +60,19 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxps.parallel.schedule import Schedule
 
+def to_microbatches(a: jax.Array, m: int) -> jax.Array:
+    """[B, ...] -> [M, B/M, ...], example i in microbatch i % M: each `data` shard's rows
+    stay on it (a contiguous split would move rows between shards: a reshard per step)."""
+    if m < 1 or a.shape[0] % m:
+        raise ValueError(f"a batch of {a.shape[0]} does not split into {m} microbatches")
+    return jnp.swapaxes(a.reshape((a.shape[0] // m, m) + a.shape[1:]), 0, 1)
+
+
+def from_microbatches(a: jax.Array) -> jax.Array:
+    """The inverse of `to_microbatches`: [M, B/M, ...] -> [B, ...]."""
+    return jnp.swapaxes(a, 0, 1).reshape((-1,) + a.shape[2:])
+
+
 def _check_stacked(params: Any, stages: int, virtual: int = 1) -> None:
     """One entry per stage along every leaf's first axis and, with virtual chunks, one per
     chunk along its second (else a stage would silently run only the first of its several
