@@ -1,6 +1,7 @@
 """Host PS over gRPC: server processes on loopback give the same tables as an in-process
 group, large requests are chunked, bad requests get a status while the server keeps
 serving, pushes apply once under retries, and the wire format checks what it decodes."""
+import functools
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,8 +20,8 @@ import pytest
 
 from jaxps.ps import wire
 from jaxps.ps.client import PSClient, embedded
-from jaxps.ps.grpc_transport import (PULL_METHOD, PUSH_METHOD, GrpcTransport, PSRemoteError, PSRPCError,
-                                     message_options)
+from jaxps.ps.grpc_transport import (PULL_METHOD, PUSH_METHOD, TOKEN_METADATA, GrpcTransport, PSRemoteError,
+                                     PSRPCError, message_options)
 from jaxps.ps.ring import Ring, partition_of
 from jaxps.ps.serve import serve, table_specs
 from jaxps.ps.server import PSError
@@ -159,7 +161,15 @@ def test_bad_requests_are_rejected_and_the_server_keeps_serving(group, transport
     pushes_before = good.stats()["h"]["pushes"]
     # a raw channel that may send one message above the servers' 4 MiB limit
     channel = grpc.insecure_channel(addr, options=message_options(32 << 20))
-    raw_pull, raw_push = channel.stream_stream(PULL_METHOD), channel.stream_unary(PUSH_METHOD)
+    signed = ((TOKEN_METADATA, TOKEN.encode()),)  # the token in the call's metadata, as GrpcTransport sends it
+    unsigned_pull = channel.stream_stream(PULL_METHOD)
+    raw_pull = functools.partial(unsigned_pull, metadata=signed)
+    raw_push = functools.partial(channel.stream_unary(PUSH_METHOD), metadata=signed)
+    never = threading.Event()
+
+    def silent():  # a stream that sends nothing (until the test ends)
+        never.wait(30)
+        yield from ()
 
     def pull_msg(keys, token=TOKEN, table="h"):
         return wire.encode(wire.Message(wire.PULL, table, token=token.encode(), arrays=(keys,)))
@@ -185,6 +195,13 @@ def test_bad_requests_are_rejected_and_the_server_keeps_serving(group, transport
          grpc.StatusCode.UNAUTHENTICATED, "missing token"),
         ("bad token", lambda: list(raw_pull(iter([pull_msg(mine, token="nope")]))),
          grpc.StatusCode.UNAUTHENTICATED, "bad token"),
+        ("no metadata token", lambda: list(unsigned_pull(iter([msg]))), grpc.StatusCode.UNAUTHENTICATED,
+         "missing token"),
+        ("bad metadata token", lambda: list(unsigned_pull(iter([msg]), metadata=((TOKEN_METADATA, b"nope"),))),
+         grpc.StatusCode.UNAUTHENTICATED, "bad token"),
+        # refused before the server reads the stream: an idle caller holds no handler thread
+        ("idle unauthenticated stream", lambda: list(unsigned_pull(silent(), timeout=10)),
+         grpc.StatusCode.UNAUTHENTICATED, "missing token"),
     ]
     for what, call, code, text in cases:
         got_code, details = _status(call)
@@ -209,6 +226,7 @@ def test_bad_requests_are_rejected_and_the_server_keeps_serving(group, transport
         good.pull("h", mine.astype(np.float64))
     np.testing.assert_array_equal(good.pull("h", mine), expected)
     assert good.stats()["h"]["pushes"] == pushes_before  # nothing rejected was applied
+    never.set()
     channel.close()
 
 

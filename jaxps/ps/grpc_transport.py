@@ -25,6 +25,7 @@ Every rejection ends only that call: the server keeps serving.
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import threading
@@ -53,6 +54,7 @@ RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # A worker group's pull that finds every clock-gate slot of a server taken is refused with
 # RESOURCE_EXHAUSTED and this text; the client waits and sends it again (until its gate limit).
 GATE_BUSY = "clock gate busy"
+TOKEN_METADATA = "x-jaxps-token-bin"  # the shared token, also in each call's metadata (binary: "-bin")
 MAX_VNODES = 4096  # a set_ring message's bound: building a ring hashes vnodes x servers points
 
 log = logging.getLogger("jaxps.ps.grpc")
@@ -119,8 +121,16 @@ class PSServicer:
         })
 
     # ------------------------------------------------------------------ request intake
-    def _receive(self, pieces, kind: int) -> wire.Message:
-        """Check the header of the first piece (kind, token), then gather and decode."""
+    def _receive(self, pieces, kind: int, context) -> wire.Message:
+        """Check the call's token (metadata: before reading anything, so a caller without it
+        cannot hold a handler thread by sending nothing), then the header of the first piece
+        (kind, token), then gather and decode."""
+        if self.token is not None:
+            sent = dict(context.invocation_metadata()).get(TOKEN_METADATA)
+            if sent is None:
+                raise _Reject(grpc.StatusCode.UNAUTHENTICATED, "missing token")
+            if not hmac.compare_digest(bytes(sent), self.token):
+                raise _Reject(grpc.StatusCode.UNAUTHENTICATED, "bad token")
         it = iter(pieces)
         first = next(it, None)
         if first is None:
@@ -182,7 +192,7 @@ class PSServicer:
     # ------------------------------------------------------------------ methods
     def _pull(self, pieces, context):
         try:
-            msg = self._receive(pieces, wire.PULL)
+            msg = self._receive(pieces, wire.PULL, context)
             (keys,) = self._arrays(msg, ("keys",))
             spec = self.server.tables.get(msg.table)
             if spec is not None and keys.shape[0] * spec.dim * 4 > self.max_reply_bytes:
@@ -206,7 +216,7 @@ class PSServicer:
 
     def _push(self, pieces, context):
         try:
-            msg = self._receive(pieces, wire.PUSH)
+            msg = self._receive(pieces, wire.PUSH, context)
             keys, grads = self._arrays(msg, ("keys", "grads"))
             applied = self.server.push(msg.table, keys, grads, msg.request_id, msg.step, msg.group, msg.ring)
             return wire.encode(wire.Message(wire.PUSH_REPLY, msg.table, msg.client_id, msg.seq,
@@ -216,14 +226,14 @@ class PSServicer:
 
     def _stats(self, request: bytes, context):
         try:
-            self._receive((request,), wire.STATS)
+            self._receive((request,), wire.STATS, context)
             return wire.encode(wire.Message(wire.STATS_REPLY, meta=wire.json_meta(self.server.stats())))
         except Exception as e:  # noqa: BLE001
             self._fail(context, "stats", e)
 
     def _clock(self, request: bytes, context):
         try:
-            msg = self._receive((request,), wire.CLOCK)
+            msg = self._receive((request,), wire.CLOCK, context)
             meta = msg.json()
             staleness = meta.get("staleness") if isinstance(meta, dict) else None
             if not isinstance(meta, dict) or "staleness" not in meta or not (
@@ -240,7 +250,7 @@ class PSServicer:
 
     def _export(self, request: bytes, context):
         try:
-            msg = self._receive((request,), wire.EXPORT)
+            msg = self._receive((request,), wire.EXPORT, context)
             meta = msg.json() if msg.meta else {}
             at, ticket = meta.get("at"), meta.get("ticket")
             if ticket is not None:
@@ -254,7 +264,7 @@ class PSServicer:
 
     def _load(self, pieces, context):
         try:
-            msg = self._receive(pieces, wire.LOAD)
+            msg = self._receive(pieces, wire.LOAD, context)
             rows = wire.fields(msg)
             if "keys" not in rows:
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "malformed request: a load without keys")
@@ -268,7 +278,7 @@ class PSServicer:
 
     def _admin(self, request: bytes, context):
         try:
-            msg = self._receive((request,), wire.ADMIN)
+            msg = self._receive((request,), wire.ADMIN, context)
             meta = msg.json()
             op = meta.get("op") if isinstance(meta, dict) else None
             if op == "ping":
@@ -301,7 +311,7 @@ class PSServicer:
 
     def _export_parts(self, request: bytes, context):
         try:
-            msg = self._receive((request,), wire.EXPORT)
+            msg = self._receive((request,), wire.EXPORT, context)
             parts = msg.json().get("partitions")
             if not isinstance(parts, list) or not all(isinstance(p, int) for p in parts):
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, 'malformed request: meta {"partitions": [int]}')
@@ -312,7 +322,7 @@ class PSServicer:
 
     def _load_parts(self, pieces, context):
         try:
-            msg = self._receive(pieces, wire.LOAD)
+            msg = self._receive(pieces, wire.LOAD, context)
             n = self.server.load_partitions(wire.fields(msg))
             return wire.encode(wire.Message(wire.LOAD_REPLY, arrays=(np.array(n, np.int64),)))
         except Exception as e:  # noqa: BLE001
@@ -320,7 +330,7 @@ class PSServicer:
 
     def _create(self, request: bytes, context):
         try:
-            msg = self._receive((request,), wire.CREATE)
+            msg = self._receive((request,), wire.CREATE, context)
             created = self.server.create_table(TableSpec.from_json(msg.json()))
             return wire.encode(wire.Message(wire.CREATE_REPLY, arrays=(np.array(created),)))
         except Exception as e:  # noqa: BLE001
@@ -381,16 +391,19 @@ class GrpcTransport:
         self.token = token.encode("utf-8") if isinstance(token, str) else (token or b"")
         self.chunk_bytes = chunk_bytes
         self.channel = grpc.insecure_channel(address, options=message_options(max_message_bytes))
-        self._pull = self.channel.stream_stream(PULL_METHOD)
-        self._push = self.channel.stream_unary(PUSH_METHOD)
-        self._stats = self.channel.unary_unary(STATS_METHOD)
-        self._create = self.channel.unary_unary(CREATE_METHOD)
-        self._clock = self.channel.unary_unary(CLOCK_METHOD)
-        self._export = self.channel.unary_stream(EXPORT_METHOD)
-        self._load = self.channel.stream_unary(LOAD_METHOD)
-        self._admin = self.channel.unary_unary(ADMIN_METHOD)
-        self._export_parts = self.channel.unary_stream(EXPORT_PARTS_METHOD)
-        self._load_parts = self.channel.stream_unary(LOAD_PARTS_METHOD)
+        # every call carries the token in its metadata too: the server checks it before it
+        # reads a request (and again in the request's header)
+        sign = functools.partial(functools.partial, metadata=((TOKEN_METADATA, self.token),) if self.token else None)
+        self._pull = sign(self.channel.stream_stream(PULL_METHOD))
+        self._push = sign(self.channel.stream_unary(PUSH_METHOD))
+        self._stats = sign(self.channel.unary_unary(STATS_METHOD))
+        self._create = sign(self.channel.unary_unary(CREATE_METHOD))
+        self._clock = sign(self.channel.unary_unary(CLOCK_METHOD))
+        self._export = sign(self.channel.unary_stream(EXPORT_METHOD))
+        self._load = sign(self.channel.stream_unary(LOAD_METHOD))
+        self._admin = sign(self.channel.unary_unary(ADMIN_METHOD))
+        self._export_parts = sign(self.channel.unary_stream(EXPORT_PARTS_METHOD))
+        self._load_parts = sign(self.channel.stream_unary(LOAD_PARTS_METHOD))
 
     def _call(self, method: str, fn):
         for attempt in range(self.attempts):
