@@ -350,3 +350,38 @@ def test_held_pushes_copied_to_a_replica_that_already_settled_their_step_are_app
     target.load_partitions(source.export_partitions(parts))
     got = np.concatenate([target._store("t", p)[0].export()["values"] for p in parts])
     np.testing.assert_array_equal(got, -np.ones((64, 1), np.float32))
+
+
+def test_a_membership_change_failing_half_way_drops_no_partition():
+    """A server joins; one member's set_ring fails (it hangs, say). Publication is two-phase,
+    so no server dropped a partition it replicated under the old ring, the manager's view is
+    the new ring, and failing the bad server over afterwards ends with every row intact."""
+    from jaxps.ps.server import TableSpec
+    spec = TableSpec("t", 2, rowwise.SGD(learning_rate=1.0), kind="hashed", rows=256)
+    group = embedded([spec], servers=3, replicas=1)
+    spare = embedded([spec], servers=4, replicas=1)
+    keys = np.arange(256, dtype=np.uint64)
+    ps = PSClient(group.ring, group.transports, [spec], replicas=1)
+    ps.push("t", keys, np.ones((256, 2), np.float32), 1)
+    want = ps.pull("t", keys)
+    manager = ServerManager(group.ring, group.transports, replicas=1, heartbeat=60)
+    joiner = spare.transports["ps-3"]
+    joiner.server.set_ring(group.ring)
+    bad = group.transports["ps-2"]
+    set_ring = bad.set_ring
+
+    def failing(ring, drop=True):
+        if not drop:
+            raise ConnectionError("ps-2 hangs")
+        set_ring(ring, drop)
+    bad.set_ring = failing
+    held = {name: set(t.server._stores) for name, t in group.transports.items()}
+    with pytest.raises(ConnectionError):
+        manager.join("ps-3", joiner)
+    for name, t in group.transports.items():  # nothing dropped anywhere
+        assert held[name] <= set(t.server._stores), name
+    assert manager.ring.version == group.ring.version + 1 and "ps-3" in manager.ring.servers
+    bad.kill()
+    manager.remove(["ps-2"], kind="failover")
+    view = PSClient(manager.ring, {s: manager.transports[s] for s in manager.ring.servers}, [spec], replicas=1)
+    np.testing.assert_array_equal(view.pull("t", keys), want)

@@ -94,8 +94,8 @@ class InProcessTransport:
     def unfreeze(self):
         self.server.unfreeze()
 
-    def set_ring(self, ring):
-        self.server.set_ring(ring)
+    def set_ring(self, ring, drop=True):
+        self.server.set_ring(ring, drop)
 
     def export_partitions(self, parts):
         return self.server.export_partitions(parts)

@@ -301,7 +301,7 @@ class PSServicer:
                                   f"malformed request: set_ring needs this group's {self.server.ring.num_partitions} "
                                   f"partitions and 1..{MAX_VNODES} virtual nodes")
                 self.server.set_ring(Ring(int(meta["partitions"]), int(meta["vnodes"]), list(meta["servers"]),
-                                          int(meta["version"])))
+                                          int(meta["version"])), drop=bool(meta.get("drop", True)))
             else:
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
                               f"malformed request: unknown admin op {op!r} (ping, freeze, unfreeze, set_ring, tables, clear, mark)")
@@ -557,9 +557,9 @@ class GrpcTransport:
     def unfreeze(self) -> None:
         self._admin_call("unfreeze")
 
-    def set_ring(self, ring: Ring) -> None:
+    def set_ring(self, ring: Ring, drop: bool = True) -> None:
         self._admin_call("set_ring", servers=list(ring.servers), version=ring.version,
-                         partitions=ring.num_partitions, vnodes=ring.vnodes)
+                         partitions=ring.num_partitions, vnodes=ring.vnodes, drop=bool(drop))
 
     def export_partitions(self, parts) -> dict[str, np.ndarray]:
         data = wire.encode(wire.Message(wire.EXPORT, token=self.token,

@@ -141,9 +141,24 @@ class ServerManager:
                 data = self.transports[source].export_partitions(parts)
                 self.transports[target].load_partitions(data)
                 change.copied += len(parts)
-            for s in live:  # members, and leavers too: they must refuse stale clients' writes
-                self.transports[s].set_ring(new)
-            self.ring = new
+            # Two phases: every server adopts the new ring keeping all it holds, and only then
+            # drops what it no longer replicates. If adopting fails half-way, nothing was
+            # dropped anywhere: the manager's view moves to the new ring (servers that took it
+            # refuse older clients), the failing server misses its heartbeats, and the next
+            # change (its failover) publishes a newer ring and drops the leftovers.
+            adopted = []
+            try:
+                for s in live:  # members, and leavers too: they must refuse stale clients' writes
+                    self.transports[s].set_ring(new, drop=False)
+                    adopted.append(s)
+            finally:
+                if adopted:
+                    self.ring = new
+            for s in live:
+                try:
+                    self.transports[s].set_ring(new)
+                except Exception:  # noqa: BLE001 - its leftover partitions only cost memory
+                    log.warning("server %s kept partitions it no longer replicates", s)
             for s in who:
                 if s not in servers:
                     self._missed.pop(s, None)

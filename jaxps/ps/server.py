@@ -234,16 +234,22 @@ class PSServer:
         with self._meta_lock:
             return list(self.tables.values())
 
-    def set_ring(self, ring: Ring) -> None:
-        """Adopt a new ring version; partitions this server no longer replicates are dropped."""
+    def set_ring(self, ring: Ring, drop: bool = True) -> None:
+        """Adopt a ring version (not an older one than this server's); `drop`: also drop the
+        partitions it no longer replicates. A membership change adopts with drop=False on
+        every server first and drops only once all of them hold the new ring, so a change
+        that fails half-way loses no partition (`ServerManager._reconfigure`)."""
         if ring.num_partitions != self.ring.num_partitions:
             raise PSError(f"server {self.name}: a ring of {ring.num_partitions} partitions, this group has "
                           f"{self.ring.num_partitions}")
+        if ring.version < self.ring.version:
+            raise PSError(f"server {self.name}: ring version {ring.version} is older than its {self.ring.version}")
         with self._meta_lock:
             self.ring = ring
-            mine = self._replicated_parts()
-            for key in [k for k in self._stores if k[1] not in mine]:
-                self._drop(key)
+            if drop:
+                mine = self._replicated_parts()
+                for key in [k for k in self._stores if k[1] not in mine]:
+                    self._drop(key)
             self._memos.clear()
 
     def _drop(self, key: tuple[str, int]) -> None:
