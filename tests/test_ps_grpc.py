@@ -389,6 +389,9 @@ def test_wire_decode_errors():
         (good + b"\0", "1 trailing bytes"),
         (good[:end] + b"\x01\x00" + good[end + 10:], "trailing bytes"),  # 0-d: 8 bytes left over
     ]
+    empty = wire.encode(wire.Message(wire.PULL, "t", arrays=(np.zeros((0, 2), np.uint64),)))
+    e2 = wire.decode_header(empty).end  # dtype, ndim, then the dims: (0, 2^63) holds no bytes
+    cases.append((empty[:e2 + 10] + struct.pack("<Q", 2**63) + empty[e2 + 18:], "above numpy's"))
     for data, text in cases:
         with pytest.raises(wire.WireError, match=re.escape(text)):
             wire.decode(data)

@@ -51,6 +51,7 @@ MAX_TABLE = 256          # bytes of a table name
 MAX_TOKEN = 4096         # bytes of a token
 MAX_META = 16 << 20      # bytes of JSON meta
 MAX_ARRAYS = 64
+MAX_DIM = (1 << 63) - 1  # a dimension's bound (numpy's)
 MAX_NDIM = 8
 
 _HEAD = struct.Struct("<4sBBHQQqiiHHIH")
@@ -210,6 +211,8 @@ def decode(buf, expect_kind: int | None = None) -> Message:
         if total - o < pad or any(mv[o:o + pad]):
             raise WireError(f"array {i}: missing or non-zero alignment padding")
         o += pad
+        if any(d > MAX_DIM for d in shape):  # numpy refuses such a dimension even with a 0 beside it
+            raise WireError(f"array {i}: a dimension of {list(shape)} is above numpy's 2^63 - 1")
         count = 1
         for d in shape:
             count *= d
