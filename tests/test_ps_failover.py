@@ -12,6 +12,7 @@ from jaxps.optim import rowwise
 from jaxps.placement import HostTable
 from jaxps.ps.client import PSClient, embedded
 from jaxps.ps.manager import ServerManager
+from jaxps.ps.ring import partition_of
 from jaxps.trainer import TrainConfig, Trainer
 from reference import ring_move_spread, run_concurrently
 from test_sparse_lr_exact import ROWS, make_batches
@@ -385,3 +386,23 @@ def test_a_membership_change_failing_half_way_drops_no_partition():
     manager.remove(["ps-2"], kind="failover")
     view = PSClient(manager.ring, {s: manager.transports[s] for s in manager.ring.servers}, [spec], replicas=1)
     np.testing.assert_array_equal(view.pull("t", keys), want)
+
+
+def test_a_server_declared_dead_but_alive_is_fenced():
+    """Failed over while it was only slow, a server refuses later writes (a client on the old
+    ring gets Frozen and refreshes) instead of taking them where nobody reads."""
+    import time
+
+    from jaxps.ps.server import Frozen, TableSpec
+    spec = TableSpec("t", 2, rowwise.SGD(learning_rate=1.0), kind="hashed", rows=64)
+    group = embedded([spec], servers=3, replicas=1)
+    manager = ServerManager(group.ring, group.transports, replicas=1, heartbeat=60)
+    zombie = group.transports["ps-1"].server
+    manager.remove(["ps-1"], kind="failover")
+    deadline = time.monotonic() + 10
+    while not zombie._frozen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    keys = np.arange(64, dtype=np.uint64)
+    mine = keys[group.ring.owners()[partition_of(keys, group.ring.num_partitions)] == 1]
+    with pytest.raises(Frozen):
+        zombie.push("t", mine, np.ones((mine.size, 2), np.float32), (7, 1), 1)

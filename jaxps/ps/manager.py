@@ -170,6 +170,8 @@ class ServerManager:
                     except Exception:  # noqa: BLE001 - a server that died meanwhile
                         log.warning("could not unfreeze %s", s)
         change.seconds = time.monotonic() - t0
+        if dead:
+            self._fence(sorted(dead))
         if change.lost:
             log.error("partitions %s lost every replica (more than %d servers failed at once)",
                       change.lost[:10], self.replicas)
@@ -177,6 +179,19 @@ class ServerManager:
                     change.seconds)
         self.changes.append(change)
         return change
+
+    def _fence(self, dead: list[str]) -> None:
+        """Best effort, in the background: freeze the servers declared dead, so one that was
+        only slow (a zombie) refuses the writes of clients still on the old ring instead of
+        taking them into partitions nobody reads any more. A really dead one just fails the
+        call; a hung one is not waited for (the change is already published)."""
+        def fence():
+            for s in dead:
+                try:
+                    self.transports[s].freeze()
+                except Exception:  # noqa: BLE001 - dead indeed
+                    pass
+        threading.Thread(target=fence, name="jaxps-ps-fence", daemon=True).start()
 
     def moved_fraction(self, change: Change) -> float:
         """Copied (partition, replica) pairs over all of them: ~1/n for one of n servers."""
