@@ -389,8 +389,9 @@ def test_a_membership_change_failing_half_way_drops_no_partition():
 
 
 def test_a_server_declared_dead_but_alive_is_fenced():
-    """Failed over while it was only slow, a server refuses later writes (a client on the old
-    ring gets Frozen and refreshes) instead of taking them where nobody reads."""
+    """Failed over while it was only slow, a server refuses later requests (a client on the
+    old ring gets Frozen and refreshes) instead of taking writes where nobody reads them or
+    serving rows nobody updates; an unfreeze does not lift a fence."""
     import time
 
     from jaxps.ps.server import Frozen, TableSpec
@@ -400,9 +401,12 @@ def test_a_server_declared_dead_but_alive_is_fenced():
     zombie = group.transports["ps-1"].server
     manager.remove(["ps-1"], kind="failover")
     deadline = time.monotonic() + 10
-    while not zombie._frozen and time.monotonic() < deadline:
+    while not zombie._fenced and time.monotonic() < deadline:
         time.sleep(0.01)
+    zombie.unfreeze()
     keys = np.arange(64, dtype=np.uint64)
     mine = keys[group.ring.owners()[partition_of(keys, group.ring.num_partitions)] == 1]
     with pytest.raises(Frozen):
         zombie.push("t", mine, np.ones((mine.size, 2), np.float32), (7, 1), 1)
+    with pytest.raises(Frozen, match="fenced"):
+        zombie.pull("t", mine)

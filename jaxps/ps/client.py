@@ -94,6 +94,9 @@ class InProcessTransport:
     def unfreeze(self):
         self.server.unfreeze()
 
+    def fence(self):
+        self.server.fence()
+
     def set_ring(self, ring, drop=True):
         self.server.set_ring(ring, drop)
 

@@ -287,6 +287,8 @@ class PSServicer:
                 self.server.freeze()
             elif op == "unfreeze":
                 self.server.unfreeze()
+            elif op == "fence":
+                self.server.fence()
             elif op == "clear":
                 self.server.clear(str(meta.get("table")))
             elif op == "mark":
@@ -304,7 +306,7 @@ class PSServicer:
                                           int(meta["version"])), drop=bool(meta.get("drop", True)))
             else:
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"malformed request: unknown admin op {op!r} (ping, freeze, unfreeze, set_ring, tables, clear, mark)")
+                              f"malformed request: unknown admin op {op!r} (ping, freeze, unfreeze, fence, set_ring, tables, clear, mark)")
             return wire.encode(wire.Message(wire.ADMIN_REPLY, meta=wire.json_meta({"version": self.server.ring.version})))
         except Exception as e:  # noqa: BLE001
             self._fail(context, "admin", e)
@@ -556,6 +558,9 @@ class GrpcTransport:
 
     def unfreeze(self) -> None:
         self._admin_call("unfreeze")
+
+    def fence(self) -> None:
+        self._admin_call("fence")
 
     def set_ring(self, ring: Ring, drop: bool = True) -> None:
         self._admin_call("set_ring", servers=list(ring.servers), version=ring.version,

@@ -181,14 +181,14 @@ class ServerManager:
         return change
 
     def _fence(self, dead: list[str]) -> None:
-        """Best effort, in the background: freeze the servers declared dead, so one that was
-        only slow (a zombie) refuses the writes of clients still on the old ring instead of
-        taking them into partitions nobody reads any more. A really dead one just fails the
-        call; a hung one is not waited for (the change is already published)."""
+        """Best effort, in the background: fence the servers declared dead, so one that was
+        only slow (a zombie) refuses the requests of clients still on the old ring (writes
+        into partitions nobody reads any more, reads of rows nobody updates). A really dead
+        one just fails the call; a hung one is not waited for (the change is published)."""
         def fence():
             for s in dead:
                 try:
-                    self.transports[s].freeze()
+                    self.transports[s].fence()
                 except Exception:  # noqa: BLE001 - dead indeed
                     pass
         threading.Thread(target=fence, name="jaxps-ps-fence", daemon=True).start()

@@ -187,6 +187,7 @@ class PSServer:
         self._next_ticket = 1
         self._gate = threading.Condition()
         self._frozen = False
+        self._fenced = False       # declared dead by the manager: refuses everything, for good
         self._writes = 0           # pushes and clocks in progress (a freeze waits for them)
         self._stats = {t: {"pulls": 0, "pushes": 0, "pulled_keys": 0, "pushed_keys": 0,
                            "duplicate_pushes": 0} for t in self.tables}
@@ -203,7 +204,19 @@ class PSServer:
 
     def unfreeze(self) -> None:
         with self._gate:
-            self._frozen = False
+            self._frozen = self._fenced  # a fenced server stays frozen
+
+    def fence(self) -> None:
+        """The manager declared this server dead and moved its partitions away: refuse every
+        later request, reads too (`Frozen`: a client refreshes its ring and goes elsewhere),
+        so a server that was only slow neither takes writes nor serves rows nobody updates."""
+        with self._gate:
+            self._fenced = self._frozen = True
+
+    def _check_fence(self) -> None:
+        if self._fenced:
+            raise Frozen(f"server {self.name} was declared dead and fenced (ring version {self.ring.version}): "
+                         "refresh the ring and retry")
 
     @contextlib.contextmanager
     def _writing(self):
@@ -432,6 +445,7 @@ class PSServer:
         also the keys' optimizer slots, read under the same locks as the rows (an unseen
         key's are the optimizer's initial values), for a client that computes a push's
         outcome itself (`HostTables`' strict local apply)."""
+        self._check_fence()
         spec = self._validate(table, keys)
         if slots_out is not None and (set(slots_out) != set(spec.optimizer.slots) or any(
                 a.shape != (keys.shape[0], spec.dim) or a.dtype != np.float32 or not a.flags.c_contiguous
