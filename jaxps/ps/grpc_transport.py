@@ -407,20 +407,30 @@ class GrpcTransport:
         self._export_parts = sign(self.channel.unary_stream(EXPORT_PARTS_METHOD))
         self._load_parts = sign(self.channel.stream_unary(LOAD_PARTS_METHOD))
 
-    def _call(self, method: str, fn):
-        for attempt in range(self.attempts):
+    def _call(self, method: str, fn, gate_deadline: float | None = None):
+        """fn() with this transport's retries: UNAVAILABLE and DEADLINE_EXCEEDED up to
+        `attempts` times; a worker group's pull refused because every clock-gate slot is
+        taken (GATE_BUSY) again and again until `gate_deadline` (monotonic seconds), as
+        long as it would have waited at the gate."""
+        attempt, busy_delay = 0, 0.01
+        while True:
             try:
                 return fn()
             except grpc.RpcError as e:
                 code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
                 details = (e.details() if callable(getattr(e, "details", None)) else None) or str(e)
-                if code in RETRY_CODES and attempt + 1 < self.attempts:
-                    time.sleep(self.backoff * 4 ** attempt)
+                if (gate_deadline is not None and code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                        and GATE_BUSY in details and time.monotonic() + busy_delay < gate_deadline):
+                    time.sleep(busy_delay)
+                    busy_delay = min(2 * busy_delay, 0.2)
+                    continue
+                attempt += 1
+                if code in RETRY_CODES and attempt < self.attempts:
+                    time.sleep(self.backoff * 4 ** (attempt - 1))
                     continue
                 cls = (PSRemoteError if code in (grpc.StatusCode.INVALID_ARGUMENT,
                                                  grpc.StatusCode.FAILED_PRECONDITION) else PSRPCError)
                 raise cls(self.address, method, code, details) from None
-        raise AssertionError("unreachable")
 
     def _reply(self, method: str, buf, kind: int) -> wire.Message:
         try:
@@ -439,18 +449,8 @@ class GrpcTransport:
         def call():  # a bytearray: the rows come back writable, with one copy
             return bytearray().join(self._pull(wire.chunks(data, self.chunk_bytes), timeout=limit))
 
-        deadline, delay = time.monotonic() + limit, 0.01
-        while True:
-            try:
-                buf = self._call("pull", call)
-                break
-            except PSRPCError as e:  # every gate slot taken: wait as the gate would have
-                if e.code != grpc.StatusCode.RESOURCE_EXHAUSTED or GATE_BUSY not in str(e) \
-                        or time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(2 * delay, 0.2)
-        rows = self._reply("pull", buf, wire.PULL_REPLY)
+        gated = time.monotonic() + limit if group >= 0 else None
+        rows = self._reply("pull", self._call("pull", call, gate_deadline=gated), wire.PULL_REPLY)
         out = rows.arrays[0] if len(rows.arrays) == 1 else None
         if out is None or out.dtype != np.float32 or out.ndim != 2 or out.shape[0] != keys.shape[0]:
             raise PSRPCError(self.address, "pull", grpc.StatusCode.DATA_LOSS,
