@@ -195,13 +195,14 @@ def main(argv=None) -> int:
         trainers[f"strict_{n}"] = warm_trainer(HostTable("hashed"), warm, args, True, n)
         trainers[f"nonstrict_{n}"] = warm_trainer(HostTable("hashed"), warm, args, False, n)
     timed, first = interleaved_rounds(trainers, per_round)
-    del trainers
+    for t in trainers.values():  # their PS threads and tables go before the peers run
+        t.close()
     device_s = timed["device"][0]
     (host_s, host_extra), (loose_s, loose_extra) = timed["strict"], timed["nonstrict"]
     by_threads = {n: {"ratio": timed[f"strict_{n}"][0] / device_s,
                       "ratio_nonstrict": timed[f"nonstrict_{n}"][0] / device_s} for n in args.also_ps_threads}
-    torch_s = torch_seconds_per_step(batches, args)
-    trec, trec_why = torchrec_run(batches, args)
+    torch_s = torch_seconds_per_step(per_round[-1], args)  # one round's batches, as each jaxps pass
+    trec, trec_why = torchrec_run(per_round[-1], args)
     trec_sps = trec["samples_per_sec"] if trec else None
     emit("host_vs_device", {
         "batch_size": args.batch, "embed_dim": args.dim, "rows": args.rows, "steps": steps, "rounds": rounds,

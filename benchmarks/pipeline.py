@@ -535,11 +535,11 @@ def main(argv=None) -> int:
         "backend": jax.default_backend(), "cores": usable_cores(), "timing_rounds": rounds,
         "timing_seconds": time.perf_counter() - t0, "schedules": {}}
     bub, why_not = bubble_run(args, S)
+    Sb = bub["layout"]["stages"] if bub else S  # the bubble layout's stages (CPU: one per core)
     result.update(bubble_measurable=bub is not None, bubble_note=why_not,
                   bubble_layout=bub["layout"] if bub else None, bubble_width=args.bubble_width,
                   bubble_microbatch_size=args.bubble_batch)
     if bub:
-        Sb = bub["layout"]["stages"]
         gpipe = bub["step_seconds"]["gpipe"]
         fit = busy_per_microbatch(Sb, gpipe)
         result.update(fit, bubble_microbatch_counts=sorted(gpipe), bubble_op_seconds=bub["op_seconds"],
@@ -562,7 +562,6 @@ def main(argv=None) -> int:
         result["schedules"][kind] = entry
     mem = memory(S, D, B, mesh)
     kinds = per_kind(S, M, result["schedules"], mem)
-    Sb = bub["layout"]["stages"] if bub else S
     best = best_per_family(kinds, Sb, 4 * Sb)  # ranked where the bubble was measured
     result.update(
         bubble_ratio_vs_theory=(max(r["measured_vs_theory"] for r in best.values()) if bub else None),

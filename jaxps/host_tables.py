@@ -169,7 +169,8 @@ class HostTables:
         # in-process server (the embedded default), no worker group, no admission or
         # eviction (`local_apply_eligible`).
         self.local_apply_eligible = (strict and group is None and dense is None and self.ps.reads_slots
-                                     and self.ps.ring_source is None and all(t.placement.min_count == 1 and t.placement.max_rows is None
+                                     and self.ps.ring_source is None
+                                     and all(t.placement.min_count == 1 and t.placement.max_rows is None
                                              for t in tables))
         self.local_apply = False
         self._claims: dict[int, LocalApply] = {}          # push index -> its local apply request
@@ -385,7 +386,7 @@ class HostTables:
                     # the servers' rows must hold every earlier push: one that failed (sends run
                     # in order, so it is done) fails this local apply with its error
                     earlier = self._log.get(index - 1)
-                    failed = earlier[0].exception() if earlier is not None and index > 0 else None
+                    failed = earlier[0].exception() if earlier is not None else None
                     if failed is not None:
                         raise failed
                     claim.rows.set_result(self._apply_locally(plans, host_grads, claim.keys, step))
