@@ -146,10 +146,12 @@ def test_eviction_keeps_the_budget_and_the_most_recent_rows():
 
 @pytest.mark.parametrize("sync", ["bsp", "ssp-cuts"])
 def test_held_pushes_of_two_tables_travel_with_a_partition_copy(sync):
-    """Pushes held for a BSP step or for an SSP cut, in two tables, copied to a new
-    replica (`export_partitions` -> `load_partitions`): once both groups complete the
-    step, the copy holds the source's rows bit for bit, each push applied once (SGD with
-    lr 1: a row is minus the sum of its gradients)."""
+    """Pushes held for a BSP step, or an SSP cut's copy (pushes past the cut applied, a
+    late push of a step before it), in two tables, copied to a new replica
+    (`export_partitions` -> `load_partitions`): once both groups complete the step, the
+    copy holds the source's rows bit for bit, each push applied once (SGD with lr 1: a
+    row is minus the sum of its gradients), and the cut read from the two servers'
+    primaries holds exactly the pushes of steps <= 2."""
     from jaxps.ps.clock import Sync
 
     mode, cut_every = (Sync(0), 0) if sync == "bsp" else (Sync(3), 2)
@@ -160,8 +162,11 @@ def test_held_pushes_of_two_tables_travel_with_a_partition_copy(sync):
         source.clock(g, 0, 2, mode, cut_every)
     rng = np.random.default_rng(4)
     want = {n: np.zeros((64, 2), np.float32) for n in ("a", "b")}
+    want_cut = {n: np.zeros((64, 2), np.float32) for n in ("a", "b")}
     pushed = {n: set() for n in ("a", "b")}
-    # (group, step): BSP holds every step-1 push; with cuts every 2 steps, pushes of steps past 2 wait for the cut
+    pushed_cut = {n: set() for n in ("a", "b")}
+    # (group, step): BSP holds every step-1 push; with cuts every 2 steps, pushes of steps past 2 are
+    # applied with the cut's copy keeping their pre-images, and the late (1, 1) updates the copy too
     pushes = [(0, 1), (1, 1)] if sync == "bsp" else [(0, 1), (0, 3), (1, 4), (1, 1)]
     for seq, (group, step) in enumerate(pushes):
         for name in ("a", "b"):
@@ -170,8 +175,12 @@ def test_held_pushes_of_two_tables_travel_with_a_partition_copy(sync):
             assert source.push(name, keys, grads, (group, seq), step, group)
             want[name][keys.astype(np.int64)] -= grads
             pushed[name].update(keys.tolist())
+            if step <= 2:
+                want_cut[name][keys.astype(np.int64)] -= grads
+                pushed_cut[name].update(keys.tolist())
     copied = source.export_partitions(range(8))
-    assert f"{'held' if sync == 'bsp' else 'cutheld'}/b/meta" in copied
+    assert "held/b/meta" in copied if sync == "bsp" else any(k.startswith("cutcopy/") and k.endswith("/rows/values/b")
+                                                             for k in copied)
     target.load_partitions(copied)
     for server in (source, target):
         for g in (0, 1):
@@ -183,6 +192,11 @@ def test_held_pushes_of_two_tables_travel_with_a_partition_copy(sync):
             keys = rows[f"rows/{name}/keys"].astype(np.int64)
             assert sorted(keys.tolist()) == sorted(pushed[name])
             np.testing.assert_array_equal(rows[f"rows/{name}/values"], want[name][keys])
+        if sync != "bsp":  # each server is the primary of half the partitions; the copies travelled
+            cut = [s.export_cut(name, 2) for s in (source, target)]
+            keys = np.concatenate([c["keys"] for c in cut]).astype(np.int64)
+            assert sorted(keys.tolist()) == sorted(pushed_cut[name])
+            np.testing.assert_array_equal(np.concatenate([c["values"] for c in cut]), want_cut[name][keys])
 
 
 def test_load_refuses_rows_of_another_dim_dtype_or_optimizer():

@@ -222,6 +222,53 @@ def test_an_ssp_group_reads_its_own_writes(tmp_path):
     assert result["ps"]["weights"]["repaired_rows"] > 0  # the prefetched pulls did miss own pushes
 
 
+def test_an_asp_group_running_past_pending_cuts_reads_its_own_writes(tmp_path):
+    """ASP with checkpoints every 2 steps; group 1 stays at clock 0 until group 0 completed
+    step 3, so group 0 runs past the servers' pending cut at 2 (its checkpoint at 4 waits
+    for the one at 2 to be written: Orbax runs one save at a time), then group 1
+    finishes. Group 0's pushes past a pending cut are applied at once (the cut's copy keeps
+    what they change), so in strict mode it trains exactly as a single trainer, and its
+    checkpoints at 2 and 4 (the servers' cuts) hold the single trainer's rows there."""
+    import dataclasses
+    asp = Sync(None)
+    batches = make_batches(6, seed=29)
+    ref_model = _sparse_lr()
+    ref = Trainer(ref_model, make_mesh(MeshConfig(), jax.devices()[:4]),
+                  dataclasses.replace(_config(tmp_path / "ref"), checkpoint=True, checkpoint_every=2),
+                  ps=embedded([table_spec(t) for t in ref_model.tables()]))
+    ref.fit(batches)
+
+    ps = embedded([], servers=2)
+    ps.clock(1, 0, 2, asp, cut_every=2)  # group 1 joined at clock 0 and lags there
+    group = Trainer(_sparse_lr(), make_mesh(MeshConfig(), jax.devices()[4:]),
+                    dataclasses.replace(_config(tmp_path / "g"), checkpoint=True, checkpoint_every=2),
+                    ps=PSClient(ps.ring, ps.transports, []), group=WorkerGroup(0, 2, "asp"))
+    servers = [t.server for t in ps.transports.values()]
+    ahead = []
+
+    def lagging_group():
+        deadline = time.monotonic() + 120
+        while min(s.clocks.clocks()[0] for s in servers) < 3:
+            assert time.monotonic() < deadline, "group 0 never reached step 3"
+            time.sleep(0.01)
+        ahead.append(sum(len(c) for s in servers for c in s._cut_copies.values()))
+        ps.clock(1, DONE, 2, asp, cut_every=2)
+
+    _, errors = run_concurrently([lagging_group, lambda: group.fit(batches)])
+    assert not errors, errors
+    assert ahead and ahead[0] > 0  # group 0 did run past pending cuts
+    keys = np.arange(ROWS, dtype=np.uint64)
+    np.testing.assert_allclose(group.steps.host.ps.pull("weights", keys), ref.steps.host.ps.pull("weights", keys),
+                               rtol=2e-5, atol=1e-7)
+    for k in range(6):
+        np.testing.assert_allclose(group.history[k]["loss"], ref.history[k]["loss"], rtol=1e-5)
+    for step in (2, 4):
+        got, want = group.checkpointer.ps_snapshot(step)["weights"], ref.checkpointer.ps_snapshot(step)["weights"]
+        order_g, order_w = np.argsort(got["keys"]), np.argsort(want["keys"])
+        np.testing.assert_array_equal(got["keys"][order_g], want["keys"][order_w])
+        np.testing.assert_allclose(got["values"][order_g], want["values"][order_w], rtol=2e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("sync", [Sync(1), Sync(None)])
 def test_ssp_and_asp_apply_each_push_at_bsp_scale(sync):
     """SSP/ASP apply every group's push on its own, unscaled: with SGD (linear) one round of

@@ -54,6 +54,10 @@ RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # A worker group's pull that finds every clock-gate slot of a server taken is refused with
 # RESOURCE_EXHAUSTED and this text; the client waits and sends it again (until its gate limit).
 GATE_BUSY = "clock gate busy"
+# A worker group's push that would wait for the servers' pending SSP/ASP cuts
+# (`PSServer.push_would_wait`) is refused with RESOURCE_EXHAUSTED and this text, and
+# retried like GATE_BUSY: no handler thread waits for a cut.
+CUTS_PENDING = "cuts pending"
 TOKEN_METADATA = "x-jaxps-token-bin"  # the shared token, also in each call's metadata (binary: "-bin")
 MAX_VNODES = 4096  # a set_ring message's bound: building a ring hashes vnodes x servers points
 
@@ -105,6 +109,7 @@ class PSServicer:
         # able to take the server's memory (a pull of 64M keys at dim 64 would be 16 GB)
         self.max_reply_bytes = int(max_reply_bytes)
         self.gate_refusals = 0
+        self.cut_refusals = 0   # pushes refused while too many cuts were pending (CUTS_PENDING)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -218,6 +223,10 @@ class PSServicer:
         try:
             msg = self._receive(pieces, wire.PUSH, context)
             keys, grads = self._arrays(msg, ("keys", "grads"))
+            if self.server.push_would_wait(msg.step, msg.group):
+                self.cut_refusals += 1
+                raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{CUTS_PENDING}: step {msg.step} is more than "
+                              f"{self.server.MAX_PENDING_CUTS} cuts ahead of the slowest worker group")
             applied = self.server.push(msg.table, keys, grads, msg.request_id, msg.step, msg.group, msg.ring)
             return wire.encode(wire.Message(wire.PUSH_REPLY, msg.table, msg.client_id, msg.seq,
                                             arrays=(np.array(applied),)))
@@ -410,8 +419,8 @@ class GrpcTransport:
     def _call(self, method: str, fn, gate_deadline: float | None = None):
         """fn() with this transport's retries: UNAVAILABLE and DEADLINE_EXCEEDED up to
         `attempts` times; a worker group's pull refused because every clock-gate slot is
-        taken (GATE_BUSY) again and again until `gate_deadline` (monotonic seconds), as
-        long as it would have waited at the gate."""
+        taken (GATE_BUSY), or its push because cuts are pending (CUTS_PENDING), again and
+        again until `gate_deadline` (monotonic seconds), as long as it would have waited."""
         attempt, busy_delay = 0, 0.01
         while True:
             try:
@@ -420,7 +429,7 @@ class GrpcTransport:
                 code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
                 details = (e.details() if callable(getattr(e, "details", None)) else None) or str(e)
                 if (gate_deadline is not None and code == grpc.StatusCode.RESOURCE_EXHAUSTED
-                        and GATE_BUSY in details and time.monotonic() + busy_delay < gate_deadline):
+                        and (GATE_BUSY in details or CUTS_PENDING in details) and time.monotonic() + busy_delay < gate_deadline):
                     time.sleep(busy_delay)
                     busy_delay = min(2 * busy_delay, 0.2)
                     continue
@@ -462,9 +471,10 @@ class GrpcTransport:
         cid, seq = request_id
         data = wire.encode(wire.Message(wire.PUSH, table, cid, seq, step, self.token, (keys, grads),
                                         group=group, ring=ring_version))
+        waits = time.monotonic() + self.timeout + self.wait_timeout if group >= 0 else None  # CUTS_PENDING
         reply = self._reply("push", self._call(
-            "push", lambda: self._push(wire.chunks(data, self.chunk_bytes), timeout=self.timeout)),
-            wire.PUSH_REPLY)
+            "push", lambda: self._push(wire.chunks(data, self.chunk_bytes), timeout=self.timeout),
+            gate_deadline=waits), wire.PUSH_REPLY)
         if len(reply.arrays) != 1 or reply.arrays[0].dtype != np.bool_ or reply.arrays[0].size != 1:
             raise PSRPCError(self.address, "push", grpc.StatusCode.DATA_LOSS, "reply does not hold a bool")
         return bool(reply.arrays[0].reshape(()))

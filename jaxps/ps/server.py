@@ -9,8 +9,10 @@ of one per partition. Tables with admission, eviction or an optimizer without a 
 kernel push partition by partition.
 Worker groups (`clock`): a pull from a group waits as its consistency model says
 (`jaxps.ps.clock`); under BSP a group's push is held until every group pushed that step,
-then all of them are summed per key and applied as one update. Partitions are the unit
-a snapshot or a migration copies.
+then all of them are summed per key and applied as one update; under SSP/ASP with
+periodic checkpoints, pushes are applied at once and each pending cut (every group's
+pushes up to a checkpoint step) is a copy-on-write copy (`jaxps.ps.cow.CutCopy`).
+Partitions are the unit a snapshot or a migration copies.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from jaxps.ps import store as store_mod
 from jaxps.ps.batched import (ADAGRAD_KIND, SGD_KIND, PartitionArrays, gather_slot_runs, keep_fresh, pull_runs,
                                push_runs)
 from jaxps.ps.clock import DONE, GATE_TIMEOUT, GroupClocks, Sync, SyncTimeout
-from jaxps.ps.cow import PendingCopy, finish
+from jaxps.ps.cow import CutCopy, PendingCopy, finish
 from jaxps.ps.fused import fused_update
 from jaxps.ps.initrows import init_salt
 from jaxps.ps.keyindex import dedup
@@ -163,12 +165,13 @@ class PSServer:
         # BSP: step -> held pushes (group, table, partition, client id, seq, keys, grads)
         self._held: dict[int, list[tuple[int, str, int, int, int, np.ndarray, np.ndarray]]] = {}
         self._held_through = 0     # steps whose held pushes were taken for applying
-        # SSP/ASP consistent cuts every `cut_every` steps: pushes of later steps are held (in
-        # arrival order) until every group completed the cut step and its rows were copied
+        # SSP/ASP consistent cuts every `cut_every` steps: pushes of later steps are applied at
+        # once, each partition's `CutCopy` of a pending cut keeping what they change (and
+        # taking late pushes of steps <= the cut), until every group completed the cut step
         self.cut_every = 0
         self._cut_taken = 0
         self._last_clock = 0       # the highest real (not DONE) clock any group reported
-        self._cut_held: list[tuple[int, int, str, int, int, int, np.ndarray, np.ndarray]] = []
+        self._cut_copies: dict[tuple[str, int], dict[int, CutCopy]] = {}  # (table, part) -> cut step -> copy
         self._cuts: dict[int, dict[str, dict[str, np.ndarray]]] = {}
         self._cut_cond = threading.Condition()
         self._held_lock = threading.Lock()    # a leaf lock (taken last)
@@ -270,6 +273,7 @@ class PSServer:
         with self._locks[key]:
             self._before_write(key, self._stores[key])
             self._pending.pop(key, None)
+            self._cut_copies.pop(key, None)
             if key[0] in self._arrays:
                 self._arrays[key[0]].forget(key[1])
         del self._stores[key], self._locks[key]
@@ -531,6 +535,9 @@ class PSServer:
         hold = group >= 0 and self.clocks.sync is not None and self.clocks.sync.bsp
         if hold:
             self.clocks._check(group)
+        cutting = group >= 0 and not hold and self.cut_every > 0
+        if cutting:
+            self._wait_for_cuts(step, group)
         cid, seq = request_id
         with self._writing():
             self._fresh(ring_version)
@@ -548,9 +555,9 @@ class PSServer:
                 with lock:
                     if self._retry((table, part), cid, seq):
                         return False
-                    if not hold and group >= 0 and self.cut_every and self._held_for_cut(
-                            (step, group, table, part, cid, seq), ordered_keys[lo:hi], grads, order[lo:hi]):
-                        pass  # SSP/ASP: kept until the pending cut is taken
+                    if cutting:  # SSP/ASP: applied now; pending cuts keep what it changes
+                        self._cut_write((table, part), store, ordered_keys[lo:hi], grads, order[lo:hi], step,
+                                        None if memo is None else memo.slots_for(run, store))
                     elif hold:  # BSP: kept until every group completed `step`
                         with self._held_lock:
                             if step <= self._held_through:
@@ -639,43 +646,79 @@ class PSServer:
                 return True
         return any(self._each_span(self._spans(bounds), push_span))
 
-    def _held_for_cut(self, head: tuple, keys: np.ndarray, grads: np.ndarray, rows: np.ndarray) -> bool:
-        """Hold a push (its `rows` of `grads`) of a step past the next cut (a copy of the
-        rows at a step every group completed) until that cut is taken; False: apply it now."""
-        with self._held_lock:
-            if head[0] <= self._cut_taken + self.cut_every:
-                return False
-            self._cut_held.append(head + (keys.copy(), take_rows(grads, rows)))
-            return True
+    # Cuts a push may run ahead of (SSP/ASP with cuts): each pending cut costs up to one
+    # copy of the rows pushes past it wrote, so a group this many cut intervals ahead of the
+    # slowest waits at its next push (backpressure; SSP with s < 4 * cut_every never does).
+    MAX_PENDING_CUTS = 4
+
+    def push_would_wait(self, step: int, group: int) -> bool:
+        """Whether a worker group's push of `step` would now wait for pending cuts (the gRPC
+        servicer refuses it instead, CUTS_PENDING, rather than hold a handler thread; the
+        answer only turns False as cuts are taken)."""
+        cutting = group >= 0 and self.cut_every > 0 and not (self.clocks.sync is not None and self.clocks.sync.bsp)
+        return cutting and not self._cut_room(step)
+
+    def _cut_room(self, step: int) -> bool:
+        return (step - 1) // self.cut_every - self._cut_taken // self.cut_every <= self.MAX_PENDING_CUTS
+
+    def _wait_for_cuts(self, step: int, group: int) -> None:
+        """Before a push of `step`: wait while it would leave more than MAX_PENDING_CUTS cuts
+        pending (outside every lock, so a freeze and the slow groups' pushes go on)."""
+        if self._cut_room(step):
+            return
+        with self._cut_cond:
+            if not self._cut_cond.wait_for(lambda: self._cut_room(step), self.wait_timeout):
+                raise SyncTimeout(f"server {self.name}: group {group}'s push of step {step} waited "
+                                  f"{self.wait_timeout}s for the cut at step {self._cut_taken + self.cut_every} "
+                                  f"(at most {self.MAX_PENDING_CUTS} cuts pending); clocks {self.clocks.clocks()}")
+
+    def _cut_write(self, key: tuple[str, int], store: PartitionStore, keys: np.ndarray, grads: np.ndarray,
+                   rows: np.ndarray, step: int, slots: np.ndarray | None) -> None:
+        """(With the partition's lock.) A worker group's push under SSP/ASP with cuts:
+        applied to the live rows now, so the group reads its own writes. Each pending cut
+        before `step` keeps the rows it changes first (`CutCopy`, made by the first such
+        push); the copy of each cut at or after `step` (made by an earlier push past it)
+        takes it too."""
+        copies = self._cut_copies.setdefault(key, {})
+        for at in range(self._cut_taken + self.cut_every, step, self.cut_every):
+            copy = copies.get(at)
+            if copy is None:
+                copy = copies[at] = CutCopy(store)
+            copy.before_later_write(store, keys)
+        self._before_write(key, store, keys)
+        store.push(keys, grads, step, rows, slots)
+        for at, copy in copies.items():
+            if at >= step:
+                copy.late_push(store, keys, grads, step, rows)
 
     def _take_cuts(self, slowest: int) -> None:
-        """Every cut step all groups have completed: copy the rows (the cut), then apply the
-        pushes held for it, in arrival order (called with the settle lock)."""
+        """Every cut step all groups have completed: copy the rows there (the cut; called
+        with the settle lock, so every push of a step <= it is in)."""
         slowest = min(slowest, self._last_clock)  # all done: no cuts past the last real step
         while self.cut_every and slowest >= self._cut_taken + self.cut_every:
             at = self._cut_taken + self.cut_every
-            cut = {table: self.export(table) for table in list(self.tables)}
+            cut = {table: self._export_cut_rows(table, at) for table in list(self.tables)}
             with self._cut_cond:
                 self._cuts[at] = cut
                 for old in sorted(self._cuts)[:-2]:  # the latest two are kept for readers
                     del self._cuts[old]
-                self._cut_cond.notify_all()
-            with self._held_lock:
                 self._cut_taken = at
-                release = self._released_for_cut()
-            self._apply_each(release)
+                self._cut_cond.notify_all()
+            for key in list(self._cut_copies):  # backups' copies, and any a racing push made
+                lock = self._locks.get(key)
+                if lock is not None:
+                    with lock:
+                        for done in [a for a in self._cut_copies.get(key, {}) if a <= at]:
+                            del self._cut_copies[key][done]
 
-    def _released_for_cut(self) -> list:
-        """Take the cut-held pushes the last cut taken lets through (call with the held lock)."""
-        bound = self._cut_taken + self.cut_every
-        release = [h for h in self._cut_held if h[0] <= bound]
-        self._cut_held = [h for h in self._cut_held if h[0] > bound]
-        return release
-
-    def _apply_each(self, held: list) -> None:
-        """Apply cut-held pushes one by one, in the order given (SSP/ASP: no summing)."""
-        for step, _, table, part, _, _, keys, grads in held:
-            self._apply(table, part, keys, grads, step)
+    def _export_cut_rows(self, table: str, at: int) -> dict[str, np.ndarray]:
+        """The rows of `table` (primary partitions) at cut `at`, each partition under its lock."""
+        pieces = []
+        for key, store in self._primary_stores(table):
+            with self._locks[key]:
+                copy = self._cut_copies.get(key, {}).pop(at, None)
+                pieces.append(store.export() if copy is None else copy.export(store))
+        return join_rows(pieces or [self._no_rows(table)])
 
     def _apply(self, table: str, part: int, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
         """Apply a push that was held (for a cut, or summed for a BSP step) to one partition,
@@ -781,13 +824,17 @@ class PSServer:
     def _before_write(self, key: tuple[str, int], store: PartitionStore, keys: np.ndarray | None = None) -> None:
         """(With the partition's lock.) Marked snapshots of the partition keep what a write
         of unique `keys` changes; `keys` None (a load, a drop): they copy it whole first.
-        Nothing to do (one dict lookup) while the partition has no pending mark."""
+        Nothing to do (one dict lookup) while the partition has no pending mark. Pending
+        cuts' copies are kept by the push (`_cut_write`); a load or drop copies them whole."""
         marked = self._pending.get(key)
         for pending in marked.values() if marked else ():
             if keys is None:
                 pending.materialize(store)
             else:
                 pending.before_write(store, keys)
+        if keys is None:
+            for copy in self._cut_copies.get(key, {}).values():
+                copy.materialize(store)
 
     def _collect(self, table: str, ticket: int) -> list[dict[str, np.ndarray]]:
         """The rows of every partition of a `mark`, as they were at the mark: each is
@@ -829,11 +876,14 @@ class PSServer:
             for key, store in self._primary_stores(table):
                 with self._locks[key]:
                     parts.append(store.export())
-        if not parts:
-            empty = {"keys": np.zeros(0, np.uint64), "values": np.zeros((0, spec.dim), np.float32)}
-            empty.update({f"slot_{n}": np.zeros((0, spec.dim), np.float32) for n in spec.optimizer.slots})
-            parts = [empty]
-        return parts
+        return parts or [self._no_rows(table)]
+
+    def _no_rows(self, table: str) -> dict[str, np.ndarray]:
+        """An export of no rows of `table` (the fields with their shapes)."""
+        spec = self.tables[table]
+        empty = {"keys": np.zeros(0, np.uint64), "values": np.zeros((0, spec.dim), np.float32)}
+        empty.update({f"slot_{n}": np.zeros((0, spec.dim), np.float32) for n in spec.optimizer.slots})
+        return empty
 
     def load(self, table: str, rows: dict[str, np.ndarray], only_missing: bool = False) -> None:
         """Store snapshot rows whose partitions this server owns (any ring may have written
@@ -875,8 +925,9 @@ class PSServer:
     # ------------------------------------------------------------------ partition copies
     def export_partitions(self, parts: Sequence[int]) -> dict[str, np.ndarray]:
         """Everything of `parts` (every table): rows with optimizer slots, the per-client
-        exactly-once marks and the held (BSP) pushes, as plain named arrays — what a new
-        replica needs to take over. Call it frozen, so nothing changes meanwhile."""
+        exactly-once marks, the held (BSP) pushes and the pending cuts' copies (SSP/ASP), as
+        plain named arrays — what a new replica needs to take over. Call it frozen, so
+        nothing changes meanwhile."""
         want = set(int(p) for p in parts)
         out: dict[str, np.ndarray] = {}
         rows: dict[str, list[dict[str, np.ndarray]]] = {}
@@ -888,6 +939,8 @@ class PSServer:
                 rows.setdefault(table, []).append(store.export())
                 marks.setdefault(table, []).extend(
                     (part, cid, seq) for cid, seq in self._marks.get((table, part), {}).items())
+                for at, copy in sorted(self._cut_copies.get((table, part), {}).items()):
+                    out.update({f"cutcopy/{part}/{at}/{k}/{table}": v for k, v in copy.to_arrays().items()})
         for table, pieces in rows.items():  # one array per field: the receiver re-splits by key
             for field, joined in join_rows(pieces).items():
                 out[f"rows/{table}/{field}"] = joined
@@ -901,14 +954,11 @@ class PSServer:
             out["clocks/config"] = np.array([self.clocks.groups, -1 if st is None else st, self.clocks.settled,
                                              self.cut_every, self._cut_taken], np.int64)
             out["clocks/values"] = np.array(self.clocks.clocks(), np.int64)
-        with self._held_lock:
-            cut_held = [h for h in self._cut_held if h[3] in want]
-        _pack_pushes(out, "cutheld", cut_held)
         return out
 
     def load_partitions(self, data: dict[str, np.ndarray]) -> int:
-        """Take over partitions exported by another replica (rows, marks, held pushes) during
-        a membership change (the ring that makes this server their replica comes next).
+        """Take over partitions exported by another replica (rows, marks, held pushes, cut
+        copies) during a membership change (the ring that makes this server their replica comes next).
         Returns the number of (table, partition) pieces loaded."""
         pieces = 0
         settled = None
@@ -916,7 +966,7 @@ class PSServer:
             groups, staleness, settled, cut_every, cut_taken = np.asarray(data["clocks/config"]).tolist()
             self.clocks.configure(groups, Sync(None if staleness < 0 else staleness))
             self.cut_every = self.cut_every or cut_every
-            with self._held_lock:
+            with self._cut_cond:
                 self._cut_taken = max(self._cut_taken, cut_taken)
             for g, c in enumerate(np.asarray(data["clocks/values"]).tolist()):
                 self.clocks.advance(g, c)
@@ -924,10 +974,6 @@ class PSServer:
                 self._held_through = max(self._held_through, settled)
             # the source's settled step is published only after the pushes held here for it
             # are applied (below): a BSP pull released by it must read them
-        cut_held = _unpack_pushes(data, "cutheld")
-        with self._held_lock:
-            self._cut_held.extend(cut_held)
-            self._cut_held.sort(key=lambda h: h[0])
         rows: dict[str, dict[str, np.ndarray]] = {}
         for key, value in data.items():
             kind, *rest = key.split("/")
@@ -940,12 +986,28 @@ class PSServer:
                         marks[cid] = max(marks.get(cid, -1), seq)
         for table, r in rows.items():  # the manager decides: it sets the new ring next
             pieces += self._load_rows(table, r)
+        self._load_cut_copies(data)
         held = _unpack_pushes(data, "held")
         with self._held_lock:
             for step, *push in held:
                 self._held.setdefault(step, []).append(tuple(push))
         self._apply_overdue(settled)
         return pieces
+
+    def _load_cut_copies(self, data: dict[str, np.ndarray]) -> None:
+        """Install the pending cuts' copies of `export_partitions` (after their rows: the
+        load made any copy this server had of those partitions whole; the source's wins)."""
+        fields: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}
+        for name, value in data.items():
+            if name.startswith("cutcopy/"):
+                _, part, at, rest = name.split("/", 3)  # cutcopy/part/at/field/table, field "rows/<f>" too
+                cut = 2 if rest.startswith("rows/") else 1
+                *field, table = rest.split("/", cut)
+                fields.setdefault((table, int(part), int(at)), {})["/".join(field)] = value
+        for (table, part, at), arrays in sorted(fields.items()):
+            store, lock = self._store(table, part)
+            with lock:
+                self._cut_copies.setdefault((table, part), {})[at] = CutCopy.from_arrays(store, arrays)
 
     def _apply_overdue(self, settled: int | None = None) -> None:
         """Held pushes whose steps are settled -- here already (this server's clock messages
@@ -956,10 +1018,8 @@ class PSServer:
             with self._held_lock:
                 due = sorted(s for s in self._held if s <= upto)
                 taken = [(s, self._held.pop(s)) for s in due]
-                release = self._released_for_cut() if self.cut_every else []
             for step, held in taken:
                 self._apply_held(step, held)
-            self._apply_each(release)
             if settled is not None:
                 self.clocks.publish(settled)
 
@@ -968,9 +1028,11 @@ class PSServer:
         (when groups are configured)."""
         out = {}
         every = list(self._stores.items())  # one copy: a load may add stores meanwhile
+        copies = [(key[0], c) for key, cs in list(self._cut_copies.items()) for c in list(cs.values())]
         for table, s in list(self._stats.items()):
             stores = [st for (t, _), st in every if t == table]
             out[table] = dict(s, keys=sum(st.size for st in stores), bytes=sum(st.nbytes for st in stores),
+                              cut_copy_bytes=sum(c.nbytes for t, c in copies if t == table),
                               partitions=len(stores), admitted=sum(st.admitted for st in stores),
                               rejected=sum(st.rejected for st in stores),
                               evicted=sum(st.evicted for st in stores))
