@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxps.memory import take_rows
-from jaxps.ps.keyindex import KeyIndex
+from jaxps.ps.keyindex import KeyIndex, grown_capacity
 from jaxps.ps.store import PartitionStore, join_rows
 
 
@@ -70,25 +70,32 @@ def finish(rows: dict[str, np.ndarray], pending: PendingCopy) -> dict[str, np.nd
 class CutCopy:
     """One partition's rows at a pending cut (`at`), kept while pushes past it go on.
 
-    `rows` is a small store of its own (no admission, no eviction) holding the cut's rows
-    of the keys pushes past the cut wrote (their pre-images, then the late pushes of steps
-    <= `at` applied by the store's own optimizer code: bit-identical to the live update);
-    every other key's row in the cut is its live row. `full`: `rows` holds the whole
-    partition (a partition that may evict rows, a load)."""
+    `rows` is a small store of its own (no admission, no eviction) whose keys are those
+    pushes past the cut wrote: each holds the key's row at its first such write (its
+    initial row when it was not stored then: `in_cut` False), then the late pushes of
+    steps <= `at` applied by the store's own optimizer code (bit-identical to the live
+    update; a late push puts the key in the cut). Every other key's row in the cut is its
+    live row. `full`: `rows` holds the whole partition (one that may evict rows, a load)."""
 
     def __init__(self, store: PartitionStore) -> None:
-        # small to start (they grow): every partition a push past the cut touches has one
-        self.written = KeyIndex(capacity=16)   # keys pushes past the cut wrote
         self.rows = self._empty(store)
+        self.in_cut = np.zeros(16, bool)  # by slot of `rows`: the key is in the cut
         self.full = False
 
     @staticmethod
     def _empty(store: PartitionStore) -> PartitionStore:
+        # small to start (it grows): every partition a push past the cut touches has one
         return PartitionStore(store.dim, store.optimizer, store.init_scale, store.seed, index=KeyIndex(capacity=16))
 
     @property
     def nbytes(self) -> int:
-        return self.rows.nbytes + self.written.nbytes
+        return self.rows.nbytes + self.in_cut.nbytes
+
+    def _room(self) -> None:
+        if self.in_cut.shape[0] < self.rows.size:
+            grown = np.zeros(grown_capacity(self.in_cut.shape[0], self.rows.size, 16), bool)
+            grown[:self.in_cut.shape[0]] = self.in_cut
+            self.in_cut = grown
 
     def materialize(self, store: PartitionStore) -> None:
         """Hold the cut's whole partition now (a write is coming that pre-images cannot undo)."""
@@ -96,6 +103,7 @@ class CutCopy:
             whole = self.export(store)
             self.rows = self._empty(store)
             self.rows.load(whole)
+            self.in_cut = np.ones(max(16, self.rows.size), bool)
             self.full = True
 
     def before_later_write(self, store: PartitionStore, keys: np.ndarray) -> None:
@@ -105,49 +113,72 @@ class CutCopy:
         if store.max_rows is not None:  # the write may evict rows the cut still holds
             self.materialize(store)
             return
-        keys = np.ascontiguousarray(keys, np.uint64)
-        _, is_new = self.written.find_or_insert(keys)
-        first_keys = keys[np.flatnonzero(is_new)]
-        slots = store.index.find(first_keys)
-        stored = np.flatnonzero(slots >= 0)  # keys not stored yet read as their initial rows
+        slots, is_new = self.rows.index.find_or_insert(keys)
+        fresh = np.flatnonzero(is_new)
+        if not fresh.size:  # every key kept already: one lookup
+            return
+        dst, first_keys = slots[fresh], np.asarray(keys, np.uint64)[fresh]
+        live = store.index.find(first_keys)
+        stored = np.flatnonzero(live >= 0)
+        self.rows.put_new(dst, first_keys)  # initial rows and slots
         if stored.size:
-            s = slots[stored]
-            pre = {"keys": first_keys[stored], "values": take_rows(store.values, s)}
-            pre.update({f"slot_{n}": take_rows(a, s) for n, a in store.slots.items()})
-            self.rows.load(pre)
+            self.rows.put_rows(dst[stored], store, live[stored])
+        self._room()
+        self.in_cut[dst[stored]] = True
 
     def late_push(self, store: PartitionStore, keys: np.ndarray, grads: np.ndarray, step: int,
                   grad_rows: np.ndarray | None = None) -> None:
         """A push of a step <= the cut, applied to the live `store` already: apply it to the
         cut's rows of the keys pushes past the cut wrote (the others' live rows hold it).
         Keys the live store did not take (admission) are not taken here either."""
-        keys = np.ascontiguousarray(keys, np.uint64)
-        take = store.index.find(keys) >= 0 if store.min_count > 1 else np.ones(keys.shape[0], bool)
-        if not self.full:
-            take &= self.written.find(keys) >= 0
+        keys = np.asarray(keys, np.uint64)
+        if self.full:
+            take = store.index.find(keys) >= 0 if store.min_count > 1 else np.ones(keys.shape[0], bool)
+            slots = None
+        else:
+            slots = self.rows.index.find(keys)
+            take = slots >= 0
+            if store.min_count > 1:
+                take &= store.index.find(keys) >= 0
         pick = np.flatnonzero(take)
-        if pick.size:
-            rows = pick if grad_rows is None else grad_rows[pick]
-            self.rows.push(keys[pick], np.ascontiguousarray(take_rows(grads, rows)), step)
+        if not pick.size:
+            return
+        rows = pick if grad_rows is None else grad_rows[pick]
+        self.rows.push(keys[pick], grads, step, rows, None if slots is None else slots[pick])
+        self._room()
+        self.in_cut[self.rows.index.find(keys[pick]) if slots is None else slots[pick]] = True
 
     def export(self, store: PartitionStore) -> dict[str, np.ndarray]:
         """The partition's rows at the cut (call once every push of a step <= `at` is in)."""
+        mine = self.rows.export()
+        inside = self.in_cut[:self.rows.size]
         if self.full:
-            return self.rows.export()
-        return _restore(store.export(), self.written, self.rows.export() if self.rows.size else None)
+            return mine if inside.all() else {k: v[inside] for k, v in mine.items()}
+        rows = store.export()
+        where = self.rows.index.find(rows["keys"])
+        hit = np.flatnonzero(where >= 0)
+        if not hit.size:
+            return rows
+        kept = inside[where[hit]]
+        for k, a in rows.items():
+            if k != "keys":
+                a[hit[kept]] = take_rows(mine[k], where[hit[kept]])
+        keep = np.ones(rows["keys"].shape[0], bool)
+        keep[hit[~kept]] = False  # stored only since the cut
+        return rows if keep.all() else {k: v[keep] for k, v in rows.items()}
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Everything of the copy as plain arrays (a partition moving to another server)."""
-        out = {"written": self.written.keys()[:self.written.size].copy(),
-               "full": np.array([self.full], np.uint8)}
-        out.update({f"rows/{k}": v for k, v in self.rows.export().items()})
+        out = {f"rows/{k}": v for k, v in self.rows.export().items()}
+        out.update(in_cut=self.in_cut[:self.rows.size].astype(np.uint8), full=np.array([self.full], np.uint8))
         return out
 
     @classmethod
     def from_arrays(cls, store: PartitionStore, data: dict[str, np.ndarray]) -> "CutCopy":
         copy = cls(store)
-        copy.written.find_or_insert(np.ascontiguousarray(data["written"], np.uint64))
-        copy.rows.load({k[len("rows/"):]: v for k, v in data.items() if k.startswith("rows/")})
+        copy.rows.load({k[len("rows/"):]: v for k, v in data.items() if k.startswith("rows/")})  # slots in order
+        copy._room()
+        copy.in_cut[:copy.rows.size] = np.asarray(data["in_cut"]).astype(bool)
         copy.full = bool(np.asarray(data["full"]).reshape(-1)[0])
         return copy
 

@@ -265,7 +265,7 @@ class KeyIndex:
                                            self.size, self.insert_limit(), self._sink)
             done += n
             if done < n_keys:
-                self.make_room()
+                self.make_room(n_keys - done)
         return out, is_new
 
     def insert_limit(self) -> int:
@@ -273,12 +273,14 @@ class KeyIndex:
         the caller resumes after `make_room()`."""
         return min(int(self._buckets.shape[0] * _MAX_LOAD), self._skeys.shape[0])
 
-    def make_room(self) -> None:
-        """Grow whichever of the buckets and the key array is full (at `insert_limit`)."""
+    def make_room(self, pending: int = 1) -> None:
+        """Grow whichever of the buckets and the key array is full (at `insert_limit`); the
+        key array by at least the `pending` keys still to insert (a small index, e.g. a cut
+        copy's, grew by one or two keys a step: a kernel call and a copy each)."""
         if self.size >= int(self._buckets.shape[0] * _MAX_LOAD):
             self._grow()
         if self.size >= self._skeys.shape[0]:
-            self._grow_keys(self.size + 1)
+            self._grow_keys(self.size + pending)
 
     def find_gather(self, keys: np.ndarray, values: np.ndarray, out: np.ndarray,
                     pos: np.ndarray) -> tuple[np.ndarray, int]:

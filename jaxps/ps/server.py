@@ -555,10 +555,7 @@ class PSServer:
                 with lock:
                     if self._retry((table, part), cid, seq):
                         return False
-                    if cutting:  # SSP/ASP: applied now; pending cuts keep what it changes
-                        self._cut_write((table, part), store, ordered_keys[lo:hi], grads, order[lo:hi], step,
-                                        None if memo is None else memo.slots_for(run, store))
-                    elif hold:  # BSP: kept until every group completed `step`
+                    if hold:  # BSP: kept until every group completed `step`
                         with self._held_lock:
                             if step <= self._held_through:
                                 raise PSError(f"server {self.name}: group {group} pushed step {step} of table "
@@ -568,15 +565,19 @@ class PSServer:
                                 (group, table, part, cid, seq, ordered_keys[lo:hi].copy(),
                                  take_rows(grads, order[lo:hi])))
                     else:  # grads stay where they are: the store reads rows order[lo:hi]
+                        if cutting:  # SSP/ASP: applied now; pending cuts keep what it changes
+                            self._cut_before((table, part), store, ordered_keys[lo:hi], step)
                         self._before_write((table, part), store, ordered_keys[lo:hi])
                         store.push(ordered_keys[lo:hi], grads, step, order[lo:hi],
                                    None if memo is None else memo.slots_for(run, store))
+                        if cutting:
+                            self._cut_after((table, part), store, ordered_keys[lo:hi], grads, order[lo:hi], step)
                     self._landed((table, part), cid, seq)
                     return True
             kernel = self._push_kernel(spec) if store_mod.FUSED and BATCHED else None
-            if kernel is not None and not hold and (group < 0 or not self.cut_every) and keys.shape[0]:
+            if kernel is not None and not hold and keys.shape[0]:
                 applied = self._push_batched(table, spec, kernel, grads, seq, cid, step, memo, order, parts, bounds,
-                                             ordered_keys)
+                                             ordered_keys, cutting)
             else:
                 applied = any(self._each_run(bounds, push_run))
         s = self._stats[table]
@@ -589,10 +590,11 @@ class PSServer:
 
     def _push_batched(self, table: str, spec: TableSpec, kernel: tuple, grads: np.ndarray, seq: int, cid: int,
                       step: int, memo: PullMemo | None, order: np.ndarray, parts: np.ndarray, bounds: np.ndarray,
-                      ordered_keys: np.ndarray) -> bool:
+                      ordered_keys: np.ndarray, cutting: bool) -> bool:
         """`push` (not held for a worker group) of a table with a fused update: per span of
         runs, with all its partitions' locks, the exactly-once marks, copy-on-write
-        pre-images and room for new keys in Python, then one `push_runs` call. Returns
+        pre-images (snapshots' and, `cutting`, pending cuts') and room for new keys in
+        Python, then one `push_runs` call, then the pending cuts' late pushes. Returns
         whether any partition applied it (False: a retry)."""
         kind, lr, eps, _, slot_init = kernel
         part_list, lo_list = parts.tolist(), bounds.tolist()
@@ -618,6 +620,8 @@ class PSServer:
                     batched = arrays.sync(part, store) and batched
                     if memo is not None and memo.slots_for(r, store) is None:  # stale: looked up again
                         slots[lo_list[r]:lo_list[r + 1]] = no_fresh
+                    if cutting:
+                        self._cut_before((table, part), store, ordered_keys[lo_list[r]:lo_list[r + 1]], step)
                     self._before_write((table, part), store, ordered_keys[lo_list[r]:lo_list[r + 1]])
                 if not apply[r0:r1].any():
                     return False
@@ -642,6 +646,9 @@ class PSServer:
                         lo, hi = lo_list[r], lo_list[r + 1]
                         store.push(ordered_keys[lo:hi], grads, step, order[lo:hi],
                                    None if memo is None else memo.slots_for(r, store))
+                    if cutting:
+                        lo, hi = lo_list[r], lo_list[r + 1]
+                        self._cut_after((table, part), store, ordered_keys[lo:hi], grads, order[lo:hi], step)
                     self._landed((table, part), cid, seq)
                 return True
         return any(self._each_span(self._spans(bounds), push_span))
@@ -672,22 +679,24 @@ class PSServer:
                                   f"{self.wait_timeout}s for the cut at step {self._cut_taken + self.cut_every} "
                                   f"(at most {self.MAX_PENDING_CUTS} cuts pending); clocks {self.clocks.clocks()}")
 
-    def _cut_write(self, key: tuple[str, int], store: PartitionStore, keys: np.ndarray, grads: np.ndarray,
-                   rows: np.ndarray, step: int, slots: np.ndarray | None) -> None:
-        """(With the partition's lock.) A worker group's push under SSP/ASP with cuts:
-        applied to the live rows now, so the group reads its own writes. Each pending cut
-        before `step` keeps the rows it changes first (`CutCopy`, made by the first such
-        push); the copy of each cut at or after `step` (made by an earlier push past it)
-        takes it too."""
-        copies = self._cut_copies.setdefault(key, {})
+    # A worker group's push under SSP/ASP with cuts is applied to the live rows at once, so
+    # the group reads its own writes, between these two (with the partition's lock):
+
+    def _cut_before(self, key: tuple[str, int], store: PartitionStore, keys: np.ndarray, step: int) -> None:
+        """Each pending cut before `step` keeps the rows of `keys` first (its `CutCopy` is
+        made by the first push past it)."""
         for at in range(self._cut_taken + self.cut_every, step, self.cut_every):
+            copies = self._cut_copies.setdefault(key, {})
             copy = copies.get(at)
             if copy is None:
                 copy = copies[at] = CutCopy(store)
             copy.before_later_write(store, keys)
-        self._before_write(key, store, keys)
-        store.push(keys, grads, step, rows, slots)
-        for at, copy in copies.items():
+
+    def _cut_after(self, key: tuple[str, int], store: PartitionStore, keys: np.ndarray, grads: np.ndarray,
+                   rows: np.ndarray, step: int) -> None:
+        """The copy of each pending cut at or after `step` (made by an earlier push past it)
+        takes the push too."""
+        for at, copy in self._cut_copies.get(key, {}).items():
             if at >= step:
                 copy.late_push(store, keys, grads, step, rows)
 

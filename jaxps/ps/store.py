@@ -181,13 +181,7 @@ class PartitionStore:
             slots[absent], is_new = self.index.find_or_insert(np.asarray(keys, np.uint64)[absent])
             fresh = absent[is_new]
         if fresh is not None and fresh.size:
-            self._reserve(self.index.size)
-            rows = slots[fresh]
-            new_keys = np.asarray(keys, np.uint64)[fresh]
-            np.put(self._vview, rows, self._rows(init_rows(new_keys, self.dim, self.init_scale, self.seed)))
-            for name, view in self._sviews.items():
-                fill = np.full((rows.shape[0], self.dim), self.optimizer.slot_init(name), np.float32)
-                np.put(view, rows, self._rows(fill))
+            self.put_new(slots[fresh], np.asarray(keys, np.uint64)[fresh])
         if self._fused is not None:  # bit-identical to the numpy path below (jaxps.ps.fused)
             grads = np.ascontiguousarray(grads, np.float32)
             self._fused(self.values, self.slots, slots, grads,
@@ -196,6 +190,20 @@ class PartitionStore:
             self._update_numpy(slots, grads if grad_rows is None else take_rows(grads, grad_rows), step)
         if self.max_rows is not None:  # only eviction reads it: a random write per row saved
             self.last_step[slots] = step
+
+    def put_new(self, slots: np.ndarray, keys: np.ndarray) -> None:
+        """Initial rows and optimizer slots at `slots`, for `keys` just inserted there."""
+        self._reserve(self.index.size)
+        np.put(self._vview, slots, self._rows(init_rows(keys, self.dim, self.init_scale, self.seed)))
+        for name, view in self._sviews.items():
+            fill = np.full((slots.shape[0], self.dim), self.optimizer.slot_init(name), np.float32)
+            np.put(view, slots, self._rows(fill))
+
+    def put_rows(self, slots: np.ndarray, source: "PartitionStore", source_slots: np.ndarray) -> None:
+        """Rows and optimizer slots at `slots` (allocated) = `source`'s at `source_slots`."""
+        np.put(self._vview, slots, np.take(source._vview, source_slots))
+        for name, view in self._sviews.items():
+            np.put(view, slots, np.take(source._sviews[name], source_slots))
 
     def _update_numpy(self, slots: np.ndarray, grads: np.ndarray, step: int) -> None:
         """Gather rows and slots, `optimizer.update(numpy, ...)`, scatter them back."""
