@@ -64,57 +64,69 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
-    import jax
-
     from jaxps import groups
-    from jaxps.job import build_data, build_model, dense_features
     from jaxps.ps.client import from_env
-    from jaxps.trainer import Trainer
     group = groups.from_env()  # one of several worker groups (`jaxps launch --groups`), if set
     ps = from_env()            # servers started by `jaxps launch --servers`, if any
     if group is not None and group.count > 1 and ps is None:
         raise SystemExit(f"jaxps train: {groups.ENV_NUM_GROUPS}={group.count} needs PS servers "
                          f"(JAXPS_PS_SERVERS unset); use jaxps launch local --servers M --groups G")
+    try:
+        return _train(cfg, args, group, ps)
+    finally:
+        if ps is not None:  # its gRPC channels (the trainer stops only its own threads)
+            ps.close()
+
+
+def _train(cfg, args, group, ps) -> int:
+    """`jaxps train` once the servers (if any) are known: train, evaluate, report; the
+    trainer is closed at the end (checkpoints written, pushes landed)."""
+    import dataclasses
+
+    import jax
+
+    from jaxps.job import build_data, build_model, dense_features
+    from jaxps.trainer import Trainer
     train_ds, eval_ds, info = build_data(cfg.data, group)
-    trainer = Trainer(build_model(cfg.model, dense_features(cfg.data), cfg.data.max_nnz), cfg.mesh, cfg.train,
-                      ps=ps, group=group)
-    if jax.process_index() == 0:
-        print(trainer.plan(), flush=True)
-    if args.resume:  # the latest complete checkpoint of train.out_dir, data position included
-        step = trainer.resume()
+    with Trainer(build_model(cfg.model, dense_features(cfg.data), cfg.data.max_nnz), cfg.mesh, cfg.train,
+                 ps=ps, group=group) as trainer:
         if jax.process_index() == 0:
-            print(f"resumed from {trainer.checkpointer.directory}/{step}" if step is not None else
-                  f"no complete checkpoint in {trainer.checkpointer.directory}: starting fresh", flush=True)
-        if trainer.ps_restored:  # the one process that read the PS snapshot
-            r = trainer.ps_restored
-            print(f"loaded the PS snapshot of step {r['step']} ({sum(r['rows'].values())} rows of "
-                  f"{len(r['rows'])} tables) onto {r['servers']} server(s)", flush=True)
-    report = {"data": {"train": train_ds.stats, "eval": eval_ds.stats if eval_ds else None},
-              "config": dataclasses.asdict(cfg)}
-    if info:
-        report["synthetic"] = {k: info[k] for k in info if k.startswith(("bayes", "n_"))}
-    result = trainer.fit(train_ds, eval_ds, total_examples=info.get("n_train"), report=report)
-    path = os.path.join(trainer.config.out_dir, "metrics.json")
-    if jax.process_index() != 0:  # one report per job
+            print(trainer.plan(), flush=True)
+        if args.resume:  # the latest complete checkpoint of train.out_dir, data position included
+            step = trainer.resume()
+            if jax.process_index() == 0:
+                print(f"resumed from {trainer.checkpointer.directory}/{step}" if step is not None else
+                      f"no complete checkpoint in {trainer.checkpointer.directory}: starting fresh", flush=True)
+            if trainer.ps_restored:  # the one process that read the PS snapshot
+                r = trainer.ps_restored
+                print(f"loaded the PS snapshot of step {r['step']} ({sum(r['rows'].values())} rows of "
+                      f"{len(r['rows'])} tables) onto {r['servers']} server(s)", flush=True)
+        report = {"data": {"train": train_ds.stats, "eval": eval_ds.stats if eval_ds else None},
+                  "config": dataclasses.asdict(cfg)}
+        if info:
+            report["synthetic"] = {k: info[k] for k in info if k.startswith(("bayes", "n_"))}
+        result = trainer.fit(train_ds, eval_ds, total_examples=info.get("n_train"), report=report)
+        path = os.path.join(trainer.config.out_dir, "metrics.json")
+        if jax.process_index() != 0:  # one report per job
+            return 0
+        t = result["train"]
+        print(f"trained {t['examples']} examples in {t['seconds']:.1f}s "
+              f"({t['examples_per_sec']:,.0f} examples/s), {t['steps']} steps")
+        for name, ds in (("train", train_ds), ("eval", eval_ds)):
+            if ds is not None and ds.stats.skipped:
+                print(f"{name} data: {ds.stats.summary()}")
+        if "eval" in result:
+            e = result["eval"]
+            line = f"eval logloss {e['logloss']:.5f}  AUC {e['auc']:.5f}  ({e['examples']:.0f} examples)"
+            if info.get("bayes_logloss_test"):
+                line += f"  [Bayes-optimal logloss {info['bayes_logloss_test']:.5f}]"
+            print(line)
+        print(f"metrics: {path}")
+        if cfg.train.tensorboard:
+            print(f"tensorboard: {os.path.join(trainer.config.out_dir, 'tensorboard')}")
+        if "checkpoint" in result:
+            print(f"checkpoint: {result['checkpoint']}")
         return 0
-    t = result["train"]
-    print(f"trained {t['examples']} examples in {t['seconds']:.1f}s "
-          f"({t['examples_per_sec']:,.0f} examples/s), {t['steps']} steps")
-    for name, ds in (("train", train_ds), ("eval", eval_ds)):
-        if ds is not None and ds.stats.skipped:
-            print(f"{name} data: {ds.stats.summary()}")
-    if "eval" in result:
-        e = result["eval"]
-        line = f"eval logloss {e['logloss']:.5f}  AUC {e['auc']:.5f}  ({e['examples']:.0f} examples)"
-        if info.get("bayes_logloss_test"):
-            line += f"  [Bayes-optimal logloss {info['bayes_logloss_test']:.5f}]"
-        print(line)
-    print(f"metrics: {path}")
-    if cfg.train.tensorboard:
-        print(f"tensorboard: {os.path.join(trainer.config.out_dir, 'tensorboard')}")
-    if "checkpoint" in result:
-        print(f"checkpoint: {result['checkpoint']}")
-    return 0
 
 
 def _restored(cfg, command: str):

@@ -451,3 +451,46 @@ def test_a_pull_whose_reply_exceeds_the_limit_is_refused_before_allocating():
         assert transport.pull("t", np.arange(3, dtype=np.uint64)).shape == (3, 8)  # still serving
     finally:
         srv.stop(None)
+
+
+def test_a_client_from_the_environment_closes_the_channels_it_opened(monkeypatch):
+    """`from_env` makes the client's gRPC transports and its ring source (a manager's
+    `RemoteRing`) for that client alone: closing the client closes them all, the transport
+    a moved server left behind included. A client given transports leaves them open."""
+    from jaxps.ps.client import ENV_MANAGER, ENV_PARTITIONS, ENV_SERVERS, from_env
+    from jaxps.ps.manager import ServerManager, serve_manager
+
+    srv, port = serve("ps-0", Ring(8, 64, ["ps-0"]), SPECS)
+    msrv, mport = serve_manager(ServerManager(Ring(8, 64, ["ps-0"]), {}), {"ps-0": f"127.0.0.1:{port}"})
+    try:
+        monkeypatch.setenv(ENV_SERVERS, f"ps-0=127.0.0.1:{port}")
+        monkeypatch.setenv(ENV_PARTITIONS, "8")
+        monkeypatch.setenv(ENV_MANAGER, f"127.0.0.1:{mport}")
+        client = from_env()
+        keys = np.array([5, 9], np.uint64)
+        client.push("once", keys, np.ones((2, 2), np.float32), 1)
+        opened = [client.transports["ps-0"]]
+        fetch = client.ring_source.fetch
+        for address in (f"127.0.0.1:{port}", f"localhost:{port}"):  # the server "moves": a new transport
+            client.ring_source.fetch = lambda a=address: dict(fetch(), addresses={"ps-0": a})
+            _, transports = client.ring_source()
+            opened.append(transports["ps-0"])
+            client.transports.update(transports)  # as a retry on a newer ring does
+            np.testing.assert_array_equal(client.pull("once", keys), -np.ones((2, 2), np.float32))
+        assert len({id(t) for t in opened}) == 3
+        client.close()
+        client.close()  # idempotent
+        for t in opened:
+            with pytest.raises(ValueError, match="closed channel"):
+                t.stats()
+        with pytest.raises(ValueError, match="closed channel"):
+            fetch()
+
+        shared = GrpcTransport(f"127.0.0.1:{port}", timeout=10)
+        borrowed = PSClient(Ring(8, 64, ["ps-0"]), {"ps-0": shared}, [])
+        borrowed.close()
+        assert shared.stats()  # still open: it belongs to whoever made it
+        shared.close()
+    finally:
+        srv.stop(0).wait(5)
+        msrv.stop(0).wait(5)

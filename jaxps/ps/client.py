@@ -186,17 +186,21 @@ def retryable(e: BaseException) -> bool:
 class PSClient:
     def __init__(self, ring: Ring, transports: Mapping[str, Transport], tables: Sequence[TableSpec],
                  client_id: int | None = None, replicas: int = 0,
-                 ring_source: Callable[[], RingView] | None = None, retry_seconds: float = 120.0):
+                 ring_source: Callable[[], RingView] | None = None, retry_seconds: float = 120.0,
+                 owns_transports: bool = False):
         """replicas: backups per partition (hot standby): each push goes to a partition's
         primary and its backups and returns once all applied it; pulls read the primary.
         ring_source: where a newer ring (and transports for new servers) comes from when a
         server dies, freezes or moves a partition (e.g. `ServerManager.view`); calls are
-        then retried with the same request id for up to `retry_seconds`."""
+        then retried with the same request id for up to `retry_seconds`.
+        owns_transports: `close` also closes the transports given here and the ring source
+        (which closes those it made; `from_env` makes them all for this client alone)."""
         missing = set(ring.servers) - set(transports)
         if missing:
             raise ValueError(f"no transport for servers {sorted(missing)}")
         self.ring, self.transports = ring, dict(transports)
         self.replicas, self.ring_source, self.retry_seconds = replicas, ring_source, retry_seconds
+        self._own = list(self.transports.values()) if owns_transports else None  # closed by `close`
         self.tables = {t.name: t for t in tables}
         # never 0: over gRPC a pull with client id 0 leaves no memo (a strict repair's, an eval's)
         self.client_id = (int.from_bytes(os.urandom(8), "little") >> 1 or 1) if client_id is None else client_id
@@ -425,11 +429,26 @@ class PSClient:
         return {name: self.transports[name].stats() for name in self.ring.servers}
 
     def close(self) -> None:
-        """Stop this client's request threads (its transports stay with whoever made them:
-        several clients may share them)."""
+        """Stop this client's request threads; with `owns_transports`, close its transports
+        and ring source too (otherwise they stay with whoever made them: several clients
+        may share them). Idempotent."""
         self._pool.shutdown(wait=True)
         self._gated_pool.shutdown(wait=True)
         self._push_pool.shutdown(wait=True)
+        own, self._own = self._own, None
+        if own is None:
+            return
+        for transport in own:
+            if hasattr(transport, "close"):
+                transport.close()
+        if hasattr(self.ring_source, "close"):  # it closes the transports it made
+            self.ring_source.close()
+
+    def __enter__(self) -> "PSClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 ENV_SERVERS = "JAXPS_PS_SERVERS"        # "ps-0=host:port,ps-1=host:port" (set by jaxps launch)
@@ -453,7 +472,7 @@ def from_env(num_partitions: int = 256, vnodes: int = 64) -> PSClient | None:
         from jaxps.ps.manager import RemoteRing
         source = RemoteRing(os.environ[ENV_MANAGER].strip(), token)
     return PSClient(ring, {n: GrpcTransport(a, token=token) for n, a in addresses.items()}, [],
-                    replicas=int(os.environ.get(ENV_REPLICAS, "0")), ring_source=source)
+                    replicas=int(os.environ.get(ENV_REPLICAS, "0")), ring_source=source, owns_transports=True)
 
 
 def embedded(tables: Sequence[TableSpec], servers: int = 1, num_partitions: int = 256,

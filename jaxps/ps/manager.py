@@ -275,6 +275,15 @@ class RemoteRing:
         self.channel = grpc.insecure_channel(address)
         self._call = self.channel.unary_unary(RING_METHOD)
         self._transports: dict[str, object] = {}
+        self._replaced: list[object] = []  # a server's transport before it moved (closed in `close`:
+        # a client may still be finishing a call on it)
+
+    def close(self) -> None:
+        """Close the channel to the manager and every transport this made."""
+        for t in list(self._transports.values()) + self._replaced:
+            t.close()
+        self._transports, self._replaced = {}, []
+        self.channel.close()
 
     def fetch(self) -> dict:
         from jaxps.ps import wire
@@ -287,6 +296,8 @@ class RemoteRing:
         for name, address in info["addresses"].items():
             t = self._transports.get(name)
             if t is None or t.address != address:
+                if t is not None:
+                    self._replaced.append(t)
                 self._transports[name] = GrpcTransport(address, token=self.token)
         ring = Ring(info["partitions"], info["vnodes"], info["servers"], info["version"])
         return ring, {s: self._transports[s] for s in ring.servers}
