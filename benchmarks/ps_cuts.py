@@ -17,14 +17,15 @@ Reported: seconds per group-0 push of each (median over rounds) and `ratio` = cu
 table's bytes, the time of a clock that takes a cut, and the check that each cut holds
 exactly the pushes of steps <= its step (SGD counts are exact; asserted).
 
-Measured on 2 cores: ratio 3.0-3.25 (--quick), 2.8 (full). The cost is Python per
-partition and pending cut (~60 us: a copy is per partition, so a push of 16k keys over 256
-partitions with two cuts pending makes ~500 small copy calls), not the bytes copied; the
-next step is a span-level copy (one numba pass over a request's partitions, as `push_runs`
-does for the update). The former design held pushes past a cut instead (0.69x plain for
-the fast group's push, but the group then read rows without its own writes, and the
-slow group's clock applied them); pushes only pay while a cut is pending: under SSP(s)
-at most s steps of each checkpoint interval.
+Measured on 2 cores: ratio 1.27-1.48 (--quick: 16k keys over 500k rows), 1.95-2.12 (full:
+64k keys over 2M rows, where most keys of a push are written past the cut for the first
+time: the copy then reads as many rows as the push updates). A copy is per table and cut,
+kept for a whole request span in a few vectorized calls (one `pull_runs` reads the live
+rows); per partition it was 3.0-3.5x (~60 us of Python per partition and pending cut).
+The former design held pushes past a cut instead (0.69x plain for the fast group's push,
+but that group then read rows without its own writes, and the slow group's clock applied
+them). Pushes pay only while a cut is pending: under SSP(s), at most s steps of each
+checkpoint interval.
 
 Usage: python benchmarks/ps_cuts.py [--quick] [--rows 2000000] [--keys 65536] [--steps 24]
 """

@@ -35,8 +35,15 @@ EVENTS = [("push", 0, 1), ("clock", 0, 1), ("push", 1, 1), ("clock", 1, 1), ("pu
 
 
 @pytest.mark.parametrize("opt", sorted(HP))
-@pytest.mark.parametrize("variant", ["plain", "row-budget", "migrate"])
-def test_cuts_equal_the_pushes_up_to_their_step_and_groups_read_their_own_writes(opt, variant):
+@pytest.mark.parametrize("variant", ["plain", "row-budget", "migrate", "unbatched"])
+def test_cuts_equal_the_pushes_up_to_their_step_and_groups_read_their_own_writes(opt, variant, monkeypatch):
+    """Adagrad pushes take the batched span path (the copy kept for a whole span at once),
+    Adam the per-partition one; "row-budget" copies whole partitions (they may evict),
+    "migrate" moves every partition with its copies to another server mid-way,
+    "unbatched" reads the live rows partition by partition (as with uint64 buckets)."""
+    if variant == "unbatched":
+        from jaxps.ps.batched import PartitionArrays
+        monkeypatch.setattr(PartitionArrays, "sync", lambda self, part, store: False)
     rng = np.random.default_rng(7)
     universe = rng.integers(0, 2**64 - 1, 40, dtype=np.uint64, endpoint=True)
     # a row budget the pushes never reach: the cut's copies then hold whole partitions
@@ -87,7 +94,7 @@ def test_cuts_equal_the_pushes_up_to_their_step_and_groups_read_their_own_writes
     stored = server.export("t")
     assert sorted(where[k] for k in stored["keys"].tolist()) == sorted(seen)
     np.testing.assert_allclose(server.pull("t", universe), live.w, rtol=2e-5, atol=1e-6)
-    assert not any(server._cut_copies.values()) and server.stats()["t"]["cut_copy_bytes"] == 0
+    assert not server._cut_copies and server.stats()["t"]["cut_copy_bytes"] == 0
 
 
 def test_a_push_more_than_the_pending_cut_bound_ahead_waits_for_the_slowest_group():
@@ -161,3 +168,33 @@ def test_over_grpc_a_push_past_the_bound_is_refused_and_retried_not_held_in_a_ha
             np.testing.assert_array_equal(transport.pull("t", keys), plain.pull("t", keys))
     finally:
         srv.stop(None)
+
+
+def test_a_moved_partitions_copy_replaces_what_the_receiving_copy_held_of_it():
+    """Loading rows onto a server makes its copies hold those partitions whole (a load is
+    a write past the cut); the source's copy of them, loaded next, replaces that."""
+    from jaxps.ps.cow import CutCopy
+    from jaxps.ps.store import PartitionStore
+
+    opt = rowwise.make("adagrad", **HP["adagrad"])
+    keys = np.arange(1, 9, dtype=np.uint64)
+    ones = np.ones((8, 3), np.float32)
+    source_store, target_store = PartitionStore(3, opt), PartitionStore(3, opt)
+    source_store.push(keys, ones, 1)
+    source = CutCopy(3, opt, 0.0, 0, num_partitions=4)
+    source.keep(keys[:4], np.full(4, 2, np.int32), lambda pos: PSServer._store_rows(source_store, keys[:4][pos]))
+    source_store.push(keys[:4], ones[:4], 5)  # a push past the cut changes 4 of the 8 rows
+    want = source.export(2, source_store)
+
+    target = CutCopy(3, opt, 0.0, 0, num_partitions=4)
+    target_store.push(keys, 3 * ones, 1)  # what the receiving server held before the move
+    target.materialize(2, target_store)
+    target_store.load(source_store.export())  # the moved rows
+    target.load_arrays(source.to_arrays({2}))
+    got = target.export(2, target_store)
+    order_w, order_g = np.argsort(want["keys"]), np.argsort(got["keys"])
+    for k in want:
+        np.testing.assert_array_equal(got[k][order_g], want[k][order_w])
+    before = PartitionStore(3, opt)  # the cut: the rows after the step-1 push alone
+    before.push(keys, ones, 1)
+    np.testing.assert_array_equal(want["values"][order_w], before.pull(want["keys"][order_w]))

@@ -22,6 +22,8 @@ pre-images too, so the copy ends as the pushes of steps <= `at` applied in arriv
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from jaxps.memory import take_rows
@@ -68,119 +70,184 @@ def finish(rows: dict[str, np.ndarray], pending: PendingCopy) -> dict[str, np.nd
 
 
 class CutCopy:
-    """One partition's rows at a pending cut (`at`), kept while pushes past it go on.
+    """A table's rows at a pending cut (`at`): every worker group's pushes of steps <= at
+    and none later, kept while pushes past it go on.
 
-    `rows` is a small store of its own (no admission, no eviction) whose keys are those
-    pushes past the cut wrote: each holds the key's row at its first such write (its
-    initial row when it was not stored then: `in_cut` False), then the late pushes of
-    steps <= `at` applied by the store's own optimizer code (bit-identical to the live
-    update; a late push puts the key in the cut). Every other key's row in the cut is its
-    live row. `full`: `rows` holds the whole partition (one that may evict rows, a load)."""
+    `rows` (a store of its own: no admission, no eviction) indexes the keys pushes past the
+    cut wrote, each with its row at the first such write (none when it was not stored then:
+    `in_cut` False), then the late pushes of steps <= `at` applied by the store's own
+    optimizer code (bit-identical to the live update; a late push puts the key in the cut,
+    from its initial row if it had none). Every other key's row in the cut is its live row. A partition that may
+    evict rows is copied whole at its first write past the cut (`full`).
 
-    def __init__(self, store: PartitionStore) -> None:
-        self.rows = self._empty(store)
-        self.in_cut = np.zeros(16, bool)  # by slot of `rows`: the key is in the cut
-        self.full = False
+    One copy per table, not per partition: a push's span of partitions is kept in a few
+    vectorized calls (a copy per partition cost ~60 us of Python per partition and pending
+    cut: 3x a push with two cuts pending). Its own lock: pushes of different partitions
+    use it at once; callers hold the locks of the partitions whose keys they pass."""
 
-    @staticmethod
-    def _empty(store: PartitionStore) -> PartitionStore:
-        # small to start (it grows): every partition a push past the cut touches has one
-        return PartitionStore(store.dim, store.optimizer, store.init_scale, store.seed, index=KeyIndex(capacity=16))
+    def __init__(self, dim: int, optimizer, init_scale: float, seed: int, num_partitions: int) -> None:
+        self.rows = PartitionStore(dim, optimizer, init_scale, seed)
+        self.in_cut = np.zeros(0, bool)      # by slot of `rows`: the key is in the cut
+        self.part = np.zeros(0, np.int32)    # by slot: the key's partition
+        self.full = np.zeros(num_partitions, bool)
+        self.lock = threading.Lock()
+        self._groups: tuple[int, np.ndarray, np.ndarray] | None = None  # `_entries_of`'s
 
     @property
     def nbytes(self) -> int:
-        return self.rows.nbytes + self.in_cut.nbytes
+        return self.rows.nbytes + self.in_cut.nbytes + self.part.nbytes
 
     def _room(self) -> None:
-        if self.in_cut.shape[0] < self.rows.size:
-            grown = np.zeros(grown_capacity(self.in_cut.shape[0], self.rows.size, 16), bool)
-            grown[:self.in_cut.shape[0]] = self.in_cut
-            self.in_cut = grown
+        n, have = self.rows.size, self.in_cut.shape[0]
+        if have < n:
+            cap = grown_capacity(have, n)
+            self.in_cut = np.concatenate([self.in_cut, np.zeros(cap - have, bool)])
+            self.part = np.concatenate([self.part, np.zeros(cap - have, np.int32)])
 
-    def materialize(self, store: PartitionStore) -> None:
-        """Hold the cut's whole partition now (a write is coming that pre-images cannot undo)."""
-        if not self.full:
-            whole = self.export(store)
-            self.rows = self._empty(store)
-            self.rows.load(whole)
-            self.in_cut = np.ones(max(16, self.rows.size), bool)
-            self.full = True
+    def keep(self, keys: np.ndarray, parts: np.ndarray, read_live) -> None:
+        """A push of a step past the cut is about to write unique `keys` (of partitions
+        `parts`, not ones that may evict: `materialize` those): keep the rows of those not
+        kept yet. read_live(positions) -> (stored [m] bool, values [m, dim], {slot: [m, dim]})
+        of keys[positions], read from the live stores."""
+        with self.lock:
+            sel = np.flatnonzero(~self.full[parts]) if self.full.any() else None
+            if sel is not None:
+                keys, parts = keys[sel], parts[sel]
+            slots, is_new = self.rows.index.find_or_insert(keys)
+            fresh = np.flatnonzero(is_new)
+            if not fresh.size:  # every key kept already: one lookup
+                return
+            dst = slots[fresh]
+            self._room()
+            self.part[dst] = parts[fresh]
+            stored, values, slot_values = read_live(fresh if sel is None else sel[fresh])
+            hit = np.flatnonzero(stored)  # (room for the others' rows too: a late push may need them)
+            self.rows.put_rows(dst[hit], take_rows(values, hit), {n: take_rows(v, hit) for n, v in slot_values.items()})
+            self.in_cut[dst[hit]] = True
 
-    def before_later_write(self, store: PartitionStore, keys: np.ndarray) -> None:
-        """A push of a step past the cut is about to write unique `keys`: keep their rows."""
-        if self.full:
-            return
-        if store.max_rows is not None:  # the write may evict rows the cut still holds
-            self.materialize(store)
-            return
-        slots, is_new = self.rows.index.find_or_insert(keys)
-        fresh = np.flatnonzero(is_new)
-        if not fresh.size:  # every key kept already: one lookup
-            return
-        dst, first_keys = slots[fresh], np.asarray(keys, np.uint64)[fresh]
-        live = store.index.find(first_keys)
-        stored = np.flatnonzero(live >= 0)
-        self.rows.put_new(dst, first_keys)  # initial rows and slots
-        if stored.size:
-            self.rows.put_rows(dst[stored], store, live[stored])
-        self._room()
-        self.in_cut[dst[stored]] = True
+    def materialize(self, part: int, store: PartitionStore) -> None:
+        """Hold partition `part`'s whole cut now (its live `store` may evict rows, or a load
+        is coming that pre-images cannot undo)."""
+        with self.lock:
+            if self.full[part]:
+                return
+            live = store.export()
+            slots, is_new = self.rows.index.find_or_insert(live["keys"])
+            fresh = np.flatnonzero(is_new)  # keys kept already keep their kept rows
+            if fresh.size:
+                dst = slots[fresh]
+                self.rows.put_rows(dst, take_rows(live["values"], fresh),
+                                   {n: take_rows(live[f"slot_{n}"], fresh) for n in self.rows.slots})
+                self._room()
+                self.in_cut[dst] = True
+                self.part[dst] = part
+            self.full[part] = True
 
-    def late_push(self, store: PartitionStore, keys: np.ndarray, grads: np.ndarray, step: int,
-                  grad_rows: np.ndarray | None = None) -> None:
-        """A push of a step <= the cut, applied to the live `store` already: apply it to the
-        cut's rows of the keys pushes past the cut wrote (the others' live rows hold it).
-        Keys the live store did not take (admission) are not taken here either."""
-        keys = np.asarray(keys, np.uint64)
-        if self.full:
-            take = store.index.find(keys) >= 0 if store.min_count > 1 else np.ones(keys.shape[0], bool)
-            slots = None
-        else:
+    def late_push(self, keys: np.ndarray, parts: np.ndarray, grads: np.ndarray, grad_rows: np.ndarray,
+                  step: int, taken: np.ndarray | None = None) -> None:
+        """A push of a step <= the cut (grads[grad_rows[i]] for keys[i]), applied to the live
+        rows already: apply it to the kept rows (other keys' live rows hold it), and in
+        whole partitions to every key. `taken`: the keys the live stores took (admission)."""
+        with self.lock:
             slots = self.rows.index.find(keys)
             take = slots >= 0
-            if store.min_count > 1:
-                take &= store.index.find(keys) >= 0
-        pick = np.flatnonzero(take)
-        if not pick.size:
-            return
-        rows = pick if grad_rows is None else grad_rows[pick]
-        self.rows.push(keys[pick], grads, step, rows, None if slots is None else slots[pick])
-        self._room()
-        self.in_cut[self.rows.index.find(keys[pick]) if slots is None else slots[pick]] = True
+            if self.full.any():
+                take |= self.full[parts]
+            if taken is not None:
+                take &= taken
+            pick = np.flatnonzero(take)
+            if not pick.size:
+                return
+            known = slots[pick]
+            rowless = np.flatnonzero((known >= 0) & ~self.in_cut[np.maximum(known, 0)])
+            if rowless.size:  # not stored at their first write past the cut: from their initial rows
+                self.rows.put_new(known[rowless], keys[pick[rowless]])
+            self.rows.push(keys[pick], grads, step, grad_rows[pick], known)
+            if (known < 0).any():  # stored just now (whole partitions)
+                known = self.rows.index.find(keys[pick])
+            self._room()
+            self.in_cut[known] = True
+            self.part[known] = parts[pick]
 
-    def export(self, store: PartitionStore) -> dict[str, np.ndarray]:
-        """The partition's rows at the cut (call once every push of a step <= `at` is in)."""
-        mine = self.rows.export()
-        inside = self.in_cut[:self.rows.size]
-        if self.full:
-            return mine if inside.all() else {k: v[inside] for k, v in mine.items()}
-        rows = store.export()
-        where = self.rows.index.find(rows["keys"])
-        hit = np.flatnonzero(where >= 0)
-        if not hit.size:
-            return rows
-        kept = inside[where[hit]]
-        for k, a in rows.items():
-            if k != "keys":
-                a[hit[kept]] = take_rows(mine[k], where[hit[kept]])
-        keep = np.ones(rows["keys"].shape[0], bool)
-        keep[hit[~kept]] = False  # stored only since the cut
-        return rows if keep.all() else {k: v[keep] for k, v in rows.items()}
+    def export(self, part: int, store: PartitionStore) -> dict[str, np.ndarray]:
+        """Partition `part`'s rows at the cut (its live `store`; call once every push of a
+        step <= `at` is in, with the partition's lock)."""
+        with self.lock:
+            if self.full[part]:
+                idx = self._entries_of(part)
+                return self._rows_at(idx[self.in_cut[idx]])
+            rows = store.export()
+            where = self.rows.index.find(rows["keys"])
+            hit = np.flatnonzero(where >= 0)
+            if not hit.size:
+                return rows
+            kept = self.in_cut[where[hit]]
+            for k, a in rows.items():
+                if k != "keys":
+                    a[hit[kept]] = take_rows(self._field(k), where[hit[kept]])
+            keep = np.ones(rows["keys"].shape[0], bool)
+            keep[hit[~kept]] = False  # stored only since the cut
+            return rows if keep.all() else {k: v[keep] for k, v in rows.items()}
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Everything of the copy as plain arrays (a partition moving to another server)."""
-        out = {f"rows/{k}": v for k, v in self.rows.export().items()}
-        out.update(in_cut=self.in_cut[:self.rows.size].astype(np.uint8), full=np.array([self.full], np.uint8))
+    def _field(self, name: str) -> np.ndarray:
+        return self.rows.values if name == "values" else self.rows.slots[name[len("slot_"):]]
+
+    def _rows_at(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        out = {"keys": self.rows.index.keys_at(idx), "values": take_rows(self.rows.values, idx)}
+        out.update({f"slot_{n}": take_rows(a, idx) for n, a in self.rows.slots.items()})
         return out
 
-    @classmethod
-    def from_arrays(cls, store: PartitionStore, data: dict[str, np.ndarray]) -> "CutCopy":
-        copy = cls(store)
-        copy.rows.load({k[len("rows/"):]: v for k, v in data.items() if k.startswith("rows/")})  # slots in order
-        copy._room()
-        copy.in_cut[:copy.rows.size] = np.asarray(data["in_cut"]).astype(bool)
-        copy.full = bool(np.asarray(data["full"]).reshape(-1)[0])
-        return copy
+    def _entries_of(self, part: int) -> np.ndarray:
+        """Slots of partition `part`'s entries: a grouping of all entries made once (a cut
+        is exported partition by partition), plus a scan of those added since."""
+        n = self.rows.size
+        if self._groups is None or self._groups[0] > n:
+            order = np.argsort(self.part[:n], kind="stable")
+            self._groups = (n, order, np.searchsorted(self.part[order], np.arange(self.full.shape[0] + 1)))
+        n0, order, bounds = self._groups
+        idx = order[bounds[part]:bounds[part + 1]]
+        later = n0 + np.flatnonzero(self.part[n0:n] == part)
+        return np.concatenate([idx, later]) if later.size else idx
+
+    def drop(self, parts: list[int]) -> None:
+        """Forget partitions `parts` (they leave this server, or another's copy of them
+        comes): one rebuild."""
+        with self.lock:
+            n = self.rows.size
+            keep = np.flatnonzero(~np.isin(self.part[:n], np.array(parts, np.int32)))
+            if keep.size < n:
+                kept, in_cut, part_of = self._rows_at(keep), self.in_cut[keep], self.part[keep]
+                self.rows = PartitionStore(self.rows.dim, self.rows.optimizer, self.rows.init_scale, self.rows.seed)
+                self.rows.load(kept)  # slots 0..m-1 in order
+                self.in_cut, self.part = in_cut, part_of
+                self._room()
+                self._groups = None
+            self.full[np.array(parts, np.int64)] = False
+
+    def to_arrays(self, parts: set[int]) -> dict[str, np.ndarray]:
+        """The entries of `parts` as plain arrays (partitions moving to another server)."""
+        with self.lock:
+            n = self.rows.size
+            idx = np.flatnonzero(np.isin(self.part[:n], np.array(sorted(parts), np.int32)))
+            out = {f"rows/{k}": v for k, v in self._rows_at(idx).items()}
+            out.update(in_cut=self.in_cut[idx].astype(np.uint8), part=self.part[idx].copy(),
+                       full=np.array([p for p in sorted(parts) if self.full[p]], np.int32),
+                       parts=np.array(sorted(parts), np.int32))
+            return out
+
+    def load_arrays(self, data: dict[str, np.ndarray]) -> None:
+        """Take `to_arrays`'s partitions: what this copy held of them is replaced."""
+        self.drop(np.asarray(data["parts"]).tolist())
+        with self.lock:
+            keys = np.ascontiguousarray(data["rows/keys"], np.uint64)
+            slots, _ = self.rows.index.find_or_insert(keys)
+            self.rows.put_rows(slots, np.asarray(data["rows/values"], np.float32),
+                               {n: np.asarray(data[f"rows/slot_{n}"], np.float32) for n in self.rows.slots})
+            self._room()
+            self.in_cut[slots] = np.asarray(data["in_cut"]).astype(bool)
+            self.part[slots] = np.asarray(data["part"], np.int32)
+            self.full[np.asarray(data["full"], np.int64)] = True
+            self._groups = None
 
 
 def _restore(rows: dict[str, np.ndarray], written: KeyIndex, old: dict[str, np.ndarray] | None

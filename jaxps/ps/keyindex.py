@@ -296,6 +296,10 @@ class KeyIndex:
         """Every key, ordered by slot."""
         return self._skeys[:self.size].copy()
 
+    def keys_at(self, slots: np.ndarray) -> np.ndarray:
+        """The keys at `slots` (each < size)."""
+        return self._skeys[slots]
+
 
 def dedup(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(unique keys in first-seen order, inverse) for one batch of uint64 keys."""

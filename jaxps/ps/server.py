@@ -171,7 +171,7 @@ class PSServer:
         self.cut_every = 0
         self._cut_taken = 0
         self._last_clock = 0       # the highest real (not DONE) clock any group reported
-        self._cut_copies: dict[tuple[str, int], dict[int, CutCopy]] = {}  # (table, part) -> cut step -> copy
+        self._cut_copies: dict[tuple[str, int], CutCopy] = {}  # (table, cut step) -> copy (with _cut_cond)
         self._cuts: dict[int, dict[str, dict[str, np.ndarray]]] = {}
         self._cut_cond = threading.Condition()
         self._held_lock = threading.Lock()    # a leaf lock (taken last)
@@ -273,7 +273,8 @@ class PSServer:
         with self._locks[key]:
             self._before_write(key, self._stores[key])
             self._pending.pop(key, None)
-            self._cut_copies.pop(key, None)
+            for copy in self._copies_of(key[0]):
+                copy.drop([key[1]])
             if key[0] in self._arrays:
                 self._arrays[key[0]].forget(key[1])
         del self._stores[key], self._locks[key]
@@ -565,13 +566,15 @@ class PSServer:
                                 (group, table, part, cid, seq, ordered_keys[lo:hi].copy(),
                                  take_rows(grads, order[lo:hi])))
                     else:  # grads stay where they are: the store reads rows order[lo:hi]
+                        keys_run, rows_run = ordered_keys[lo:hi], order[lo:hi]
+                        parts_run = np.full(hi - lo, part, np.int32) if cutting else None
                         if cutting:  # SSP/ASP: applied now; pending cuts keep what it changes
-                            self._cut_before((table, part), store, ordered_keys[lo:hi], step)
-                        self._before_write((table, part), store, ordered_keys[lo:hi])
-                        store.push(ordered_keys[lo:hi], grads, step, order[lo:hi],
-                                   None if memo is None else memo.slots_for(run, store))
+                            self._cut_keep(table, step, keys_run, parts_run, store=(part, store))
+                        self._before_write((table, part), store, keys_run)
+                        store.push(keys_run, grads, step, rows_run, None if memo is None else memo.slots_for(run, store))
                         if cutting:
-                            self._cut_after((table, part), store, ordered_keys[lo:hi], grads, order[lo:hi], step)
+                            taken = store.index.find(keys_run) >= 0 if store.min_count > 1 else None
+                            self._cut_late(table, step, keys_run, parts_run, grads, rows_run, taken)
                     self._landed((table, part), cid, seq)
                     return True
             kernel = self._push_kernel(spec) if store_mod.FUSED and BATCHED else None
@@ -620,11 +623,13 @@ class PSServer:
                     batched = arrays.sync(part, store) and batched
                     if memo is not None and memo.slots_for(r, store) is None:  # stale: looked up again
                         slots[lo_list[r]:lo_list[r + 1]] = no_fresh
-                    if cutting:
-                        self._cut_before((table, part), store, ordered_keys[lo_list[r]:lo_list[r + 1]], step)
                     self._before_write((table, part), store, ordered_keys[lo_list[r]:lo_list[r + 1]])
                 if not apply[r0:r1].any():
                     return False
+                if cutting:  # SSP/ASP: pending cuts keep what the push changes, the whole span at once
+                    span = self._span_keys(parts, bounds, r0, r1, apply)
+                    self._cut_keep(table, step, ordered_keys[span[0]], span[1], arrays=(arrays, spec, parts, bounds,
+                                                                                         r0, r1, span[0], batched))
                 done = r0  # runs below it are applied by the kernel
                 while batched and done < r1:
                     done = push_runs(arrays.buckets, arrays.skeys, arrays.values, arrays.acc, arrays.kbits,
@@ -646,10 +651,9 @@ class PSServer:
                         lo, hi = lo_list[r], lo_list[r + 1]
                         store.push(ordered_keys[lo:hi], grads, step, order[lo:hi],
                                    None if memo is None else memo.slots_for(r, store))
-                    if cutting:
-                        lo, hi = lo_list[r], lo_list[r + 1]
-                        self._cut_after((table, part), store, ordered_keys[lo:hi], grads, order[lo:hi], step)
                     self._landed((table, part), cid, seq)
+                if cutting:
+                    self._cut_late(table, step, ordered_keys[span[0]], span[1], grads, order[span[0]])
                 return True
         return any(self._each_span(self._spans(bounds), push_span))
 
@@ -680,25 +684,103 @@ class PSServer:
                                   f"(at most {self.MAX_PENDING_CUTS} cuts pending); clocks {self.clocks.clocks()}")
 
     # A worker group's push under SSP/ASP with cuts is applied to the live rows at once, so
-    # the group reads its own writes, between these two (with the partition's lock):
+    # the group reads its own writes, between these two (with the partitions' locks):
 
-    def _cut_before(self, key: tuple[str, int], store: PartitionStore, keys: np.ndarray, step: int) -> None:
-        """Each pending cut before `step` keeps the rows of `keys` first (its `CutCopy` is
-        made by the first push past it)."""
+    def _cut_keep(self, table: str, step: int, keys: np.ndarray, parts: np.ndarray,
+                  store: tuple[int, PartitionStore] | None = None, arrays: tuple | None = None) -> None:
+        """Each pending cut before `step` keeps the rows of `keys` (of `parts`) first (its
+        `CutCopy` is made by the first push past it). The live rows are read from one
+        partition's (part, `store`), or a span's `arrays` (`_live_rows`)."""
         for at in range(self._cut_taken + self.cut_every, step, self.cut_every):
-            copies = self._cut_copies.setdefault(key, {})
-            copy = copies.get(at)
+            copy = self._cut_copy(table, at)
             if copy is None:
-                copy = copies[at] = CutCopy(store)
-            copy.before_later_write(store, keys)
+                continue  # taken meanwhile
+            if store is not None and store[1].max_rows is not None:  # it may evict rows the cut holds
+                copy.materialize(store[0], store[1])
+            elif store is not None:
+                copy.keep(keys, parts, lambda pos: self._store_rows(store[1], keys[pos]))
+            else:
+                copy.keep(keys, parts, lambda pos: self._live_rows(keys, pos, *arrays))
 
-    def _cut_after(self, key: tuple[str, int], store: PartitionStore, keys: np.ndarray, grads: np.ndarray,
-                   rows: np.ndarray, step: int) -> None:
+    def _cut_late(self, table: str, step: int, keys: np.ndarray, parts: np.ndarray, grads: np.ndarray,
+                  grad_rows: np.ndarray, taken: np.ndarray | None = None) -> None:
         """The copy of each pending cut at or after `step` (made by an earlier push past it)
         takes the push too."""
-        for at, copy in self._cut_copies.get(key, {}).items():
-            if at >= step:
-                copy.late_push(store, keys, grads, step, rows)
+        for copy in self._copies_of(table, since=step):
+            copy.late_push(keys, parts, grads, grad_rows, step, taken)
+
+    def _cut_copy(self, table: str, at: int) -> CutCopy | None:
+        """The copy of pending cut `at` of `table` (made now if new); None once it is taken."""
+        with self._cut_cond:
+            if at <= self._cut_taken:
+                return None
+            copy = self._cut_copies.get((table, at))
+            if copy is None:
+                spec = self.tables[table]
+                copy = self._cut_copies[(table, at)] = CutCopy(spec.dim, spec.optimizer, spec.init_scale, spec.seed,
+                                                               self.ring.num_partitions)
+            return copy
+
+    def _copies_of(self, table: str, since: int = 0) -> list[CutCopy]:
+        """The copies of `table`'s pending cuts at steps >= `since`."""
+        with self._cut_cond:
+            return [c for (t, at), c in self._cut_copies.items() if t == table and at >= since]
+
+    @staticmethod
+    def _span_keys(parts: np.ndarray, bounds: np.ndarray, r0: int, r1: int, apply: np.ndarray
+                   ) -> tuple[np.ndarray | slice, np.ndarray]:
+        """(positions of the keys of runs r0..r1-1 a push applies to: a slice when all, their
+        partitions)."""
+        counts = np.diff(bounds[r0:r1 + 1])
+        if apply[r0:r1].all():
+            return slice(int(bounds[r0]), int(bounds[r1])), np.repeat(parts[r0:r1].astype(np.int32), counts)
+        mask = np.repeat(apply[r0:r1], counts)
+        return bounds[r0] + np.flatnonzero(mask), np.repeat(parts[r0:r1].astype(np.int32), counts)[mask]
+
+    @staticmethod
+    def _store_rows(store: PartitionStore, keys: np.ndarray) -> tuple:
+        """(stored, rows, {slot: rows}) of `keys` in one partition's live store."""
+        slots = store.index.find(keys)
+        stored = slots >= 0
+        if not stored.any():
+            empty = np.zeros((keys.shape[0], store.dim), np.float32)
+            return stored, empty, {n: empty for n in store.slots}
+        at = np.where(stored, slots, 0)
+        return stored, take_rows(store.values, at), {n: take_rows(a, at) for n, a in store.slots.items()}
+
+    def _live_rows(self, keys: np.ndarray, pos: np.ndarray, arrays: PartitionArrays, spec: TableSpec,
+                   parts: np.ndarray, bounds: np.ndarray, r0: int, r1: int, span, batched: bool) -> tuple:
+        """`_store_rows` of keys[pos] (positions in a push span's applied keys, ascending),
+        for a span of runs: one `pull_runs` (and one slot gather) over all its partitions."""
+        at = (np.arange(span.start, span.stop) if isinstance(span, slice) else span)[pos]  # request positions
+        if not batched:  # uint64 buckets somewhere: partition by partition
+            stored = np.zeros(at.shape[0], bool)
+            values = np.empty((at.shape[0], spec.dim), np.float32)
+            slot_values = {n: np.empty((at.shape[0], spec.dim), np.float32) for n in spec.optimizer.slots}
+            run_of = np.searchsorted(bounds, at, side="right") - 1
+            for r in np.unique(run_of).tolist():
+                sel = np.flatnonzero(run_of == r)
+                st, v, sv = self._store_rows(self._stores[(spec.name, int(parts[r]))], keys[pos[sel]])
+                stored[sel], values[sel] = st, v
+                for n in slot_values:
+                    slot_values[n][sel] = sv[n]
+            return stored, values, slot_values
+        sub_bounds = np.searchsorted(at, bounds[r0:r1 + 1])
+        runs = r1 - r0
+        out = np.empty((at.shape[0], spec.dim), np.float32)
+        slots = np.empty(at.shape[0], np.int64)
+        order = np.arange(at.shape[0])
+        none_keys, none_rows = np.zeros(0, np.uint64), np.zeros((0, spec.dim), np.float32)
+        sub_parts = np.ascontiguousarray(parts[r0:r1])
+        pull_runs(arrays.buckets, arrays.skeys, arrays.values, arrays.kbits, arrays.shift, arrays.tshift,
+                  sub_parts, sub_bounds, 0, runs, np.ascontiguousarray(keys[pos]), order, out, slots, none_keys,
+                  none_rows, float(spec.init_scale), init_salt(spec.seed), self._sink)
+        slot_values = {}
+        if arrays.slot is not None:
+            slot_values[arrays.slot] = np.empty((at.shape[0], spec.dim), np.float32)
+            gather_slot_runs(arrays.acc, sub_parts, sub_bounds, 0, runs, order, slots,
+                             np.float32(spec.optimizer.slot_init(arrays.slot)), slot_values[arrays.slot])
+        return slots >= 0, out, slot_values
 
     def _take_cuts(self, slowest: int) -> None:
         """Every cut step all groups have completed: copy the rows there (the cut; called
@@ -711,27 +793,24 @@ class PSServer:
                 self._cuts[at] = cut
                 for old in sorted(self._cuts)[:-2]:  # the latest two are kept for readers
                     del self._cuts[old]
-                self._cut_taken = at
+                self._cut_taken = at  # no copy of `at` is made after this (`_cut_copy`)
+                for key in [k for k in self._cut_copies if k[1] <= at]:
+                    del self._cut_copies[key]
                 self._cut_cond.notify_all()
-            for key in list(self._cut_copies):  # backups' copies, and any a racing push made
-                lock = self._locks.get(key)
-                if lock is not None:
-                    with lock:
-                        for done in [a for a in self._cut_copies.get(key, {}) if a <= at]:
-                            del self._cut_copies[key][done]
 
     def _export_cut_rows(self, table: str, at: int) -> dict[str, np.ndarray]:
         """The rows of `table` (primary partitions) at cut `at`, each partition under its lock."""
+        with self._cut_cond:
+            copy = self._cut_copies.get((table, at))
         pieces = []
         for key, store in self._primary_stores(table):
             with self._locks[key]:
-                copy = self._cut_copies.get(key, {}).pop(at, None)
-                pieces.append(store.export() if copy is None else copy.export(store))
+                pieces.append(store.export() if copy is None else copy.export(key[1], store))
         return join_rows(pieces or [self._no_rows(table)])
 
     def _apply(self, table: str, part: int, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
-        """Apply a push that was held (for a cut, or summed for a BSP step) to one partition,
-        under its lock; marked snapshots keep their pre-images first."""
+        """Apply a push that was held (summed for a BSP step) to one partition, under its
+        lock; marked snapshots keep their pre-images first."""
         store, lock = self._store(table, part)
         with lock:
             self._before_write((table, part), store, keys)
@@ -842,8 +921,8 @@ class PSServer:
             else:
                 pending.before_write(store, keys)
         if keys is None:
-            for copy in self._cut_copies.get(key, {}).values():
-                copy.materialize(store)
+            for copy in self._copies_of(key[0]):
+                copy.materialize(key[1], store)
 
     def _collect(self, table: str, ticket: int) -> list[dict[str, np.ndarray]]:
         """The rows of every partition of a `mark`, as they were at the mark: each is
@@ -948,8 +1027,6 @@ class PSServer:
                 rows.setdefault(table, []).append(store.export())
                 marks.setdefault(table, []).extend(
                     (part, cid, seq) for cid, seq in self._marks.get((table, part), {}).items())
-                for at, copy in sorted(self._cut_copies.get((table, part), {}).items()):
-                    out.update({f"cutcopy/{part}/{at}/{k}/{table}": v for k, v in copy.to_arrays().items()})
         for table, pieces in rows.items():  # one array per field: the receiver re-splits by key
             for field, joined in join_rows(pieces).items():
                 out[f"rows/{table}/{field}"] = joined
@@ -958,6 +1035,10 @@ class PSServer:
             held = [(step, g, t, part, cid, seq, keys, grads) for step, hs in self._held.items()
                     for g, t, part, cid, seq, keys, grads in hs if part in want]
         _pack_pushes(out, "held", held)
+        with self._cut_cond:
+            copies = sorted(self._cut_copies.items())
+        for (table, at), copy in copies:
+            out.update({f"cutcopy/{at}/{k}/{table}": v for k, v in copy.to_arrays(want).items()})
         if self.clocks.groups is not None:  # a new replica must gate pulls as the others do
             st = self.clocks.sync.staleness
             out["clocks/config"] = np.array([self.clocks.groups, -1 if st is None else st, self.clocks.settled,
@@ -1004,19 +1085,18 @@ class PSServer:
         return pieces
 
     def _load_cut_copies(self, data: dict[str, np.ndarray]) -> None:
-        """Install the pending cuts' copies of `export_partitions` (after their rows: the
-        load made any copy this server had of those partitions whole; the source's wins)."""
-        fields: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}
+        """Take the pending cuts' copies of `export_partitions` (after their rows: the load
+        made this server's copies hold those partitions whole; the source's entries win)."""
+        fields: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         for name, value in data.items():
             if name.startswith("cutcopy/"):
-                _, part, at, rest = name.split("/", 3)  # cutcopy/part/at/field/table, field "rows/<f>" too
-                cut = 2 if rest.startswith("rows/") else 1
-                *field, table = rest.split("/", cut)
-                fields.setdefault((table, int(part), int(at)), {})["/".join(field)] = value
-        for (table, part, at), arrays in sorted(fields.items()):
-            store, lock = self._store(table, part)
-            with lock:
-                self._cut_copies.setdefault((table, part), {})[at] = CutCopy.from_arrays(store, arrays)
+                _, at, rest = name.split("/", 2)  # cutcopy/at/field/table, field "rows/<f>" too
+                *field, table = rest.split("/", 2 if rest.startswith("rows/") else 1)
+                fields.setdefault((table, int(at)), {})["/".join(field)] = value
+        for (table, at), arrays in sorted(fields.items()):
+            copy = self._cut_copy(table, at)
+            if copy is not None:
+                copy.load_arrays(arrays)
 
     def _apply_overdue(self, settled: int | None = None) -> None:
         """Held pushes whose steps are settled -- here already (this server's clock messages
@@ -1037,7 +1117,8 @@ class PSServer:
         (when groups are configured)."""
         out = {}
         every = list(self._stores.items())  # one copy: a load may add stores meanwhile
-        copies = [(key[0], c) for key, cs in list(self._cut_copies.items()) for c in list(cs.values())]
+        with self._cut_cond:
+            copies = [(table, c) for (table, _), c in self._cut_copies.items()]
         for table, s in list(self._stats.items()):
             stores = [st for (t, _), st in every if t == table]
             out[table] = dict(s, keys=sum(st.size for st in stores), bytes=sum(st.nbytes for st in stores),

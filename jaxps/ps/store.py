@@ -199,11 +199,12 @@ class PartitionStore:
             fill = np.full((slots.shape[0], self.dim), self.optimizer.slot_init(name), np.float32)
             np.put(view, slots, self._rows(fill))
 
-    def put_rows(self, slots: np.ndarray, source: "PartitionStore", source_slots: np.ndarray) -> None:
-        """Rows and optimizer slots at `slots` (allocated) = `source`'s at `source_slots`."""
-        np.put(self._vview, slots, np.take(source._vview, source_slots))
+    def put_rows(self, slots: np.ndarray, values: np.ndarray, slot_values: dict[str, np.ndarray]) -> None:
+        """Rows [n, dim] and optimizer slots {name: [n, dim]} at `slots` of keys in the index."""
+        self._reserve(self.index.size)
+        np.put(self._vview, slots, self._rows(np.ascontiguousarray(values, np.float32)))
         for name, view in self._sviews.items():
-            np.put(view, slots, np.take(source._sviews[name], source_slots))
+            np.put(view, slots, self._rows(np.ascontiguousarray(slot_values[name], np.float32)))
 
     def _update_numpy(self, slots: np.ndarray, grads: np.ndarray, step: int) -> None:
         """Gather rows and slots, `optimizer.update(numpy, ...)`, scatter them back."""
