@@ -170,31 +170,101 @@ def test_over_grpc_a_push_past_the_bound_is_refused_and_retried_not_held_in_a_ha
         srv.stop(None)
 
 
-def test_a_moved_partitions_copy_replaces_what_the_receiving_copy_held_of_it():
-    """Loading rows onto a server makes its copies hold those partitions whole (a load is
-    a write past the cut); the source's copy of them, loaded next, replaces that."""
-    from jaxps.ps.cow import CutCopy
-    from jaxps.ps.store import PartitionStore
+def _clocks(server: PSServer, cut_every: int = 2) -> None:
+    for g in (0, 1):
+        server.clock(g, 0, 2, ASP, cut_every=cut_every)
 
+
+def test_a_push_past_the_cut_arriving_while_it_is_taken_stays_out_of_it():
+    """The first push past a cut may come while the cut is being copied out partition by
+    partition (the slow group's clock took it): its rows are kept for the cut all the same."""
+    s = _server("s", "adagrad", wait_timeout=10)
+    _clocks(s)
+    keys = np.arange(1, 65, dtype=np.uint64)
+    ones = np.ones((64, 3), np.float32)
+    for step in (1, 2):
+        for g in (0, 1):
+            s.push("t", keys, ones, (g + 1, step), step, g)
+    s.clock(0, 1, 2, ASP, cut_every=2)
+    s.clock(0, 2, 2, ASP, cut_every=2)
+    s.clock(1, 1, 2, ASP, cut_every=2)
+    want = s.export("t")  # every push of steps <= 2 is in
+    real = s._primary_stores
+
+    def during_the_take(table):  # the take lists the partitions, then a step-3 push lands
+        s._primary_stores = real
+        out = real(table)
+        pusher = threading.Thread(target=s.push, args=("t", keys, 100 * ones, (1, 3), 3, 0))
+        pusher.start()
+        pusher.join(10)
+        assert not pusher.is_alive()
+        return out
+    s._primary_stores = during_the_take
+    s.clock(1, 2, 2, ASP, cut_every=2)  # takes the cut at 2
+    cut = s.export_cut("t", 2)
+    np.testing.assert_array_equal(cut["keys"], want["keys"])
+    np.testing.assert_array_equal(cut["values"], want["values"])
+
+
+def test_partitions_moved_to_a_server_with_pending_copies_keep_their_rows_in_the_cut():
+    """Server b holds a copy of the pending cut at 2 (a push past it reached its rows);
+    partitions come from server a, which holds none: the cut keeps every moved row."""
+    from jaxps.ps.ring import partition_of
+    a, b = _server("a", "adagrad", wait_timeout=5), _server("b", "adagrad", wait_timeout=5)
+    keys = np.arange(1, 65, dtype=np.uint64)
+    parts = partition_of(keys, 8)
+    own = keys[parts == parts[0]]      # b's rows
+    moving = keys[parts != parts[0]]   # a's rows, moving to b
+    for server, k in ((a, moving), (b, own)):
+        _clocks(server)
+        for step in (1, 2):
+            for g in (0, 1):
+                server.push("t", k, np.ones((k.size, 3), np.float32), (g + 1, step), step, g)
+        server.clock(0, 1, 2, ASP, cut_every=2)
+        server.clock(0, 2, 2, ASP, cut_every=2)
+        server.clock(1, 1, 2, ASP, cut_every=2)
+    want = {"a": a.export("t"), "b": b.export("t")}
+    b.push("t", own, np.ones((own.size, 3), np.float32), (1, 3), 3, 0)  # past the cut: b keeps a copy
+    assert ("t", 2) in b._cut_copies and ("t", 2) not in a._cut_copies
+    b.load_partitions(a.export_partitions(sorted(set(partition_of(moving, 8).tolist()))))
+    b.clock(1, 2, 2, ASP, cut_every=2)
+    cut = b.export_cut("t", 2)
+    expect = {int(k): v for w in want.values() for k, v in zip(w["keys"].tolist(), w["values"])}
+    assert sorted(cut["keys"].tolist()) == sorted(expect)
+    for k, v in zip(cut["keys"].tolist(), cut["values"]):
+        np.testing.assert_array_equal(v, expect[k])
+
+
+def _replay(spec: TableSpec, pushes: list[tuple[int, int]]) -> list[int]:
+    """The keys a server with no worker groups stores after single-key pushes (key, step)."""
+    r = PSServer("r", Ring(8, 8, ["r"]), [spec])
+    for i, (k, step) in enumerate(pushes):
+        r.push("t", np.array([k], np.uint64), np.ones((1, 3), np.float32), (9, i + 1), step)
+    return sorted(r.export("t")["keys"].tolist())
+
+
+@pytest.mark.parametrize("kind", ["admission", "eviction"])
+def test_a_cut_admits_and_evicts_as_the_pushes_up_to_its_step_alone_would(kind):
+    """Partitions that admit (min_count) or evict (max_rows) rows are kept whole by their
+    cut's copy: a push past the cut neither counts toward a key's admission in the cut nor
+    keeps the cut from evicting a row."""
+    from jaxps.ps.ring import partition_of
     opt = rowwise.make("adagrad", **HP["adagrad"])
-    keys = np.arange(1, 9, dtype=np.uint64)
-    ones = np.ones((8, 3), np.float32)
-    source_store, target_store = PartitionStore(3, opt), PartitionStore(3, opt)
-    source_store.push(keys, ones, 1)
-    source = CutCopy(3, opt, 0.0, 0, num_partitions=4)
-    source.keep(keys[:4], np.full(4, 2, np.int32), lambda pos: PSServer._store_rows(source_store, keys[:4][pos]))
-    source_store.push(keys[:4], ones[:4], 5)  # a push past the cut changes 4 of the 8 rows
-    want = source.export(2, source_store)
-
-    target = CutCopy(3, opt, 0.0, 0, num_partitions=4)
-    target_store.push(keys, 3 * ones, 1)  # what the receiving server held before the move
-    target.materialize(2, target_store)
-    target_store.load(source_store.export())  # the moved rows
-    target.load_arrays(source.to_arrays({2}))
-    got = target.export(2, target_store)
-    order_w, order_g = np.argsort(want["keys"]), np.argsort(got["keys"])
-    for k in want:
-        np.testing.assert_array_equal(got[k][order_g], want[k][order_w])
-    before = PartitionStore(3, opt)  # the cut: the rows after the step-1 push alone
-    before.push(keys, ones, 1)
-    np.testing.assert_array_equal(want["values"][order_w], before.pull(want["keys"][order_w]))
+    spec = (TableSpec("t", 3, opt, min_count=2) if kind == "admission"
+            else TableSpec("t", 3, opt, max_rows=8))  # 8 partitions: one row each
+    s = PSServer("s", Ring(8, 8, ["s"]), [spec], wait_timeout=5)
+    _clocks(s)
+    cand = np.arange(1, 200, dtype=np.uint64)
+    a, b, c = cand[partition_of(cand, 8) == partition_of(cand[:1], 8)[0]][:3].tolist()  # one partition
+    if kind == "admission":  # b: once at step 2 (late) and once past the cut
+        pushes = [(0, a, 1), (0, a, 2), (0, b, 3), (1, b, 2)]
+        want = _replay(spec, [(a, 1), (a, 2), (b, 2)])
+    else:  # the late push of b evicts a in the cut
+        pushes = [(0, a, 1), (0, c, 3), (1, b, 2)]
+        want = _replay(spec, [(a, 1), (b, 2)])
+    for i, (g, k, step) in enumerate(pushes):
+        s.push("t", np.array([k], np.uint64), np.ones((1, 3), np.float32), (g + 1, i + 1), step, g)
+        if g == 0:
+            s.clock(0, step, 2, ASP, cut_every=2)
+    s.clock(1, 2, 2, ASP, cut_every=2)
+    assert sorted(s.export_cut("t", 2)["keys"].tolist()) == want

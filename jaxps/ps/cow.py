@@ -77,25 +77,26 @@ class CutCopy:
     cut wrote, each with its row at the first such write (none when it was not stored then:
     `in_cut` False), then the late pushes of steps <= `at` applied by the store's own
     optimizer code (bit-identical to the live update; a late push puts the key in the cut,
-    from its initial row if it had none). Every other key's row in the cut is its live row. A partition that may
-    evict rows is copied whole at its first write past the cut (`full`).
+    from its initial row if it had none). Every other key's row in the cut is its live row.
+    A partition that admits or evicts rows is cloned whole at its first write past the cut
+    (`whole`: the clone takes the late pushes and admits and evicts as the live store would
+    have without the pushes past the cut).
 
     One copy per table, not per partition: a push's span of partitions is kept in a few
     vectorized calls (a copy per partition cost ~60 us of Python per partition and pending
     cut: 3x a push with two cuts pending). Its own lock: pushes of different partitions
     use it at once; callers hold the locks of the partitions whose keys they pass."""
 
-    def __init__(self, dim: int, optimizer, init_scale: float, seed: int, num_partitions: int) -> None:
-        self.rows = PartitionStore(dim, optimizer, init_scale, seed)
+    def __init__(self, like: PartitionStore) -> None:
+        self.rows = PartitionStore(like.dim, like.optimizer, like.init_scale, like.seed)
         self.in_cut = np.zeros(0, bool)      # by slot of `rows`: the key is in the cut
         self.part = np.zeros(0, np.int32)    # by slot: the key's partition
-        self.full = np.zeros(num_partitions, bool)
+        self.whole: dict[int, PartitionStore] = {}
         self.lock = threading.Lock()
-        self._groups: tuple[int, np.ndarray, np.ndarray] | None = None  # `_entries_of`'s
 
     @property
     def nbytes(self) -> int:
-        return self.rows.nbytes + self.in_cut.nbytes + self.part.nbytes
+        return self.rows.nbytes + self.in_cut.nbytes + self.part.nbytes + sum(s.nbytes for s in self.whole.values())
 
     def _room(self) -> None:
         n, have = self.rows.size, self.in_cut.shape[0]
@@ -106,13 +107,10 @@ class CutCopy:
 
     def keep(self, keys: np.ndarray, parts: np.ndarray, read_live) -> None:
         """A push of a step past the cut is about to write unique `keys` (of partitions
-        `parts`, not ones that may evict: `materialize` those): keep the rows of those not
-        kept yet. read_live(positions) -> (stored [m] bool, values [m, dim], {slot: [m, dim]})
-        of keys[positions], read from the live stores."""
+        `parts`, which neither admit nor evict: `clone_whole` those): keep the rows of those
+        not kept yet. read_live(positions) -> (stored [m] bool, values [m, dim], {slot: [m,
+        dim]}) of keys[positions], read from the live stores."""
         with self.lock:
-            sel = np.flatnonzero(~self.full[parts]) if self.full.any() else None
-            if sel is not None:
-                keys, parts = keys[sel], parts[sel]
             slots, is_new = self.rows.index.find_or_insert(keys)
             fresh = np.flatnonzero(is_new)
             if not fresh.size:  # every key kept already: one lookup
@@ -120,64 +118,50 @@ class CutCopy:
             dst = slots[fresh]
             self._room()
             self.part[dst] = parts[fresh]
-            stored, values, slot_values = read_live(fresh if sel is None else sel[fresh])
+            stored, values, slot_values = read_live(fresh)
             hit = np.flatnonzero(stored)  # (room for the others' rows too: a late push may need them)
             self.rows.put_rows(dst[hit], take_rows(values, hit), {n: take_rows(v, hit) for n, v in slot_values.items()})
             self.in_cut[dst[hit]] = True
 
-    def materialize(self, part: int, store: PartitionStore) -> None:
-        """Hold partition `part`'s whole cut now (its live `store` may evict rows, or a load
-        is coming that pre-images cannot undo)."""
+    def clone_whole(self, part: int, store: PartitionStore) -> None:
+        """Keep partition `part` whole (its live `store` admits or evicts rows), once."""
         with self.lock:
-            if self.full[part]:
-                return
-            live = store.export()
-            slots, is_new = self.rows.index.find_or_insert(live["keys"])
-            fresh = np.flatnonzero(is_new)  # keys kept already keep their kept rows
-            if fresh.size:
-                dst = slots[fresh]
-                self.rows.put_rows(dst, take_rows(live["values"], fresh),
-                                   {n: take_rows(live[f"slot_{n}"], fresh) for n in self.rows.slots})
-                self._room()
-                self.in_cut[dst] = True
-                self.part[dst] = part
-            self.full[part] = True
+            if part not in self.whole:
+                self.whole[part] = store.clone()
 
     def late_push(self, keys: np.ndarray, parts: np.ndarray, grads: np.ndarray, grad_rows: np.ndarray,
-                  step: int, taken: np.ndarray | None = None) -> None:
+                  step: int) -> None:
         """A push of a step <= the cut (grads[grad_rows[i]] for keys[i]), applied to the live
-        rows already: apply it to the kept rows (other keys' live rows hold it), and in
-        whole partitions to every key. `taken`: the keys the live stores took (admission)."""
+        rows already: apply it to the kept rows (other keys' live rows hold it) and to the
+        whole partitions."""
         with self.lock:
+            if self.whole:
+                for p in np.unique(parts).tolist():
+                    clone = self.whole.get(p)
+                    if clone is not None:
+                        sel = np.flatnonzero(parts == p)
+                        clone.push(keys[sel], grads, step, grad_rows[sel])
+            if not self.rows.size:
+                return
             slots = self.rows.index.find(keys)
-            take = slots >= 0
-            if self.full.any():
-                take |= self.full[parts]
-            if taken is not None:
-                take &= taken
-            pick = np.flatnonzero(take)
+            pick = np.flatnonzero(slots >= 0)
             if not pick.size:
                 return
             known = slots[pick]
-            rowless = np.flatnonzero((known >= 0) & ~self.in_cut[np.maximum(known, 0)])
+            rowless = np.flatnonzero(~self.in_cut[known])
             if rowless.size:  # not stored at their first write past the cut: from their initial rows
                 self.rows.put_new(known[rowless], keys[pick[rowless]])
             self.rows.push(keys[pick], grads, step, grad_rows[pick], known)
-            if (known < 0).any():  # stored just now (whole partitions)
-                known = self.rows.index.find(keys[pick])
-            self._room()
             self.in_cut[known] = True
-            self.part[known] = parts[pick]
 
     def export(self, part: int, store: PartitionStore) -> dict[str, np.ndarray]:
         """Partition `part`'s rows at the cut (its live `store`; call once every push of a
         step <= `at` is in, with the partition's lock)."""
         with self.lock:
-            if self.full[part]:
-                idx = self._entries_of(part)
-                return self._rows_at(idx[self.in_cut[idx]])
+            if part in self.whole:
+                return self.whole[part].export()
             rows = store.export()
-            where = self.rows.index.find(rows["keys"])
+            where = self.rows.index.find(rows["keys"]) if self.rows.size else np.full(rows["keys"].shape[0], -1)
             hit = np.flatnonzero(where >= 0)
             if not hit.size:
                 return rows
@@ -197,22 +181,12 @@ class CutCopy:
         out.update({f"slot_{n}": take_rows(a, idx) for n, a in self.rows.slots.items()})
         return out
 
-    def _entries_of(self, part: int) -> np.ndarray:
-        """Slots of partition `part`'s entries: a grouping of all entries made once (a cut
-        is exported partition by partition), plus a scan of those added since."""
-        n = self.rows.size
-        if self._groups is None or self._groups[0] > n:
-            order = np.argsort(self.part[:n], kind="stable")
-            self._groups = (n, order, np.searchsorted(self.part[order], np.arange(self.full.shape[0] + 1)))
-        n0, order, bounds = self._groups
-        idx = order[bounds[part]:bounds[part + 1]]
-        later = n0 + np.flatnonzero(self.part[n0:n] == part)
-        return np.concatenate([idx, later]) if later.size else idx
-
     def drop(self, parts: list[int]) -> None:
         """Forget partitions `parts` (they leave this server, or another's copy of them
         comes): one rebuild."""
         with self.lock:
+            for p in parts:
+                self.whole.pop(p, None)
             n = self.rows.size
             keep = np.flatnonzero(~np.isin(self.part[:n], np.array(parts, np.int32)))
             if keep.size < n:
@@ -221,22 +195,24 @@ class CutCopy:
                 self.rows.load(kept)  # slots 0..m-1 in order
                 self.in_cut, self.part = in_cut, part_of
                 self._room()
-                self._groups = None
-            self.full[np.array(parts, np.int64)] = False
 
     def to_arrays(self, parts: set[int]) -> dict[str, np.ndarray]:
-        """The entries of `parts` as plain arrays (partitions moving to another server)."""
+        """What this copy holds of `parts` as plain arrays (partitions moving to another
+        server; a whole partition as its rows: admission counts and recency stay, as with
+        the live partitions' copies)."""
         with self.lock:
             n = self.rows.size
             idx = np.flatnonzero(np.isin(self.part[:n], np.array(sorted(parts), np.int32)))
             out = {f"rows/{k}": v for k, v in self._rows_at(idx).items()}
             out.update(in_cut=self.in_cut[idx].astype(np.uint8), part=self.part[idx].copy(),
-                       full=np.array([p for p in sorted(parts) if self.full[p]], np.int32),
                        parts=np.array(sorted(parts), np.int32))
+            for p in sorted(set(self.whole) & set(parts)):
+                out.update({f"whole/{p}/{k}": v for k, v in self.whole[p].export().items()})
             return out
 
-    def load_arrays(self, data: dict[str, np.ndarray]) -> None:
-        """Take `to_arrays`'s partitions: what this copy held of them is replaced."""
+    def load_arrays(self, data: dict[str, np.ndarray], like: PartitionStore) -> None:
+        """Take `to_arrays`'s partitions: what this copy held of them is replaced. `like`:
+        an empty store of the table (whole partitions are rebuilt from their rows)."""
         self.drop(np.asarray(data["parts"]).tolist())
         with self.lock:
             keys = np.ascontiguousarray(data["rows/keys"], np.uint64)
@@ -246,8 +222,14 @@ class CutCopy:
             self._room()
             self.in_cut[slots] = np.asarray(data["in_cut"]).astype(bool)
             self.part[slots] = np.asarray(data["part"], np.int32)
-            self.full[np.asarray(data["full"], np.int64)] = True
-            self._groups = None
+            whole: dict[int, dict[str, np.ndarray]] = {}
+            for name, value in data.items():
+                if name.startswith("whole/"):
+                    _, p, field = name.split("/", 2)
+                    whole.setdefault(int(p), {})[field] = value
+            for p, rows in whole.items():
+                self.whole[p] = like.clone()
+                self.whole[p].load(rows)
 
 
 def _restore(rows: dict[str, np.ndarray], written: KeyIndex, old: dict[str, np.ndarray] | None

@@ -296,6 +296,13 @@ class KeyIndex:
         """Every key, ordered by slot."""
         return self._skeys[:self.size].copy()
 
+    def clone(self) -> "KeyIndex":
+        """An independent copy (same slots)."""
+        other = KeyIndex.__new__(KeyIndex)
+        other.__dict__.update(self.__dict__)
+        other._buckets, other._skeys, other._sink = self._buckets.copy(), self._skeys.copy(), np.zeros(1, np.uint64)
+        return other
+
     def keys_at(self, slots: np.ndarray) -> np.ndarray:
         """The keys at `slots` (each < size)."""
         return self._skeys[slots]

@@ -66,6 +66,8 @@ class TableSpec:
     max_rows: int | None = None   # eviction: row budget of the whole table (all servers)
 
     def __post_init__(self):
+        if not self.name or "/" in self.name:  # partition copies name their arrays "<kind>/<table>/..."
+            raise ValueError(f"table name {self.name!r}: must be non-empty and without '/'")
         if self.kind not in ("collisionless", "hashed"):
             raise ValueError(f"table {self.name!r}: kind must be 'collisionless' or 'hashed'")
         if self.kind == "hashed" and not self.rows:
@@ -327,9 +329,13 @@ class PSServer:
         return store, self._locks[key]
 
     def _new_store(self, key: tuple[str, int]) -> PartitionStore:
-        spec = self.tables[key[0]]
-        budget = None if spec.max_rows is None else -(-spec.max_rows // self.ring.num_partitions)
         self._locks[key] = threading.Lock()  # before the store is seen: its readers take this lock next
+        return self._empty_store(key[0])
+
+    def _empty_store(self, table: str) -> PartitionStore:
+        """A partition store of `table` as the spec makes it (its row budget is per partition)."""
+        spec = self.tables[table]
+        budget = None if spec.max_rows is None else -(-spec.max_rows // self.ring.num_partitions)
         return PartitionStore(spec.dim, spec.optimizer, spec.init_scale, spec.seed, spec.min_count, budget)
 
     def _check_parts(self, table: str, parts: np.ndarray, write: bool = False) -> None:
@@ -573,8 +579,7 @@ class PSServer:
                         self._before_write((table, part), store, keys_run)
                         store.push(keys_run, grads, step, rows_run, None if memo is None else memo.slots_for(run, store))
                         if cutting:
-                            taken = store.index.find(keys_run) >= 0 if store.min_count > 1 else None
-                            self._cut_late(table, step, keys_run, parts_run, grads, rows_run, taken)
+                            self._cut_late(table, step, keys_run, parts_run, grads, rows_run)
                     self._landed((table, part), cid, seq)
                     return True
             kernel = self._push_kernel(spec) if store_mod.FUSED and BATCHED else None
@@ -695,19 +700,19 @@ class PSServer:
             copy = self._cut_copy(table, at)
             if copy is None:
                 continue  # taken meanwhile
-            if store is not None and store[1].max_rows is not None:  # it may evict rows the cut holds
-                copy.materialize(store[0], store[1])
+            if store is not None and (store[1].max_rows is not None or store[1].min_count > 1):
+                copy.clone_whole(store[0], store[1])  # it admits or evicts: kept whole
             elif store is not None:
                 copy.keep(keys, parts, lambda pos: self._store_rows(store[1], keys[pos]))
             else:
                 copy.keep(keys, parts, lambda pos: self._live_rows(keys, pos, *arrays))
 
     def _cut_late(self, table: str, step: int, keys: np.ndarray, parts: np.ndarray, grads: np.ndarray,
-                  grad_rows: np.ndarray, taken: np.ndarray | None = None) -> None:
+                  grad_rows: np.ndarray) -> None:
         """The copy of each pending cut at or after `step` (made by an earlier push past it)
         takes the push too."""
         for copy in self._copies_of(table, since=step):
-            copy.late_push(keys, parts, grads, grad_rows, step, taken)
+            copy.late_push(keys, parts, grads, grad_rows, step)
 
     def _cut_copy(self, table: str, at: int) -> CutCopy | None:
         """The copy of pending cut `at` of `table` (made now if new); None once it is taken."""
@@ -716,9 +721,7 @@ class PSServer:
                 return None
             copy = self._cut_copies.get((table, at))
             if copy is None:
-                spec = self.tables[table]
-                copy = self._cut_copies[(table, at)] = CutCopy(spec.dim, spec.optimizer, spec.init_scale, spec.seed,
-                                                               self.ring.num_partitions)
+                copy = self._cut_copies[(table, at)] = CutCopy(self._empty_store(table))
             return copy
 
     def _copies_of(self, table: str, since: int = 0) -> list[CutCopy]:
@@ -800,8 +803,7 @@ class PSServer:
 
     def _export_cut_rows(self, table: str, at: int) -> dict[str, np.ndarray]:
         """The rows of `table` (primary partitions) at cut `at`, each partition under its lock."""
-        with self._cut_cond:
-            copy = self._cut_copies.get((table, at))
+        copy = self._cut_copy(table, at)  # made now if no push past `at` came yet: one may come meanwhile
         pieces = []
         for key, store in self._primary_stores(table):
             with self._locks[key]:
@@ -912,17 +914,16 @@ class PSServer:
     def _before_write(self, key: tuple[str, int], store: PartitionStore, keys: np.ndarray | None = None) -> None:
         """(With the partition's lock.) Marked snapshots of the partition keep what a write
         of unique `keys` changes; `keys` None (a load, a drop): they copy it whole first.
-        Nothing to do (one dict lookup) while the partition has no pending mark. Pending
-        cuts' copies are kept by the push (`_cut_write`); a load or drop copies them whole."""
+        Nothing to do (one dict lookup) while the partition has no pending mark. (Pending
+        cuts' copies are kept by the pushes; a load or drop is not a push past a cut: a
+        drop forgets a partition, a migration brings its copies along, and a restore's
+        rows are the cut's, a restart's clocks being fresh.)"""
         marked = self._pending.get(key)
         for pending in marked.values() if marked else ():
             if keys is None:
                 pending.materialize(store)
             else:
                 pending.before_write(store, keys)
-        if keys is None:
-            for copy in self._copies_of(key[0]):
-                copy.materialize(key[1], store)
 
     def _collect(self, table: str, ticket: int) -> list[dict[str, np.ndarray]]:
         """The rows of every partition of a `mark`, as they were at the mark: each is
@@ -1038,7 +1039,8 @@ class PSServer:
         with self._cut_cond:
             copies = sorted(self._cut_copies.items())
         for (table, at), copy in copies:
-            out.update({f"cutcopy/{at}/{k}/{table}": v for k, v in copy.to_arrays(want).items()})
+            out.update({f"cutcopy/{at}/{table}/{k}": v for k, v in copy.to_arrays(want).items()})
+        out["moved"] = np.array(sorted(want), np.int64)  # the receiver's own copies forget these
         if self.clocks.groups is not None:  # a new replica must gate pulls as the others do
             st = self.clocks.sync.staleness
             out["clocks/config"] = np.array([self.clocks.groups, -1 if st is None else st, self.clocks.settled,
@@ -1087,16 +1089,22 @@ class PSServer:
     def _load_cut_copies(self, data: dict[str, np.ndarray]) -> None:
         """Take the pending cuts' copies of `export_partitions` (after their rows: the load
         made this server's copies hold those partitions whole; the source's entries win)."""
+        moved = np.asarray(data.get("moved", np.zeros(0, np.int64))).tolist()
+        with self._cut_cond:
+            for key in [k for k in self._cut_copies if k[1] <= self._cut_taken]:  # taken at the source
+                del self._cut_copies[key]
+            mine = list(self._cut_copies.values())
+        for copy in mine:
+            copy.drop(moved)
         fields: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         for name, value in data.items():
             if name.startswith("cutcopy/"):
-                _, at, rest = name.split("/", 2)  # cutcopy/at/field/table, field "rows/<f>" too
-                *field, table = rest.split("/", 2 if rest.startswith("rows/") else 1)
-                fields.setdefault((table, int(at)), {})["/".join(field)] = value
+                _, at, table, field = name.split("/", 3)  # cutcopy/<at>/<table>/<field, maybe with '/'>
+                fields.setdefault((table, int(at)), {})[field] = value
         for (table, at), arrays in sorted(fields.items()):
             copy = self._cut_copy(table, at)
             if copy is not None:
-                copy.load_arrays(arrays)
+                copy.load_arrays(arrays, self._empty_store(table))
 
     def _apply_overdue(self, settled: int | None = None) -> None:
         """Held pushes whose steps are settled -- here already (this server's clock messages

@@ -69,6 +69,18 @@ class PartitionStore:
         self._views()
         self._fused = fused_update(self.optimizer) if FUSED else None
 
+    def clone(self) -> "PartitionStore":
+        """An independent copy: rows, slots, key index, admission counts and recency (it
+        admits and evicts as this one would)."""
+        other = PartitionStore(self.dim, self.optimizer, self.init_scale, self.seed, self.min_count, self.max_rows,
+                               self.index.clone())
+        other.values, other.last_step = self.values.copy(), self.last_step.copy()
+        other.slots = {k: v.copy() for k, v in self.slots.items()}
+        other._probation, other._counts = self._probation.clone(), self._counts.copy()
+        other.admitted, other.rejected, other.evicted, other.epoch = self.admitted, self.rejected, self.evicted, self.epoch
+        other._views()
+        return other
+
     def _views(self) -> None:
         self._layout += 1
         self._vview = self._rows(self.values)
