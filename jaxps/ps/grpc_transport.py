@@ -126,10 +126,11 @@ class PSServicer:
         })
 
     # ------------------------------------------------------------------ request intake
-    def _receive(self, pieces, kind: int, context) -> wire.Message:
+    def _receive(self, pieces, kind: int, context, check_head=None) -> wire.Message:
         """Check the call's token (metadata: before reading anything, so a caller without it
         cannot hold a handler thread by sending nothing), then the header of the first piece
-        (kind, token), then gather and decode."""
+        (kind, token; then `check_head(header)`, which may refuse the call before its
+        arrays are read), then gather and decode."""
         if self.token is not None:
             sent = dict(context.invocation_metadata()).get(TOKEN_METADATA)
             if sent is None:
@@ -151,6 +152,8 @@ class PSServicer:
         if self.token is not None and not hmac.compare_digest(head.token, self.token):
             raise _Reject(grpc.StatusCode.UNAUTHENTICATED,
                           "missing token" if not head.token else "bad token")
+        if check_head is not None:
+            check_head(head)
         parts, total = [first], len(first)
         while True:
             if total > self.max_request_bytes:
@@ -221,17 +224,21 @@ class PSServicer:
 
     def _push(self, pieces, context):
         try:
-            msg = self._receive(pieces, wire.PUSH, context)
+            msg = self._receive(pieces, wire.PUSH, context, check_head=self._refuse_past_pending_cuts)
             keys, grads = self._arrays(msg, ("keys", "grads"))
-            if self.server.push_would_wait(msg.step, msg.group):
-                self.cut_refusals += 1
-                raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{CUTS_PENDING}: step {msg.step} is more than "
-                              f"{self.server.MAX_PENDING_CUTS} cuts ahead of the slowest worker group")
             applied = self.server.push(msg.table, keys, grads, msg.request_id, msg.step, msg.group, msg.ring)
             return wire.encode(wire.Message(wire.PUSH_REPLY, msg.table, msg.client_id, msg.seq,
                                             arrays=(np.array(applied),)))
         except Exception as e:  # noqa: BLE001
             self._fail(context, "push", e)
+
+    def _refuse_past_pending_cuts(self, head: wire.Header) -> None:
+        """A push that would wait for pending cuts is refused from its header (the client
+        sends it again; its rows are not read meanwhile)."""
+        if self.server.push_would_wait(head.step, head.group):
+            self.cut_refusals += 1
+            raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{CUTS_PENDING}: step {head.step} is more than "
+                          f"{self.server.MAX_PENDING_CUTS} cuts ahead of the slowest worker group")
 
     def _stats(self, request: bytes, context):
         try:
