@@ -268,3 +268,46 @@ def test_a_cut_admits_and_evicts_as_the_pushes_up_to_its_step_alone_would(kind):
             s.clock(0, step, 2, ASP, cut_every=2)
     s.clock(1, 2, 2, ASP, cut_every=2)
     assert sorted(s.export_cut("t", 2)["keys"].tolist()) == want
+
+
+def test_pending_cut_copies_move_over_grpc_with_their_partitions():
+    """A membership change copies partitions between server processes over the wire
+    (`export_partitions` -> `load_partitions`), pending cuts' copies included: the server
+    that takes them over cuts exactly as the one they came from."""
+    from jaxps.ps.grpc_transport import GrpcTransport, PSServicer, start_grpc_server
+
+    servers = {name: _server(name, "adagrad") for name in ("s", "t")}
+    started = {name: start_grpc_server(PSServicer(s).generic_handler(), "127.0.0.1", 0, "test PS", name, 4)
+               for name, s in servers.items()}
+    rng = np.random.default_rng(3)
+    keys = rng.integers(0, 2**64 - 1, 40, dtype=np.uint64, endpoint=True)
+    try:
+        with GrpcTransport(f"127.0.0.1:{started['s'][1]}", timeout=10) as src, \
+                GrpcTransport(f"127.0.0.1:{started['t'][1]}", timeout=10) as dst:
+            for g in (0, 1):
+                src.clock(g, 0, 2, ASP, cut_every=2)
+            pushes = [(0, 1), (1, 1), (0, 2), (0, 3), (0, 4), (0, 5), (1, 2)]  # group 1's 2 is late for cuts 2, 4
+            for seq, (group, step) in enumerate(pushes):
+                pick = np.unique(rng.choice(keys, 16))
+                assert src.push("t", pick, rng.normal(size=(pick.size, 3)).astype(np.float32), (group + 1, seq),
+                                step, group)
+                if group == 0:
+                    src.clock(0, step, 2, ASP, cut_every=2)
+            moving = src.export_partitions(list(range(8)))
+            assert "cutcopy/2/t/rows/values" in moving and "cutcopy/4/t/in_cut" in moving
+            assert dst.load_partitions(moving) > 0
+            late = [(np.unique(rng.choice(keys, 16)), step) for step in (3, 4)]
+            for transport in (src, dst):  # both get group 1's next pushes (as a primary and its backup)
+                transport.clock(1, 2, 2, ASP, cut_every=2)  # the cut at 2 is taken
+                for seq, (pick, step) in enumerate(late):
+                    transport.push("t", pick, np.full((pick.size, 3), 0.5, np.float32), (2, 10 + seq), step, 1)
+                transport.clock(1, 4, 2, ASP, cut_every=2)  # and the cut at 4
+            for at in (2, 4):
+                cuts = [t.export("t", at=at) for t in (src, dst)]  # rows in each store's own order
+                by_key = [np.argsort(c["keys"]) for c in cuts]
+                for field in cuts[0]:
+                    np.testing.assert_array_equal(cuts[1][field][by_key[1]], cuts[0][field][by_key[0]])
+            np.testing.assert_array_equal(dst.pull("t", keys), src.pull("t", keys))
+    finally:
+        for srv, _ in started.values():
+            srv.stop(None)

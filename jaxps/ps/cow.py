@@ -204,7 +204,7 @@ class CutCopy:
             n = self.rows.size
             idx = np.flatnonzero(np.isin(self.part[:n], np.array(sorted(parts), np.int32)))
             out = {f"rows/{k}": v for k, v in self._rows_at(idx).items()}
-            out.update(in_cut=self.in_cut[idx].astype(np.uint8), part=self.part[idx].copy(),
+            out.update(in_cut=self.in_cut[idx].copy(), part=self.part[idx].copy(),  # wire dtypes
                        parts=np.array(sorted(parts), np.int32))
             for p in sorted(set(self.whole) & set(parts)):
                 out.update({f"whole/{p}/{k}": v for k, v in self.whole[p].export().items()})
