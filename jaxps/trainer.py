@@ -32,6 +32,7 @@ from jaxps.metrics import StreamingBinaryMetrics
 from jaxps.model import Model
 from jaxps.plan import format_plan, plan_model
 from jaxps.ps.client import PSClient
+from jaxps.ps.server import PSServer
 from jaxps.runtime import allgather_host, allreduce_sum_host, barrier, enable_compilation_cache, local_rows
 from jaxps.step import StepBuilder, dense_optimizer
 
@@ -135,6 +136,14 @@ class Trainer:
             # SSP/ASP: periodic checkpoints read cuts the servers copy at those steps (BSP
             # needs none: its steps settle one at a time)
             self.steps.host.cut_every = self.config.checkpoint_every
+            bound = PSServer.MAX_PENDING_CUTS * self.config.checkpoint_every
+            staleness = group.policy.staleness
+            if self.config.checkpoint_every and (staleness is None or staleness > bound):
+                warnings.warn(f"worker group sync {group.policy} with train.checkpoint_every="
+                              f"{self.config.checkpoint_every}: a group more than {bound} steps ahead of the "
+                              f"slowest waits at its push (the servers keep at most "
+                              f"{PSServer.MAX_PENDING_CUTS} pending cuts), a tighter bound than the sync's",
+                              stacklevel=2)
         self.state = self.steps.init_state(self.config.seed)
         self.history: list[dict] = []
         self._checkpointer: Checkpointer | None = None

@@ -269,6 +269,23 @@ def test_an_asp_group_running_past_pending_cuts_reads_its_own_writes(tmp_path):
         np.testing.assert_allclose(got["values"][order_g], want["values"][order_w], rtol=2e-5, atol=1e-7)
 
 
+def test_a_sync_looser_than_the_pending_cut_bound_is_warned_about(tmp_path):
+    """Periodic checkpoints under SSP/ASP: a group more than MAX_PENDING_CUTS checkpoint
+    intervals ahead waits at its push. A sync that allows more (asp, or ssp:s with s above
+    the bound) is told so when the trainer starts; one within it is not."""
+    import dataclasses
+    import warnings
+    config = dataclasses.replace(_config(tmp_path), checkpoint=True, checkpoint_every=2)
+    bound = PSServer.MAX_PENDING_CUTS * 2
+    for policy, warned in (("asp", True), (f"ssp:{bound + 1}", True), (f"ssp:{bound}", False)):
+        ps = embedded([], servers=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(_sparse_lr(), make_mesh(MeshConfig(), jax.devices()[:4]), config,
+                    ps=PSClient(ps.ring, ps.transports, []), group=WorkerGroup(0, 2, policy)).close()
+        assert any("pending cuts" in str(w.message) for w in caught) == warned, policy
+
+
 @pytest.mark.parametrize("sync", [Sync(1), Sync(None)])
 def test_ssp_and_asp_apply_each_push_at_bsp_scale(sync):
     """SSP/ASP apply every group's push on its own, unscaled: with SGD (linear) one round of
