@@ -66,7 +66,23 @@ class PendingCopy:
 def finish(rows: dict[str, np.ndarray], pending: PendingCopy) -> dict[str, np.ndarray]:
     """`rows` (a copy of the partition made after the mark) turned back into the rows at
     the mark: keys written since get their pre-images, keys stored since are dropped."""
-    return _restore(rows, pending.written, join_rows(pending.old) if pending.old else None)
+    if pending.written.size == 0:
+        return rows
+    since = pending.written.find(rows["keys"]) >= 0
+    if pending.old:
+        old = join_rows(pending.old)
+        at_mark = KeyIndex(capacity=max(16, 2 * old["keys"].shape[0]))
+        at_mark.find_or_insert(old["keys"])  # slot i holds pre-image i (the keys are unique)
+        where = at_mark.find(rows["keys"])
+        hit = np.flatnonzero(where >= 0)
+        for k, a in rows.items():
+            if k != "keys":
+                a[hit] = take_rows(old[k], where[hit])
+        since[hit] = False  # stored at the mark: kept, with its pre-image
+    keep = np.flatnonzero(~since)
+    if keep.shape[0] < rows["keys"].shape[0]:
+        rows = {k: (v[keep] if v.ndim == 1 else take_rows(v, keep)) for k, v in rows.items()}
+    return rows
 
 
 class CutCopy:
@@ -161,10 +177,10 @@ class CutCopy:
             if part in self.whole:
                 return self.whole[part].export()
             rows = store.export()
-            where = self.rows.index.find(rows["keys"]) if self.rows.size else np.full(rows["keys"].shape[0], -1)
-            hit = np.flatnonzero(where >= 0)
-            if not hit.size:
+            if not self.rows.size:  # no push past the cut wrote this table
                 return rows
+            where = self.rows.index.find(rows["keys"])
+            hit = np.flatnonzero(where >= 0)
             kept = self.in_cut[where[hit]]
             for k, a in rows.items():
                 if k != "keys":
@@ -215,10 +231,7 @@ class CutCopy:
         an empty store of the table (whole partitions are rebuilt from their rows)."""
         self.drop(np.asarray(data["parts"]).tolist())
         with self.lock:
-            keys = np.ascontiguousarray(data["rows/keys"], np.uint64)
-            slots, _ = self.rows.index.find_or_insert(keys)
-            self.rows.put_rows(slots, np.asarray(data["rows/values"], np.float32),
-                               {n: np.asarray(data[f"rows/slot_{n}"], np.float32) for n in self.rows.slots})
+            slots = self.rows.load({k[len("rows/"):]: v for k, v in data.items() if k.startswith("rows/")})
             self._room()
             self.in_cut[slots] = np.asarray(data["in_cut"]).astype(bool)
             self.part[slots] = np.asarray(data["part"], np.int32)
@@ -230,25 +243,3 @@ class CutCopy:
             for p, rows in whole.items():
                 self.whole[p] = like.clone()
                 self.whole[p].load(rows)
-
-
-def _restore(rows: dict[str, np.ndarray], written: KeyIndex, old: dict[str, np.ndarray] | None
-             ) -> dict[str, np.ndarray]:
-    """`rows` (exported now) with every `written` key's row replaced by its row in `old`
-    (unique keys), or dropped where `old` has none: the rows before those writes."""
-    if written.size == 0:
-        return rows
-    since = written.find(rows["keys"]) >= 0
-    if old is not None:
-        at_mark = KeyIndex(capacity=max(16, 2 * old["keys"].shape[0]))
-        at_mark.find_or_insert(old["keys"])  # slot i holds pre-image i (the keys are unique)
-        where = at_mark.find(rows["keys"])
-        hit = np.flatnonzero(where >= 0)
-        for k, a in rows.items():
-            if k != "keys":
-                a[hit] = take_rows(old[k], where[hit])
-        since[hit] = False  # stored at the mark: kept, with its pre-image
-    keep = np.flatnonzero(~since)
-    if keep.shape[0] < rows["keys"].shape[0]:
-        rows = {k: (v[keep] if v.ndim == 1 else take_rows(v, keep)) for k, v in rows.items()}
-    return rows

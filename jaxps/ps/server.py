@@ -243,8 +243,7 @@ class PSServer:
         if table not in self.tables:
             raise PSError(f"server {self.name}: unknown table {table!r}")
         with self._meta_lock:
-            for key in [k for k in self._stores if k[0] == table]:
-                self._drop(key)
+            self._drop_all([k for k in self._stores if k[0] == table])
             self._memos.clear()  # they would keep the dropped stores alive
 
     def table_specs(self) -> list[TableSpec]:
@@ -266,17 +265,22 @@ class PSServer:
             self.ring = ring
             if drop:
                 mine = self._replicated_parts()
-                for key in [k for k in self._stores if k[1] not in mine]:
-                    self._drop(key)
+                self._drop_all([k for k in self._stores if k[1] not in mine])
             self._memos.clear()
 
+    def _drop_all(self, keys: list[tuple[str, int]]) -> None:
+        """Forget partitions (with the meta lock): marked snapshots copy each first; pending
+        cuts' copies forget them, one rebuild per table."""
+        for key in keys:
+            self._drop(key)
+        for table in {t for t, _ in keys}:
+            for copy in self._copies_of(table):
+                copy.drop([p for t, p in keys if t == table])
+
     def _drop(self, key: tuple[str, int]) -> None:
-        """Forget a partition (with the meta lock); marked snapshots copy it first."""
         with self._locks[key]:
             self._before_write(key, self._stores[key])
             self._pending.pop(key, None)
-            for copy in self._copies_of(key[0]):
-                copy.drop([key[1]])
             if key[0] in self._arrays:
                 self._arrays[key[0]].forget(key[1])
         del self._stores[key], self._locks[key]
@@ -542,7 +546,7 @@ class PSServer:
         hold = group >= 0 and self.clocks.sync is not None and self.clocks.sync.bsp
         if hold:
             self.clocks._check(group)
-        cutting = group >= 0 and not hold and self.cut_every > 0
+        cutting = self._cutting(group)
         if cutting:
             self._wait_for_cuts(step, group)
         cid, seq = request_id
@@ -575,7 +579,10 @@ class PSServer:
                         keys_run, rows_run = ordered_keys[lo:hi], order[lo:hi]
                         parts_run = np.full(hi - lo, part, np.int32) if cutting else None
                         if cutting:  # SSP/ASP: applied now; pending cuts keep what it changes
-                            self._cut_keep(table, step, keys_run, parts_run, store=(part, store))
+                            whole = store.max_rows is not None or store.min_count > 1
+                            self._cut_keep(table, step, keys_run, parts_run,
+                                           lambda pos: store.stored_rows(keys_run[pos]),
+                                           (part, store) if whole else None)
                         self._before_write((table, part), store, keys_run)
                         store.push(keys_run, grads, step, rows_run, None if memo is None else memo.slots_for(run, store))
                         if cutting:
@@ -632,9 +639,10 @@ class PSServer:
                 if not apply[r0:r1].any():
                     return False
                 if cutting:  # SSP/ASP: pending cuts keep what the push changes, the whole span at once
-                    span = self._span_keys(parts, bounds, r0, r1, apply)
-                    self._cut_keep(table, step, ordered_keys[span[0]], span[1], arrays=(arrays, spec, parts, bounds,
-                                                                                         r0, r1, span[0], batched))
+                    at, span_parts = self._span_keys(parts, bounds, r0, r1, apply)
+                    span_keys = ordered_keys[at]
+                    self._cut_keep(table, step, span_keys, span_parts, lambda pos: self._live_rows(
+                        spec, arrays, parts, bounds, r0, r1, at[pos], span_keys[pos], batched))
                 done = r0  # runs below it are applied by the kernel
                 while batched and done < r1:
                     done = push_runs(arrays.buckets, arrays.skeys, arrays.values, arrays.acc, arrays.kbits,
@@ -658,7 +666,7 @@ class PSServer:
                                    None if memo is None else memo.slots_for(r, store))
                     self._landed((table, part), cid, seq)
                 if cutting:
-                    self._cut_late(table, step, ordered_keys[span[0]], span[1], grads, order[span[0]])
+                    self._cut_late(table, step, span_keys, span_parts, grads, order[at])
                 return True
         return any(self._each_span(self._spans(bounds), push_span))
 
@@ -671,8 +679,11 @@ class PSServer:
         """Whether a worker group's push of `step` would now wait for pending cuts (the gRPC
         servicer refuses it instead, CUTS_PENDING, rather than hold a handler thread; the
         answer only turns False as cuts are taken)."""
-        cutting = group >= 0 and self.cut_every > 0 and not (self.clocks.sync is not None and self.clocks.sync.bsp)
-        return cutting and not self._cut_room(step)
+        return self._cutting(group) and not self._cut_room(step)
+
+    def _cutting(self, group: int) -> bool:
+        """Whether a worker group's push goes through the pending cuts (SSP/ASP with cuts)."""
+        return group >= 0 and self.cut_every > 0 and not (self.clocks.sync is not None and self.clocks.sync.bsp)
 
     def _cut_room(self, step: int) -> bool:
         return (step - 1) // self.cut_every - self._cut_taken // self.cut_every <= self.MAX_PENDING_CUTS
@@ -691,21 +702,19 @@ class PSServer:
     # A worker group's push under SSP/ASP with cuts is applied to the live rows at once, so
     # the group reads its own writes, between these two (with the partitions' locks):
 
-    def _cut_keep(self, table: str, step: int, keys: np.ndarray, parts: np.ndarray,
-                  store: tuple[int, PartitionStore] | None = None, arrays: tuple | None = None) -> None:
-        """Each pending cut before `step` keeps the rows of `keys` (of `parts`) first (its
-        `CutCopy` is made by the first push past it). The live rows are read from one
-        partition's (part, `store`), or a span's `arrays` (`_live_rows`)."""
+    def _cut_keep(self, table: str, step: int, keys: np.ndarray, parts: np.ndarray, read_live=None,
+                  whole: tuple[int, PartitionStore] | None = None) -> None:
+        """Each pending cut before `step` keeps the rows of `keys` (of `parts`) first, read
+        by `read_live` (`CutCopy.keep`), or the `whole` (partition, store) of a partition
+        that admits or evicts rows (its `CutCopy` is made by the first push past it)."""
         for at in range(self._cut_taken + self.cut_every, step, self.cut_every):
             copy = self._cut_copy(table, at)
             if copy is None:
                 continue  # taken meanwhile
-            if store is not None and (store[1].max_rows is not None or store[1].min_count > 1):
-                copy.clone_whole(store[0], store[1])  # it admits or evicts: kept whole
-            elif store is not None:
-                copy.keep(keys, parts, lambda pos: self._store_rows(store[1], keys[pos]))
+            if whole is not None:
+                copy.clone_whole(*whole)
             else:
-                copy.keep(keys, parts, lambda pos: self._live_rows(keys, pos, *arrays))
+                copy.keep(keys, parts, read_live)
 
     def _cut_late(self, table: str, step: int, keys: np.ndarray, parts: np.ndarray, grads: np.ndarray,
                   grad_rows: np.ndarray) -> None:
@@ -731,53 +740,42 @@ class PSServer:
 
     @staticmethod
     def _span_keys(parts: np.ndarray, bounds: np.ndarray, r0: int, r1: int, apply: np.ndarray
-                   ) -> tuple[np.ndarray | slice, np.ndarray]:
-        """(positions of the keys of runs r0..r1-1 a push applies to: a slice when all, their
-        partitions)."""
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(request positions of the keys of runs r0..r1-1 a push applies to, ascending;
+        their partitions)."""
         counts = np.diff(bounds[r0:r1 + 1])
-        if apply[r0:r1].all():
-            return slice(int(bounds[r0]), int(bounds[r1])), np.repeat(parts[r0:r1].astype(np.int32), counts)
         mask = np.repeat(apply[r0:r1], counts)
-        return bounds[r0] + np.flatnonzero(mask), np.repeat(parts[r0:r1].astype(np.int32), counts)[mask]
+        at = bounds[r0] + np.flatnonzero(mask)
+        return at, np.repeat(parts[r0:r1].astype(np.int32), counts)[mask]
 
-    @staticmethod
-    def _store_rows(store: PartitionStore, keys: np.ndarray) -> tuple:
-        """(stored, rows, {slot: rows}) of `keys` in one partition's live store."""
-        slots = store.index.find(keys)
-        stored = slots >= 0
-        if not stored.any():
-            empty = np.zeros((keys.shape[0], store.dim), np.float32)
-            return stored, empty, {n: empty for n in store.slots}
-        at = np.where(stored, slots, 0)
-        return stored, take_rows(store.values, at), {n: take_rows(a, at) for n, a in store.slots.items()}
-
-    def _live_rows(self, keys: np.ndarray, pos: np.ndarray, arrays: PartitionArrays, spec: TableSpec,
-                   parts: np.ndarray, bounds: np.ndarray, r0: int, r1: int, span, batched: bool) -> tuple:
-        """`_store_rows` of keys[pos] (positions in a push span's applied keys, ascending),
-        for a span of runs: one `pull_runs` (and one slot gather) over all its partitions."""
-        at = (np.arange(span.start, span.stop) if isinstance(span, slice) else span)[pos]  # request positions
-        if not batched:  # uint64 buckets somewhere: partition by partition
+    def _live_rows(self, spec: TableSpec, arrays: PartitionArrays, parts: np.ndarray, bounds: np.ndarray,
+                   r0: int, r1: int, at: np.ndarray, keys: np.ndarray, batched: bool) -> tuple:
+        """`PartitionStore.stored_rows` of `keys` (at request positions `at`, ascending, in
+        runs r0..r1-1): one `pull_runs` (and one slot gather) over all their partitions,
+        or partition by partition where a store's buckets are not the kernels' (not
+        `batched`)."""
+        runs = r1 - r0
+        sub_bounds = np.searchsorted(at, bounds[r0:r1 + 1])
+        sub_parts = np.ascontiguousarray(parts[r0:r1])
+        if not batched:
             stored = np.zeros(at.shape[0], bool)
             values = np.empty((at.shape[0], spec.dim), np.float32)
             slot_values = {n: np.empty((at.shape[0], spec.dim), np.float32) for n in spec.optimizer.slots}
-            run_of = np.searchsorted(bounds, at, side="right") - 1
-            for r in np.unique(run_of).tolist():
-                sel = np.flatnonzero(run_of == r)
-                st, v, sv = self._store_rows(self._stores[(spec.name, int(parts[r]))], keys[pos[sel]])
-                stored[sel], values[sel] = st, v
-                for n in slot_values:
-                    slot_values[n][sel] = sv[n]
+            for r in range(runs):
+                lo, hi = sub_bounds[r], sub_bounds[r + 1]
+                if hi > lo:
+                    st, v, sv = self._stores[(spec.name, int(sub_parts[r]))].stored_rows(keys[lo:hi])
+                    stored[lo:hi], values[lo:hi] = st, v
+                    for n in slot_values:
+                        slot_values[n][lo:hi] = sv[n]
             return stored, values, slot_values
-        sub_bounds = np.searchsorted(at, bounds[r0:r1 + 1])
-        runs = r1 - r0
         out = np.empty((at.shape[0], spec.dim), np.float32)
         slots = np.empty(at.shape[0], np.int64)
         order = np.arange(at.shape[0])
-        none_keys, none_rows = np.zeros(0, np.uint64), np.zeros((0, spec.dim), np.float32)
-        sub_parts = np.ascontiguousarray(parts[r0:r1])
         pull_runs(arrays.buckets, arrays.skeys, arrays.values, arrays.kbits, arrays.shift, arrays.tshift,
-                  sub_parts, sub_bounds, 0, runs, np.ascontiguousarray(keys[pos]), order, out, slots, none_keys,
-                  none_rows, float(spec.init_scale), init_salt(spec.seed), self._sink)
+                  sub_parts, sub_bounds, 0, runs, np.ascontiguousarray(keys), order, out, slots,
+                  np.zeros(0, np.uint64), np.zeros((0, spec.dim), np.float32), float(spec.init_scale),
+                  init_salt(spec.seed), self._sink)
         slot_values = {}
         if arrays.slot is not None:
             slot_values[arrays.slot] = np.empty((at.shape[0], spec.dim), np.float32)
@@ -807,7 +805,7 @@ class PSServer:
         pieces = []
         for key, store in self._primary_stores(table):
             with self._locks[key]:
-                pieces.append(store.export() if copy is None else copy.export(key[1], store))
+                pieces.append(copy.export(key[1], store))
         return join_rows(pieces or [self._no_rows(table)])
 
     def _apply(self, table: str, part: int, keys: np.ndarray, grads: np.ndarray, step: int) -> None:
@@ -1087,8 +1085,8 @@ class PSServer:
         return pieces
 
     def _load_cut_copies(self, data: dict[str, np.ndarray]) -> None:
-        """Take the pending cuts' copies of `export_partitions` (after their rows: the load
-        made this server's copies hold those partitions whole; the source's entries win)."""
+        """Take the pending cuts' copies of `export_partitions`: what this server's copies
+        held of the moved partitions is replaced by the source's."""
         moved = np.asarray(data.get("moved", np.zeros(0, np.int64))).tolist()
         with self._cut_cond:
             for key in [k for k in self._cut_copies if k[1] <= self._cut_taken]:  # taken at the source

@@ -218,6 +218,17 @@ class PartitionStore:
         for name, view in self._sviews.items():
             np.put(view, slots, self._rows(np.ascontiguousarray(slot_values[name], np.float32)))
 
+    def stored_rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(stored [n] bool, rows [n, dim], {slot: [n, dim]}) of `keys`; rows of keys not
+        stored are zeros (meaningless)."""
+        slots = self.index.find(keys)
+        stored = slots >= 0
+        at = np.where(stored, slots, 0)
+        if not stored.any():
+            empty = np.zeros((keys.shape[0], self.dim), np.float32)
+            return stored, empty, {n: empty for n in self.slots}
+        return stored, take_rows(self.values, at), {n: take_rows(a, at) for n, a in self.slots.items()}
+
     def _update_numpy(self, slots: np.ndarray, grads: np.ndarray, step: int) -> None:
         """Gather rows and slots, `optimizer.update(numpy, ...)`, scatter them back."""
         params = self._gather(self._vview, slots)
@@ -235,9 +246,10 @@ class PartitionStore:
         out.update({f"slot_{k}": v[:n].copy() for k, v in self.slots.items()})
         return out
 
-    def load(self, rows: dict[str, np.ndarray], only_missing: bool = False) -> None:
+    def load(self, rows: dict[str, np.ndarray], only_missing: bool = False) -> np.ndarray:
         """Store exported rows (overwriting rows of the same keys; with `only_missing`,
-        keys already stored keep their rows: a first writer's initial values win)."""
+        keys already stored keep their rows: a first writer's initial values win).
+        Returns the slots of the rows stored."""
         keys = np.asarray(rows["keys"], np.uint64)
         if only_missing:
             fresh = np.flatnonzero(self.index.find(keys) < 0)
@@ -245,10 +257,8 @@ class PartitionStore:
                 rows = {k: (v[fresh] if v.ndim == 1 else take_rows(v, fresh)) for k, v in rows.items()}
                 keys = keys[fresh]
         slots, _ = self.index.find_or_insert(keys)
-        self._reserve(self.index.size)
-        np.put(self._vview, slots, self._rows(rows["values"]))
-        for name, view in self._sviews.items():
-            np.put(view, slots, self._rows(rows[f"slot_{name}"]))
+        self.put_rows(slots, rows["values"], {name: rows[f"slot_{name}"] for name in self.slots})
+        return slots
 
     def _evict(self) -> None:
         """Keep the most recently pushed rows, down to 90% of the budget so evictions are
